@@ -1,0 +1,574 @@
+"""Checkpoints on disk: Hugging Face Llama directories (our own format), Meta's
+consolidated.NN.pth shards, and GGUF files.
+
+Everything is read into one in-memory form, a state dict with `model.py`'s names and layout
+(`read_checkpoint`), and written from it. Reads are lazy: safetensors and `.pth` files are
+memory-mapped and only tensors are unpickled (`weights_only=True`). Writes go to a temporary
+sibling directory that is renamed into place, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .gguf_file import GGMLType, GGUFError, T, quantize_q8_0, read_gguf, read_tensor, write_gguf
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+StateDict = dict[str, torch.Tensor]
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --- names and layouts ---------------------------------------------------------------------
+
+_HF_LAYER = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+_HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_GGUF_LAYER = {
+    "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+    "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+    "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
+}  # fmt: skip
+_GGUF_TOP = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.weight$")
+
+
+def _rename(name: str, top: dict, layer: dict, layer_prefix: str) -> str:
+    m = _LAYER_RE.match(name)
+    if m:
+        return f"{layer_prefix}.{m[1]}.{layer[m[2]]}.weight"
+    return f"{top[name.removesuffix('.weight')]}.weight"
+
+
+def to_hf_name(name: str) -> str:
+    return _rename(name, _HF_TOP, _HF_LAYER, "model.layers")
+
+
+def to_gguf_name(name: str) -> str:
+    return _rename(name, _GGUF_TOP, _GGUF_LAYER, "blk")
+
+
+def expected_names(cfg: ModelConfig) -> list[str]:
+    names = ["tok_embeddings.weight"]
+    for i in range(cfg.n_layers):
+        names += [f"layers.{i}.{part}.weight" for part in _HF_LAYER]
+    return names + ["norm.weight", "output.weight"]
+
+
+def meta_to_ours(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's wq/wk rows hold each head's rotary pairs interleaved (x0,x1),(x2,x3)...; ours (as
+    HF's) hold the first elements of all pairs, then the second ones."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def ours_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _permute_qk(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, fn) -> StateDict:
+    out = dict(sd)
+    for i in range(cfg.n_layers):
+        for part, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
+            key = f"layers.{i}.attention.{part}.weight"
+            out[key] = fn(out[key], heads)
+    return out
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: StateDict  # our names and layout; tensors may be memory-mapped
+    tokenizer: Tokenizer | None
+    layout: str  # "hf", "meta" or "gguf"
+
+
+def detect_layout(path: Path) -> str:
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise ValueError(f"{path}: a file that is not GGUF; give a checkpoint directory")
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such checkpoint directory or file")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    raise ValueError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    layout = detect_layout(path)
+    reader = {"hf": _read_hf, "meta": _read_meta, "gguf": _read_gguf}[layout]
+    config, sd, tokenizer = reader(path)
+    _check_state_dict(sd, config, path)
+    return Checkpoint(config, sd, tokenizer, layout)
+
+
+def _read_tokenizer(path: Path) -> Tokenizer | None:
+    f = path / "tokenizer.model"
+    return Tokenizer.from_file(f) if f.is_file() else None
+
+
+def _check_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+    want = expected_names(cfg)
+    missing = [n for n in want if n not in sd]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ValueError(f"{path}: missing tensors {missing[:3]}{more}")
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors {extra[:3]}")
+    shapes = {n: tuple(t.shape) for n, t in _param_shapes(cfg).items()}
+    for name in want:
+        if tuple(sd[name].shape) != shapes[name]:
+            raise ValueError(
+                f"{path}: tensor {name} has shape {tuple(sd[name].shape)}, config says {shapes[name]}"
+            )
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return Transformer(cfg).state_dict()
+
+
+def _read_hf(path: Path):
+    try:
+        config = ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'}: invalid JSON: {e}") from e
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+        if not files:
+            raise ValueError(f"{path}: no model.safetensors, index or pytorch_model*.bin found")
+    hf_to_ours = {to_hf_name(n): n for n in expected_names(config)}
+    sd = {}
+    for fname in files:
+        for hf_name, tensor in _iter_tensors(path / fname):
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # a derived buffer some old exports carry
+            if hf_name not in hf_to_ours:
+                raise ValueError(f"{path / fname}: unexpected tensor {hf_name}")
+            sd[hf_to_ours[hf_name]] = tensor
+    return config, sd, _read_tokenizer(path)
+
+
+def _iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types
+            if isinstance(e, ValueError) and str(file) in str(e):
+                raise
+            raise ValueError(f"{file}: cannot read safetensors: {e}") from e
+    else:
+        yield from safe_torch_load(file).items()
+
+
+def safe_torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """torch.load that unpickles nothing but tensors and plain containers, memory-mapped."""
+    try:
+        obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{file}: refused: the pickle holds objects other than tensors, which could run code "
+            f"when loaded ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{file}: cannot read a PyTorch checkpoint: {e}") from e
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{file}: expected a dict of tensors")
+    return obj
+
+
+def _read_meta(path: Path):
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise ValueError(f"{path}: params.json but no consolidated.*.pth shards")
+    parts = [safe_torch_load(f) for f in shards]
+    parts = [{k: v for k, v in p.items() if k != "rope.freqs"} for p in parts]  # derived buffer
+    try:
+        params = json.loads((path / "params.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'params.json'}: invalid JSON: {e}") from e
+    if "tok_embeddings.weight" not in parts[0]:
+        raise ValueError(f"{shards[0]}: no tok_embeddings.weight")
+    n = len(parts)
+    config = ModelConfig.from_meta_params(
+        params, vocab_size=parts[0]["tok_embeddings.weight"].shape[0], source=str(path / "params.json")
+    )
+    sd = {}
+    for name in parts[0]:
+        for i, p in enumerate(parts[1:], 1):
+            if name not in p:
+                raise ValueError(f"{shards[i]}: missing {name}")
+        if n == 1 or parts[0][name].ndim == 1:
+            sd[name] = parts[0][name]
+        else:
+            sd[name] = torch.cat([p[name] for p in parts], dim=_meta_split_dim(name))
+    return config, _permute_qk(sd, config, meta_to_ours), _read_tokenizer(path)
+
+
+def _meta_split_dim(name: str) -> int:
+    """Model-parallel shards split column-parallel layers on dim 0, row-parallel ones on dim 1."""
+    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return 0
+
+
+def _read_gguf(path: Path):
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: general.architecture is {arch!r}, expected 'llama'")
+
+    def get(key, default=None):
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise GGUFError(f"{path}: missing llama.{key}")
+        return value
+
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    scaling = None
+    if meta.get("llama.rope.scaling.type", "none") == "linear":
+        scaling = float(get("rope.scaling.factor"))
+    config = ModelConfig(
+        dim=dim,
+        n_layers=get("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", n_heads),
+        vocab_size=len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else tensors["token_embd.weight"][0][0],
+        hidden_dim=get("feed_forward_length"),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_seq_len=get("context_length"),
+    )
+    gguf_to_ours = {to_gguf_name(n): n for n in expected_names(config)}
+    sd = {}
+    for name, (shape, gtype, offset) in tensors.items():
+        if name not in gguf_to_ours:
+            raise GGUFError(f"{path}: unexpected tensor {name}")
+        sd[gguf_to_ours[name]] = torch.from_numpy(read_tensor(path, shape, gtype, offset))
+    sd = _permute_qk(sd, config, meta_to_ours)
+    tokenizer = Tokenizer.from_gguf(path) if "tokenizer.ggml.tokens" in meta else None
+    return config, sd, tokenizer
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `dst`, renamed to `dst` only on success."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"{dst} already exists and is not empty")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        yield tmp
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+            os.replace(dst, old / "x")
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return (t if dtype is None else t.to(dtype)).detach().cpu().contiguous()
+
+
+def _majority_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
+    sizes: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    return max(sizes, key=sizes.get)
+
+
+def save_hf(
+    dst: str | Path,
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face Llama directory that transformers, vLLM and llama.cpp open as is."""
+    dtype = parse_dtype(dtype)
+    names = expected_names(config)
+    out_dtype = dtype or _majority_dtype(state_dict)
+    nbytes = {n: state_dict[n].numel() * (dtype or state_dict[n].dtype).itemsize for n in names}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if shards[-1] and size + nbytes[n] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes[n]
+    with atomic_dir(dst, overwrite) as tmp:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {to_hf_name(n): _cast(state_dict[n], dtype) for n in shard}
+            save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf = config.to_hf_config(dtype=dtype_name(out_dtype))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        gen = {"bos_token_id": 1, "eos_token_id": 2, "max_length": config.max_seq_len}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            _write_hf_tokenizer(tmp, tokenizer, config)
+    return Path(dst)
+
+
+def _write_hf_tokenizer(d: Path, tokenizer: Tokenizer, config: ModelConfig) -> None:
+    tokenizer.save(d / "tokenizer.model")
+    piece = tokenizer.id_to_piece
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id)}
+    special["unk_token"] = piece(tokenizer.unk_id)
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.max_seq_len,
+        "sp_model_kwargs": {},
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def save_meta(
+    dst: str | Path,
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer | None = None,
+    shards: int = 1,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write Meta's layout: params.json, consolidated.NN.pth (model-parallel shards)."""
+    dtype = parse_dtype(dtype)
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "dim": config.dim}
+    sizes |= {"hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
+    if shards < 1 or bad:
+        raise ValueError(f"cannot split into {shards} model-parallel shards: {', '.join(bad)} not divisible")
+    sd = _permute_qk({n: state_dict[n] for n in expected_names(config)}, config, ours_to_meta)
+    with atomic_dir(dst, overwrite) as tmp:
+        for i in range(shards):
+            part = {}
+            for name, t in sd.items():
+                if t.ndim > 1:
+                    t = t.chunk(shards, dim=_meta_split_dim(name))[i]
+                part[name] = _cast(t, dtype).clone()  # clone: save only this slice's storage
+            torch.save(part, tmp / f"consolidated.{i:02d}.pth")
+            del part
+        (tmp / "params.json").write_text(json.dumps(config.to_meta_params(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.model")
+    return Path(dst)
+
+
+GGUF_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0}
+_GGUF_FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q8_0: 7}
+
+
+def save_gguf(
+    dst: str | Path,
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    gguf_type: str = "f16",
+    name: str = "llama2",
+    overwrite: bool = False,
+) -> Path:
+    """One GGUF file with the model and its tokenizer, in the layout llama.cpp's `llama`
+    architecture runs: q/k in Meta's interleaved order, norms in f32."""
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if tokenizer is None:
+        raise ValueError("a GGUF file needs the tokenizer: the checkpoint has no tokenizer.model")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, model vocab is {config.vocab_size}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise ValueError(f"{dst} already exists")
+    gtype = GGUF_TYPES[gguf_type]
+    pieces = tokenizer.pieces()
+    u32, f32 = T.UINT32, T.FLOAT32
+    meta = {
+        "general.architecture": (T.STRING, "llama"),
+        "general.name": (T.STRING, name),
+        "general.file_type": (u32, _GGUF_FILE_TYPE[gtype]),
+        "general.alignment": (u32, 32),
+        "llama.context_length": (u32, config.max_seq_len),
+        "llama.embedding_length": (u32, config.dim),
+        "llama.block_count": (u32, config.n_layers),
+        "llama.feed_forward_length": (u32, config.hidden_dim),
+        "llama.rope.dimension_count": (u32, config.head_dim),
+        "llama.attention.head_count": (u32, config.n_heads),
+        "llama.attention.head_count_kv": (u32, config.n_kv_heads),
+        "llama.attention.layer_norm_rms_epsilon": (f32, config.norm_eps),
+        "llama.rope.freq_base": (f32, config.rope_theta),
+        "llama.vocab_size": (u32, config.vocab_size),
+    }
+    if config.rope_scaling is not None:
+        meta["llama.rope.scaling.type"] = (T.STRING, "linear")
+        meta["llama.rope.scaling.factor"] = (f32, config.rope_scaling)
+    meta |= {
+        "tokenizer.ggml.model": (T.STRING, "llama"),
+        "tokenizer.ggml.tokens": (T.ARRAY, (T.STRING, [p for p, _, _ in pieces])),
+        "tokenizer.ggml.scores": (T.ARRAY, (f32, [s for _, s, _ in pieces])),
+        "tokenizer.ggml.token_type": (T.ARRAY, (T.INT32, [t for _, _, t in pieces])),
+        "tokenizer.ggml.bos_token_id": (u32, tokenizer.bos_id),
+        "tokenizer.ggml.eos_token_id": (u32, tokenizer.eos_id),
+        "tokenizer.ggml.unknown_token_id": (u32, tokenizer.unk_id),
+        "tokenizer.ggml.add_bos_token": (T.BOOL, True),
+        "tokenizer.ggml.add_eos_token": (T.BOOL, False),
+    }
+    sd = _permute_qk({n: state_dict[n] for n in expected_names(config)}, config, ours_to_meta)
+    tensors = []
+    for n, t in sd.items():
+        # llama.cpp keeps 1-D tensors in f32; q8_0 needs rows in whole blocks of 32.
+        tt = GGMLType.F32 if t.ndim == 1 else gtype
+        if tt == GGMLType.Q8_0 and t.shape[-1] % 32:
+            tt = GGMLType.F16
+        tensors.append((to_gguf_name(n), tuple(t.shape), tt, _gguf_payload(t, tt)))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
+    os.close(fd)
+    try:
+        write_gguf(tmp, meta, tensors)
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return dst
+
+
+def _gguf_payload(t: torch.Tensor, gtype: GGMLType):
+    def make() -> np.ndarray:
+        x = t.detach().float().cpu().numpy()
+        if gtype == GGMLType.F32:
+            return x
+        if gtype == GGMLType.F16:
+            return x.astype(np.float16)
+        return quantize_q8_0(x)
+
+    return make
+
+
+# --- the loaded model ----------------------------------------------------------------------
+
+
+@dataclass
+class Llama:
+    """A loaded model: `.model` (token ids -> float32 logits), `.tokenizer`, `.config`."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.output.weight.dtype
+
+
+def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> Transformer:
+    """A Transformer whose parameters *are* the given tensors (no copy), built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    return model.eval()
+
+
+def load(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Llama:
+    """Load a checkpoint in any supported layout (HF directory, Meta directory, GGUF file).
+
+    Tensors keep their stored dtype unless `dtype` is given; HF safetensors stay memory-mapped.
+    """
+    dtype = parse_dtype(dtype)
+    ckpt = read_checkpoint(path)
+    sd = ckpt.state_dict
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model = build_model(ckpt.config, sd)
+    if device is not None:
+        model = model.to(device)
+    return Llama(model, ckpt.tokenizer, ckpt.config, Path(path))

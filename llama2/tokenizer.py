@@ -1,0 +1,255 @@
+"""Llama 2's SentencePiece BPE tokenizer.
+
+Loads a SentencePiece `tokenizer.model` or the vocabulary inside a GGUF file (llama.cpp's
+`llama` tokenizer kind: pieces, scores, token types), and trains new ones with Llama 2's
+settings. Encoding itself is SentencePiece's: a GGUF vocabulary is rebuilt into the
+SentencePiece model file it came from, so both paths run the identical algorithm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .gguf_file import GGUFError, read_gguf
+
+# SentencePiece piece types; llama.cpp's token_type numbering is the same.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Llama 2's trainer settings, as recorded in its tokenizer.model (byte fallback, split digits,
+# identity normalizer, dummy prefix, whitespace kept as is).
+LLAMA2_TRAINER = dict(
+    model_type="bpe",
+    character_coverage=0.99995,
+    byte_fallback=True,
+    split_digits=True,
+    split_by_unicode_script=True,
+    split_by_whitespace=True,
+    split_by_number=True,
+    allow_whitespace_only_pieces=True,
+    max_sentencepiece_length=16,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+)
+
+
+class Tokenizer:
+    """encode/decode with Llama 2's conventions: BOS 1 and EOS 2 added only on request."""
+
+    def __init__(self, model_proto: bytes, source: str = "<bytes>"):
+        self.source = source
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{source}: not a valid SentencePiece model: {e}") from e
+        self.vocab_size: int = self.sp.vocab_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.pad_id: int = self.sp.pad_id()
+        self.unk_id: int = self.sp.unk_id()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ValueError(f"cannot read tokenizer {path}: {e.strerror}") from e
+        if magic == b"GGUF":
+            return cls.from_gguf(path)
+        return cls(path.read_bytes(), source=str(path))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        meta, _ = read_gguf(path)
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "llama":
+            raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'llama' (SentencePiece) is supported")
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            if key not in meta:
+                raise GGUFError(f"{path}: missing {key}")
+        tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+        types = meta["tokenizer.ggml.token_type"]
+        if not len(tokens) == len(scores) == len(types):
+            raise GGUFError(f"{path}: tokens, scores and token_type differ in length")
+        special = {
+            "unk": meta.get("tokenizer.ggml.unknown_token_id", 0),
+            "bos": meta.get("tokenizer.ggml.bos_token_id", 1),
+            "eos": meta.get("tokenizer.ggml.eos_token_id", 2),
+        }
+        proto = build_model_proto(tokens, scores, types, {k: tokens[i] for k, i in special.items()})
+        return cls(proto, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), self.model_proto)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    def pieces(self) -> list[tuple[str, float, int]]:
+        """(piece, score, type) for every id, read from the model file itself."""
+        return parse_pieces(self.model_proto)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_proto).hexdigest()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+
+def train_tokenizer(
+    files: list[str | Path], vocab_size: int, out: str | Path, max_sentences: int = 2_000_000
+) -> Tokenizer:
+    """Train a BPE tokenizer with Llama 2's settings on text files; write `out` (tokenizer.model)."""
+    files = [str(f) for f in files]
+    for f in files:
+        if not os.path.isfile(f):
+            raise ValueError(f"training text {f} does not exist")
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            spm.SentencePieceTrainer.train(
+                input=files,
+                model_prefix=os.path.join(tmp, "tok"),
+                vocab_size=vocab_size,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                max_sentence_length=1 << 16,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+                **LLAMA2_TRAINER,
+            )
+        except RuntimeError as e:
+            raise ValueError(f"tokenizer training failed: {e}") from e
+        tok = Tokenizer(Path(tmp, "tok.model").read_bytes(), source=str(out))
+    tok.save(out)
+    return tok
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# --- the SentencePiece model file (a protobuf ModelProto), by hand --------------------------
+# Field numbers from sentencepiece_model.proto: ModelProto{pieces=1, trainer_spec=2,
+# normalizer_spec=3}; SentencePiece{piece=1, score=2, type=3}.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    if isinstance(value, bool | int):
+        return _varint(number << 3) + _varint(int(value))
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(raw)) + raw
+
+
+def build_model_proto(pieces, scores, types, special: dict[str, str]) -> bytes:
+    """A SentencePiece BPE model with Llama 2's trainer and normalizer settings."""
+    body = bytearray()
+    for piece, score, ptype in zip(pieces, scores, types):
+        body += _field(1, _field(1, piece) + _field(2, float(score)) + _field(3, int(ptype)))
+    trainer = [
+        (3, 2), (4, len(pieces)), (25, True), (35, True), (26, True),  # BPE, size, digits, bytes
+        (40, pieces.index(special["unk"])), (41, pieces.index(special["bos"])),
+        (42, pieces.index(special["eos"])), (43, -1),
+        (45, special["unk"]), (46, special["bos"]), (47, special["eos"]),
+    ]  # fmt: skip
+    body += _field(2, b"".join(_field(n, v) for n, v in trainer))
+    normalizer = [(1, "identity"), (3, True), (4, False), (5, True)]
+    body += _field(3, b"".join(_field(n, v) for n, v in normalizer))
+    return bytes(body)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return result, pos
+
+
+def _messages(buf: bytes):
+    """Yield (field number, wire type, value) of one protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos : pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _read_varint(buf, pos)
+            value, pos = buf[pos : pos + n], pos + n
+        elif wire == 5:
+            value, pos = buf[pos : pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def parse_pieces(model_proto: bytes) -> list[tuple[str, float, int]]:
+    out = []
+    for number, _, value in _messages(model_proto):
+        if number != 1:
+            continue
+        piece, score, ptype = "", 0.0, NORMAL
+        for n, _, v in _messages(value):
+            if n == 1:
+                piece = v.decode("utf-8")
+            elif n == 2:
+                (score,) = struct.unpack("<f", v)
+            elif n == 3:
+                ptype = v
+        out.append((piece, score, ptype))
+    return out
