@@ -1,0 +1,190 @@
+"""`llama2 <verb>`: parse arguments, call library functions, print results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1024 or prefix == "T":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{int(n)} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import read_checkpoint
+
+    path = Path(args.path)
+    ckpt = read_checkpoint(path)
+    cfg = ckpt.config
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.state_dict.values()})
+    n_params = sum(t.numel() for t in ckpt.state_dict.values())
+    info = {
+        "path": str(path),
+        "layout": ckpt.layout,
+        "config": {k: v for k, v in vars(cfg).items()},
+        "parameters": n_params,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "size_on_disk": _size_on_disk(path),
+        "tokenizer": None if ckpt.tokenizer is None else {"vocab_size": ckpt.tokenizer.vocab_size},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{path}  ({ckpt.layout} layout)")
+    for k, v in info["config"].items():
+        print(f"  {k:20s} {v}")
+    print(f"  {'parameters':20s} {n_params:,} ({n_params / 1e9:.2f}B)")
+    print(f"  {'dtype':20s} {info['dtype']}")
+    print(f"  {'size on disk':20s} {_human(info['size_on_disk'])}")
+    tok = ckpt.tokenizer
+    print(f"  {'tokenizer':20s} {'none' if tok is None else f'{tok.vocab_size} pieces'}")
+
+
+def cmd_tokenize(args) -> None:
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(args.path)
+    ids = tok.encode(args.text, bos=args.bos)
+    if args.json:
+        print(json.dumps(ids))
+        return
+    for i in ids:
+        print(f"{i:>8d}  {tok.id_to_piece(i)!r}")
+    print(f"{len(ids)} tokens")
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import read_checkpoint, save_gguf, save_hf, save_meta
+
+    t0 = time.perf_counter()
+    print(f"reading {args.src} ...", file=sys.stderr)
+    ckpt = read_checkpoint(args.src)
+    print(f"writing {args.to} checkpoint to {args.dst} ...", file=sys.stderr)
+    if args.to == "hf":
+        save_hf(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, dtype=args.dtype)
+    elif args.to == "meta":
+        save_meta(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, args.shards, args.dtype)
+    else:
+        save_gguf(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, args.gguf_type)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {args.dst}", file=sys.stderr)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from .tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(args.files, args.vocab_size, args.out)
+    print(f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}")
+
+
+def cmd_generate(args) -> None:
+    from .checkpoint import load
+    from .generation import generate_ids
+
+    llm = load(args.model, dtype=args.dtype)
+    if llm.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.model beside the weights")
+    prompt = llm.tokenizer.encode(args.prompt, bos=True)
+    t0 = time.perf_counter()
+    out: list[int] = []
+    printed = 0
+    sys.stdout.write(args.prompt)
+    stop = (llm.tokenizer.eos_id,)
+    # decode with the prompt in front: SentencePiece drops a leading space at the start of text
+    base = llm.tokenizer.decode(prompt)
+    for token in generate_ids(
+        llm.model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop
+    ):
+        out.append(token)
+        text = llm.tokenizer.decode(prompt + out)[len(base) :]
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama2", description="Llama 2 in plain PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="build a tiny model on the fly, convert it, generate from it")
+    s.add_argument("--out", default="runs/demo", help="directory for the demo's checkpoints")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("info", help="config, parameter count, dtype and size of a checkpoint")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("tokenize", help="token ids of TEXT")
+    s.add_argument("path", help="a model directory, tokenizer.model or GGUF file")
+    s.add_argument("text")
+    s.add_argument("--bos", action="store_true", help="prepend BOS")
+    s.add_argument("--json", action="store_true", help="print the ids as a JSON list")
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("convert", help="convert between HF, Meta and GGUF checkpoints")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", choices=["hf", "meta", "gguf"], required=True)
+    s.add_argument("--shards", type=int, default=1, help="model-parallel shards (Meta)")
+    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (HF, Meta)")
+    s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a BPE tokenizer with Llama 2's settings")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--out", required=True, help="path of the tokenizer.model to write")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    s = sub.add_parser("generate", help="continue a prompt")
+    s.add_argument("model")
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--dtype", default=None)
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llama2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
