@@ -166,7 +166,8 @@ def _check_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Pa
     for name in want:
         if tuple(sd[name].shape) != shapes[name]:
             raise ValueError(
-                f"{path}: tensor {name} has shape {tuple(sd[name].shape)}, config says {shapes[name]}"
+                f"{path}: tensor {name} has shape {tuple(sd[name].shape)}, "
+                f"config says {shapes[name]}"
             )
 
 
@@ -177,7 +178,9 @@ def _param_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def _read_hf(path: Path):
     try:
-        config = ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        config = ModelConfig.from_hf_config(
+            json.loads((path / "config.json").read_text()), str(path / "config.json")
+        )
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / 'config.json'}: invalid JSON: {e}") from e
     index = path / "model.safetensors.index.json"
@@ -246,7 +249,9 @@ def _read_meta(path: Path):
         raise ValueError(f"{shards[0]}: no tok_embeddings.weight")
     n = len(parts)
     config = ModelConfig.from_meta_params(
-        params, vocab_size=parts[0]["tok_embeddings.weight"].shape[0], source=str(path / "params.json")
+        params,
+        vocab_size=parts[0]["tok_embeddings.weight"].shape[0],
+        source=str(path / "params.json"),
     )
     sd = {}
     for name in parts[0]:
@@ -288,7 +293,9 @@ def _read_gguf(path: Path):
         n_layers=get("block_count"),
         n_heads=n_heads,
         n_kv_heads=get("attention.head_count_kv", n_heads),
-        vocab_size=len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else tensors["token_embd.weight"][0][0],
+        vocab_size=len(meta["tokenizer.ggml.tokens"])
+        if "tokenizer.ggml.tokens" in meta
+        else tensors["token_embd.weight"][0][0],
         hidden_dim=get("feed_forward_length"),
         norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
@@ -367,7 +374,11 @@ def save_hf(
     with atomic_dir(dst, overwrite) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
             tensors = {to_hf_name(n): _cast(state_dict[n], dtype) for n in shard}
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
@@ -419,7 +430,9 @@ def save_meta(
     sizes |= {"hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
     bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
     if shards < 1 or bad:
-        raise ValueError(f"cannot split into {shards} model-parallel shards: {', '.join(bad)} not divisible")
+        raise ValueError(
+            f"cannot split into {shards} model-parallel shards: {', '.join(bad)} not divisible"
+        )
     sd = _permute_qk({n: state_dict[n] for n in expected_names(config)}, config, ours_to_meta)
     with atomic_dir(dst, overwrite) as tmp:
         for i in range(shards):
@@ -456,7 +469,9 @@ def save_gguf(
     if tokenizer is None:
         raise ValueError("a GGUF file needs the tokenizer: the checkpoint has no tokenizer.model")
     if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, model vocab is {config.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} pieces, model vocab is {config.vocab_size}"
+        )
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise ValueError(f"{dst} already exists")
@@ -547,7 +562,7 @@ class Llama:
 
 
 def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> Transformer:
-    """A Transformer whose parameters *are* the given tensors (no copy), built on the meta device."""
+    """A Transformer whose parameters *are* the given tensors (no copy), built on meta."""
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)

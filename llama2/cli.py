@@ -87,7 +87,9 @@ def cmd_tokenizer_train(args) -> None:
 
     t0 = time.perf_counter()
     tok = train_tokenizer(args.files, args.vocab_size, args.out)
-    print(f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}")
+    print(
+        f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}"
+    )
 
 
 def cmd_generate(args) -> None:

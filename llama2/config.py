@@ -152,7 +152,11 @@ class ModelConfig:
             "ffn_dim_multiplier": self.ffn_dim_multiplier,
         }
         if self.rope_scaling is not None:
-            cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": self.rope_scaling}
+            cfg["rope_scaling"] = {
+                "type": "linear",
+                "rope_type": "linear",
+                "factor": self.rope_scaling,
+            }
         return cfg
 
     @classmethod

@@ -65,7 +65,7 @@ def run_demo(out: Path, vocab_size: int = 2048, seed: int = 0) -> None:
     for layout, path in paths.items():
         llm = load(path)
         err = (llm.model(torch.tensor([prompt])) - reference).abs().max().item()
-        _step(f"reloaded {layout:4s}: {read_checkpoint(path).layout} layout, max |logit diff| {err:.2e}")
+        _step(f"reloaded {layout:4s} as {read_checkpoint(path).layout}: max |logit diff| {err:.2e}")
         if err > 1e-4:
             raise RuntimeError(f"{layout} checkpoint does not reproduce the model (error {err})")
 
@@ -75,4 +75,7 @@ def run_demo(out: Path, vocab_size: int = 2048, seed: int = 0) -> None:
     ids = list(generate_ids(llm.model, prompt, 48, temperature=0.8, top_p=0.95, seed=seed))
     dt = time.perf_counter() - t1
     print(tokenizer.decode(prompt + ids), flush=True)
-    _step(f"{len(ids)} tokens in {dt:.2f}s ({len(ids) / dt:.0f} tokens/s); total {time.perf_counter() - t0:.1f}s")
+    _step(
+        f"{len(ids)} tokens in {dt:.2f}s ({len(ids) / dt:.0f} tokens/s); "
+        f"total {time.perf_counter() - t0:.1f}s"
+    )

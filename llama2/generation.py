@@ -9,7 +9,9 @@ import torch
 from .model import Transformer
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator=None
+) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 is greedy; top_p keeps the smallest set of
     most likely tokens whose probability reaches top_p."""
     if temperature <= 0:
@@ -39,7 +41,9 @@ def generate_ids(
         raise ValueError("the prompt is empty: give at least one token (e.g. BOS)")
     context = model.config.max_seq_len
     if len(prompt) >= context:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {context}")
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens leaves no room in the context of {context}"
+        )
     cache_len = min(len(prompt) + max_new_tokens, context)
     device = model.output.weight.device
     generator = None

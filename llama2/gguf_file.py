@@ -125,7 +125,9 @@ def read_tensor(path: str | Path, shape: tuple, gtype: GGMLType, offset: int) ->
     """One tensor as float32 numpy (dequantized)."""
     n = int(np.prod(shape))
     block_bytes, block_elems = GGML_BLOCK[gtype]
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(n // block_elems * block_bytes,))
+    raw = np.memmap(
+        path, dtype=np.uint8, mode="r", offset=offset, shape=(n // block_elems * block_bytes,)
+    )
     if gtype == GGMLType.F32:
         return raw.view(np.float32).reshape(shape).copy()
     if gtype == GGMLType.F16:
@@ -182,9 +184,11 @@ def write_gguf(path: str | Path, metadata: dict, tensors: list) -> None:
     with open(path, "wb") as f:
         head = b"".join(header)
         f.write(head + b"\0" * (-len(head) % ALIGNMENT))
-        for (name, *_, payload), size in zip(tensors, sizes):
+        for (name, *_, payload), size in zip(tensors, sizes, strict=True):
             payload = np.ascontiguousarray(payload() if callable(payload) else payload)
             if payload.nbytes != size:
-                raise ValueError(f"GGUF tensor {name}: payload of {payload.nbytes} bytes, expected {size}")
+                raise ValueError(
+                    f"GGUF tensor {name}: payload of {payload.nbytes} bytes, expected {size}"
+                )
             f.write(payload.tobytes())
             f.write(b"\0" * (-size % ALIGNMENT))

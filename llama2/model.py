@@ -150,7 +150,11 @@ class Transformer(nn.Module):
         weight = self.output.weight
         for layer in self.layers:
             layer.attention.cache = KVCache(
-                batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype or weight.dtype,
+                batch_size,
+                cfg.n_kv_heads,
+                max_seq_len,
+                cfg.head_dim,
+                dtype or weight.dtype,
                 weight.device,
             )
 
@@ -163,7 +167,9 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache
         return 0 if cache is None else cache.k.shape[2]
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab].
 
         Without a cache, a plain causal pass over the whole sequence (training). With one,
@@ -189,7 +195,9 @@ class Transformer(nn.Module):
             if start_pos not in (None, 0):
                 raise ValueError("start_pos needs a KV cache (call setup_cache first)")
             if T > self.config.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}"
+                )
             positions, mask = torch.arange(T, device=tokens.device)[None], None
         cos, sin = rope_cos_sin(self.config, positions)
         for layer in self.layers:

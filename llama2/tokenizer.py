@@ -79,7 +79,9 @@ class Tokenizer:
         meta, _ = read_gguf(path)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "llama":
-            raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'llama' (SentencePiece) is supported")
+            raise GGUFError(
+                f"{path}: tokenizer.ggml.model is {kind!r}; only 'llama' (SentencePiece) is read"
+            )
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
             if key not in meta:
                 raise GGUFError(f"{path}: missing {key}")
@@ -128,7 +130,7 @@ class Tokenizer:
 def train_tokenizer(
     files: list[str | Path], vocab_size: int, out: str | Path, max_sentences: int = 2_000_000
 ) -> Tokenizer:
-    """Train a BPE tokenizer with Llama 2's settings on text files; write `out` (tokenizer.model)."""
+    """Train a BPE tokenizer with Llama 2's settings on text files; write it to `out`."""
     files = [str(f) for f in files]
     for f in files:
         if not os.path.isfile(f):
@@ -193,7 +195,7 @@ def _field(number: int, value) -> bytes:
 def build_model_proto(pieces, scores, types, special: dict[str, str]) -> bytes:
     """A SentencePiece BPE model with Llama 2's trainer and normalizer settings."""
     body = bytearray()
-    for piece, score, ptype in zip(pieces, scores, types):
+    for piece, score, ptype in zip(pieces, scores, types, strict=True):
         body += _field(1, _field(1, piece) + _field(2, float(score)) + _field(3, int(ptype)))
     trainer = [
         (3, 2), (4, len(pieces)), (25, True), (35, True), (26, True),  # BPE, size, digits, bytes

@@ -9,8 +9,14 @@ CONFIGS = {
         dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=160, multiple_of=16
     ),
     "ffn-multiplier-theta-1e6": ModelConfig(
-        dim=128, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=100, multiple_of=64,
-        ffn_dim_multiplier=1.3, rope_theta=1e6,
+        dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=1,
+        vocab_size=100,
+        multiple_of=64,
+        ffn_dim_multiplier=1.3,
+        rope_theta=1e6,
     ),  # fmt: skip
     "linear-rope-scaling": ModelConfig(
         dim=64, n_layers=2, n_heads=2, vocab_size=90, multiple_of=32, rope_scaling=4.0
@@ -57,7 +63,9 @@ def test_per_row_start_positions_match_separate_runs():
         ref_a, ref_b = model(a)[0, -1], model(b)[0, -1]
         model.setup_cache(batch_size=2, max_seq_len=16)
         # right-padded prefill, then one more token for b at its own position
-        padded = torch.cat([a[:, :8], torch.cat([b[:, :3], torch.zeros(1, 5, dtype=torch.long)], 1)])
+        padded = torch.cat(
+            [a[:, :8], torch.cat([b[:, :3], torch.zeros(1, 5, dtype=torch.long)], 1)]
+        )
         model(padded, start_pos=0)
         out = model(torch.cat([a[:, 8:], b[:, 3:]]), start_pos=torch.tensor([8, 3]))
     assert (out[0, -1] - ref_a).abs().max() < 1e-4

@@ -21,9 +21,14 @@ SAMPLE = [
 
 
 def test_llamacpp_vectors(llama2_tokenizer):
-    inputs = (FIXTURES / "ggml-vocab-llama-spm.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
-    outputs = (FIXTURES / "ggml-vocab-llama-spm.gguf.out").read_text().split("\n")
-    cases = [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs[:-1], outputs)]
+    inputs = (
+        (FIXTURES / "ggml-vocab-llama-spm.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+    )
+    outputs = (FIXTURES / "ggml-vocab-llama-spm.gguf.out").read_text().splitlines()
+    cases = [
+        (text, [int(i) for i in ids.split()])
+        for text, ids in zip(inputs[:-1], outputs, strict=True)
+    ]
     assert len(cases) == 46
     for text, expected in cases:
         assert llama2_tokenizer.encode(text) == expected, repr(text)
@@ -67,7 +72,7 @@ def test_trained_tokenizer_round_trips(small_tokenizer):
     unseen = [
         "class Ünïcode:\n\tdef __init__(self):  # 日本語 🦙\n\t\tself.x = {'k': [1, 2, 3]}\n",
         "  two leading spaces, trailing  \n\n",
-        "zürich → αβγ ∑ ≠ ∞; printf(\"%d\\n\", 42);",
+        'zürich → αβγ ∑ ≠ ∞; printf("%d\\n", 42);',
     ]
     for text in unseen:
         ids = tok.encode(text)
