@@ -362,7 +362,10 @@ def save_hf(
     dtype = parse_dtype(dtype)
     names = expected_names(config)
     out_dtype = dtype or _majority_dtype(state_dict)
-    nbytes = {n: state_dict[n].numel() * (dtype or state_dict[n].dtype).itemsize for n in names}
+    # sizes from the config's shapes: with `dtype` given, each tensor is touched once, when its
+    # shard is written (so a lazy mapping of tensors is written in bounded memory)
+    shapes = _param_shapes(config)
+    nbytes = {n: shapes[n].numel() * (dtype or state_dict[n].dtype).itemsize for n in names}
     shards: list[list[str]] = [[]]
     size = 0
     for n in names:
