@@ -1,7 +1,8 @@
 """Load a random-init 7B-shaped bf16 checkpoint (HF layout) and produce one token.
 
-Reports load time (imports excluded), time to the first token and peak RSS for llama2.load and for transformers'
-LlamaForCausalLM.from_pretrained on the same files, each in a fresh process, side by side.
+Reports load time (imports excluded), time to the first token and peak RSS for llama2.load
+and for transformers' LlamaForCausalLM.from_pretrained on the same files, each in a fresh
+process, side by side.
 
     python benchmarks/load.py [--dir /tmp/llama2-7b-random] [--preset llama2-7b]
 

@@ -176,31 +176,35 @@ def _param_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         return Transformer(cfg).state_dict()
 
 
-def _read_hf(path: Path):
+def _read_json(file: Path) -> dict:
     try:
-        config = ModelConfig.from_hf_config(
-            json.loads((path / "config.json").read_text()), str(path / "config.json")
-        )
+        return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'}: invalid JSON: {e}") from e
+        raise ValueError(f"{file}: invalid JSON: {e}") from e
+
+
+def _hf_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("pytorch_model*.bin"))
-        if not files:
-            raise ValueError(f"{path}: no model.safetensors, index or pytorch_model*.bin found")
+        return [path / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise ValueError(f"{path}: no model.safetensors, index or pytorch_model*.bin found")
+    return files
+
+
+def _read_hf(path: Path):
+    config = ModelConfig.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
     hf_to_ours = {to_hf_name(n): n for n in expected_names(config)}
     sd = {}
-    for fname in files:
-        for hf_name, tensor in _iter_tensors(path / fname):
+    for file in _hf_files(path):
+        for hf_name, tensor in _iter_tensors(file):
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue  # a derived buffer some old exports carry
             if hf_name not in hf_to_ours:
-                raise ValueError(f"{path / fname}: unexpected tensor {hf_name}")
+                raise ValueError(f"{file}: unexpected tensor {hf_name}")
             sd[hf_to_ours[hf_name]] = tensor
     return config, sd, _read_tokenizer(path)
 
@@ -222,7 +226,12 @@ def _iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def safe_torch_load(file: Path) -> dict[str, torch.Tensor]:
     """torch.load that unpickles nothing but tensors and plain containers, memory-mapped."""
     try:
-        obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # files from before torch's zip format cannot be mapped
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{file}: refused: the pickle holds objects other than tensors, which could run code "
@@ -236,23 +245,8 @@ def safe_torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_meta(path: Path):
-    shards = sorted(path.glob("consolidated.*.pth"))
-    if not shards:
-        raise ValueError(f"{path}: params.json but no consolidated.*.pth shards")
-    parts = [safe_torch_load(f) for f in shards]
-    parts = [{k: v for k, v in p.items() if k != "rope.freqs"} for p in parts]  # derived buffer
-    try:
-        params = json.loads((path / "params.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'params.json'}: invalid JSON: {e}") from e
-    if "tok_embeddings.weight" not in parts[0]:
-        raise ValueError(f"{shards[0]}: no tok_embeddings.weight")
+    config, shards, parts = _meta_parts(path)
     n = len(parts)
-    config = ModelConfig.from_meta_params(
-        params,
-        vocab_size=parts[0]["tok_embeddings.weight"].shape[0],
-        source=str(path / "params.json"),
-    )
     sd = {}
     for name in parts[0]:
         for i, p in enumerate(parts[1:], 1):
@@ -265,6 +259,23 @@ def _read_meta(path: Path):
     return config, _permute_qk(sd, config, meta_to_ours), _read_tokenizer(path)
 
 
+def _meta_parts(path: Path) -> tuple[ModelConfig, list[Path], list[dict[str, torch.Tensor]]]:
+    """The config and each shard's tensors (memory-mapped, not yet joined)."""
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise ValueError(f"{path}: params.json but no consolidated.*.pth shards")
+    parts = [safe_torch_load(f) for f in shards]
+    parts = [{k: v for k, v in p.items() if k != "rope.freqs"} for p in parts]  # derived buffer
+    if "tok_embeddings.weight" not in parts[0]:
+        raise ValueError(f"{shards[0]}: no tok_embeddings.weight")
+    config = ModelConfig.from_meta_params(
+        _read_json(path / "params.json"),
+        vocab_size=parts[0]["tok_embeddings.weight"].shape[0],
+        source=str(path / "params.json"),
+    )
+    return config, shards, parts
+
+
 def _meta_split_dim(name: str) -> int:
     """Model-parallel shards split column-parallel layers on dim 0, row-parallel ones on dim 1."""
     if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
@@ -274,6 +285,19 @@ def _meta_split_dim(name: str) -> int:
 
 def _read_gguf(path: Path):
     meta, tensors = read_gguf(path)
+    config = _gguf_config(path, meta, tensors)
+    gguf_to_ours = {to_gguf_name(n): n for n in expected_names(config)}
+    sd = {}
+    for name, (shape, gtype, offset) in tensors.items():
+        if name not in gguf_to_ours:
+            raise GGUFError(f"{path}: unexpected tensor {name}")
+        sd[gguf_to_ours[name]] = torch.from_numpy(read_tensor(path, shape, gtype, offset))
+    sd = _permute_qk(sd, config, meta_to_ours)
+    tokenizer = Tokenizer.from_gguf(path) if "tokenizer.ggml.tokens" in meta else None
+    return config, sd, tokenizer
+
+
+def _gguf_config(path: Path, meta: dict, tensors: dict) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise GGUFError(f"{path}: general.architecture is {arch!r}, expected 'llama'")
@@ -288,7 +312,7 @@ def _read_gguf(path: Path):
     scaling = None
     if meta.get("llama.rope.scaling.type", "none") == "linear":
         scaling = float(get("rope.scaling.factor"))
-    config = ModelConfig(
+    return ModelConfig(
         dim=dim,
         n_layers=get("block_count"),
         n_heads=n_heads,
@@ -302,15 +326,59 @@ def _read_gguf(path: Path):
         rope_scaling=scaling,
         max_seq_len=get("context_length"),
     )
-    gguf_to_ours = {to_gguf_name(n): n for n in expected_names(config)}
-    sd = {}
-    for name, (shape, gtype, offset) in tensors.items():
-        if name not in gguf_to_ours:
-            raise GGUFError(f"{path}: unexpected tensor {name}")
-        sd[gguf_to_ours[name]] = torch.from_numpy(read_tensor(path, shape, gtype, offset))
-    sd = _permute_qk(sd, config, meta_to_ours)
-    tokenizer = Tokenizer.from_gguf(path) if "tokenizer.ggml.tokens" in meta else None
-    return config, sd, tokenizer
+
+
+def describe(path: str | Path) -> dict:
+    """Layout, config, parameter count and stored dtypes, from headers only: no tensor is
+    joined, permuted or dequantized, so it is cheap for a 70B checkpoint too."""
+    path = Path(path)
+    layout = detect_layout(path)
+    numel: dict[str, int] = {}  # dtype name -> parameters stored in it
+
+    def count(dtype: str, shape) -> None:
+        numel[dtype] = numel.get(dtype, 0) + int(np.prod(shape))
+
+    tokenizer = None
+    if layout == "hf":
+        config = ModelConfig.from_hf_config(_read_json(path / "config.json"), str(path))
+        for file in _hf_files(path):
+            if file.suffix != ".safetensors":
+                for t in safe_torch_load(file).values():
+                    count(dtype_name(t.dtype), t.shape)
+                continue
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    count(_SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()), sl.get_shape())
+        tokenizer = _read_tokenizer(path)
+    elif layout == "meta":
+        config, _, parts = _meta_parts(path)
+        for i, part in enumerate(parts):
+            for t in part.values():
+                if t.ndim > 1 or i == 0:  # norms are replicated in every shard
+                    count(dtype_name(t.dtype), t.shape)
+        tokenizer = _read_tokenizer(path)
+    else:
+        meta, tensors = read_gguf(path)
+        config = _gguf_config(path, meta, tensors)
+        for shape, gtype, _ in tensors.values():
+            count(gtype.name.lower(), shape)
+        if "tokenizer.ggml.tokens" in meta:
+            tokenizer = Tokenizer.from_gguf(path)
+    return {
+        "path": str(path),
+        "layout": layout,
+        "config": dict(vars(config)),
+        "parameters": sum(numel.values()),
+        "dtypes": numel,
+        "size_on_disk": sum(
+            p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()
+        ),
+        "tokenizer": None if tokenizer is None else {"vocab_size": tokenizer.vocab_size},
+    }
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 # --- writing -------------------------------------------------------------------------------

@@ -9,48 +9,31 @@ import time
 from pathlib import Path
 
 
-def _size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1024 or prefix == "T":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{int(n)} {unit}"
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
-    raise AssertionError
+    return f"{n:.1f} TiB"
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import read_checkpoint
+    from .checkpoint import describe
 
-    path = Path(args.path)
-    ckpt = read_checkpoint(path)
-    cfg = ckpt.config
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.state_dict.values()})
-    n_params = sum(t.numel() for t in ckpt.state_dict.values())
-    info = {
-        "path": str(path),
-        "layout": ckpt.layout,
-        "config": {k: v for k, v in vars(cfg).items()},
-        "parameters": n_params,
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "size_on_disk": _size_on_disk(path),
-        "tokenizer": None if ckpt.tokenizer is None else {"vocab_size": ckpt.tokenizer.vocab_size},
-    }
+    info = describe(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"{path}  ({ckpt.layout} layout)")
+    print(f"{info['path']}  ({info['layout']} layout)")
     for k, v in info["config"].items():
         print(f"  {k:20s} {v}")
-    print(f"  {'parameters':20s} {n_params:,} ({n_params / 1e9:.2f}B)")
-    print(f"  {'dtype':20s} {info['dtype']}")
+    n = info["parameters"]
+    print(f"  {'parameters':20s} {n:,} ({n / 1e9:.2f}B)")
+    print(f"  {'dtype':20s} {', '.join(info['dtypes'])}")
     print(f"  {'size on disk':20s} {_human(info['size_on_disk'])}")
-    tok = ckpt.tokenizer
-    print(f"  {'tokenizer':20s} {'none' if tok is None else f'{tok.vocab_size} pieces'}")
+    tok = info["tokenizer"]
+    pieces = "none" if tok is None else f"{tok['vocab_size']} pieces"
+    print(f"  {'tokenizer':20s} {pieces}")
 
 
 def cmd_tokenize(args) -> None:

@@ -122,16 +122,16 @@ def read_gguf(path: str | Path) -> tuple[dict, dict]:
 
 
 def read_tensor(path: str | Path, shape: tuple, gtype: GGMLType, offset: int) -> np.ndarray:
-    """One tensor as float32 numpy (dequantized)."""
+    """One tensor: f32 and f16 as stored (memory-mapped copy-on-write), q8_0 dequantized to f32."""
     n = int(np.prod(shape))
     block_bytes, block_elems = GGML_BLOCK[gtype]
     raw = np.memmap(
-        path, dtype=np.uint8, mode="r", offset=offset, shape=(n // block_elems * block_bytes,)
+        path, dtype=np.uint8, mode="c", offset=offset, shape=(n // block_elems * block_bytes,)
     )
     if gtype == GGMLType.F32:
-        return raw.view(np.float32).reshape(shape).copy()
+        return raw.view(np.float32).reshape(shape)
     if gtype == GGMLType.F16:
-        return raw.view(np.float16).astype(np.float32).reshape(shape)
+        return raw.view(np.float16).reshape(shape)
     return dequantize_q8_0(raw.view(Q8_0_BLOCK)).reshape(shape)
 
 

@@ -249,7 +249,9 @@ def test_info_and_tokenize_commands(model, small_tokenizer, tmp_path, capsys):
     d = save_hf(tmp_path / "hf", CFG, model.state_dict(), small_tokenizer, dtype="bfloat16")
     assert cli(["info", str(d), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["parameters"] == CFG.num_params() and info["dtype"] == "bfloat16"
+    assert info["parameters"] == CFG.num_params() and info["dtypes"] == {
+        "bfloat16": CFG.num_params()
+    }
     assert info["layout"] == "hf" and info["size_on_disk"] > 2 * CFG.num_params()
     assert cli(["tokenize", str(d), "def f(x):", "--bos", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == small_tokenizer.encode("def f(x):", bos=True)
