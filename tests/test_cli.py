@@ -1,0 +1,68 @@
+import json
+
+import torch
+
+from llama2 import Tokenizer, Transformer, get_preset, load, save_hf
+from llama2.cli import main as cli
+from llama2.generation import generate_ids
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's main job: tokenizer, tiny model, three checkpoint layouts that agree."""
+    assert cli(["demo", "--out", str(tmp_path / "demo")]) == 0
+    err = capsys.readouterr().err
+    for layout in ("hf", "meta", "gguf"):
+        assert f"reloaded {layout}" in err
+    info = load(tmp_path / "demo" / "hf")
+    assert info.config.dim == 288 and info.tokenizer.vocab_size == 2048
+
+
+def test_tokenizer_train_and_generate_commands(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog 0123456789\n" * 200)
+    out = tmp_path / "tok.model"
+    assert cli(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = Tokenizer.from_file(out)
+    assert tok.vocab_size == 300
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro", vocab_size=300)
+    model = Transformer(cfg).eval()
+    d = save_hf(tmp_path / "m", cfg, model.state_dict(), tok)
+    capsys.readouterr()
+    assert (
+        cli(["generate", str(d), "the quick", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    )
+    printed = capsys.readouterr().out
+    ids = list(generate_ids(model, tok.encode("the quick", bos=True), 12))
+    expected = tok.decode(tok.encode("the quick", bos=True) + ids)
+    assert printed.rstrip("\n") == expected
+    assert cli(["tokenize", str(out), "the fox", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == tok.encode("the fox")
+
+
+def test_greedy_generation_matches_transformers():
+    from conftest import hf_model
+
+    torch.manual_seed(3)
+    cfg = get_preset("micro")
+    model = Transformer(cfg).eval()
+    theirs = hf_model(cfg, model.state_dict())
+    prompt = [1, 17, 250, 3, 99]
+    ours = list(generate_ids(model, prompt, 20))
+    expected = theirs.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+    assert ours == expected
+
+
+def test_errors_are_named(tmp_path, capsys):
+    assert cli(["generate", str(tmp_path), "hi"]) == 1
+    assert "neither config.json" in capsys.readouterr().err
+    assert cli(["convert", str(tmp_path), str(tmp_path / "x"), "--to", "meta"]) == 1
+    assert cli(["tokenize", str(tmp_path / "none.model"), "hi"]) == 1
+    assert "cannot read tokenizer" in capsys.readouterr().err
