@@ -647,13 +647,14 @@ def load(
 ) -> Llama:
     """Load a checkpoint in any supported layout (HF directory, Meta directory, GGUF file).
 
-    Tensors keep their stored dtype unless `dtype` is given; HF safetensors stay memory-mapped.
+    Tensors keep their stored dtype unless `dtype` is given (a file of mixed dtypes, as GGUF's
+    f32 norms beside f16 matrices, takes the dtype of most parameters); HF safetensors stay
+    memory-mapped.
     """
-    dtype = parse_dtype(dtype)
     ckpt = read_checkpoint(path)
     sd = ckpt.state_dict
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+    dtype = parse_dtype(dtype) or _majority_dtype(sd)
+    sd = {k: v.to(dtype) for k, v in sd.items()}  # a no-op (no copy) where it already is
     model = build_model(ckpt.config, sd)
     if device is not None:
         model = model.to(device)

@@ -257,3 +257,46 @@ def test_info_and_tokenize_commands(model, small_tokenizer, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == small_tokenizer.encode("def f(x):", bos=True)
     assert cli(["info", str(tmp_path / "nope")]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+def test_gguf_export_runs_in_llama_cpp(small_tokenizer, tmp_path, gguf_type):
+    """llama.cpp itself loads the exported file, tokenizes like us and computes the logits we
+    compute from the same file."""
+    from llama_cpp import Llama as LlamaCpp
+
+    torch.manual_seed(4)
+    model = Transformer(CFG).eval()
+    with torch.no_grad():  # larger weights than init: logits of a few units, not near zero
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(5)
+    path = save_gguf(tmp_path / "m.gguf", CFG, model.state_dict(), small_tokenizer, gguf_type)
+    cpp = LlamaCpp(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    text = "def read(path):\n    with open(path) as f:\n        return f.read()"
+    ids = small_tokenizer.encode(text, bos=True)
+    assert cpp.tokenize(text.encode(), add_bos=True) == ids
+    cpp.eval(ids)
+    theirs = torch.tensor(np.array(cpp.scores[: len(ids)]))
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        exact = model(tokens)[0]
+        stored = load(path, dtype="float32").model(tokens)[0]  # the file's (rounded) weights
+    scale = exact.abs().max()
+    assert scale > 2
+    weight_rounding = (stored - exact).abs().max()
+    # llama.cpp keeps its KV cache in f16 (~1e-3), and for q8_0 also rounds the activations
+    # to 8-bit blocks, an error no larger than the weights' own rounding
+    bound = 2e-3 * scale + (weight_rounding if gguf_type == "q8_0" else 0)
+    assert (theirs - stored).abs().max() < bound
+    assert (theirs.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_f16_loads_as_f16(model, small_tokenizer, tmp_path):
+    path = save_gguf(tmp_path / "m.gguf", CFG, model.state_dict(), small_tokenizer, "f16")
+    llm = load(path)
+    assert {p.dtype for p in llm.model.parameters()} == {torch.float16}  # f32 norms joined in
+    tokens = torch.tensor([[1, 40, 41, 300]])
+    with torch.no_grad():
+        ref = model(tokens)
+        assert (llm.model(tokens) - ref).abs().max() < 1e-2 * ref.abs().max()
