@@ -109,7 +109,8 @@ def _permute_qk(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, fn) -> StateDi
     for i in range(cfg.n_layers):
         for part, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
             key = f"layers.{i}.attention.{part}.weight"
-            out[key] = fn(out[key], heads)
+            if key in out:  # (a missing tensor is reported by _check_state_dict)
+                out[key] = fn(out[key], heads)
     return out
 
 
@@ -186,7 +187,10 @@ def _read_json(file: Path) -> dict:
 def _hf_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return [path / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        return [path / f for f in sorted(set(weight_map.values()))]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     files = sorted(path.glob("pytorch_model*.bin"))
@@ -254,8 +258,16 @@ def _read_meta(path: Path):
                 raise ValueError(f"{shards[i]}: missing {name}")
         if n == 1 or parts[0][name].ndim == 1:
             sd[name] = parts[0][name]
-        else:
-            sd[name] = torch.cat([p[name] for p in parts], dim=_meta_split_dim(name))
+            continue
+        dim = _meta_split_dim(name)
+        for i, p in enumerate(parts[1:], 1):
+            want = parts[0][name].shape[1 - dim]
+            if p[name].ndim != 2 or p[name].shape[1 - dim] != want:
+                raise ValueError(
+                    f"{shards[i]}: {name} has shape {tuple(p[name].shape)}, but shard 0's is "
+                    f"{tuple(parts[0][name].shape)} (shards join on dim {dim})"
+                )
+        sd[name] = torch.cat([p[name] for p in parts], dim=dim)
     return config, _permute_qk(sd, config, meta_to_ours), _read_tokenizer(path)
 
 
@@ -309,9 +321,12 @@ def _gguf_config(path: Path, meta: dict, tensors: dict) -> ModelConfig:
         return value
 
     dim, n_heads = get("embedding_length"), get("attention.head_count")
-    scaling = None
-    if meta.get("llama.rope.scaling.type", "none") == "linear":
-        scaling = float(get("rope.scaling.factor"))
+    # as llama.cpp reads it: the type defaults to linear; older files use rope.scale_linear
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear"))
+    kind = meta.get("llama.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        raise GGUFError(f"{path}: RoPE scaling type {kind!r} is not supported")
+    scaling = float(factor) if kind == "linear" and factor not in (None, 0.0, 1.0) else None
     return ModelConfig(
         dim=dim,
         n_layers=get("block_count"),
@@ -394,16 +409,31 @@ def atomic_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     try:
         yield tmp
+        for f in tmp.iterdir():  # on disk before the rename makes them visible
+            _fsync(f)
         if dst.exists():
             old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
             os.replace(dst, old / "x")
-            os.replace(tmp, dst)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(old / "x", dst)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, dst)
+        _fsync(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -499,6 +529,10 @@ def save_meta(
     dtype = parse_dtype(dtype)
     sizes = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "dim": config.dim}
     sizes |= {"hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
+    if config.rope_scaling is not None:
+        raise ValueError(
+            "Meta's params.json has no field for RoPE scaling; keep this model in HF form"
+        )
     bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
     if shards < 1 or bad:
         raise ValueError(
@@ -511,7 +545,9 @@ def save_meta(
             for name, t in sd.items():
                 if t.ndim > 1:
                     t = t.chunk(shards, dim=_meta_split_dim(name))[i]
-                part[name] = _cast(t, dtype).clone()  # clone: save only this slice's storage
+                t = _cast(t, dtype)
+                # torch.save writes a view's whole storage: copy only slices of a bigger one
+                part[name] = t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
             torch.save(part, tmp / f"consolidated.{i:02d}.pth")
             del part
         (tmp / "params.json").write_text(json.dumps(config.to_meta_params(), indent=2))
@@ -592,6 +628,7 @@ def save_gguf(
     os.close(fd)
     try:
         write_gguf(tmp, meta, tensors)
+        _fsync(Path(tmp))
         os.replace(tmp, dst)
     except BaseException:
         os.unlink(tmp)
@@ -652,6 +689,12 @@ def load(
     memory-mapped.
     """
     ckpt = read_checkpoint(path)
+    tok = ckpt.tokenizer
+    if tok is not None and tok.vocab_size > ckpt.config.vocab_size:
+        raise ValueError(
+            f"{path}: tokenizer has {tok.vocab_size} pieces but the model only "
+            f"{ckpt.config.vocab_size} embeddings"
+        )
     sd = ckpt.state_dict
     dtype = parse_dtype(dtype) or _majority_dtype(sd)
     sd = {k: v.to(dtype) for k, v in sd.items()}  # a no-op (no copy) where it already is

@@ -97,6 +97,8 @@ class ModelConfig:
         unknown = set(params) - known
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}")
+        if params.get("use_scaled_rope"):
+            raise ValueError(f"{source}: use_scaled_rope (Llama 3.1 RoPE) is not Llama 2's")
         for field in ("dim", "n_layers", "n_heads"):
             if field not in params:
                 raise ValueError(f"{source}: missing required field '{field}'")
@@ -190,9 +192,15 @@ class ModelConfig:
             hidden_dim=cfg.get("intermediate_size"),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            rope_scaling=float(scaling["factor"]) if kind == "linear" else None,
+            rope_scaling=_linear_factor(scaling, source) if kind == "linear" else None,
             max_seq_len=cfg.get("max_position_embeddings", 4096),
         )
+
+
+def _linear_factor(scaling: dict, source: str) -> float:
+    if "factor" not in scaling:
+        raise ValueError(f"{source}: linear RoPE scaling without a 'factor'")
+    return float(scaling["factor"])
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -118,6 +118,10 @@ def read_gguf(path: str | Path) -> tuple[dict, dict]:
     align = meta.get("general.alignment", ALIGNMENT)
     start = pos + (-pos % align)
     tensors = {name: (shape, gtype, start + off) for name, shape, gtype, off in infos}
+    for name, (shape, gtype, offset) in tensors.items():
+        block_bytes, block_elems = GGML_BLOCK[gtype]
+        if offset + int(np.prod(shape)) // block_elems * block_bytes > len(buf):
+            raise GGUFError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
     return meta, tensors
 
 

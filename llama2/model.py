@@ -186,6 +186,8 @@ class Transformer(nn.Module):
             if start_pos is None:
                 raise ValueError("a KV cache is set up: forward needs start_pos")
             start = torch.as_tensor(start_pos, device=tokens.device).reshape(-1, 1)
+            if int(start.min()) < 0:
+                raise ValueError(f"start_pos must be >= 0, got {start_pos}")
             positions = start + torch.arange(T, device=tokens.device)  # [B or 1, T]
             positions = positions.expand(B, T)
             if int(positions.max()) >= self.cache_len:
@@ -195,7 +197,7 @@ class Transformer(nn.Module):
             keys = torch.arange(self.cache_len, device=tokens.device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S]
         else:
-            if start_pos not in (None, 0):
+            if start_pos is not None and bool(torch.as_tensor(start_pos).ne(0).any()):
                 raise ValueError("start_pos needs a KV cache (call setup_cache first)")
             if T > self.config.max_seq_len:
                 raise ValueError(

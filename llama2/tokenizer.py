@@ -94,6 +94,11 @@ class Tokenizer:
             "bos": meta.get("tokenizer.ggml.bos_token_id", 1),
             "eos": meta.get("tokenizer.ggml.eos_token_id", 2),
         }
+        for name, i in special.items():
+            if not 0 <= i < len(tokens):
+                raise GGUFError(
+                    f"{path}: {name} token id {i} is outside the {len(tokens)}-piece vocabulary"
+                )
         proto = build_model_proto(tokens, scores, types, {k: tokens[i] for k, i in special.items()})
         return cls(proto, source=str(path))
 

@@ -300,3 +300,28 @@ def test_gguf_f16_loads_as_f16(model, small_tokenizer, tmp_path):
     with torch.no_grad():
         ref = model(tokens)
         assert (llm.model(tokens) - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_more_bad_inputs_are_named(model, small_tokenizer, tmp_path):
+    scaled = CFG.replace(rope_scaling=2.0)
+    with pytest.raises(ValueError, match="no field for RoPE scaling"):
+        save_meta(tmp_path / "meta", scaled, model.state_dict())
+    path = save_gguf(tmp_path / "m.gguf", scaled, model.state_dict(), small_tokenizer, "f32")
+    assert load(path).config.rope_scaling == 2.0
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="cut.gguf: tensor .* runs past the end"):
+        load(tmp_path / "cut.gguf")
+    save_meta(tmp_path / "m2", CFG, model.state_dict(), shards=2)
+    shard = tmp_path / "m2" / "consolidated.01.pth"
+    sd = torch.load(shard, weights_only=True)
+    sd["layers.0.attention.wo.weight"] = sd["layers.0.attention.wo.weight"][:-1]
+    torch.save(sd, shard)
+    with pytest.raises(ValueError, match="consolidated.01.pth: layers.0.attention.wo.weight"):
+        load(tmp_path / "m2")
+    with pytest.raises(ValueError, match="start_pos must be >= 0"):
+        model.setup_cache(1, 16)
+        try:
+            model(torch.tensor([[1]]), start_pos=-1)
+        finally:
+            model.clear_cache()
