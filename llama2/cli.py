@@ -75,32 +75,100 @@ def cmd_tokenizer_train(args) -> None:
     )
 
 
-def cmd_generate(args) -> None:
-    from .checkpoint import load
-    from .generation import generate_ids
+def _sampling(args):
+    from .generation import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
+    )  # fmt: skip
+
+
+def _print_stream(llm, ids, params, stop_ids, continuation=True):
+    """Generate for one prompt, printing text as it comes; return (completion, seconds)."""
+    from .generation import generate_steps
+
+    out = sys.stdout
+    results: list = []
+    t0 = time.perf_counter()
+    steps = generate_steps(llm.model, llm.tokenizer, [ids], params, stop_ids, continuation, results)
+    for outputs in steps:
+        for o in outputs:
+            out.write(o.text)
+            out.flush()
+    return results[0], time.perf_counter() - t0
+
+
+def _load_for_generation(args):
+    from .llm import load
 
     llm = load(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model beside the weights")
-    prompt = llm.tokenizer.encode(args.prompt, bos=True)
-    t0 = time.perf_counter()
-    out: list[int] = []
-    printed = 0
+    return llm
+
+
+def cmd_generate(args) -> None:
+    llm = _load_for_generation(args)
+    ids = llm.tokenizer.encode(args.prompt, bos=True)
     sys.stdout.write(args.prompt)
-    stop = (llm.tokenizer.eos_id,)
-    # decode with the prompt in front: SentencePiece drops a leading space at the start of text
-    base = llm.tokenizer.decode(prompt)
-    for token in generate_ids(
-        llm.model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop
-    ):
-        out.append(token)
-        text = llm.tokenizer.decode(prompt + out)[len(base) :]
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
-            printed = len(text)
-    dt = time.perf_counter() - t0
-    print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tokens/s]", file=sys.stderr)
+    done, dt = _print_stream(llm, ids, _sampling(args), (llm.tokenizer.eos_id,))
+    n = len(done.token_ids)
+    print(
+        f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s, {done.finish_reason}]", file=sys.stderr
+    )
+
+
+CHAT_HELP = "commands: /reset (forget the dialog), /system TEXT (set the system prompt), /exit"
+
+
+def cmd_chat(args) -> None:
+    from .formats import encode_chat
+
+    llm = _load_for_generation(args)
+    system = args.system
+    dialog: list[dict] = []
+    print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            dialog = []
+            print("[dialog reset]", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system") :].strip() or None
+            dialog = []
+            print(
+                f"[system prompt {'set' if system else 'cleared'}; dialog reset]", file=sys.stderr
+            )
+            continue
+        if line.startswith("/"):
+            print(f"[unknown command {line.split()[0]}; {CHAT_HELP}]", file=sys.stderr)
+            continue
+        dialog.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + dialog
+        try:
+            ids = encode_chat(llm.tokenizer, messages)
+            if len(ids) >= llm.config.max_seq_len:
+                raise ValueError(
+                    f"the dialog is {len(ids)} tokens, the context {llm.config.max_seq_len}: /reset"
+                )
+        except ValueError as e:
+            dialog.pop()
+            print(f"[{e}]", file=sys.stderr)
+            continue
+        done, dt = _print_stream(llm, ids, _sampling(args), (llm.tokenizer.eos_id,), False)
+        n = len(done.token_ids)
+        print(f"\n[{n} tokens, {n / dt:.1f} tokens/s]", file=sys.stderr)
+        dialog.append({"role": "assistant", "content": done.text})
 
 
 def cmd_demo(args) -> None:
@@ -146,15 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="path of the tokenizer.model to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    s = sub.add_parser("generate", help="continue a prompt")
+    def sampling_options(s):
+        s.add_argument("--max-new-tokens", type=int, default=256)
+        s.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
+        s.add_argument("--top-p", type=float, default=0.9)
+        s.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+        s.add_argument("--seed", type=int, default=None)
+        s.add_argument("--stop", action="append", help="a stop string (repeatable)")
+        s.add_argument("--dtype", default=None, help="compute in float32, bfloat16 or float16")
+
+    s = sub.add_parser("generate", help="continue a prompt, streaming the text")
     s.add_argument("model")
     s.add_argument("prompt")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--dtype", default=None)
+    sampling_options(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="an interactive chat in the Llama 2 chat format")
+    s.add_argument("model")
+    s.add_argument("--system", default=None, help="system prompt")
+    sampling_options(s)
+    s.set_defaults(func=cmd_chat)
     return p
 
 

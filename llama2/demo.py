@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load, read_checkpoint, save_gguf, save_hf, save_meta
+from .checkpoint import read_checkpoint, save_gguf, save_hf, save_meta
 from .config import get_preset
-from .generation import generate_ids
+from .llm import load
 from .model import Transformer
 from .tokenizer import train_tokenizer
 
@@ -72,9 +72,10 @@ def run_demo(out: Path, vocab_size: int = 2048, seed: int = 0) -> None:
     llm = load(paths["hf"])
     _step("generating 48 tokens (random weights: expect gibberish in the stdlib's vocabulary):")
     t1 = time.perf_counter()
-    ids = list(generate_ids(llm.model, prompt, 48, temperature=0.8, top_p=0.95, seed=seed))
+    done = llm.generate("def fibonacci(n):", max_new_tokens=48, temperature=0.8, seed=seed)
     dt = time.perf_counter() - t1
-    print(tokenizer.decode(prompt + ids), flush=True)
+    ids = done.token_ids
+    print("def fibonacci(n):" + done.text, flush=True)
     _step(
         f"{len(ids)} tokens in {dt:.2f}s ({len(ids) / dt:.0f} tokens/s); "
         f"total {time.perf_counter() - t0:.1f}s"

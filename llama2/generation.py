@@ -1,67 +1,294 @@
-"""Token generation with the KV cache (single prompt; batching and streaming build on this)."""
+"""Batched generation over a preallocated KV cache.
+
+Prompts of different lengths are right-padded and prefilled together; each row then decodes
+at its own position (the cache masks what lies beyond it, so padding is never seen). Sampling
+(greedy, temperature, top-k, top-p) uses one seeded generator per row, so a row's tokens do
+not depend on the other rows. Text is produced incrementally: a piece never ends inside a
+UTF-8 character, stop strings are cut (and text that may begin one is held back), and the
+pieces of a stream concatenate to the final text.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .model import Transformer
+from .tokenizer import Tokenizer
 
 
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator=None
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
+    echo: bool = False  # also return the prompt tokens' logprobs
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, stop id or stop string) or "length"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[float | None] | None = None  # None for the first prompt token
+
+
+@dataclass
+class StepOutput:
+    """One step's news for one row: the token sampled (None once the row has stopped), the text
+    piece it releases (maybe empty), and whether the row is finished."""
+
+    row: int
+    token_id: int | None
+    text: str
+    finished: bool
+    logprob: TokenLogprob | None = None
+
+
+class TextStream:
+    """Generated ids -> text pieces, for one row."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), continuation: bool = True):
+        self.tokenizer, self.stop, self.continuation = tokenizer, tuple(stop), continuation
+        self.ids: list[int] = []
+        self.text = ""  # decoded text of ids[:decoded]
+        self.decoded = 0
+        self.emitted = 0  # characters of self.text already handed out
+        self.stopped = False  # a stop string was found; self.text ends before it
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        pending = self.tokenizer.decode(
+            self.ids[self.decoded :], continuation=self.continuation or self.decoded > 0
+        )
+        if pending.endswith("\ufffd"):  # maybe the first bytes of a character: wait for the rest
+            return ""
+        self.text += pending
+        self.decoded = len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text (including bytes that never formed a character)."""
+        if not self.stopped and self.decoded < len(self.ids):
+            tail = self.ids[self.decoded :]
+            self.text += self.tokenizer.decode(
+                tail, continuation=self.continuation or self.decoded > 0
+            )
+            self.decoded = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if not self.stopped and self.stop:
+            lo = max(0, self.emitted - max(map(len, self.stop)))
+            hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._held_back()
+        piece = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is the start of a stop string."""
+        for n in range(min(len(self.text), max(map(len, self.stop), default=0)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) and s != tail for s in self.stop):
+                return n
+        return 0
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] -> next ids [B]. temperature 0 is greedy; top_p keeps the smallest set of
-    most likely tokens whose probability reaches top_p."""
+    """logits [B, V] -> token ids [B]. Temperature, then top-k, then top-p (the smallest set of
+    most likely tokens whose probability reaches top_p), then a draw from each row's generator."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat(
+        [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    )
+
+
+def _logprob_info(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    top = []
+    if k:
+        values, ids = logprobs.topk(k)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), top)
 
 
 @torch.inference_mode()
-def generate_ids(
+def generate_steps(
     model: Transformer,
-    prompt: list[int],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop_ids: tuple[int, ...] = (),
-) -> Iterator[int]:
-    """Yield new token ids one at a time; stop after a stop id (not yielded) or the budget."""
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token (e.g. BOS)")
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop_ids: Sequence[int] = (),
+    continuation: bool = True,
+    results: list[Completion] | None = None,
+) -> Iterator[list[StepOutput]]:
+    """Generate for a batch of token-id prompts, yielding each step's outputs; when done,
+    `results` (if given) holds one Completion per prompt."""
     context = model.config.max_seq_len
-    if len(prompt) >= context:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens leaves no room in the context of {context}"
-        )
-    cache_len = min(len(prompt) + max_new_tokens, context)
-    device = model.output.weight.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    model.setup_cache(batch_size=1, max_seq_len=cache_len)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
+        if len(p) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; the context is {context}, leaving no room"
+            )
+        if max(p) >= model.config.vocab_size or min(p) < 0:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary")
+    B, lens = len(prompts), [len(p) for p in prompts]
+    device = model.tok_embeddings.weight.device
+    budget = [min(params.max_new_tokens, context - n) for n in lens]
+    model.setup_cache(B, max(n + b for n, b in zip(lens, budget, strict=True)))
     try:
-        logits = model(torch.tensor([prompt], device=device), start_pos=0)[:, -1]
-        pos, n = len(prompt), 0
-        while n < max_new_tokens:
-            next_id = sample_next(logits, temperature, top_p, generator)
-            if int(next_id) in stop_ids:
-                return
-            yield int(next_id)
-            n += 1
-            if n == max_new_tokens or pos == cache_len:
-                return
-            logits = model(next_id[:, None], start_pos=pos)[:, -1]
-            pos += 1
+        seeds = [params.seed + i if params.seed is not None else None for i in range(B)]
+        gens = None
+        if params.temperature > 0:
+            gens = [torch.Generator(device=device) for _ in range(B)]
+            for g, s in zip(gens, seeds, strict=True):
+                g.manual_seed(s) if s is not None else g.seed()
+        tokens = torch.zeros(B, max(lens), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        if params.echo:
+            logits = model(tokens, start_pos=0)
+            last = logits[torch.arange(B), torch.tensor(lens) - 1]
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+            prompt_lps = [[None] + lp[i, : n - 1].tolist() for i, n in enumerate(lens)]
+        else:
+            last = model(tokens, start_pos=0, output_index=torch.tensor(lens) - 1)[:, 0]
+            prompt_lps = [None] * B
+        streams = [TextStream(tokenizer, params.stop, continuation) for _ in range(B)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(B)]
+        finish = [None if b > 0 else "length" for b in budget]
+        pos = list(lens)
+        while True:
+            active = [i for i in range(B) if finish[i] is None]
+            if not active:
+                break
+            next_ids = sample(last, params.temperature, params.top_k, params.top_p, gens)
+            all_lps = last.log_softmax(-1) if params.logprobs is not None else None
+            outputs = []
+            for i in active:
+                token = int(next_ids[i])
+                info = None
+                if all_lps is not None:
+                    info = _logprob_info(all_lps[i], token, params.logprobs)
+                if token in stop_ids:
+                    finish[i] = "stop"
+                    outputs.append(StepOutput(i, None, streams[i].finish(), True))
+                    continue
+                if info is not None:
+                    logprobs[i].append(info)
+                piece = streams[i].add(token)
+                if streams[i].stopped:
+                    finish[i] = "stop"
+                elif len(streams[i].ids) >= budget[i]:
+                    finish[i] = "length"
+                if finish[i] is not None:
+                    piece += streams[i].finish()
+                outputs.append(StepOutput(i, token, piece, finish[i] is not None, info))
+            yield outputs
+            if all(f is not None for f in finish):
+                break
+            # finished rows idle at their position (rewriting one harmless cache slot)
+            feed = [int(next_ids[i]) if finish[i] is None else 0 for i in range(B)]
+            last = model(torch.tensor(feed, device=device)[:, None], start_pos=torch.tensor(pos))[
+                :, 0
+            ]
+            pos = [p + (finish[i] is None) for i, p in enumerate(pos)]
+        if results is not None:
+            results[:] = [
+                Completion(
+                    text=s.text,
+                    token_ids=s.ids,
+                    finish_reason=finish[i],
+                    prompt_tokens=lens[i],
+                    logprobs=logprobs[i] if params.logprobs is not None else None,
+                    prompt_logprobs=prompt_lps[i],
+                )
+                for i, s in enumerate(streams)
+            ]
     finally:
         model.clear_cache()
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop_ids: Sequence[int] = (),
+    continuation: bool = True,
+) -> list[Completion]:
+    results: list[Completion] = []
+    for _ in generate_steps(model, tokenizer, prompts, params, stop_ids, continuation, results):
+        pass
+    return results
+
+
+def stream(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    stop_ids: Sequence[int] = (),
+    continuation: bool = True,
+) -> Iterator[str]:
+    """Text pieces of one prompt's completion, as they are generated."""
+    for outputs in generate_steps(model, tokenizer, [prompt], params, stop_ids, continuation):
+        for out in outputs:
+            if out.text:
+                yield out.text

@@ -10,11 +10,14 @@ halves rather than interleaved), so our on-disk HF checkpoints map without copyi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels import Linear
 
 
 class RMSNorm(nn.Module):
@@ -30,8 +33,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the rotary angles for integer `positions` (any shape), in fp32, laid out
-    [..., head_dim] with the frequencies repeated for the two halves."""
+    """cos and sign-folded sin of the rotary angles for integer `positions` ([B or 1, T]), in
+    fp32, each [B or 1, T, 1, head_dim]: frequencies repeated for the two halves, sin negated
+    on the first half so that `apply_rope` needs no negation."""
     hd = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (
         torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd
@@ -40,16 +44,28 @@ def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tenso
     if cfg.rope_scaling is not None:
         pos = pos / cfg.rope_scaling
     angles = pos[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos()[:, :, None], torch.cat((-sin, sin), -1)[
+        :, :, None
+    ]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, hd]; cos/sin: [B or 1, T, hd]. Rotates (x_i, x_{i+hd/2}) pairs."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = x.float() * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.type_as(x)
+    """x: [B, T, H, hd]. Rotates each pair (x_i, x_{i+hd/2}) by its angle (HF's half-split
+    order; Meta's interleaved pairs are the same maths on permuted wq/wk rows)."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
+
+
+@dataclass
+class AttentionContext:
+    """Where this forward's tokens sit, worked out once for all layers."""
+
+    positions: torch.Tensor  # [B or 1, T]
+    start: int | None  # the common start position when every row has the same one
+    kv_len: int  # cached keys to attend over
+    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, or None
+    is_causal: bool
 
 
 class KVCache(nn.Module):
@@ -61,51 +77,55 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ([B, T, H, hd]) at per-row `positions` ([B, T]); return the cache rows."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, :, positions] = k.to(self.k.dtype)
-        self.v[rows, :, positions] = v.to(self.v.dtype)
-        return self.k[: k.shape[0]], self.v[: k.shape[0]]
+    def update(self, ctx: AttentionContext, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ([B, H, T, hd]) at the context's positions; return keys and values of the
+        first ctx.kv_len positions."""
+        B, _, T, _ = k.shape
+        if ctx.start is not None:
+            self.k[:B, :, ctx.start : ctx.start + T] = k
+            self.v[:B, :, ctx.start : ctx.start + T] = v
+        else:
+            rows = torch.arange(B, device=k.device)[:, None]
+            self.k[rows, :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[:B, :, : ctx.kv_len], self.v[:B, :, : ctx.kv_len]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions=None, mask=None):
+    def forward(self, x, cos, sin, ctx: AttentionContext | None = None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q = q.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(positions, k, v)
+            k, v = self.cache.update(ctx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
         if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves n_rep q heads
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if mask is None:
+        if ctx is None or ctx.is_causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w1 = Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -119,8 +139,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, positions=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
+    def forward(self, x, cos, sin, ctx=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -134,7 +154,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if self.output.weight.device.type != "meta":
             self.init_weights()
 
@@ -146,20 +166,25 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations' dtype: the weights', except fp16 weights on a CPU compute in fp32 (CPUs
+        without native fp16 arithmetic are slow at it; see kernels.py)."""
+        w = self.output.weight
+        if w.dtype == torch.float16 and w.device.type == "cpu":
+            return torch.float32
+        return w.dtype if w.is_floating_point() else torch.float32
+
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
         """Preallocate a KV cache; afterwards `forward` needs `start_pos`."""
         cfg = self.config
         max_seq_len = max_seq_len or cfg.max_seq_len
-        weight = self.output.weight
+        device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.cache = KVCache(
-                batch_size,
-                cfg.n_kv_heads,
-                max_seq_len,
-                cfg.head_dim,
-                dtype or weight.dtype,
-                weight.device,
-            )
+                batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype or self.compute_dtype,
+                device,
+            )  # fmt: skip
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -171,31 +196,24 @@ class Transformer(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor | None = None,
+        output_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab].
 
         Without a cache, a plain causal pass over the whole sequence (training). With one,
         `start_pos` (an int, or a [B] tensor of per-row offsets) says where each row's tokens go;
-        each query sees the cached keys at positions up to its own.
+        each query sees the cached keys at positions up to its own. `output_index` ([B]) asks
+        for the logits of one position per row only ([B, 1, vocab]), sparing the output head.
         """
         B, T = tokens.shape
-        h = self.tok_embeddings(tokens)
-        cached = self.layers[0].attention.cache is not None
-        if cached:
-            if start_pos is None:
-                raise ValueError("a KV cache is set up: forward needs start_pos")
-            start = torch.as_tensor(start_pos, device=tokens.device).reshape(-1, 1)
-            if int(start.min()) < 0:
-                raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-            positions = start + torch.arange(T, device=tokens.device)  # [B or 1, T]
-            positions = positions.expand(B, T)
-            if int(positions.max()) >= self.cache_len:
-                raise ValueError(
-                    f"position {int(positions.max())} is past the KV cache length {self.cache_len}"
-                )
-            keys = torch.arange(self.cache_len, device=tokens.device)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S]
+        h = self.tok_embeddings(tokens).to(self.compute_dtype)
+        ctx = None
+        if self.layers[0].attention.cache is not None:
+            ctx = self._context(B, T, start_pos, tokens.device)
+            positions = ctx.positions
         else:
             if start_pos is not None and bool(torch.as_tensor(start_pos).ne(0).any()):
                 raise ValueError("start_pos needs a KV cache (call setup_cache first)")
@@ -203,8 +221,41 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}"
                 )
-            positions, mask = torch.arange(T, device=tokens.device)[None], None
+            positions = torch.arange(T, device=tokens.device)[None]
         cos, sin = rope_cos_sin(self.config, positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask)
+            h = layer(h, cos, sin, ctx)
+        if output_index is not None:
+            h = h[torch.arange(B, device=h.device), output_index.to(h.device)][:, None]
         return self.output(self.norm(h)).float()
+
+    def _context(self, B: int, T: int, start_pos, device) -> AttentionContext:
+        if start_pos is None:
+            raise ValueError("a KV cache is set up: forward needs start_pos")
+        if isinstance(start_pos, torch.Tensor):
+            starts = start_pos.reshape(-1).tolist()
+            start_pos = starts[0] if len(set(starts)) == 1 else starts
+        if isinstance(start_pos, int):
+            lo, hi = start_pos, start_pos + T
+        else:
+            if len(start_pos) != B:
+                raise ValueError(f"start_pos has {len(start_pos)} entries for a batch of {B}")
+            lo, hi = min(start_pos), max(start_pos) + T
+        if lo < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        if hi > self.cache_len:
+            raise ValueError(f"position {hi - 1} is past the KV cache length {self.cache_len}")
+        if isinstance(start_pos, int):
+            positions = torch.arange(lo, hi, device=device)[None]
+            # one row layout: no mask for a single new token, plain causal from position 0
+            if T == 1 or lo == 0:
+                return AttentionContext(positions, lo, hi, None, is_causal=T > 1)
+            start = lo
+        else:
+            positions = torch.tensor(start_pos, device=device)[:, None] + torch.arange(
+                T, device=device
+            )
+            start = None
+        keys = torch.arange(hi, device=device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B or 1, 1, T, kv]
+        return AttentionContext(positions, start, hi, mask, is_causal=False)

@@ -8,6 +8,7 @@ SentencePiece model file it came from, so both paths run the identical algorithm
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -105,12 +106,33 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(Path(path), self.model_proto)
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
+    def encode(
+        self, text: str, bos: bool = False, eos: bool = False, dummy_prefix: bool = True
+    ) -> list[int]:
+        """Token ids of `text`. `dummy_prefix=False` skips SentencePiece's implicit leading
+        space, for text that continues other text (Code Llama's infilling suffix)."""
+        sp = self.sp if dummy_prefix else self._sp_no_prefix
+        ids = sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+    def decode(self, ids, continuation: bool = False) -> str:
+        """Text of `ids`. SentencePiece drops the space that starts the text (the dummy prefix);
+        `continuation=True` keeps it, for ids that follow other text (generated tokens)."""
+        ids = [int(i) for i in ids]
+        text = self.sp.decode(ids)
+        if continuation:
+            first = next((i for i in ids if not self.sp.is_control(i)), None)
+            if first is not None and self.sp.id_to_piece(first).startswith("\u2581"):
+                text = " " + text
+        return text
+
+    @functools.cached_property
+    def _sp_no_prefix(self) -> spm.SentencePieceProcessor:
+        # A later occurrence of an embedded message merges into the earlier one (protobuf):
+        # this overrides normalizer_spec.add_dummy_prefix alone.
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(self.model_proto + _field(3, _field(3, False)))
+        return sp
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)

@@ -34,11 +34,8 @@ def llama2_tokenizer():
 
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory):
-    """A 512-piece tokenizer trained with Llama 2's settings on this repository's text."""
+    """A 512-piece tokenizer trained with Llama 2's settings on a fixed corpus (Python code)."""
     from llama2 import train_tokenizer
 
-    root = Path(__file__).parent.parent
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    texts = [p.read_text() for p in sorted((root / "llama2").rglob("*.py"))]
-    corpus.write_text("\n".join(texts))
-    return train_tokenizer([corpus], 512, corpus.parent / "tokenizer.model")
+    out = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    return train_tokenizer([FIXTURES / "corpus.txt"], 512, out)

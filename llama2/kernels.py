@@ -1,0 +1,43 @@
+"""Matrix products picked by shape and dtype, for CPU decoding (measured in
+benchmarks/generate.py; elsewhere they are plain F.linear).
+
+- fp32, a few rows (decoding): MKL's single-row sgemm runs on one thread here (~17 GB/s).
+  Splitting the weight's rows into one batch entry per thread (`bmm` over free views) streams
+  it on all threads (~31 GB/s on 2 cores).
+- fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): a single row
+  goes through the fp16 GEMV (~44 GB/s, fp32 accumulation); more rows through an fp32 GEMM on
+  the converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP16_GEMV_MAX_ROWS = 4
+FP32_SPLIT_MAX_ROWS = 8
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu":
+        return F.linear(x, w)
+    rows = x.numel() // x.shape[-1]
+    if w.dtype == torch.float16 and x.dtype != torch.float16:
+        if rows <= FP16_GEMV_MAX_ROWS:
+            return F.linear(x.to(torch.float16), w).to(x.dtype)
+        return F.linear(x, w.to(x.dtype))
+    if w.dtype == torch.float32 and x.dtype == torch.float32 and rows <= FP32_SPLIT_MAX_ROWS:
+        parts = torch.get_num_threads()
+        if parts > 1 and w.shape[0] % parts == 0:
+            xs = x.reshape(1, rows, -1).expand(parts, rows, x.shape[-1])
+            out = torch.bmm(xs, w.view(parts, -1, w.shape[1]).transpose(1, 2))
+            return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) with the products above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)

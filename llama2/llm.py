@@ -1,0 +1,124 @@
+"""`llama2.load(path)`: a checkpoint in any layout, as a model with its tokenizer, and the
+everyday calls on it: generate, chat and infill, each batched or streamed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import _majority_dtype, parse_dtype, read_checkpoint
+from .config import ModelConfig
+from .formats import Message, encode_chat, encode_infill, infill_ids
+from .generation import Completion, SamplingParams, generate, stream
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Llama:
+    """A loaded model: `.model` (token ids -> float32 logits), `.tokenizer`, `.config`."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.tok_embeddings.weight.dtype
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: no tokenizer.model beside the weights")
+        return self.tokenizer
+
+    def generate(self, prompts: str | Sequence[str], **sampling) -> Completion | list[Completion]:
+        """Continue text prompt(s) (BOS prepended). Keyword arguments: SamplingParams' fields.
+        A single prompt gives a single Completion; a list gives a list, generated as a batch."""
+        tok = self._tok()
+        single = isinstance(prompts, str)
+        ids = [tok.encode(p, bos=True) for p in ([prompts] if single else prompts)]
+        out = generate(self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,))
+        return out[0] if single else out
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        tok = self._tok()
+        ids = tok.encode(prompt, bos=True)
+        return stream(self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,))
+
+    def chat(
+        self, dialogs: Sequence[Message] | Sequence[Sequence[Message]], **sampling
+    ) -> Completion | list[Completion]:
+        """Answer dialog(s) in the Llama 2 chat format. One dialog (a list of messages) gives
+        one Completion; a list of dialogs gives a list."""
+        tok = self._tok()
+        single = bool(dialogs) and isinstance(dialogs[0], Mapping)
+        ids = [encode_chat(tok, d) for d in ([dialogs] if single else dialogs)]
+        params = SamplingParams(**sampling)
+        out = generate(self.model, tok, ids, params, (tok.eos_id,), continuation=False)
+        return out[0] if single else out
+
+    def chat_stream(self, dialog: Sequence[Message], **sampling) -> Iterator[str]:
+        tok = self._tok()
+        params = SamplingParams(**sampling)
+        ids = encode_chat(tok, dialog)
+        return stream(self.model, tok, ids, params, (tok.eos_id,), continuation=False)
+
+    def infill(
+        self, prefix: str, suffix: str, suffix_first: bool = False, **sampling
+    ) -> Completion:
+        """Code Llama infilling: the text between prefix and suffix, stopping at <EOT>."""
+        tok = self._tok()
+        ids = encode_infill(tok, prefix, suffix, suffix_first)
+        stop = (tok.eos_id, infill_ids(tok)["eot"])
+        return generate(self.model, tok, [ids], SamplingParams(**sampling), stop)[0]
+
+    def infill_stream(
+        self, prefix: str, suffix: str, suffix_first: bool = False, **sampling
+    ) -> Iterator[str]:
+        tok = self._tok()
+        ids = encode_infill(tok, prefix, suffix, suffix_first)
+        stop = (tok.eos_id, infill_ids(tok)["eot"])
+        return stream(self.model, tok, ids, SamplingParams(**sampling), stop)
+
+
+def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> Transformer:
+    """A Transformer whose parameters *are* the given tensors (no copy), built on meta."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    return model.eval()
+
+
+def load(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Llama:
+    """Load a checkpoint in any supported layout (HF directory, Meta directory, GGUF file).
+
+    Tensors keep their stored dtype unless `dtype` is given (a file of mixed dtypes, as GGUF's
+    f32 norms beside f16 matrices, takes the dtype of most parameters); HF safetensors stay
+    memory-mapped.
+    """
+    ckpt = read_checkpoint(path)
+    tok = ckpt.tokenizer
+    if tok is not None and tok.vocab_size > ckpt.config.vocab_size:
+        raise ValueError(
+            f"{path}: tokenizer has {tok.vocab_size} pieces but the model only "
+            f"{ckpt.config.vocab_size} embeddings"
+        )
+    sd = ckpt.state_dict
+    dtype = parse_dtype(dtype) or _majority_dtype(sd)
+    sd = {k: v.to(dtype) for k, v in sd.items()}  # a no-op (no copy) where it already is
+    model = build_model(ckpt.config, sd)
+    if device is not None:
+        model = model.to(device)
+    return Llama(model, ckpt.tokenizer, ckpt.config, Path(path))

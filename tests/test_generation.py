@@ -1,0 +1,156 @@
+import pytest
+import torch
+
+from llama2 import Llama, SamplingParams, Transformer, get_preset
+from llama2.generation import TextStream, generate, sample, stream
+
+
+@pytest.fixture(scope="module")
+def llm(small_tokenizer):
+    torch.manual_seed(3)
+    cfg = get_preset("micro")
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # sharper distributions than init, so greedy is not a coin toss
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4)
+    return Llama(model, small_tokenizer, cfg)
+
+
+def test_batched_greedy_equals_alone_and_transformers(llm):
+    from conftest import hf_model
+
+    tok = llm.tokenizer
+    texts = ["def", "import os\nimport sys\n", "class Tokenizer:\n    def encode(self, text", "x"]
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    batch = generate(llm.model, tok, prompts, params)
+    theirs = hf_model(llm.config, llm.model.state_dict())
+    for p, out in zip(prompts, batch, strict=True):
+        alone = generate(llm.model, tok, [p], params)[0]
+        assert out.token_ids == alone.token_ids and len(out.token_ids) == 24
+        expected = theirs.generate(
+            torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(p) :].tolist()
+        assert out.token_ids == expected
+        assert out.finish_reason == "length" and out.prompt_tokens == len(p)
+
+
+def test_sampling_is_reproducible_and_per_row(llm):
+    tok = llm.tokenizer
+    prompts = [tok.encode("def f", bos=True), tok.encode("import", bos=True)]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    a = generate(llm.model, tok, prompts, params)
+    b = generate(llm.model, tok, prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # row 1 of the batch used seed 7 + 1: the same prompt alone with seed 8 agrees
+    alone = generate(llm.model, tok, prompts[1:], SamplingParams(**{**vars(params), "seed": 8}))
+    assert alone[0].token_ids == a[1].token_ids
+    other = generate(llm.model, tok, prompts, SamplingParams(**{**vars(params), "seed": 9}))
+    assert [c.token_ids for c in other] != [c.token_ids for c in a]
+
+
+def test_top_k_and_top_p_restrict_the_draw():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(200, 1)
+    g = [torch.Generator().manual_seed(i) for i in range(200)]
+    assert set(sample(logits, 1.0, top_k=2, generators=g).tolist()) == {0, 1}
+    probs = torch.softmax(logits[0], -1)  # 0.64, 0.24, 0.09, ...: top_p 0.8 keeps 2 tokens
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    assert set(sample(logits, 1.0, top_p=0.8, generators=g).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, top_p=0.5, generators=g).tolist()) == {0}
+    assert sample(logits[:1], 0.0).tolist() == [0]
+
+
+def test_stream_pieces_concatenate_to_text_with_multibyte(llm):
+    tok = llm.tokenizer
+    # force byte-level pieces: a model that emits the UTF-8 bytes of "日本🦙 ok" one by one
+    target = tok.encode("日本🦙 ok")
+    assert sum(tok.id_to_piece(i).startswith("<0x") for i in target) >= 6
+    s = TextStream(tok)
+    pieces = [s.add(i) for i in target] + [s.finish()]
+    assert "".join(pieces) == " 日本🦙 ok" == tok.decode([1, *target], continuation=True)
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") >= 4  # bytes of one character wait for each other
+
+    prompt = tok.encode("def main():\n", bos=True)
+    params = SamplingParams(max_new_tokens=40, temperature=0.9, seed=1)
+    done = generate(llm.model, tok, [prompt], params)[0]
+    streamed = list(stream(llm.model, tok, prompt, params))
+    assert "".join(streamed) == done.text == tok.decode(done.token_ids, continuation=True)
+    assert llm.generate("def main():\n", **vars(params)).text == done.text
+    assert "".join(llm.stream("def main():\n", **vars(params))) == done.text
+
+
+def test_stop_strings_are_cut_and_held_back(llm):
+    tok = llm.tokenizer
+    s = TextStream(tok, stop=["STOP"])
+    ids = tok.encode("abc ST") + tok.encode("OP more", dummy_prefix=False)
+    pieces = []
+    for i in ids:
+        pieces.append(s.add(i))
+        if s.stopped:
+            break
+    pieces.append(s.finish())
+    assert s.stopped and "".join(pieces) == s.text == " abc "
+    assert not any("ST" in p for p in pieces)  # "ST" was held back, never released
+
+    prompt = tok.encode("import", bos=True)
+    free = generate(llm.model, tok, [prompt], SamplingParams(max_new_tokens=30, temperature=0))[0]
+    stop = free.text[5:8]
+    cut = generate(llm.model, tok, [prompt], SamplingParams(30, 0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(stop)]
+    assert len(cut.token_ids) < len(free.token_ids)
+    assert "".join(stream(llm.model, tok, prompt, SamplingParams(30, 0, stop=[stop]))) == cut.text
+
+
+def test_eos_stops_and_is_not_returned(llm):
+    tok = llm.tokenizer
+    prompt = tok.encode("def", bos=True)
+    free = generate(llm.model, tok, [prompt], SamplingParams(max_new_tokens=10, temperature=0))[0]
+    eos = free.token_ids[3]  # pretend the 4th generated token is the end of sequence
+    out = generate(llm.model, tok, [prompt], SamplingParams(10, 0), stop_ids=(eos,))[0]
+    assert out.token_ids == free.token_ids[:3] and out.finish_reason == "stop"
+
+
+def test_logprobs_and_echo_match_the_model(llm):
+    tok = llm.tokenizer
+    prompt = tok.encode("def main():", bos=True)
+    params = SamplingParams(max_new_tokens=5, temperature=0, logprobs=3, echo=True)
+    out = generate(llm.model, tok, [prompt], params)[0]
+    full = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        lp = llm.model(full)[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None
+    for t in range(1, len(prompt)):
+        assert abs(out.prompt_logprobs[t] - lp[t - 1, prompt[t]].item()) < 1e-4
+    for k, info in enumerate(out.logprobs):
+        row = lp[len(prompt) - 1 + k]
+        assert info.token_id == out.token_ids[k] == int(row.argmax())
+        assert abs(info.logprob - row[info.token_id].item()) < 1e-4
+        assert [i for i, _ in info.top] == row.topk(3).indices.tolist()
+
+
+def test_bad_requests_are_named(llm):
+    tok = llm.tokenizer
+    with pytest.raises(ValueError, match="leaving no room"):
+        generate(llm.model, tok, [[1] * 128], SamplingParams())
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(llm.model, tok, [[]], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate("x", temperature=-1)
+    # the context caps the budget
+    out = generate(llm.model, tok, [[1] * 120], SamplingParams(max_new_tokens=50, temperature=0))
+    assert len(out[0].token_ids) == 8 and out[0].finish_reason == "length"
+
+
+def test_chat_answers_and_streams_alike(llm):
+    dialog = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    params = dict(max_new_tokens=12, temperature=0.7, seed=3)
+    one = llm.chat(dialog, **params)
+    assert one.text == llm.tokenizer.decode(one.token_ids)  # an answer: no leading space
+    assert "".join(llm.chat_stream(dialog, **params)) == one.text
+    both = llm.chat([dialog, [{"role": "user", "content": "hi"}]], **params)
+    assert both[0].token_ids == one.token_ids
