@@ -67,14 +67,15 @@ _GGUF_LAYER = {
     "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
 }  # fmt: skip
 _GGUF_TOP = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
-_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.weight$")
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.(weight|scales|zeros)$")
 
 
 def _rename(name: str, top: dict, layer: dict, layer_prefix: str) -> str:
     m = _LAYER_RE.match(name)
     if m:
-        return f"{layer_prefix}.{m[1]}.{layer[m[2]]}.weight"
-    return f"{top[name.removesuffix('.weight')]}.weight"
+        return f"{layer_prefix}.{m[1]}.{layer[m[2]]}.{m[3]}"
+    module, kind = name.rsplit(".", 1)
+    return f"{top[module]}.{kind}"
 
 
 def to_hf_name(name: str) -> str:
@@ -85,7 +86,9 @@ def to_gguf_name(name: str) -> str:
     return _rename(name, _GGUF_TOP, _GGUF_LAYER, "blk")
 
 
-def expected_names(cfg: ModelConfig) -> list[str]:
+def expected_names(cfg: ModelConfig, quantization: dict | None = None) -> list[str]:
+    if quantization is not None:
+        return list(_param_shapes(cfg, quantization))
     names = ["tok_embeddings.weight"]
     for i in range(cfg.n_layers):
         names += [f"layers.{i}.{part}.weight" for part in _HF_LAYER]
@@ -123,6 +126,7 @@ class Checkpoint:
     state_dict: StateDict  # our names and layout; tensors may be memory-mapped
     tokenizer: Tokenizer | None
     layout: str  # "hf", "meta" or "gguf"
+    quantization: dict | None = None  # {"quant_method": "llama2", "mode": "int8" | "int4", ...}
 
 
 def detect_layout(path: Path) -> str:
@@ -143,10 +147,22 @@ def detect_layout(path: Path) -> str:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     layout = detect_layout(path)
+    quant = _hf_quantization(path) if layout == "hf" else None
     reader = {"hf": _read_hf, "meta": _read_meta, "gguf": _read_gguf}[layout]
     config, sd, tokenizer = reader(path)
-    _check_state_dict(sd, config, path)
-    return Checkpoint(config, sd, tokenizer, layout)
+    _check_state_dict(sd, config, path, quant)
+    return Checkpoint(config, sd, tokenizer, layout, quant)
+
+
+def _hf_quantization(path: Path) -> dict | None:
+    quant = _read_json(path / "config.json").get("quantization_config")
+    if quant is None:
+        return None
+    from .quantize import MODES
+
+    if quant.get("quant_method") != "llama2" or quant.get("mode") not in MODES:
+        raise ValueError(f"{path / 'config.json'}: unsupported quantization_config {quant}")
+    return quant
 
 
 def _read_tokenizer(path: Path) -> Tokenizer | None:
@@ -154,8 +170,10 @@ def _read_tokenizer(path: Path) -> Tokenizer | None:
     return Tokenizer.from_file(f) if f.is_file() else None
 
 
-def _check_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
-    want = expected_names(cfg)
+def _check_state_dict(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Path, quant: dict | None = None
+) -> None:
+    want = expected_names(cfg, quant)
     missing = [n for n in want if n not in sd]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -163,7 +181,7 @@ def _check_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Pa
     extra = sorted(set(sd) - set(want))
     if extra:
         raise ValueError(f"{path}: unexpected tensors {extra[:3]}")
-    shapes = {n: tuple(t.shape) for n, t in _param_shapes(cfg).items()}
+    shapes = {n: tuple(t.shape) for n, t in _param_shapes(cfg, quant).items()}
     for name in want:
         if tuple(sd[name].shape) != shapes[name]:
             raise ValueError(
@@ -172,9 +190,19 @@ def _check_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Pa
             )
 
 
-def _param_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _param_shapes(cfg: ModelConfig, quantization: dict | None = None) -> dict[str, torch.Tensor]:
+    return empty_model(cfg, quantization).state_dict()
+
+
+def empty_model(cfg: ModelConfig, quantization: dict | None = None) -> Transformer:
+    """The model's modules on the meta device (no memory), quantized ones if asked."""
     with torch.device("meta"):
-        return Transformer(cfg).state_dict()
+        model = Transformer(cfg)
+    if quantization is not None:
+        from .quantize import replace_linears
+
+        replace_linears(model, quantization["mode"], quantization.get("group_size", 32), False)
+    return model
 
 
 def _read_json(file: Path) -> dict:
@@ -201,7 +229,7 @@ def _hf_files(path: Path) -> list[Path]:
 
 def _read_hf(path: Path):
     config = ModelConfig.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
-    hf_to_ours = {to_hf_name(n): n for n in expected_names(config)}
+    hf_to_ours = {to_hf_name(n): n for n in expected_names(config, _hf_quantization(path))}
     sd = {}
     for file in _hf_files(path):
         for hf_name, tensor in _iter_tensors(file):
@@ -455,15 +483,22 @@ def save_hf(
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    quantization: dict | None = None,
 ) -> Path:
-    """Write a Hugging Face Llama directory that transformers, vLLM and llama.cpp open as is."""
+    """Write a Hugging Face Llama directory that transformers, vLLM and llama.cpp open as is
+    (a quantized one, with `quantization`, only llama2.load reads)."""
     dtype = parse_dtype(dtype)
-    names = expected_names(config)
-    out_dtype = dtype or _majority_dtype(state_dict)
+    names = expected_names(config, quantization)
+    out_dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     # sizes from the config's shapes: with `dtype` given, each tensor is touched once, when its
     # shard is written (so a lazy mapping of tensors is written in bounded memory)
-    shapes = _param_shapes(config)
-    nbytes = {n: shapes[n].numel() * (dtype or state_dict[n].dtype).itemsize for n in names}
+    shapes = _param_shapes(config, quantization)
+
+    def stored_dtype(n: str) -> torch.dtype:
+        keep = quantization is not None and not n.endswith("norm.weight") and "tok_emb" not in n
+        return state_dict[n].dtype if dtype is None or keep else dtype
+
+    nbytes = {n: shapes[n].numel() * stored_dtype(n).itemsize for n in names}
     shards: list[list[str]] = [[]]
     size = 0
     for n in names:
@@ -480,7 +515,7 @@ def save_hf(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            tensors = {to_hf_name(n): _cast(state_dict[n], dtype) for n in shard}
+            tensors = {to_hf_name(n): _cast(state_dict[n], stored_dtype(n)) for n in shard}
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
             del tensors
@@ -488,6 +523,8 @@ def save_hf(
             index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf = config.to_hf_config(dtype=dtype_name(out_dtype))
+        if quantization is not None:
+            hf["quantization_config"] = quantization
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         gen = {"bos_token_id": 1, "eos_token_id": 2, "max_length": config.max_seq_len}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -527,6 +564,7 @@ def save_meta(
 ) -> Path:
     """Write Meta's layout: params.json, consolidated.NN.pth (model-parallel shards)."""
     dtype = parse_dtype(dtype)
+    _require_float(state_dict, "Meta")
     sizes = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "dim": config.dim}
     sizes |= {"hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
     if config.rope_scaling is not None:
@@ -556,6 +594,13 @@ def save_meta(
     return Path(dst)
 
 
+def _require_float(state_dict: Mapping[str, torch.Tensor], layout: str) -> None:
+    if any(n.endswith((".scales", ".zeros")) for n in state_dict):
+        raise ValueError(
+            f"a quantized model cannot be written in {layout} layout: convert the unquantized one"
+        )
+
+
 GGUF_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0}
 _GGUF_FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q8_0: 7}
 
@@ -575,6 +620,7 @@ def save_gguf(
         raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     if tokenizer is None:
         raise ValueError("a GGUF file needs the tokenizer: the checkpoint has no tokenizer.model")
+    _require_float(state_dict, "GGUF")
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} pieces, model vocab is {config.vocab_size}"

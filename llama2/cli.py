@@ -57,12 +57,32 @@ def cmd_convert(args) -> None:
     ckpt = read_checkpoint(args.src)
     print(f"writing {args.to} checkpoint to {args.dst} ...", file=sys.stderr)
     if args.to == "hf":
-        save_hf(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, dtype=args.dtype)
+        save_hf(
+            args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, dtype=args.dtype,
+            quantization=ckpt.quantization,
+        )  # fmt: skip
     elif args.to == "meta":
         save_meta(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, args.shards, args.dtype)
     else:
         save_gguf(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, args.gguf_type)
     print(f"done in {time.perf_counter() - t0:.1f}s: {args.dst}", file=sys.stderr)
+
+
+def cmd_quantize(args) -> None:
+    from .checkpoint import save_hf
+    from .llm import load
+    from .quantize import quantization_config, replace_linears
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr)
+    llm = load(args.model)
+    if llm.quantization is not None:
+        raise ValueError(f"{args.model} is already quantized ({llm.quantization['mode']})")
+    print(f"quantizing to {args.mode} ...", file=sys.stderr)
+    replace_linears(llm.model, args.mode, args.group_size)
+    quant = quantization_config(args.mode, args.group_size)
+    save_hf(args.out, llm.config, llm.model.state_dict(), llm.tokenizer, quantization=quant)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {args.out}", file=sys.stderr)
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -205,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (HF, Meta)")
     s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("quantize", help="weight-only int8 / int4 quantization")
+    s.add_argument("model")
+    s.add_argument("out")
+    s.add_argument("--mode", choices=["int8", "int4"], required=True)
+    s.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

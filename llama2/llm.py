@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _majority_dtype, parse_dtype, read_checkpoint
+from .checkpoint import _majority_dtype, empty_model, parse_dtype, read_checkpoint
 from .config import ModelConfig
 from .formats import Message, encode_chat, encode_infill, infill_ids
 from .generation import Completion, SamplingParams, generate, stream
@@ -25,6 +25,7 @@ class Llama:
     tokenizer: Tokenizer | None
     config: ModelConfig
     path: Path | None = None
+    quantization: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -89,10 +90,11 @@ class Llama:
         return stream(self.model, tok, ids, SamplingParams(**sampling), stop)
 
 
-def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> Transformer:
+def build_model(
+    config: ModelConfig, state_dict: Mapping[str, torch.Tensor], quantization: dict | None = None
+) -> Transformer:
     """A Transformer whose parameters *are* the given tensors (no copy), built on meta."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = empty_model(config, quantization)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
     return model.eval()
 
@@ -116,9 +118,17 @@ def load(
             f"{ckpt.config.vocab_size} embeddings"
         )
     sd = ckpt.state_dict
-    dtype = parse_dtype(dtype) or _majority_dtype(sd)
-    sd = {k: v.to(dtype) for k, v in sd.items()}  # a no-op (no copy) where it already is
-    model = build_model(ckpt.config, sd)
+    if ckpt.quantization is None:
+        dtype = parse_dtype(dtype) or _majority_dtype(sd)
+        sd = {k: v.to(dtype) for k, v in sd.items()}  # a no-op (no copy) where it already is
+    elif dtype is not None:  # quantized: `dtype` is that of the embeddings and norms
+        dtype = parse_dtype(dtype)
+        sd = {k: v.to(dtype) if _is_plain(k) else v for k, v in sd.items()}
+    model = build_model(ckpt.config, sd, ckpt.quantization)
     if device is not None:
         model = model.to(device)
-    return Llama(model, ckpt.tokenizer, ckpt.config, Path(path))
+    return Llama(model, ckpt.tokenizer, ckpt.config, Path(path), ckpt.quantization)
+
+
+def _is_plain(name: str) -> bool:
+    return name.endswith("norm.weight") or name.startswith("tok_embeddings")

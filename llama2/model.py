@@ -170,10 +170,10 @@ class Transformer(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """Activations' dtype: the weights', except fp16 weights on a CPU compute in fp32 (CPUs
         without native fp16 arithmetic are slow at it; see kernels.py)."""
-        w = self.output.weight
+        w = self.tok_embeddings.weight
         if w.dtype == torch.float16 and w.device.type == "cpu":
             return torch.float32
-        return w.dtype if w.is_floating_point() else torch.float32
+        return w.dtype
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
         """Preallocate a KV cache; afterwards `forward` needs `start_pos`."""
