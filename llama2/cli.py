@@ -111,7 +111,9 @@ def _print_stream(llm, ids, params, stop_ids, continuation=True):
     out = sys.stdout
     results: list = []
     t0 = time.perf_counter()
-    steps = generate_steps(llm.model, llm.tokenizer, [ids], params, stop_ids, continuation, results)
+    steps = generate_steps(
+        llm.model, llm.tokenizer, [ids], params, stop_ids, continuation, results, llm.compile
+    )
     for outputs in steps:
         for o in outputs:
             out.write(o.text)
@@ -125,6 +127,7 @@ def _load_for_generation(args):
     llm = load(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model beside the weights")
+    llm.compile = args.compile
     return llm
 
 
@@ -249,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=None)
         s.add_argument("--stop", action="append", help="a stop string (repeatable)")
         s.add_argument("--dtype", default=None, help="compute in float32, bfloat16 or float16")
+        s.add_argument(
+            "--compile", action="store_true", help="torch.compile the decode step (compiles first)"
+        )
 
     s = sub.add_parser("generate", help="continue a prompt, streaming the text")
     s.add_argument("model")

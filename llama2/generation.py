@@ -10,7 +10,8 @@ pieces of a stream concatenate to the final text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,6 +167,17 @@ def _logprob_info(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: Transformer) -> Callable:
+    """The model's forward under torch.compile, made once per model. Used for the one-token
+    decode steps over a static cache, where it removes the per-op overhead of eager mode."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False)
+    return _COMPILED[model]
+
+
 @torch.inference_mode()
 def generate_steps(
     model: Transformer,
@@ -175,9 +187,11 @@ def generate_steps(
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     results: list[Completion] | None = None,
+    compile: bool = False,
 ) -> Iterator[list[StepOutput]]:
     """Generate for a batch of token-id prompts, yielding each step's outputs; when done,
-    `results` (if given) holds one Completion per prompt."""
+    `results` (if given) holds one Completion per prompt. `compile` runs the decode steps
+    through torch.compile over a static, context-long cache (the first call compiles)."""
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if not p:
@@ -191,7 +205,12 @@ def generate_steps(
     B, lens = len(prompts), [len(p) for p in prompts]
     device = model.tok_embeddings.weight.device
     budget = [min(params.max_new_tokens, context - n) for n in lens]
-    model.setup_cache(B, max(n + b for n, b in zip(lens, budget, strict=True)))
+    if compile:
+        model.setup_cache(B, context, static=True)  # one shape for every call: one graph
+        step = compiled_forward(model)
+    else:
+        model.setup_cache(B, max(n + b for n, b in zip(lens, budget, strict=True)))
+        step = model
     try:
         seeds = [params.seed + i if params.seed is not None else None for i in range(B)]
         gens = None
@@ -245,9 +264,8 @@ def generate_steps(
                 break
             # finished rows idle at their position (rewriting one harmless cache slot)
             feed = [int(next_ids[i]) if finish[i] is None else 0 for i in range(B)]
-            last = model(torch.tensor(feed, device=device)[:, None], start_pos=torch.tensor(pos))[
-                :, 0
-            ]
+            feed = torch.tensor(feed, device=device)[:, None]
+            last = step(feed, start_pos=torch.tensor(pos, device=device))[:, 0]
             pos = [p + (finish[i] is None) for i, p in enumerate(pos)]
         if results is not None:
             results[:] = [
@@ -272,9 +290,13 @@ def generate(
     params: SamplingParams,
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
+    compile: bool = False,
 ) -> list[Completion]:
     results: list[Completion] = []
-    for _ in generate_steps(model, tokenizer, prompts, params, stop_ids, continuation, results):
+    steps = generate_steps(
+        model, tokenizer, prompts, params, stop_ids, continuation, results, compile
+    )
+    for _ in steps:
         pass
     return results
 
@@ -286,9 +308,13 @@ def stream(
     params: SamplingParams,
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Text pieces of one prompt's completion, as they are generated."""
-    for outputs in generate_steps(model, tokenizer, [prompt], params, stop_ids, continuation):
+    steps = generate_steps(
+        model, tokenizer, [prompt], params, stop_ids, continuation, None, compile
+    )
+    for outputs in steps:
         for out in outputs:
             if out.text:
                 yield out.text

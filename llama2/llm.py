@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .formats import Message, encode_chat, encode_infill, infill_ids
 from .generation import Completion, SamplingParams, generate, stream
 from .model import Transformer
+from .quantize import align_buffers
 from .tokenizer import Tokenizer
 
 
@@ -26,6 +27,7 @@ class Llama:
     config: ModelConfig
     path: Path | None = None
     quantization: dict | None = None
+    compile: bool = False  # decode through torch.compile (the first generation compiles)
 
     @property
     def device(self) -> torch.device:
@@ -46,13 +48,17 @@ class Llama:
         tok = self._tok()
         single = isinstance(prompts, str)
         ids = [tok.encode(p, bos=True) for p in ([prompts] if single else prompts)]
-        out = generate(self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,))
+        out = generate(
+            self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,), compile=self.compile
+        )
         return out[0] if single else out
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         tok = self._tok()
         ids = tok.encode(prompt, bos=True)
-        return stream(self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,))
+        return stream(
+            self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,), compile=self.compile
+        )
 
     def chat(
         self, dialogs: Sequence[Message] | Sequence[Sequence[Message]], **sampling
@@ -63,14 +69,18 @@ class Llama:
         single = bool(dialogs) and isinstance(dialogs[0], Mapping)
         ids = [encode_chat(tok, d) for d in ([dialogs] if single else dialogs)]
         params = SamplingParams(**sampling)
-        out = generate(self.model, tok, ids, params, (tok.eos_id,), continuation=False)
+        out = generate(
+            self.model, tok, ids, params, (tok.eos_id,), continuation=False, compile=self.compile
+        )
         return out[0] if single else out
 
     def chat_stream(self, dialog: Sequence[Message], **sampling) -> Iterator[str]:
         tok = self._tok()
         params = SamplingParams(**sampling)
         ids = encode_chat(tok, dialog)
-        return stream(self.model, tok, ids, params, (tok.eos_id,), continuation=False)
+        return stream(
+            self.model, tok, ids, params, (tok.eos_id,), continuation=False, compile=self.compile
+        )
 
     def infill(
         self, prefix: str, suffix: str, suffix_first: bool = False, **sampling
@@ -79,7 +89,9 @@ class Llama:
         tok = self._tok()
         ids = encode_infill(tok, prefix, suffix, suffix_first)
         stop = (tok.eos_id, infill_ids(tok)["eot"])
-        return generate(self.model, tok, [ids], SamplingParams(**sampling), stop)[0]
+        return generate(
+            self.model, tok, [ids], SamplingParams(**sampling), stop, compile=self.compile
+        )[0]
 
     def infill_stream(
         self, prefix: str, suffix: str, suffix_first: bool = False, **sampling
@@ -87,7 +99,7 @@ class Llama:
         tok = self._tok()
         ids = encode_infill(tok, prefix, suffix, suffix_first)
         stop = (tok.eos_id, infill_ids(tok)["eot"])
-        return stream(self.model, tok, ids, SamplingParams(**sampling), stop)
+        return stream(self.model, tok, ids, SamplingParams(**sampling), stop, compile=self.compile)
 
 
 def build_model(
@@ -96,6 +108,8 @@ def build_model(
     """A Transformer whose parameters *are* the given tensors (no copy), built on meta."""
     model = empty_model(config, quantization)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    if quantization is not None:
+        align_buffers(model)
     return model.eval()
 
 

@@ -155,6 +155,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.static_cache = False
+        self._spare_cache: list[KVCache] | None = None
         if self.output.weight.device.type != "meta":
             self.init_weights()
 
@@ -175,20 +177,38 @@ class Transformer(nn.Module):
             return torch.float32
         return w.dtype
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
-        """Preallocate a KV cache; afterwards `forward` needs `start_pos`."""
+    def setup_cache(
+        self, batch_size: int, max_seq_len: int | None = None, dtype=None, static: bool = False
+    ) -> None:
+        """Preallocate a KV cache; afterwards `forward` needs `start_pos`.
+
+        A `static` cache makes every forward attend over the whole cache under a mask built
+        from tensors alone (no host sync, fixed shapes): what torch.compile wants. A cache of
+        the same shape is reused, so a compiled forward keeps its graph.
+        """
         cfg = self.config
         max_seq_len = max_seq_len or cfg.max_seq_len
         device = self.tok_embeddings.weight.device
+        dtype = dtype or self.compute_dtype
+        self.static_cache = static
+        spare = self._spare_cache
+        if static and spare and spare[0].k.shape[:3] == (batch_size, cfg.n_kv_heads, max_seq_len):
+            if spare[0].k.dtype == dtype:
+                for layer, cache in zip(self.layers, spare, strict=True):
+                    layer.attention.cache = cache
+                return
         for layer in self.layers:
             layer.attention.cache = KVCache(
-                batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype or self.compute_dtype,
-                device,
-            )  # fmt: skip
+                batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device
+            )
 
     def clear_cache(self) -> None:
+        """Back to plain forward passes (a static cache is kept aside for the next setup)."""
+        if self.static_cache:
+            self._spare_cache = [layer.attention.cache for layer in self.layers]
         for layer in self.layers:
             layer.attention.cache = None
+        self.static_cache = False
 
     @property
     def cache_len(self) -> int:
@@ -232,6 +252,12 @@ class Transformer(nn.Module):
     def _context(self, B: int, T: int, start_pos, device) -> AttentionContext:
         if start_pos is None:
             raise ValueError("a KV cache is set up: forward needs start_pos")
+        if self.static_cache:  # tensors only; the caller keeps positions inside the cache
+            start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)
+            positions = (start + torch.arange(T, device=device)).expand(B, T)
+            keys = torch.arange(self.cache_len, device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+            return AttentionContext(positions, None, self.cache_len, mask, is_causal=False)
         if isinstance(start_pos, torch.Tensor):
             starts = start_pos.reshape(-1).tolist()
             start_pos = starts[0] if len(set(starts)) == 1 else starts

@@ -1,6 +1,6 @@
 """Weight-only quantization: int8 per output channel, int4 in groups along the input.
 
-int8: w ≈ q * scale, q in [-127, 127], one fp32 scale per output row (amax / 127).
+int8: w ≈ q * scale, q in [-127, 127], one bf16 scale per output row (amax / 127).
 int4: w ≈ (q - 8) * scale + zero, q in [0, 15], per group of `group_size` inputs (asymmetric,
 min/max). Stored two per byte (low nibble first). Activations stay in the model's dtype; on a
 CPU the products run in PyTorch's fused kernels with bf16 activations for a few rows
@@ -20,9 +20,11 @@ GEMV_MAX_ROWS = 16  # up to here the fused kernels win; above, dequantize once a
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (q int8 [out, in], scales bf16 [out]). The scales are kept in bf16, the dtype the
+    fused CPU kernel takes them in; q is rounded against the stored scale."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)
+    q = torch.round(w / scales[:, None].float()).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -53,7 +55,9 @@ class Int8Linear(nn.Module):
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("scales", torch.empty(out_features, device=device))
+        self.register_buffer(
+            "scales", torch.empty(out_features, dtype=torch.bfloat16, device=device)
+        )
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.weight.to(dtype) * self.scales[:, None].to(dtype)).to(dtype)
@@ -62,9 +66,7 @@ class Int8Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS:
             x2 = x.reshape(rows, -1).to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(
-                x2, self.weight, self.scales.to(torch.bfloat16)
-            )
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
             return out.reshape(*x.shape[:-1], -1).to(x.dtype)
         w_dtype = torch.bfloat16 if x.device.type == "cpu" else x.dtype
         return F.linear(x.to(w_dtype), self.dequantize(w_dtype)).to(x.dtype)
@@ -134,6 +136,16 @@ def replace_linears(
                     else:
                         new.weight, new.scales, new.zeros = quantize_int4(child.weight, group_size)
             setattr(module, child_name, new)
+    return model
+
+
+def align_buffers(model: nn.Module) -> nn.Module:
+    """Copy memory-mapped int8 weights that are not 64-byte aligned into fresh memory: the
+    fused int8 CPU kernel reads them with aligned vector loads and crashes otherwise (seen
+    with 4+ rows on safetensors files, whose tensors are only 8-byte aligned)."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.weight.data_ptr() % 64:
+            module.weight = module.weight.clone()
     return model
 
 

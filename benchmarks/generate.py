@@ -1,0 +1,196 @@
+"""Batch-1 decode and 512-token prefill speed: ours vs transformers vs llama.cpp, same weights.
+
+    python benchmarks/generate.py [--presets tiny-15m tiny-110m] [--threads 2]
+
+Random weights (the same ones for every engine: ours are written as an HF directory for
+transformers and exported to GGUF for llama.cpp, then quantized with llama.cpp's own
+quantizer). Every engine is timed the same way, best of --repeats:
+  prefill tok/s = 512 / time(prompt of 512 tokens -> first new token)
+  decode tok/s  = 127 / (time(128 new tokens) - time(1 new token)), greedy, EOS ignored
+tiny-15m's context is raised to 1024 so that 512 + 128 tokens fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llama2 import Tokenizer, Transformer, get_preset, save_gguf, save_hf
+from llama2.generation import SamplingParams, generate
+from llama2.quantize import replace_linears
+
+FIXTURE_VOCAB = Path(__file__).parent.parent / "tests" / "fixtures" / "ggml-vocab-llama-spm.gguf"
+PROMPT_LEN, NEW = 512, 128
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def rates(run, repeats: int) -> tuple[float, float]:
+    """run(prompt_len, new_tokens) generates; returns (prefill tok/s, decode tok/s)."""
+    run(8, 2)  # warm up
+    prefill = best(lambda: run(PROMPT_LEN, 1), repeats)
+    first = best(lambda: run(8, 1), repeats)
+    full = best(lambda: run(8, NEW), repeats)
+    return PROMPT_LEN / prefill, (NEW - 1) / (full - first)
+
+
+def ours(model: Transformer, tok: Tokenizer, prompt: list[int], compile: bool = False):
+    def run(n: int, new: int) -> None:
+        params = SamplingParams(max_new_tokens=new, temperature=0)
+        out = generate(model, tok, [prompt[:n]], params, compile=compile)
+        assert len(out[0].token_ids) == new
+
+    return run
+
+
+def transformers_run(path: Path, dtype: torch.dtype, prompt: list[int]):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def run(n: int, new: int) -> None:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([prompt[:n]]), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        assert out.shape[1] == n + new
+
+    return run
+
+
+def llamacpp_run(gguf: Path, threads: int, prompt: list[int]):
+    from llama_cpp import Llama as LlamaCpp
+
+    llm = LlamaCpp(str(gguf), n_ctx=1024, n_batch=512, n_threads=threads,
+                   n_threads_batch=threads, verbose=False)  # fmt: skip
+
+    def run(n: int, new: int) -> None:
+        llm.reset()
+        count = 0
+        for _ in llm.generate(prompt[:n], temp=0.0, reset=True):
+            count += 1
+            if count == new:
+                break
+
+    return run
+
+
+def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 2
+    saved = os.dup(2)  # llama.cpp logs every tensor from C: keep stderr quiet meanwhile
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    finally:
+        os.dup2(saved, 2)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
+    return dst
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["tiny-15m", "tiny-110m"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip", nargs="*", default=[], help="engines to skip: transformers llama.cpp")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_cpp = "llama.cpp" not in args.skip
+    except ImportError:
+        have_cpp = False
+    tok = Tokenizer.from_file(FIXTURE_VOCAB)
+    g = torch.Generator().manual_seed(0)
+    prompt = [1] + torch.randint(3, 32000, (PROMPT_LEN - 1,), generator=g).tolist()
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="llama2-bench-"))
+    for preset in args.presets:
+        cfg = get_preset(preset, max_seq_len=max(1024, get_preset(preset).max_seq_len))
+        torch.manual_seed(0)
+        base = Transformer(cfg).eval()
+        print(f"== {preset}: {cfg.num_params() / 1e6:.0f}M parameters", flush=True)
+
+        def record(engine, fmt, run, preset=preset):
+            pre, dec = rates(run, args.repeats)
+            rows.append((preset, engine, fmt, pre, dec))
+            print(f"{preset:10s} {engine:13s} {fmt:12s} prefill {pre:8.0f} tok/s  "
+                  f"decode {dec:7.1f} tok/s", flush=True)  # fmt: skip
+
+        for fmt in ["fp32", "bf16", "fp16", "int8", "int4"]:
+            model = copy.deepcopy(base)
+            if fmt in ("bf16", "fp16"):
+                model = model.to(torch.bfloat16 if fmt == "bf16" else torch.float16)
+            elif fmt in ("int8", "int4"):
+                replace_linears(model, fmt)
+            record("llama2", fmt, ours(model, tok, prompt))
+            if not args.no_compile:
+                t = time.perf_counter()
+                ours(model, tok, prompt, compile=True)(8, 2)
+                print(f"  (compiled in {time.perf_counter() - t:.0f}s)", flush=True)
+                record("llama2", fmt + "+compile", ours(model, tok, prompt, compile=True))
+            del model
+        hf_dir = save_hf(tmp / preset / "hf", cfg, base.state_dict(), tok)
+        if "transformers" not in args.skip:
+            for fmt, dt in [
+                ("fp32", torch.float32),
+                ("bf16", torch.bfloat16),
+                ("fp16", torch.float16),
+            ]:
+                record("transformers", fmt, transformers_run(hf_dir, dt, prompt))
+        if have_cpp:
+            f32 = save_gguf(tmp / preset / "f32.gguf", cfg, base.state_dict(), tok, "f32")
+            f16 = save_gguf(tmp / preset / "f16.gguf", cfg, base.state_dict(), tok, "f16")
+            files = {"f32": f32, "f16": f16}
+            for q in ("q8_0", "q4_0"):
+                files[q] = llamacpp_quantize(f32, tmp / preset / f"{q}.gguf", q)
+            for fmt, path in files.items():
+                record("llama.cpp", fmt, llamacpp_run(path, args.threads, prompt))
+        del base
+    print(f"\nthreads {args.threads}; torch {torch.__version__}; best of {args.repeats}")
+    print(
+        f"{'preset':10s} {'engine':13s} {'format':8s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
+    )
+    for r in rows:
+        print(f"{r[0]:10s} {r[1]:13s} {r[2]:8s} {r[3]:14.0f} {r[4]:13.1f}")
+    print("\nratios (ours / peer):")
+    get = {(r[0], r[1], r[2]): r for r in rows}
+    classes = [("fp32", "fp32", "f32"), ("fp16", "fp16", "f16"), ("bf16", "bf16", None),
+               ("int8", None, "q8_0"), ("int4", None, "q4_0")]  # fmt: skip
+    classes += [(o + "+compile", h, c) for o, h, c in classes]
+    for preset in args.presets:
+        for ours_fmt, hf_fmt, cpp_fmt in classes:
+            o = get.get((preset, "llama2", ours_fmt))
+            for engine, fmt in (("transformers", hf_fmt), ("llama.cpp", cpp_fmt)):
+                peer = get.get((preset, engine, fmt))
+                if o and peer:
+                    print(f"{preset:10s} {ours_fmt:5s} vs {engine} {fmt}: decode "
+                          f"{o[4] / peer[4]:.2f}x, prefill {o[3] / peer[3]:.2f}x")  # fmt: skip
+    os.system(f"rm -rf {tmp}")
+
+
+if __name__ == "__main__":
+    main()
