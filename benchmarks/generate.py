@@ -172,10 +172,10 @@ def main() -> None:
         del base
     print(f"\nthreads {args.threads}; torch {torch.__version__}; best of {args.repeats}")
     print(
-        f"{'preset':10s} {'engine':13s} {'format':8s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
+        f"{'preset':10s} {'engine':13s} {'format':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
     )
     for r in rows:
-        print(f"{r[0]:10s} {r[1]:13s} {r[2]:8s} {r[3]:14.0f} {r[4]:13.1f}")
+        print(f"{r[0]:10s} {r[1]:13s} {r[2]:12s} {r[3]:14.0f} {r[4]:13.1f}")
     print("\nratios (ours / peer):")
     get = {(r[0], r[1], r[2]): r for r in rows}
     classes = [("fp32", "fp32", "f32"), ("fp16", "fp16", "f16"), ("bf16", "bf16", None),
@@ -187,7 +187,7 @@ def main() -> None:
             for engine, fmt in (("transformers", hf_fmt), ("llama.cpp", cpp_fmt)):
                 peer = get.get((preset, engine, fmt))
                 if o and peer:
-                    print(f"{preset:10s} {ours_fmt:5s} vs {engine} {fmt}: decode "
+                    print(f"{preset:10s} {ours_fmt:12s} vs {engine} {fmt}: decode "
                           f"{o[4] / peer[4]:.2f}x, prefill {o[3] / peer[3]:.2f}x")  # fmt: skip
     os.system(f"rm -rf {tmp}")
 
