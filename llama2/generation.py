@@ -174,8 +174,13 @@ def compiled_forward(model: Transformer) -> Callable:
     """The model's forward under torch.compile, made once per model. Used for the one-token
     decode steps over a static cache, where it removes the per-op overhead of eager mode."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=False)
+        # each model (and batch size, cache length) is a graph of its own: allow many
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED[model] = torch.compile(model)
     return _COMPILED[model]
+
+
+STATIC_CACHE_STEP = 256  # static caches come in multiples of this (few shapes, short reads)
 
 
 @torch.inference_mode()
@@ -205,11 +210,14 @@ def generate_steps(
     B, lens = len(prompts), [len(p) for p in prompts]
     device = model.tok_embeddings.weight.device
     budget = [min(params.max_new_tokens, context - n) for n in lens]
+    needed = max(n + b for n, b in zip(lens, budget, strict=True))
     if compile:
-        model.setup_cache(B, context, static=True)  # one shape for every call: one graph
+        # every step reads the whole static cache: keep it short, in a few sizes
+        size = min(context, -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
+        model.setup_cache(B, size, static=True)
         step = compiled_forward(model)
     else:
-        model.setup_cache(B, max(n + b for n, b in zip(lens, budget, strict=True)))
+        model.setup_cache(B, needed)
         step = model
     try:
         seeds = [params.seed + i if params.seed is not None else None for i in range(B)]
@@ -233,6 +241,7 @@ def generate_steps(
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(B)]
         finish = [None if b > 0 else "length" for b in budget]
         pos = list(lens)
+        n_steps = 0
         while True:
             active = [i for i in range(B) if finish[i] is None]
             if not active:
@@ -265,7 +274,15 @@ def generate_steps(
             # finished rows idle at their position (rewriting one harmless cache slot)
             feed = [int(next_ids[i]) if finish[i] is None else 0 for i in range(B)]
             feed = torch.tensor(feed, device=device)[:, None]
-            last = step(feed, start_pos=torch.tensor(pos, device=device))[:, 0]
+            start = torch.tensor(pos, device=device)
+            if compile and n_steps > 0:
+                # the graph was picked (and guarded) on the first step; later steps only
+                # change tensor values, so skip re-checking every guard (~0.4 ms a step)
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    last = step(feed, start_pos=start)[:, 0]
+            else:
+                last = step(feed, start_pos=start)[:, 0]
+            n_steps += 1
             pos = [p + (finish[i] is None) for i, p in enumerate(pos)]
         if results is not None:
             results[:] = [

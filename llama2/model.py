@@ -108,8 +108,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(ctx, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            cached_k, cached_v = self.cache.update(ctx, k, v)
+            if not ctx.is_causal:  # (a prefill from position 0 needs only its own fresh keys)
+                k, v = cached_k.to(q.dtype), cached_v.to(q.dtype)
         if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves n_rep q heads
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
