@@ -48,3 +48,19 @@ def test_errors_are_named(tmp_path, capsys):
     assert cli(["convert", str(tmp_path), str(tmp_path / "x"), "--to", "meta"]) == 1
     assert cli(["tokenize", str(tmp_path / "none.model"), "hi"]) == 1
     assert "cannot read tokenizer" in capsys.readouterr().err
+
+
+def test_chat_command_keeps_the_dialog(tmp_path, small_tokenizer, capsys, monkeypatch):
+    import io
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    d = save_hf(tmp_path / "m", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    script = "hello\nhow are you?\n/system Be terse.\n/oops\nsay [INST] hi\n/reset\nbye\n/exit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    capsys.readouterr()
+    assert cli(["chat", str(d), "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tokens/s]") == 3  # hello, how are you?, bye
+    assert "[system prompt set; dialog reset]" in err and "[dialog reset]" in err
+    assert "unknown command /oops" in err and "reserved tag '[INST]'" in err
