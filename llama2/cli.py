@@ -194,6 +194,30 @@ def cmd_chat(args) -> None:
         dialog.append({"role": "assistant", "content": done.text})
 
 
+def cmd_data_prepare(args) -> None:
+    from .data import iter_documents, prepare_corpus
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer)
+    t0 = time.perf_counter()
+    docs = iter_documents(args.inputs, field=args.field)
+    m = prepare_corpus(docs, tok, args.out, args.val_every, args.workers, args.overwrite)
+    print(
+        f"{m['train']['documents']:,} documents, {m['train']['tokens']:,} training and "
+        f"{m['val']['tokens']:,} validation tokens ({m['dtype']}) in "
+        f"{time.perf_counter() - t0:.1f}s: {args.out}",
+        file=sys.stderr,
+    )
+
+
+def cmd_pretrain(args) -> None:
+    from .train import load_train_config
+    from .train.pretrain import pretrain
+
+    cfg = load_train_config(args.config, args.overrides)
+    pretrain(cfg, args.out, resume=args.resume)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -235,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["int8", "int4"], required=True)
     s.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("data", help="data preparation")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    t = dsub.add_parser("prepare", help="text, JSONL or Parquet -> packed token shards")
+    t.add_argument("inputs", nargs="+", help="directories of .txt/.md/.py, .jsonl, .parquet files")
+    t.add_argument("--tokenizer", required=True, help="tokenizer.model, model dir or GGUF")
+    t.add_argument("--out", required=True)
+    t.add_argument("--field", default="text", help="the text field of JSONL / Parquet rows")
+    t.add_argument("--val-every", type=int, default=100, help="one document in N is validation")
+    t.add_argument("--workers", type=int, default=None)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_data_prepare)
+
+    s = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a model")
+    s.add_argument("--config", default=None, help="YAML run config (configs/*.yaml)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    s.add_argument("overrides", nargs="*", help="key=value settings over the config")
+    s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

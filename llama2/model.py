@@ -183,9 +183,9 @@ class Transformer(nn.Module):
     ) -> None:
         """Preallocate a KV cache; afterwards `forward` needs `start_pos`.
 
-        A `static` cache makes every forward attend over the whole cache under a mask built
-        from tensors alone (no host sync, fixed shapes): what torch.compile wants. A cache of
-        the same shape is reused, so a compiled forward keeps its graph.
+        With a `static` cache, compiled forwards attend over the whole cache under a mask built
+        from tensors alone (no host sync, fixed shapes): what torch.compile wants. A static
+        cache of the same shape is reused by the next setup.
         """
         cfg = self.config
         max_seq_len = max_seq_len or cfg.max_seq_len
@@ -253,7 +253,9 @@ class Transformer(nn.Module):
     def _context(self, B: int, T: int, start_pos, device) -> AttentionContext:
         if start_pos is None:
             raise ValueError("a KV cache is set up: forward needs start_pos")
-        if self.static_cache:  # tensors only; the caller keeps positions inside the cache
+        if self.static_cache and torch.compiler.is_compiling():
+            # tensors only (the caller keeps positions inside the cache): fixed shapes, no
+            # host sync; eager calls on a static cache (the prefill) take the paths below
             start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)
             positions = (start + torch.arange(T, device=device)).expand(B, T)
             keys = torch.arange(self.cache_len, device=device)

@@ -1,0 +1,73 @@
+"""Reading packed shards: random training windows, chosen by (seed, step) alone, so that a
+run resumed at step s draws exactly the batches the uninterrupted run drew, and so that N
+processes together draw the same global batch as one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class PackedShards:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        manifest_path = self.directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise ValueError(f"{self.directory}: no manifest.json (run `llama2 data prepare`)")
+        self.manifest = json.loads(manifest_path.read_text())
+        dtype = np.dtype(self.manifest["dtype"])
+        self.splits = {}
+        for split in ("train", "val"):
+            parts = [
+                np.memmap(self.directory / s["file"], dtype=dtype, mode="r")
+                for s in self.manifest[split]["shards"]
+            ]
+            self.splits[split] = parts
+        self.vocab_size = self.manifest["vocab_size"]
+
+    def tokens(self, split: str) -> int:
+        return sum(len(p) for p in self.splits[split])
+
+    def _window(self, split: str, index: int, length: int) -> np.ndarray:
+        """`length` tokens starting at global position `index` of the split (within a shard)."""
+        for part in self.splits[split]:
+            if index < len(part) - length:
+                return np.asarray(part[index : index + length], dtype=np.int64)
+            index -= max(len(part) - length, 0)
+        raise IndexError(index)
+
+    def _positions(self, split: str, length: int) -> int:
+        return sum(max(len(p) - length, 0) for p in self.splits[split])
+
+    def batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the global batch of `step`: (inputs, targets), each
+        [batch_size // world, seq_len]."""
+        n = self._positions("train", seq_len + 1)
+        if n <= 0:
+            raise ValueError(f"{self.directory}: fewer than {seq_len + 1} training tokens")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
+        per = batch_size // world
+        rows = [
+            self._window("train", s, seq_len + 1) for s in starts[rank * per : (rank + 1) * per]
+        ]
+        data = torch.from_numpy(np.stack(rows))
+        return data[:, :-1], data[:, 1:]
+
+    def val_batches(
+        self, batch_size: int, seq_len: int, max_batches: int, rank: int = 0, world: int = 1
+    ):
+        """Fixed, non-overlapping validation windows (the same every evaluation)."""
+        n = self._positions("val", seq_len + 1)
+        count = min(max_batches * batch_size, n // (seq_len + 1))
+        starts = [i * (seq_len + 1) for i in range(count)]
+        starts = starts[rank::world]
+        for i in range(0, len(starts), batch_size):
+            rows = [self._window("val", s, seq_len + 1) for s in starts[i : i + batch_size]]
+            data = torch.from_numpy(np.stack(rows))
+            yield data[:, :-1], data[:, 1:]

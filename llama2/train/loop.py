@@ -1,0 +1,345 @@
+"""The training loop every stage shares.
+
+A stage supplies its model, a batch function and a loss; the loop does the rest: AdamW
+(decay on matrices only), cosine schedule with warmup down to `min_lr_ratio` of the peak,
+gradient accumulation, clipping, bf16 autocast on CUDA, activation checkpointing,
+torch.compile, validation, a progress bar, metrics.jsonl, a loss-curve PNG, and atomic
+checkpoints (the model in HF layout, plus optimizer, scheduler, RNG and step) that resume
+exactly. Under `torchrun` the model is sharded with FSDP2 and checkpoints are written with
+torch.distributed.checkpoint, so a run can resume on a different number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from tqdm import tqdm
+
+from .config import TrainConfig, config_to_yaml
+
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Stage:
+    """What a training stage brings to the loop."""
+
+    model: nn.Module
+    batch: Callable[[int, int, int], Batch]  # (micro-step index, rank, world) -> this rank's batch
+    loss: Callable[[nn.Module, Batch], torch.Tensor]  # mean loss of a batch
+    save_model: Callable[[dict, Path], None]  # full state dict -> HF directory
+    val_batches: Callable[[int, int], Iterable[Batch]] | None = None  # (rank, world) -> batches
+    tokens_per_step: int = 0
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak (Llama 2, section 2.2)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def shard_model(model: nn.Module, blocks: Iterable[nn.Module]) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def enable_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        forward = block.forward
+
+        def wrapped(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are not checkpoints)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "trainer.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    dirs = checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path:
+    root = out / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    model_sd, optim_sd = get_state_dict(model, optim)
+    with warnings.catch_warnings():  # (one process: DCP says it assumes so)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if d.main:
+        stage.save_model(full, tmp / "model")
+        torch.save(
+            {"step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+             "config": json.loads(json.dumps(cfg.__dict__))},
+            tmp / "trainer.pt",
+        )  # fmt: skip
+        os.replace(tmp, final)  # the checkpoint appears whole or not at all
+        for old in checkpoint_dirs(out)[: -cfg.keep_last]:
+            shutil.rmtree(old)
+    d.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optim, sched) -> int:
+    model_sd, optim_sd = get_state_dict(model, optim)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "state"))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    sched.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return trainer["step"]
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
+    if stage.val_batches is None:
+        return {}
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), autocast():
+        for batch in stage.val_batches(d.rank, d.world):
+            n = batch[0].shape[0]
+            total += torch.tensor([stage.loss(model, batch).item() * n, n], dtype=torch.float64)
+    if d.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    if total[1] == 0:
+        return {}
+    val_loss = float(total[0] / total[1])
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    build: Callable[[torch.device, Dist], Stage],
+    resume: bool = False,
+    blocks: Callable[[nn.Module], Iterable[nn.Module]] = lambda m: m.layers,
+) -> list[dict]:
+    """Run (or resume) a training stage into the run directory `out`; return its metrics."""
+    out = Path(out)
+    device = pick_device(cfg)
+    d = setup_distributed(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and checkpoint_dirs(out):
+            raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+    d.barrier()
+    torch.manual_seed(cfg.seed)
+    stage = build(device, d)
+    model = stage.model.to(device)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(blocks(model))
+    if d.world > 1:
+        shard_model(model, blocks(model))
+    optim = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    metrics: list[dict] = []
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ValueError(f"{out}: --resume, but there is no complete checkpoint to resume from")
+        start = load_checkpoint(ckpt, model, optim, sched)
+        metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+        if d.main:
+            print(f"resuming from {ckpt} (step {start})", flush=True)
+    if d.main:
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        _write_metrics(metrics_path, metrics)
+    forward_model = torch.compile(model) if cfg.compile else model
+    use_autocast = device.type == "cuda" and cfg.autocast != "none"
+    amp_dtype = torch.bfloat16 if cfg.autocast == "bfloat16" else torch.float16
+
+    def autocast():
+        if use_autocast:
+            return torch.autocast(device.type, dtype=amp_dtype)
+        return nullcontext()
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not d.main, unit="step")
+    log = open(metrics_path, "a") if d.main else None  # noqa: SIM115
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = tuple(
+                    t.to(device)
+                    for t in stage.batch(step * cfg.grad_accum + micro, d.rank, d.world)
+                )
+                with autocast():
+                    loss = stage.loss(forward_model, batch) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            lr = optim.param_groups[0]["lr"]
+            sched.step()
+            if d.world > 1:
+                t = torch.tensor([total], dtype=torch.float64)
+                dist.all_reduce(t)
+                total = float(t) / d.world
+            dt = time.perf_counter() - t0
+            row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": stage.tokens_per_step / dt,
+                   "elapsed_s": time.perf_counter() - t_start}  # fmt: skip
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                row |= evaluate(stage, forward_model, d, autocast)
+            if d.main:
+                metrics.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(
+                    loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
+                )
+                bar.update()
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(out, step + 1, model, optim, sched, stage, cfg, d)
+                if d.main:
+                    plot_losses(metrics, out / "loss.png")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return metrics
