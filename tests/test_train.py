@@ -1,0 +1,136 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+
+from llama2 import load
+from llama2.data import prepare_corpus
+from llama2.train import load_train_config
+from llama2.train.loop import checkpoint_dirs, lr_factor
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def shards(small_tokenizer, tmp_path_factory):
+    text = (FIXTURES / "corpus.txt").read_text()
+    docs = text.split("\n\n\n")
+    out = tmp_path_factory.mktemp("data") / "shards"
+    prepare_corpus(docs, small_tokenizer, out, val_every=10, workers=1, progress=False)
+    return out
+
+
+def _args(shards, steps, extra=()):
+    return [
+        f"data={shards}", "model=micro", "model_args={dim: 64, n_layers: 2, n_heads: 4}",
+        f"steps={steps}", "batch_size=8", "seq_len=64", "lr=3e-3", "warmup_steps=4",
+        "ckpt_every=10", "eval_every=10", "eval_batches=4", "threads=1", "keep_last=3", *extra,
+    ]  # fmt: skip
+
+
+def _pretrain(out, args, resume=False, procs=1, wait=True):
+    cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--out", str(out), *args]
+    if resume:
+        cmd.insert(4, "--resume")
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", *cmd[2:]]  # fmt: skip
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return p
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output[-3000:]
+    return output
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_run_resumes_bit_for_bit(shards, tmp_path):
+    args = _args(shards, 40)
+    _pretrain(tmp_path / "ref", args)
+    ref = _metrics(tmp_path / "ref")
+    assert [m["step"] for m in ref] == list(range(1, 41))
+
+    p = _pretrain(tmp_path / "run", args, wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it between the checkpoints of steps 10 and 20
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = [m["step"] for m in _metrics(tmp_path / "run")]
+    assert 14 <= done[-1] < 40, "the run was not killed mid-way"
+    for ckpt in checkpoint_dirs(tmp_path / "run"):  # whatever was kept is whole
+        assert (ckpt / "trainer.pt").exists() and (ckpt / "model" / "config.json").exists()
+    assert "resuming from" in _pretrain(tmp_path / "run", args, resume=True)
+    after = _metrics(tmp_path / "run")
+    assert [m["step"] for m in after] == list(range(1, 41))
+    for a, b in zip(after, ref, strict=True):
+        for key in ("loss", "lr", "grad_norm", "val_loss"):
+            assert a.get(key) == b.get(key), (a["step"], key)  # bit for bit
+    # the final checkpoint is a model directory llama2.load reads
+    final = checkpoint_dirs(tmp_path / "run")[-1]
+    assert final.name == "step_0000040" and len(checkpoint_dirs(tmp_path / "run")) == 3
+    llm = load(final / "model")
+    assert llm.generate("def", max_new_tokens=4, temperature=0).token_ids
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fsdp_two_processes_match_one_and_resume(shards, tmp_path):
+    one = _args(shards, 8, ["ckpt_every=4", "eval_every=4"])
+    _pretrain(tmp_path / "one", one)
+    ref = _metrics(tmp_path / "one")
+    # two processes (gloo, FSDP2): the first 4 steps, then a resumed run to step 8
+    _pretrain(tmp_path / "two", _args(shards, 4, ["ckpt_every=4", "eval_every=4"]), procs=2)
+    _pretrain(tmp_path / "two", one, resume=True, procs=2)
+    two = _metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == list(range(1, 9))
+    for a, b in zip(two, ref, strict=True):
+        # same global batch; only the order of floating-point sums differs
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+    assert math.isclose(two[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=1e-4)
+    # a run moves from 2 processes to 1: resume the sharded checkpoint in one process
+    _pretrain(tmp_path / "two", _args(shards, 10, ["ckpt_every=4", "eval_every=4"]), resume=True)
+    assert _metrics(tmp_path / "two")[-1]["step"] == 10
+
+
+def test_schedule_and_config_errors(tmp_path):
+    cfg = load_train_config(None, ["steps=100", "warmup_steps=10", "lr=1e-3"])
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == 1.0
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)  # decays to 10% of the peak
+    assert lr_factor(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-9)
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_train_config(None, ["stepz=3"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("steps: 3\nbogus: 1\n")
+    with pytest.raises(ValueError, match="c.yaml: unknown setting 'bogus'"):
+        load_train_config(bad)
+    with pytest.raises(ValueError, match="not a multiple of grad_accum"):
+        load_train_config(None, ["batch_size=6", "grad_accum=4"])
+
+
+@pytest.mark.slow
+def test_two_minutes_on_the_embedded_corpus(tmp_path):
+    """tiny-15m-shaped (narrower) model, ~2 minutes on the standard library sources."""
+    args = ["vocab_size=2048", "model_args={dim: 192, n_layers: 4, n_heads: 4}", "steps=300",
+            "batch_size=16", "seq_len=128", "lr=2e-3", "warmup_steps=30", "eval_every=100",
+            "ckpt_every=300", "threads=2"]  # fmt: skip
+    t0 = time.time()
+    out = _pretrain(tmp_path / "run", ["model=tiny-15m", *args])
+    metrics = _metrics(tmp_path / "run")
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    print(f"{time.time() - t0:.0f}s; validation loss by 100 steps: {val}\n{out[-300:]}")
+    assert metrics[0]["loss"] > 7.0  # ln(2048) = 7.6 at the start
+    assert val[-1] < 3.5
