@@ -56,7 +56,9 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         if "dim" in changes or "multiple_of" in changes or "ffn_dim_multiplier" in changes:
-            changes.setdefault("hidden_dim", None)
+            changes.setdefault("hidden_dim", None)  # derive it again
+        if "n_heads" in changes and self.n_kv_heads == self.n_heads:
+            changes.setdefault("n_kv_heads", None)  # multi-head stays multi-head
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
