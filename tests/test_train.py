@@ -85,6 +85,7 @@ def test_killed_run_resumes_bit_for_bit(shards, tmp_path):
     assert final.name == "step_0000040" and len(checkpoint_dirs(tmp_path / "run")) == 3
     llm = load(final / "model")
     assert llm.generate("def", max_new_tokens=4, temperature=0).token_ids
+    assert (tmp_path / "run" / "model").resolve() == (final / "model").resolve()
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -163,6 +163,10 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
             tmp / "trainer.pt",
         )  # fmt: skip
         os.replace(tmp, final)  # the checkpoint appears whole or not at all
+        link = out / ".model-link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(final.relative_to(out) / "model")
+        os.replace(link, out / "model")  # run_dir/model: the latest model, for generate & co
         for old in checkpoint_dirs(out)[: -cfg.keep_last]:
             shutil.rmtree(old)
     d.barrier()
