@@ -92,14 +92,18 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms)."""
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms). `fused`: one kernel for all
+    parameters (plain tensors only, so not under FSDP)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    betas = (cfg.beta1, cfg.beta2)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
 
 
 def shard_model(model: nn.Module, blocks: Iterable[nn.Module]) -> nn.Module:
@@ -271,7 +275,7 @@ def train(
         enable_activation_checkpointing(blocks(model))
     if d.world > 1:
         shard_model(model, blocks(model))
-    optim = make_optimizer(model, cfg)
+    optim = make_optimizer(model, cfg, fused=d.world == 1)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
     start = 0
     metrics_path = out / "metrics.jsonl"
