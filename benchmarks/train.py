@@ -56,7 +56,9 @@ def hf_loop(preset: str, batch: int, seq: int, steps: int, threads: int) -> floa
     return batch * seq / (sum(times[1:]) / steps)
 
 
-def ours(preset: str, batch: int, seq: int, steps: int, threads: int) -> float:
+def ours(
+    preset: str, batch: int, seq: int, steps: int, threads: int, compile: bool = False
+) -> float:
     """Our `llama2 pretrain` on random-token shards, its own tokens_per_s from metrics.jsonl."""
     import numpy as np
 
@@ -79,11 +81,12 @@ def ours(preset: str, batch: int, seq: int, steps: int, threads: int) -> float:
         cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--out", str(tmp / "run"),
                f"data={data}", f"model={preset}", f"steps={steps + 1}", f"batch_size={batch}",
                f"seq_len={seq}", f"threads={threads}", "eval_every=100000",
-               "ckpt_every=100000"]  # fmt: skip
+               "ckpt_every=100000", f"compile={compile}"]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
         rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     # our loop times each step; the final step also writes a checkpoint after its timing
-    return sum(r["tokens_per_s"] for r in rows[1:]) / steps
+    skip = 2 if compile else 1  # the first (compiled) steps are warm-up
+    return sum(r["tokens_per_s"] for r in rows[skip:]) / len(rows[skip:])
 
 
 def main() -> None:
@@ -94,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="alternating runs; the best counts")
+    p.add_argument("--compile", action="store_true", help="also time ours with compile=true")
     args = p.parse_args()
     from llama2 import get_preset
 
@@ -102,19 +106,23 @@ def main() -> None:
     attn = 6 * cfg.n_layers * args.seq * cfg.dim  # per token: QK^T and AV, forward + backward
     flops_per_token = 6 * n + attn
     peak = peak_flops(args.threads)
-    runs = {"ours": [], "hf": []}
-    for _ in range(args.repeats):  # alternate, so that a noisy moment hits both alike
-        runs["ours"].append(ours(args.preset, args.batch, args.seq, args.steps, args.threads))
-        runs["hf"].append(hf_loop(args.preset, args.batch, args.seq, args.steps, args.threads))
-        print(
-            f"  ours {runs['ours'][-1]:.0f}, transformers {runs['hf'][-1]:.0f} tokens/s", flush=True
-        )
-    a, b = max(runs["ours"]), max(runs["hf"])
+    runs = {"ours": [], "ours+compile": [], "hf": []}
+    shape = (args.preset, args.batch, args.seq, args.steps, args.threads)
+    for _ in range(args.repeats):  # alternate, so that a noisy moment hits all alike
+        runs["ours"].append(ours(*shape))
+        if args.compile:
+            runs["ours+compile"].append(ours(*shape, compile=True))
+        runs["hf"].append(hf_loop(*shape))
+        print("  " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items() if v), flush=True)
+    b = max(runs["hf"])
     print(f"{args.preset}, batch {args.batch} x {args.seq}, {args.threads} threads; "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")  # fmt: skip
-    for name, tps in (("llama2", a), ("transformers+AdamW", b)):
-        print(f"{name:20s} {tps:8.0f} tokens/s   MFU {tps * flops_per_token / peak:5.1%}")
-    print(f"ratio (ours / transformers): {a / b:.2f}x")
+          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; best of {args.repeats}")  # fmt: skip
+    names = {"ours": "llama2", "ours+compile": "llama2 compile=true", "hf": "transformers+AdamW"}
+    for key, values in runs.items():
+        if values:
+            tps = max(values)
+            print(f"{names[key]:20s} {tps:8.0f} tokens/s   MFU {tps * flops_per_token / peak:5.1%}"
+                  f"   {tps / b:.2f}x transformers")  # fmt: skip
 
 
 if __name__ == "__main__":
