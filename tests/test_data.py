@@ -65,7 +65,7 @@ def test_batches_depend_on_step_alone_and_split_over_ranks(small_tokenizer, tmp_
     x2, _ = shards.batch(step=7, batch_size=4, seq_len=32, seed=1)
     assert x.shape == (4, 32) and (x == x2).all() and (x[:, 1:] == y[:, :-1]).all()
     assert not (shards.batch(step=8, batch_size=4, seq_len=32, seed=1)[0] == x).all()
-    halves = [shards.batch(7, 4, 32, seed=1, rank=r, world=2)[0] for r in range(2)]
+    halves = [shards.batch(7, 4, 32, seed=1, part=r, parts=2)[0] for r in range(2)]
     assert (np.concatenate(halves) == x.numpy()).all()  # two ranks draw the same global batch
 
 

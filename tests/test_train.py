@@ -136,3 +136,16 @@ def test_two_minutes_on_the_embedded_corpus(tmp_path):
     # measured 2026-11-27: 7.6 at the start (ln 2048), 5.39 at step 100, 4.26 at step 500 (106 s)
     assert metrics[0]["loss"] > 7.0
     assert val[-1] < 4.5
+
+
+def test_activation_checkpointing_and_accumulation_keep_the_losses(shards, tmp_path):
+    from llama2.train.pretrain import pretrain
+
+    def losses(name, *extra):
+        cfg = load_train_config(None, _args(shards, 3, ["eval_every=100", *extra]))
+        return [m["loss"] for m in pretrain(cfg, tmp_path / name)]
+
+    plain = losses("plain")
+    assert losses("ckpt", "activation_checkpointing=true") == pytest.approx(plain, rel=1e-6)
+    # 2 micro-batches of 4: the same global batch of 8, in two halves
+    assert losses("accum", "grad_accum=2") == pytest.approx(plain, rel=1e-5)

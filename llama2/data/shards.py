@@ -43,18 +43,19 @@ class PackedShards:
         return sum(max(len(p) - length, 0) for p in self.splits[split])
 
     def batch(
-        self, step: int, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world: int = 1
+        self, step: int, batch_size: int, seq_len: int, seed: int = 0, part: int = 0, parts: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the global batch of `step`: (inputs, targets), each
-        [batch_size // world, seq_len]."""
+        """Slice `part` of `parts` of the global batch of `step` (one process's micro-batch):
+        (inputs, targets), each [batch_size // parts, seq_len]. However a step's batch is cut
+        (processes, accumulation), its rows are the same."""
         n = self._positions("train", seq_len + 1)
         if n <= 0:
             raise ValueError(f"{self.directory}: fewer than {seq_len + 1} training tokens")
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
-        per = batch_size // world
+        per = batch_size // parts
         rows = [
-            self._window("train", s, seq_len + 1) for s in starts[rank * per : (rank + 1) * per]
+            self._window("train", s, seq_len + 1) for s in starts[part * per : (part + 1) * per]
         ]
         data = torch.from_numpy(np.stack(rows))
         return data[:, :-1], data[:, 1:]

@@ -44,7 +44,7 @@ class Stage:
     """What a training stage brings to the loop."""
 
     model: nn.Module
-    batch: Callable[[int, int, int], Batch]  # (micro-step index, rank, world) -> this rank's batch
+    batch: Callable[[int, int, int], Batch]  # (step, part, parts) -> that slice of the step's batch
     loss: Callable[[nn.Module, Batch], torch.Tensor]  # mean loss of a batch
     save_model: Callable[[dict, Path], None]  # full state dict -> HF directory
     val_batches: Callable[[int, int], Iterable[Batch]] | None = None  # (rank, world) -> batches
@@ -308,11 +308,10 @@ def train(
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             total = 0.0
+            parts = cfg.grad_accum * d.world  # the global batch, cut for accumulation and ranks
             for micro in range(cfg.grad_accum):
-                batch = tuple(
-                    t.to(device)
-                    for t in stage.batch(step * cfg.grad_accum + micro, d.rank, d.world)
-                )
+                batch = stage.batch(step, micro * d.world + d.rank, parts)
+                batch = tuple(t.to(device) for t in batch)
                 with autocast():
                     loss = stage.loss(forward_model, batch) / cfg.grad_accum
                 loss.backward()

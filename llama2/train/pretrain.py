@@ -70,8 +70,8 @@ def build_pretraining(cfg: TrainConfig, out: Path, device: torch.device, d: Dist
     if micro % d.world:
         raise ValueError(f"micro-batch {micro} does not split over {d.world} processes")
 
-    def batch(i: int, rank: int, world: int):
-        return shards.batch(i, micro, cfg.seq_len, cfg.seed, rank, world)
+    def batch(step: int, part: int, parts: int):
+        return shards.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, part, parts)
 
     def val_batches(rank: int, world: int):
         return shards.val_batches(micro, cfg.seq_len, cfg.eval_batches, rank, world)
