@@ -1,0 +1,102 @@
+"""Each objective against numbers worked by hand (log sigmoid(x) = -log(1 + e^-x))."""
+
+import math
+
+import pytest
+import torch
+
+from llama2.train.losses import (
+    MARGINS,
+    combined_reward,
+    dpo_loss,
+    gae,
+    per_token_kl,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+    ranking_loss,
+    whiten,
+)
+
+
+def softplus(x):  # -log sigmoid(-x)
+    return math.log(1 + math.exp(x))
+
+
+@pytest.mark.parametrize("setting", ["none", "small", "large"])
+def test_ranking_loss_with_each_margin(setting):
+    rc, rr = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.5])
+    ratings = ["significantly_better", "slightly_better"]
+    m = torch.tensor([MARGINS[setting][r] for r in ratings])
+    expected = {
+        "none": (softplus(-1.0) + softplus(0.0)) / 2,  # margins 0, 0
+        "small": (softplus(0.0) + softplus(1 / 3)) / 2,  # margins 1, 1/3
+        "large": (softplus(2.0) + softplus(1.0)) / 2,  # margins 3, 1
+    }[setting]
+    assert ranking_loss(rc, rr, m).item() == pytest.approx(expected, rel=1e-6)
+    assert MARGINS["large"]["better"] == 2.0 and MARGINS["small"]["better"] == pytest.approx(2 / 3)
+
+
+def test_dpo_loss():
+    # (pc - rc) - (pr - rr) = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.1 -> -log sigmoid(0.15)
+    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                    torch.tensor([-2.5]), beta=0.1)  # fmt: skip
+    assert loss.item() == pytest.approx(softplus(-0.15), rel=1e-6)
+
+
+def test_per_token_kl_and_combined_reward_and_whitening():
+    assert per_token_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])).tolist() == [
+        0.5,
+        -1.0,
+    ]
+    r_help = torch.tensor([0.9, 0.9, 0.9, 0.2])
+    r_safe = torch.tensor([0.5, 0.1, 0.5, 0.3])
+    is_safety = torch.tensor([True, False, False, False])
+    # safety prompt -> safety; unsafe answer (0.1 < 0.15) -> safety; otherwise helpfulness
+    assert combined_reward(r_help, r_safe, is_safety).tolist() == pytest.approx(
+        [0.5, 0.1, 0.9, 0.2]
+    )
+    w = whiten(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # mean 2.5, population std sqrt(1.25)
+    assert w.tolist() == pytest.approx(
+        [(x - 2.5) / math.sqrt(1.25) for x in (1, 2, 3, 4)], rel=1e-6
+    )
+
+
+def test_ppo_rewards_put_the_score_on_the_last_token():
+    r_c = torch.tensor([0.5, 0.8])  # logits 0 and log 4; whitened -> -1, +1
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    r = ppo_rewards(r_c, kl, mask, beta=0.01)
+    expected = torch.tensor([[-0.001, -0.002 - 1.0, 0.0], [-0.004, -0.005, -0.006 + 1.0]])
+    torch.testing.assert_close(r, expected)
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3]])
+    mask = torch.ones(1, 3)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # t=2: delta = 1 - 0.3 = 0.7; A2 = 0.7
+    # t=1: delta = 0 + 0.3 - 0.4 = -0.1; A1 = -0.1 + 0.5 * 0.7 = 0.25
+    # t=0: delta = 0 + 0.4 - 0.5 = -0.1; A0 = -0.1 + 0.5 * 0.25 = 0.025
+    torch.testing.assert_close(adv, torch.tensor([[0.025, 0.25, 0.7]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.525, 0.65, 1.0]]))
+
+
+def test_ppo_clipped_objective_and_value_loss_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1 (old logp 0)
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    loss, frac = ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+    # min(1.5*1, 1.2*1) = 1.2; min(0.5*1, 0.8*1) = 0.5; min(1.1*-2, 1.1*-2) = -2.2
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, rel=1e-6)
+    assert frac.item() == pytest.approx(1 / 3)  # only the first token was clipped
+    v = torch.tensor([[1.0, 0.0]])
+    v_old = torch.tensor([[0.5, 0.1]])
+    ret = torch.tensor([[2.0, 0.0]])
+    # token 0: (1-2)^2 = 1 vs clipped 0.5+0.2 = 0.7: (0.7-2)^2 = 1.69 -> 1.69
+    # token 1: (0-0)^2 = 0 vs clipped 0.1-0.1 = 0.0: 0 -> 0
+    assert ppo_value_loss(v, v_old, ret, torch.ones(1, 2), clip=0.2).item() == pytest.approx(
+        0.5 * 1.69 / 2
+    )
