@@ -68,6 +68,19 @@ class AttentionContext:
     is_causal: bool
 
 
+def segment_context(segments: torch.Tensor) -> AttentionContext:
+    """Attention for packed rows: causal within each run of equal segment ids, positions
+    restarting at 0 for each run (so a packed example computes what it computes alone)."""
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device).expand(B, T)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = torch.where(new, idx, 0).cummax(dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return AttentionContext(idx - starts, None, T, (same & causal)[:, None], is_causal=False)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values, [batch, n_kv_heads, max_seq_len, head_dim]."""
 
@@ -221,6 +234,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         start_pos: int | torch.Tensor | None = None,
         output_index: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab].
 
@@ -228,6 +242,8 @@ class Transformer(nn.Module):
         `start_pos` (an int, or a [B] tensor of per-row offsets) says where each row's tokens go;
         each query sees the cached keys at positions up to its own. `output_index` ([B]) asks
         for the logits of one position per row only ([B, 1, vocab]), sparing the output head.
+        `segments` ([B, T] example ids, no cache) packs several examples in a row: each token
+        attends within its own example only, at positions counted from the example's start.
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
@@ -243,6 +259,9 @@ class Transformer(nn.Module):
                     f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}"
                 )
             positions = torch.arange(T, device=tokens.device)[None]
+            if segments is not None:
+                ctx = segment_context(segments.to(tokens.device))
+                positions = ctx.positions
         cos, sin = rope_cos_sin(self.config, positions)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)

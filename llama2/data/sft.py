@@ -1,0 +1,138 @@
+"""Supervised fine-tuning data: dialogs in the Llama 2 chat format, the loss on answers only,
+several examples packed into each row (paper, section 3.1).
+
+Accepted JSONL records, one per line: Alpaca (`instruction`, optional `input`, `output`),
+OpenAI `messages` (`role`, `content`), ShareGPT `conversations` (`from`, `value`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..formats import B_INST, B_SYS, E_INST, E_SYS, DialogError, check_dialog, reserved_tags_in
+from ..tokenizer import Tokenizer
+
+IGNORE = -100  # label of tokens that carry no loss
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}  # fmt: skip
+
+
+def record_to_messages(record: dict, where: str) -> list[dict]:
+    """One JSONL record (any accepted schema) as a dialog ending with an assistant answer."""
+    if not isinstance(record, dict):
+        raise DialogError(f"{where}: expected a JSON object")
+    if "instruction" in record:
+        for field in ("instruction", "output"):
+            if not isinstance(record.get(field), str):
+                raise DialogError(f"{where}: field '{field}' must be text")
+        prompt = record["instruction"]
+        if record.get("input"):
+            prompt += "\n\n" + str(record["input"])
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": record["output"]},
+        ]
+    elif "messages" in record:
+        messages = record["messages"]
+    elif "conversations" in record:
+        messages = []
+        for i, turn in enumerate(record["conversations"]):
+            role = _SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            if role is None:
+                raise DialogError(
+                    f"{where}: conversations[{i}].from must be one of {sorted(_SHAREGPT_ROLES)}"
+                )
+            messages.append({"role": role, "content": turn.get("value")})
+    else:
+        raise DialogError(f"{where}: no 'instruction', 'messages' or 'conversations' field")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        raise DialogError(f"{where}: the dialog is empty")
+    if messages[-1].get("role") != "assistant":
+        raise DialogError(f"{where}: the dialog must end with an assistant answer")
+    try:
+        check_dialog(messages[:-1])
+    except DialogError as e:
+        raise DialogError(f"{where}: {e}") from e
+    if not isinstance(messages[-1].get("content"), str):
+        raise DialogError(f"{where}: message {len(messages) - 1}: content must be text")
+    found = reserved_tags_in(messages)
+    if found:
+        raise DialogError(
+            f"{where}: message {found[0][0]} contains the reserved tag {found[0][1]!r}"
+        )
+    return messages
+
+
+def read_sft_jsonl(path: str | Path) -> list[list[dict]]:
+    path = Path(path)
+    dialogs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+        dialogs.append(record_to_messages(record, f"{path}:{n}"))
+    if not dialogs:
+        raise DialogError(f"{path}: no examples")
+    return dialogs
+
+
+def encode_for_training(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of a finished dialog in the chat format, and which carry loss: exactly the
+    assistant answers (each with its EOS); system, user turns and tags carry none."""
+    turns = [dict(m) for m in messages]
+    if turns[0]["role"] == "system":
+        first = turns[1]["content"]
+        turns = [
+            {"role": "user", "content": B_SYS + turns[0]["content"] + E_SYS + first},
+            *turns[2:],
+        ]
+    ids: list[int] = []
+    loss: list[bool] = []
+    for user, answer in zip(turns[::2], turns[1::2], strict=True):
+        prompt = f"{B_INST} {user['content'].strip()} {E_INST}"
+        full = tokenizer.encode(f"{prompt} {answer['content'].strip()} ", bos=True, eos=True)
+        head = tokenizer.encode(prompt, bos=True)
+        if full[: len(head)] != head:  # (the pieces split at the space after [/INST])
+            raise DialogError(f"cannot split prompt and answer tokens of turn {len(ids)}")
+        ids += full
+        loss += [False] * len(head) + [True] * (len(full) - len(head))
+    return ids, loss
+
+
+def pack(
+    examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy packing of (ids, loss mask) examples into rows of seq_len + 1 tokens.
+    Returns inputs and targets [N, seq_len] (IGNORE where no loss) and segment ids (0 =
+    padding). An example longer than a row is cut to it."""
+    rows: list[list[tuple[list[int], list[bool]]]] = [[]]
+    used = 0
+    for ids, mask in examples:
+        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+        if used + len(ids) > seq_len + 1 and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append((ids, mask))
+        used += len(ids)
+    n = len(rows)
+    tokens = torch.full((n, seq_len + 1), pad_id, dtype=torch.long)
+    labels = torch.full((n, seq_len + 1), IGNORE, dtype=torch.long)
+    segments = torch.zeros(n, seq_len + 1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for s, (ids, mask) in enumerate(row, 1):
+            end = pos + len(ids)
+            tokens[r, pos:end] = torch.tensor(ids)
+            labels[r, pos:end] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE)
+            segments[r, pos:end] = s
+            pos = end
+    # a token predicts the next one of its own example: no target across a boundary
+    targets = labels[:, 1:].clone()
+    targets[segments[:, 1:] != segments[:, :-1]] = IGNORE
+    return tokens[:, :-1], targets, segments[:, :-1]

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from llama2 import Transformer, get_preset
+from llama2.data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
+from llama2.formats import DialogError
+
+DIALOG = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a fruit."},
+    {"role": "assistant", "content": "Apple."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": " Pear. "},
+    {"role": "user", "content": "A vegetable?"},
+    {"role": "assistant", "content": "Leek, in 日本語 too."},
+]
+
+
+def _runs(mask):
+    runs, start = [], None
+    for i, m in enumerate([*mask, False]):
+        if m and start is None:
+            start = i
+        if not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_sft_mask_covers_exactly_the_assistant_tokens(llama2_tokenizer):
+    tok = llama2_tokenizer
+    ids, mask = encode_for_training(tok, DIALOG)
+    sys_block = "<<SYS>>\nBe brief.\n<</SYS>>\n\n"
+    pairs = [
+        (sys_block + "Name a fruit.", "Apple."),
+        ("Another?", "Pear."),
+        ("A vegetable?", "Leek, in 日本語 too."),
+    ]
+    # the ids are the reference recipe's: one BOS ... EOS sequence per finished pair
+    assert ids == [
+        t for u, a in pairs for t in tok.encode(f"[INST] {u} [/INST] {a} ", bos=True, eos=True)
+    ]
+    runs = _runs(mask)
+    assert len(runs) == 3
+    for (start, end), (_, answer) in zip(runs, pairs, strict=True):
+        assert ids[end - 1] == tok.eos_id  # each answer's EOS carries loss
+        assert tok.decode(ids[start : end - 1]).strip() == answer
+        assert tok.decode(ids[start - 4 : start]) == "[/INST]"  # ... and nothing before it
+    assert sum(mask) == sum(e - s for s, e in runs)
+
+
+def test_packed_examples_never_attend_across_their_boundary(llama2_tokenizer):
+    tok = llama2_tokenizer
+    torch.manual_seed(0)
+    cfg = get_preset("micro", vocab_size=32000)
+    model = Transformer(cfg).eval()
+    examples = [encode_for_training(tok, DIALOG[1:3]), encode_for_training(tok, DIALOG[3:5]),
+                encode_for_training(tok, DIALOG[5:7])]  # fmt: skip
+    inputs, targets, segments = pack(examples, seq_len=100)
+    assert inputs.shape[0] == 1 and set(segments[0].tolist()) == {0, 1, 2, 3}  # 3 + padding
+    with torch.no_grad():
+        packed = model(inputs, segments=segments)[0]
+        pos = 0
+        for ids, _ in examples:
+            alone = model(torch.tensor([ids]))[0]
+            assert (packed[pos : pos + len(ids)] - alone).abs().max() < 1e-5
+            pos += len(ids)
+    # targets: the next answer token of the same example, nothing across a boundary
+    n0 = len(examples[0][0])
+    assert targets[0, n0 - 1] == IGNORE  # the last token of example 1 predicts nothing
+    kept = targets[0][targets[0] != IGNORE].tolist()
+    assert kept == [t for ids, m in examples for t, keep in zip(ids, m, strict=True) if keep]
+
+
+def test_sft_records_in_three_schemas(tmp_path):
+    f = tmp_path / "sft.jsonl"
+    rows = [
+        {"instruction": "Add", "input": "1 and 2", "output": "3"},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "terse"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },  # fmt: skip
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    dialogs = read_sft_jsonl(f)
+    assert dialogs[0] == [
+        {"role": "user", "content": "Add\n\n1 and 2"},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert [m["role"] for m in dialogs[2]] == ["system", "user", "assistant"]
+    f.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "x", "output": 5}))
+    with pytest.raises(DialogError, match=r"sft.jsonl:2: field 'output' must be text"):
+        read_sft_jsonl(f)
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(DialogError, match=r"sft.jsonl:1: .*end with an assistant answer"):
+        read_sft_jsonl(f)
+    f.write_text(json.dumps({"conversations": [{"from": "bot", "value": "x"}]}))
+    with pytest.raises(DialogError, match=r"sft.jsonl:1: conversations\[0\].from"):
+        read_sft_jsonl(f)
