@@ -218,6 +218,14 @@ def cmd_pretrain(args) -> None:
     pretrain(cfg, args.out, resume=args.resume)
 
 
+def cmd_sft(args) -> None:
+    from .train import load_train_config
+    from .train.sft import sft
+
+    cfg = load_train_config(args.config, args.overrides)
+    sft(cfg, args.out, resume=args.resume)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -278,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     s.add_argument("overrides", nargs="*", help="key=value settings over the config")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on chat data (JSONL)")
+    s.add_argument("--config", default=None, help="YAML run config (configs/sft-*.yaml)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, ...)")
+    s.set_defaults(func=cmd_sft)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

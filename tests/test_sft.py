@@ -108,3 +108,33 @@ def test_sft_records_in_three_schemas(tmp_path):
     f.write_text(json.dumps({"conversations": [{"from": "bot", "value": "x"}]}))
     with pytest.raises(DialogError, match=r"sft.jsonl:1: conversations\[0\].from"):
         read_sft_jsonl(f)
+
+
+def test_sft_stage_end_to_end(small_tokenizer, tmp_path):
+    import time
+
+    from llama2 import load, save_hf
+    from llama2.train import load_train_config
+    from llama2.train.sft import sft
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    data = tmp_path / "sft.jsonl"
+    words = ["import", "return", "class", "def", "self", "print", "while", "yield"] * 6
+    rows = [{"instruction": f"Echo the word {w}", "output": w} for w in words]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = [f"init_from={base}", f"data={data}", "epochs=3", "batch_size=8", "seq_len=64",
+                 "lr=3e-3", "warmup_steps=2", "eval_every=5", "ckpt_every=100",
+                 "threads=1"]  # fmt: skip
+    t0 = time.time()
+    metrics = sft(load_train_config(None, overrides), tmp_path / "run")
+    assert time.time() - t0 < 60
+    losses = [m["loss"] for m in metrics]
+    assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    assert "val_loss" in metrics[-1]  # 48 examples: every 20th held out
+    tuned = load(tmp_path / "run" / "model")
+    assert tuned.config == load(base).config
+    answer = tuned.chat([{"role": "user", "content": "Echo the word class"}], max_new_tokens=4,
+                        temperature=0)  # fmt: skip
+    assert answer.token_ids

@@ -22,6 +22,7 @@ class TrainConfig:
     vocab_size: int = 4096  # of a tokenizer trained for the embedded corpus
     # optimisation (Llama 2 paper, section 2.2)
     steps: int = 1000
+    epochs: float = 0.0  # > 0: fine-tuning stages derive `steps` from passes over their data
     batch_size: int = 32  # sequences per optimizer step, over all processes
     seq_len: int = 256
     grad_accum: int = 1
