@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .gguf_file import GGMLType, GGUFError, T, quantize_q8_0, read_gguf, read_tensor, write_gguf
+from .kernels import Linear
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -78,8 +79,11 @@ def _rename(name: str, top: dict, layer: dict, layer_prefix: str) -> str:
     return f"{top[module]}.{kind}"
 
 
-def to_hf_name(name: str) -> str:
-    return _rename(name, _HF_TOP, _HF_LAYER, "model.layers")
+def to_hf_name(name: str, head: str = "lm") -> str:
+    """Our name -> HF's. head "score": a reward model's scalar head, as transformers'
+    LlamaForSequenceClassification names it."""
+    top = _HF_TOP if head == "lm" else {**_HF_TOP, "output": "score"}
+    return _rename(name, top, _HF_LAYER, "model.layers")
 
 
 def to_gguf_name(name: str) -> str:
@@ -87,6 +91,7 @@ def to_gguf_name(name: str) -> str:
 
 
 def expected_names(cfg: ModelConfig, quantization: dict | None = None) -> list[str]:
+    """Every tensor name, in file order (a reward model's head has the same name, `output`)."""
     if quantization is not None:
         return list(_param_shapes(cfg, quantization))
     names = ["tok_embeddings.weight"]
@@ -127,6 +132,7 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     layout: str  # "hf", "meta" or "gguf"
     quantization: dict | None = None  # {"quant_method": "llama2", "mode": "int8" | "int4", ...}
+    head: str = "lm"  # "lm" (next-token logits) or "score" (a reward model's scalar)
 
 
 def detect_layout(path: Path) -> str:
@@ -148,10 +154,22 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     layout = detect_layout(path)
     quant = _hf_quantization(path) if layout == "hf" else None
+    head = _hf_head(path) if layout == "hf" else "lm"
     reader = {"hf": _read_hf, "meta": _read_meta, "gguf": _read_gguf}[layout]
     config, sd, tokenizer = reader(path)
-    _check_state_dict(sd, config, path, quant)
-    return Checkpoint(config, sd, tokenizer, layout, quant)
+    _check_state_dict(sd, config, path, quant, head)
+    return Checkpoint(config, sd, tokenizer, layout, quant, head)
+
+
+def _hf_head(path: Path) -> str:
+    architectures = _read_json(path / "config.json").get("architectures") or ["LlamaForCausalLM"]
+    if architectures[0] == "LlamaForSequenceClassification":
+        return "score"
+    if architectures[0] != "LlamaForCausalLM":
+        raise ValueError(
+            f"{path / 'config.json'}: architecture {architectures[0]} is not supported"
+        )
+    return "lm"
 
 
 def _hf_quantization(path: Path) -> dict | None:
@@ -171,7 +189,11 @@ def _read_tokenizer(path: Path) -> Tokenizer | None:
 
 
 def _check_state_dict(
-    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, path: Path, quant: dict | None = None
+    sd: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    path: Path,
+    quant: dict | None = None,
+    head: str = "lm",
 ) -> None:
     want = expected_names(cfg, quant)
     missing = [n for n in want if n not in sd]
@@ -181,7 +203,7 @@ def _check_state_dict(
     extra = sorted(set(sd) - set(want))
     if extra:
         raise ValueError(f"{path}: unexpected tensors {extra[:3]}")
-    shapes = {n: tuple(t.shape) for n, t in _param_shapes(cfg, quant).items()}
+    shapes = {n: tuple(t.shape) for n, t in _param_shapes(cfg, quant, head).items()}
     for name in want:
         if tuple(sd[name].shape) != shapes[name]:
             raise ValueError(
@@ -190,14 +212,21 @@ def _check_state_dict(
             )
 
 
-def _param_shapes(cfg: ModelConfig, quantization: dict | None = None) -> dict[str, torch.Tensor]:
-    return empty_model(cfg, quantization).state_dict()
+def _param_shapes(
+    cfg: ModelConfig, quantization: dict | None = None, head: str = "lm"
+) -> dict[str, torch.Tensor]:
+    return empty_model(cfg, quantization, head).state_dict()
 
 
-def empty_model(cfg: ModelConfig, quantization: dict | None = None) -> Transformer:
-    """The model's modules on the meta device (no memory), quantized ones if asked."""
+def empty_model(
+    cfg: ModelConfig, quantization: dict | None = None, head: str = "lm"
+) -> Transformer:
+    """The model's modules on the meta device (no memory), quantized ones if asked; head
+    "score" swaps the output layer for a reward model's scalar head."""
     with torch.device("meta"):
         model = Transformer(cfg)
+        if head == "score":
+            model.output = Linear(cfg.dim, 1, bias=False)
     if quantization is not None:
         from .quantize import replace_linears
 
@@ -229,7 +258,9 @@ def _hf_files(path: Path) -> list[Path]:
 
 def _read_hf(path: Path):
     config = ModelConfig.from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
-    hf_to_ours = {to_hf_name(n): n for n in expected_names(config, _hf_quantization(path))}
+    head = _hf_head(path)
+    names = expected_names(config, _hf_quantization(path))
+    hf_to_ours = {to_hf_name(n, head): n for n in names}
     sd = {}
     for file in _hf_files(path):
         for hf_name, tensor in _iter_tensors(file):
@@ -484,15 +515,17 @@ def save_hf(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     quantization: dict | None = None,
+    head: str = "lm",
 ) -> Path:
     """Write a Hugging Face Llama directory that transformers, vLLM and llama.cpp open as is
-    (a quantized one, with `quantization`, only llama2.load reads)."""
+    (a quantized one, with `quantization`, only llama2.load reads). head "score": a reward
+    model, which transformers opens as LlamaForSequenceClassification."""
     dtype = parse_dtype(dtype)
     names = expected_names(config, quantization)
     out_dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     # sizes from the config's shapes: with `dtype` given, each tensor is touched once, when its
     # shard is written (so a lazy mapping of tensors is written in bounded memory)
-    shapes = _param_shapes(config, quantization)
+    shapes = _param_shapes(config, quantization, head)
 
     def stored_dtype(n: str) -> torch.dtype:
         keep = quantization is not None and not n.endswith("norm.weight") and "tok_emb" not in n
@@ -515,7 +548,7 @@ def save_hf(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            tensors = {to_hf_name(n): _cast(state_dict[n], stored_dtype(n)) for n in shard}
+            tensors = {to_hf_name(n, head): _cast(state_dict[n], stored_dtype(n)) for n in shard}
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
             del tensors
@@ -525,6 +558,14 @@ def save_hf(
         hf = config.to_hf_config(dtype=dtype_name(out_dtype))
         if quantization is not None:
             hf["quantization_config"] = quantization
+        if head == "score":  # last non-pad token's score; unk (0) never occurs in text
+            hf |= {
+                "architectures": ["LlamaForSequenceClassification"],
+                "num_labels": 1,
+                "id2label": {"0": "LABEL_0"},
+                "label2id": {"LABEL_0": 0},
+                "pad_token_id": 0,
+            }
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         gen = {"bos_token_id": 1, "eos_token_id": 2, "max_length": config.max_seq_len}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -55,11 +55,13 @@ def cmd_convert(args) -> None:
     t0 = time.perf_counter()
     print(f"reading {args.src} ...", file=sys.stderr)
     ckpt = read_checkpoint(args.src)
+    if ckpt.head != "lm" and args.to != "hf":
+        raise ValueError(f"{args.src} is a reward model: it converts to hf only")
     print(f"writing {args.to} checkpoint to {args.dst} ...", file=sys.stderr)
     if args.to == "hf":
         save_hf(
             args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, dtype=args.dtype,
-            quantization=ckpt.quantization,
+            quantization=ckpt.quantization, head=ckpt.head,
         )  # fmt: skip
     elif args.to == "meta":
         save_meta(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, args.shards, args.dtype)
@@ -226,6 +228,14 @@ def cmd_sft(args) -> None:
     sft(cfg, args.out, resume=args.resume)
 
 
+def cmd_reward(args) -> None:
+    from .train import load_train_config
+    from .train.reward import reward
+
+    cfg = load_train_config(args.config, args.overrides)
+    reward(cfg, args.out, resume=args.resume)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -293,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, ...)")
     s.set_defaults(func=cmd_sft)
+
+    s = sub.add_parser("reward", help="train a reward model on preference pairs (JSONL)")
+    s.add_argument("--config", default=None, help="YAML run config (configs/reward-*.yaml)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, margin=)")
+    s.set_defaults(func=cmd_reward)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

@@ -28,6 +28,7 @@ class Llama:
     path: Path | None = None
     quantization: dict | None = None
     compile: bool = False  # decode through torch.compile (the first generation compiles)
+    head: str = "lm"  # "score": a reward model, whose model() gives [B, T, 1] scores
 
     @property
     def device(self) -> torch.device:
@@ -103,10 +104,13 @@ class Llama:
 
 
 def build_model(
-    config: ModelConfig, state_dict: Mapping[str, torch.Tensor], quantization: dict | None = None
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    quantization: dict | None = None,
+    head: str = "lm",
 ) -> Transformer:
     """A Transformer whose parameters *are* the given tensors (no copy), built on meta."""
-    model = empty_model(config, quantization)
+    model = empty_model(config, quantization, head)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
     if quantization is not None:
         align_buffers(model)
@@ -138,10 +142,10 @@ def load(
     elif dtype is not None:  # quantized: `dtype` is that of the embeddings and norms
         dtype = parse_dtype(dtype)
         sd = {k: v.to(dtype) if _is_plain(k) else v for k, v in sd.items()}
-    model = build_model(ckpt.config, sd, ckpt.quantization)
+    model = build_model(ckpt.config, sd, ckpt.quantization, ckpt.head)
     if device is not None:
         model = model.to(device)
-    return Llama(model, ckpt.tokenizer, ckpt.config, Path(path), ckpt.quantization)
+    return Llama(model, ckpt.tokenizer, ckpt.config, Path(path), ckpt.quantization, head=ckpt.head)
 
 
 def _is_plain(name: str) -> bool:

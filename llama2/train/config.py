@@ -35,6 +35,8 @@ class TrainConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0
     seed: int = 0
+    # reward models (section 3.2.2): the margin of the ranking loss, by rating
+    margin: str = "small"  # none | small | large
     # runtime
     device: str = "auto"  # auto: cuda if available, else cpu
     autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32
@@ -56,6 +58,8 @@ class TrainConfig:
             problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append("min_lr_ratio must be in [0, 1]")
+        if self.margin not in ("none", "small", "large"):
+            problems.append(f"margin must be none, small or large, not {self.margin!r}")
         if self.autocast not in ("bfloat16", "float16", "none"):
             problems.append(f"autocast must be bfloat16, float16 or none, not {self.autocast!r}")
         if problems:

@@ -49,6 +49,7 @@ class Stage:
     save_model: Callable[[dict, Path], None]  # full state dict -> HF directory
     val_batches: Callable[[int, int], Iterable[Batch]] | None = None  # (rank, world) -> batches
     tokens_per_step: int = 0
+    val_metrics: Callable[[nn.Module], dict] | None = None  # more held-out numbers (all ranks)
 
 
 @dataclass
@@ -244,10 +245,16 @@ def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
     if d.world > 1:
         dist.all_reduce(total)
     model.train()
+    extra = {}
+    if stage.val_metrics is not None:
+        model.eval()
+        with torch.no_grad(), autocast():
+            extra = stage.val_metrics(model)
+        model.train()
     if total[1] == 0:
-        return {}
+        return extra
     val_loss = float(total[0] / total[1])
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))} | extra
 
 
 def train(

@@ -1,0 +1,62 @@
+"""Preference pairs (JSONL): `prompt` (text or a message list), `chosen`, `rejected`, and a
+`rating` (significantly_better, better, slightly_better, negligibly_better) or a numeric
+`margin`; optional `is_safety`. Validated up front, errors as file:line: field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..formats import DialogError, check_dialog, reserved_tags_in
+from ..train.losses import RATINGS
+
+
+@dataclass
+class Preference:
+    prompt: list[dict]  # the dialog up to (and including) the last user turn
+    chosen: str
+    rejected: str
+    rating: str | None
+    margin: float | None
+    is_safety: bool
+
+
+def read_preferences(path: str | Path) -> list[Preference]:
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DialogError(f"{where}: invalid JSON: {e.msg}") from e
+        if not isinstance(r, dict):
+            raise DialogError(f"{where}: expected a JSON object")
+        prompt = r.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list):
+            raise DialogError(f"{where}: field 'prompt' must be text or a list of messages")
+        try:
+            check_dialog(prompt)
+        except DialogError as e:
+            raise DialogError(f"{where}: prompt: {e}") from e
+        for field in ("chosen", "rejected"):
+            if not isinstance(r.get(field), str):
+                raise DialogError(f"{where}: field '{field}' must be text")
+        rating, margin = r.get("rating"), r.get("margin")
+        if rating is not None and rating not in RATINGS:
+            raise DialogError(f"{where}: field 'rating' must be one of {', '.join(RATINGS)}")
+        if margin is not None and not isinstance(margin, int | float):
+            raise DialogError(f"{where}: field 'margin' must be a number")
+        messages = [*prompt, {"role": "assistant", "content": r["chosen"] + r["rejected"]}]
+        if reserved_tags_in(messages):
+            raise DialogError(f"{where}: a reserved chat tag appears in the text")
+        out.append(Preference(prompt, r["chosen"], r["rejected"], rating, margin,
+                              bool(r.get("is_safety", False))))  # fmt: skip
+    if not out:
+        raise DialogError(f"{path}: no preference pairs")
+    return out

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+
+from llama2 import Transformer, get_preset, load, save_hf
+from llama2.data.preferences import read_preferences
+from llama2.formats import DialogError
+from llama2.train import load_train_config
+from llama2.train.reward import pad, reward, scores
+
+TOPICS = ["parsing", "sockets", "threads", "strings", "lists", "files", "classes", "tests",
+          "imports", "loops", "dicts", "sets", "json", "paths", "regex", "bytes", "time",
+          "math", "sorting", "logging"]  # fmt: skip
+
+
+def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tokenizer, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    ratings = ["significantly_better", "better", "slightly_better", "negligibly_better"]
+    rows = [{"prompt": f"Tell me about {t} in Python.", "chosen": f"Good: {t} work well here.",
+             "rejected": f"Bad bad bad {t} never worked.", "rating": ratings[i % 4]}
+            for i, t in enumerate(TOPICS * 3)]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = [f"init_from={base}", f"data={data}", "steps=40", "batch_size=8", "seq_len=64",
+                 "lr=3e-3", "warmup_steps=4", "eval_every=20", "ckpt_every=40", "threads=1",
+                 "margin=small"]  # fmt: skip
+    metrics = reward(load_train_config(None, overrides), tmp_path / "rm")
+    # held out: every 10th pair (6 of 60); measured 2026-11-27: accuracy 1.0 at step 40
+    assert metrics[-1]["val_accuracy"] >= 0.99
+    assert metrics[-1]["loss"] < 0.2 < metrics[0]["loss"]
+
+    rm = load(tmp_path / "rm" / "model")
+    assert rm.head == "score" and rm.model.output.weight.shape == (1, cfg.dim)
+    theirs = LlamaForSequenceClassification.from_pretrained(
+        tmp_path / "rm" / "model", attn_implementation="eager"
+    ).eval()
+    seqs = [small_tokenizer.encode("def good(): pass", bos=True, eos=True),
+            small_tokenizer.encode("x", bos=True, eos=True)]  # fmt: skip
+    tokens, lengths = pad(seqs)  # right-padded with 0, transformers' pad_token_id
+    with torch.no_grad():
+        ours = scores(rm.model, tokens, lengths)
+        hf = theirs(tokens).logits[:, 0]
+    assert (ours - hf).abs().max() < 1e-4
+
+
+def test_preference_records_are_validated(tmp_path):
+    f = tmp_path / "p.jsonl"
+    ok = {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5, "is_safety": True}
+    f.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "rating": "much_better"}))
+    with pytest.raises(DialogError, match=r"p.jsonl:2: field 'rating' must be one of"):
+        read_preferences(f)
+    f.write_text(json.dumps({**ok, "chosen": None}))
+    with pytest.raises(DialogError, match=r"p.jsonl:1: field 'chosen' must be text"):
+        read_preferences(f)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "more"}]  # fmt: skip
+    f.write_text(json.dumps({**ok, "prompt": msgs}))
+    (p,) = read_preferences(f)
+    assert p.prompt == msgs and p.margin == 1.5 and p.is_safety
