@@ -236,6 +236,14 @@ def cmd_reward(args) -> None:
     reward(cfg, args.out, resume=args.resume)
 
 
+def cmd_dpo(args) -> None:
+    from .train import load_train_config
+    from .train.dpo import dpo
+
+    cfg = load_train_config(args.config, args.overrides)
+    dpo(cfg, args.out, resume=args.resume)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -310,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, margin=)")
     s.set_defaults(func=cmd_reward)
+
+    s = sub.add_parser("dpo", help="direct preference optimization on preference pairs")
+    s.add_argument("--config", default=None, help="YAML run config")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, beta=)")
+    s.set_defaults(func=cmd_dpo)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

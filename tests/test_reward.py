@@ -62,3 +62,23 @@ def test_preference_records_are_validated(tmp_path):
     f.write_text(json.dumps({**ok, "prompt": msgs}))
     (p,) = read_preferences(f)
     assert p.prompt == msgs and p.margin == 1.5 and p.is_safety
+
+
+def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
+    from llama2.train.dpo import dpo
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    rows = [{"prompt": f"Tell me about {t}.", "chosen": f"{t} work well.",
+             "rejected": f"Bad bad {t} fail.", "rating": "better"} for t in TOPICS * 2]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = [f"init_from={base}", f"data={data}", "steps=30", "batch_size=8", "seq_len=64",
+                 "lr=3e-3", "warmup_steps=3", "eval_every=10", "ckpt_every=30", "threads=1",
+                 "beta=0.1"]  # fmt: skip
+    metrics = dpo(load_train_config(None, overrides), tmp_path / "dpo")
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
+    assert metrics[-1]["loss"] < 0.3 and metrics[-1]["val_reward_accuracy"] == 1.0
+    tuned = load(tmp_path / "dpo" / "model")
+    assert tuned.head == "lm" and tuned.generate("x", max_new_tokens=2, temperature=0).token_ids

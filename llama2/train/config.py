@@ -37,6 +37,8 @@ class TrainConfig:
     seed: int = 0
     # reward models (section 3.2.2): the margin of the ranking loss, by rating
     margin: str = "small"  # none | small | large
+    # DPO: the strength of the implicit KL constraint
+    beta: float = 0.1
     # runtime
     device: str = "auto"  # auto: cuda if available, else cpu
     autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32

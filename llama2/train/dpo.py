@@ -1,0 +1,107 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), the simpler alternative to the
+paper's reward model + PPO: the policy is trained on preference pairs directly, against a
+frozen copy of its initial self. Same data as `llama2 reward`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import save_hf
+from ..data.preferences import read_preferences
+from ..data.sft import encode_for_training
+from ..llm import load
+from .config import TrainConfig
+from .loop import Dist, Stage, train
+from .losses import dpo_loss
+
+
+def answer_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over each row's answer tokens: [B]."""
+    logits = model(tokens[:, :-1]).float()
+    logp = torch.gather(F.log_softmax(logits, -1), 2, tokens[:, 1:, None])[..., 0]
+    return (logp * loss_mask[:, 1:]).sum(-1)
+
+
+def build_dpo(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
+    if not cfg.init_from or not cfg.data:
+        raise ValueError(
+            "dpo needs init_from=MODEL_DIR (usually the SFT model) and data=PAIRS.jsonl"
+        )
+    policy = load(cfg.init_from, dtype=torch.float32)
+    reference = (
+        load(cfg.init_from, dtype=torch.float32).model.to(device).eval().requires_grad_(False)
+    )
+    tok = policy.tokenizer
+    pairs = read_preferences(cfg.data)
+
+    def encode(p, answer):
+        ids, mask = encode_for_training(tok, [*p.prompt, {"role": "assistant", "content": answer}])
+        return ids[-(cfg.seq_len + 1) :], mask[-(cfg.seq_len + 1) :]
+
+    data = [(encode(p, p.chosen), encode(p, p.rejected)) for p in pairs]
+    held = [x for i, x in enumerate(data) if i % 10 == 9]
+    train_pairs = [x for i, x in enumerate(data) if i % 10 != 9] or data
+    n = len(train_pairs)
+
+    def collate(items):
+        seqs = [c for c, _ in items] + [r for _, r in items]
+        width = max(len(ids) for ids, _ in seqs)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width)
+        for i, (ids, m) in enumerate(seqs):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+        with torch.no_grad():
+            ref = answer_logprobs(reference, tokens.to(device), mask.to(device)).cpu()
+        return tokens, mask, ref
+
+    def batch(step: int, part: int, parts: int):
+        idx = []
+        for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+            epoch, i = divmod(k, n)
+            perm = torch.randperm(
+                n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            )
+            idx.append(int(perm[i]))
+        per = cfg.batch_size // parts
+        return collate([train_pairs[i] for i in idx[part * per : (part + 1) * per]])
+
+    def loss(model, b):
+        tokens, mask, ref = b
+        logp = answer_logprobs(model, tokens, mask)
+        half = len(ref) // 2
+        return dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], cfg.beta)
+
+    def val_batches(rank: int, world: int):
+        for i in range(rank * cfg.batch_size, len(held), cfg.batch_size * world):
+            yield collate(held[i : i + cfg.batch_size])
+
+    def val_metrics(model) -> dict:
+        """Held-out: how often the implicit reward beta*(log pi - log pi_ref) prefers chosen."""
+        right = []
+        for i in range(0, len(held), cfg.batch_size):
+            tokens, mask, ref = collate(held[i : i + cfg.batch_size])
+            margin = answer_logprobs(model, tokens.to(device), mask.to(device)).cpu() - ref
+            half = len(ref) // 2
+            right += (margin[:half] > margin[half:]).tolist()
+        return {"val_reward_accuracy": sum(right) / max(1, len(right))}
+
+    def save_model(state_dict: dict, path: Path) -> None:
+        save_hf(path, policy.config, state_dict, tok)
+
+    return Stage(
+        model=policy.model,
+        batch=batch,
+        loss=loss,
+        save_model=save_model,
+        val_batches=val_batches if held else None,
+        val_metrics=val_metrics if held else None,
+        tokens_per_step=cfg.batch_size * 2 * cfg.seq_len,
+    )
+
+
+def dpo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+    return train(cfg, Path(out), lambda device, d: build_dpo(cfg, device, d), resume)
