@@ -100,3 +100,18 @@ def test_data_prepare_command(small_tokenizer, tmp_path, capsys):
     )
     assert cli([*argv, "--out", str(tmp_path / "out")]) == 1  # exists: refused, not clobbered
     assert "already exists" in capsys.readouterr().err
+
+
+def test_review_edge_cases(small_tokenizer, tmp_path):
+    # U+2028 may stand raw inside a JSON string: it does not end a JSONL line
+    rows = tmp_path / "u.jsonl"
+    rows.write_text(json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False) + "\r\n")
+    assert list(iter_documents([rows])) == ["a\u2028b\u0085c"]
+    with pytest.raises(DataError, match="val_every must be 0"):
+        prepare_corpus(["x"], small_tokenizer, tmp_path / "o", val_every=1, progress=False)
+    # every rank gets as many validation batches, even when the windows do not split evenly
+    docs = [f"def f{i}(x):\n    return x * {i}\n" * 20 for i in range(50)]
+    prepare_corpus(docs, small_tokenizer, tmp_path / "s", val_every=3, workers=1, progress=False)
+    shards = PackedShards(tmp_path / "s")
+    counts = [len(list(shards.val_batches(3, 37, 1000, rank=r, world=2))) for r in range(2)]
+    assert counts[0] == counts[1] > 0

@@ -149,3 +149,20 @@ def test_activation_checkpointing_and_accumulation_keep_the_losses(shards, tmp_p
     assert losses("ckpt", "activation_checkpointing=true") == pytest.approx(plain, rel=1e-6)
     # 2 micro-batches of 4: the same global batch of 8, in two halves
     assert losses("accum", "grad_accum=2") == pytest.approx(plain, rel=1e-5)
+
+
+def test_config_values_are_typed_and_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 3e-4\neps: 1e-5\nsteps: 10\nmodel_args: {dim: 64}\n")
+    cfg = load_train_config(f, ["compile=true", "warmup_steps=2"])
+    assert cfg.lr == 3e-4 and cfg.eps == 1e-5 and cfg.compile is True and cfg.warmup_steps == 2
+    for bad, message in [
+        (["lr=fast"], "setting 'lr': 'fast' is not a float"),
+        (["steps=2.5"], "setting 'steps'"),
+        (["eval_every=0"], "eval_every must be >= 1"),
+        (["warmup_steps=-3"], "warmup_steps"),
+        (["model_args={dmi: 32}"], r"model_args: unknown \['dmi'\]"),
+        (["model_args=5"], "setting 'model_args'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_train_config(None, bad)

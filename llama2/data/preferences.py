@@ -25,7 +25,7 @@ class Preference:
 def read_preferences(path: str | Path) -> list[Preference]:
     path = Path(path)
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"

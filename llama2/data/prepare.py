@@ -67,7 +67,9 @@ def iter_documents(inputs: Sequence[str | Path], field: str = "text") -> Iterato
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
     text = _read_text(path)
-    for n, line in enumerate(text.splitlines(), 1):
+    # only "\n" ends a JSONL line (U+2028 and friends may stand raw inside strings)
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -167,6 +169,8 @@ def prepare_corpus(
     progress: bool = True,
 ) -> dict:
     """Tokenize documents into packed shards in `out`; return the manifest."""
+    if val_every < 0 or val_every == 1:
+        raise DataError(f"val_every must be 0 (no validation) or at least 2, not {val_every}")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     workers = workers or os.cpu_count() or 1
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -69,7 +69,7 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
 def read_sft_jsonl(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     dialogs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -65,7 +65,8 @@ class PackedShards:
     ):
         """Fixed, non-overlapping validation windows (the same every evaluation)."""
         n = self._positions("val", seq_len + 1)
-        count = min(max_batches * batch_size, n // (seq_len + 1))
+        count = min(max_batches * batch_size * world, n // (seq_len + 1))
+        count -= count % (batch_size * world)  # every rank runs as many batches (collectives)
         starts = [i * (seq_len + 1) for i in range(count)]
         starts = starts[rank::world]
         for i in range(0, len(starts), batch_size):

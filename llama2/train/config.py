@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +55,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last",
+                     "eval_every", "ckpt_every", "log_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.warmup_steps < 0 or self.epochs < 0 or self.lr <= 0:
+            problems.append("warmup_steps and epochs must be >= 0, lr > 0")
+        from ..config import ModelConfig
+
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model_args) - fields)
+        if unknown:
+            problems.append(f"model_args: unknown {unknown} (fields: {', '.join(sorted(fields))})")
         if self.batch_size % self.grad_accum:
             problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -68,29 +79,47 @@ class TrainConfig:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
 
-def _coerce(name: str, value: str, current):
-    """A command-line value, typed like the field's current value."""
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name}: expected true or false, got {value!r}")
-    if isinstance(current, dict):
-        return yaml.safe_load(value)
-    if value.lower() in ("none", "null"):
-        return None
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
-    return value
+def _typed(key: str, value, hint):
+    """A setting's value (from YAML or the command line) as its field's type."""
+    allows_none = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    kind = next(t for t in typing.get_args(hint) if t is not type(None)) if allows_none else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if allows_none:
+            return None
+        raise ValueError(f"setting '{key}' needs a value")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # (YAML reads 3e-4, without a dot, as text)
+        if kind is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return str(value)
+    except ValueError:
+        raise ValueError(f"setting '{key}': {value!r} is not a {kind.__name__}") from None
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), base=TrainConfig):
     """Read a YAML config (or start from the defaults) and apply `key=value` overrides;
-    `model_args.dim=256` sets one model argument. Unknown keys are errors naming the key."""
+    `model_args.dim=256` sets one model argument. Unknown keys and values of the wrong type
+    are errors naming the key."""
     data: dict = {}
+    where = f"{path}: " if path is not None else ""
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -101,24 +130,25 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), base=T
     names = {f.name for f in dataclasses.fields(base)}
     for key in data:
         if key not in names:
-            raise ValueError(f"{path}: unknown setting '{key}'")
-    defaults = base()
+            raise ValueError(f"{where}unknown setting '{key}'")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         if key.startswith("model_args."):
-            args = dict(data.get("model_args", {}))
+            args = dict(data.get("model_args") or {})
             args[key.split(".", 1)[1]] = yaml.safe_load(value)
             data["model_args"] = args
             continue
         if key not in names:
             raise ValueError(f"override {key!r}: unknown setting")
-        data[key] = _coerce(key, value, data.get(key, getattr(defaults, key)))
+        data[key] = value
+    hints = typing.get_type_hints(base)
     try:
-        return base(**data)
-    except TypeError as e:
-        raise ValueError(f"invalid training config: {e}") from e
+        data = {key: _typed(key, value, hints[key]) for key, value in data.items()}
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from e
+    return base(**data)
 
 
 def config_to_yaml(cfg) -> str:

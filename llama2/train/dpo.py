@@ -76,7 +76,9 @@ def build_dpo(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         return dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], cfg.beta)
 
     def val_batches(rank: int, world: int):
-        for i in range(rank * cfg.batch_size, len(held), cfg.batch_size * world):
+        # whole rounds only: every rank runs as many batches (FSDP forwards are collective)
+        usable = len(held) - len(held) % (cfg.batch_size * world) if world > 1 else len(held)
+        for i in range(rank * cfg.batch_size, usable, cfg.batch_size * world):
             yield collate(held[i : i + cfg.batch_size])
 
     def val_metrics(model) -> dict:

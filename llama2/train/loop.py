@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from ..checkpoint import _fsync
 from .config import TrainConfig, config_to_yaml
 
 Batch = tuple[torch.Tensor, ...]
@@ -71,6 +72,8 @@ def setup_distributed(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
+    if device.type == "cuda":  # FSDP2 and NCCL use the current device: make it this rank's
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -167,6 +170,9 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
              "config": json.loads(json.dumps(cfg.__dict__))},
             tmp / "trainer.pt",
         )  # fmt: skip
+        for f in tmp.rglob("*"):  # on disk before the rename makes the checkpoint visible
+            if f.is_file():
+                _fsync(f)
         os.replace(tmp, final)  # the checkpoint appears whole or not at all
         link = out / ".model-link"
         link.unlink(missing_ok=True)

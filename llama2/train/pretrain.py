@@ -74,7 +74,7 @@ def build_pretraining(cfg: TrainConfig, out: Path, device: torch.device, d: Dist
         return shards.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, part, parts)
 
     def val_batches(rank: int, world: int):
-        return shards.val_batches(micro, cfg.seq_len, cfg.eval_batches, rank, world)
+        return shards.val_batches(micro // world, cfg.seq_len, cfg.eval_batches, rank, world)
 
     def save_model(state_dict: dict, path: Path) -> None:
         save_hf(path, config, state_dict, tokenizer)

@@ -64,6 +64,8 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         if val_rows is None:
             return
         m = val_rows[0].shape[0]
+        if world > 1:  # whole rounds only: every rank runs as many batches
+            m -= m % (cfg.batch_size * world)
         for start in range(rank, m, cfg.batch_size * world):
             sel = torch.arange(start, min(m, start + cfg.batch_size * world), world)
             yield tuple(t[sel] for t in val_rows)
