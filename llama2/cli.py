@@ -244,6 +244,14 @@ def cmd_dpo(args) -> None:
     dpo(cfg, args.out, resume=args.resume)
 
 
+def cmd_rejection(args) -> None:
+    from .train import load_train_config
+    from .train.rejection import rejection
+
+    cfg = load_train_config(args.config, args.overrides)
+    rejection(cfg, args.out, resume=args.resume)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -325,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, beta=)")
     s.set_defaults(func=cmd_dpo)
+
+    s = sub.add_parser("rejection", help="rejection sampling: best of K answers, then SFT on them")
+    s.add_argument("--config", default=None, help="YAML run config")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue (sampling is not redone)")
+    s.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value (init_from=, data=PROMPTS, reward_model=, safety_model=, ...)",
+    )
+    s.set_defaults(func=cmd_rejection)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

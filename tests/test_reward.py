@@ -82,3 +82,37 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
     assert metrics[-1]["loss"] < 0.3 and metrics[-1]["val_reward_accuracy"] == 1.0
     tuned = load(tmp_path / "dpo" / "model")
     assert tuned.head == "lm" and tuned.generate("x", max_new_tokens=2, temperature=0).token_ids
+
+
+def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_path):
+    from llama2.train.rejection import rejection
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    policy = save_hf(tmp_path / "policy", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    rm = Transformer(cfg)
+    rm.output = torch.nn.Linear(cfg.dim, 1, bias=False)
+    rm_dir = save_hf(tmp_path / "rm", cfg, rm.state_dict(), small_tokenizer, head="score")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Explain {t}."}) for t in TOPICS[:4]))
+    common = [f"init_from={policy}", f"data={prompts}", f"reward_model={rm_dir}",
+              f"safety_model={rm_dir}", "samples_per_prompt=3", "temperature=1.0",
+              "max_new_tokens=6", "steps=2", "batch_size=2", "seq_len=64", "lr=1e-3",
+              "warmup_steps=1", "ckpt_every=2", "eval_every=2", "threads=1"]  # fmt: skip
+    rejection(load_train_config(None, common), tmp_path / "r1")
+    samples = [json.loads(x) for x in (tmp_path / "r1" / "samples.jsonl").read_text().splitlines()]
+    best = [json.loads(x) for x in (tmp_path / "r1" / "best.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and len(best) == 4
+    for b in best:  # the winner of each prompt is its highest-scoring sample
+        mine = [s for s in samples if s["prompt_index"] == b["prompt_index"]]
+        assert b["score"] == max(s["score"] for s in mine) and b["round"] == 0
+    assert load(tmp_path / "r1" / "sft" / "model").head == "lm"
+    # round 2 with another seed: an earlier winner that still scores higher stays
+    round2 = [*common, "seed=5", f"previous={tmp_path / 'r1' / 'best.jsonl'}"]
+    rejection(load_train_config(None, round2), tmp_path / "r2")
+    best2 = [json.loads(x) for x in (tmp_path / "r2" / "best.jsonl").read_text().splitlines()]
+    new = [json.loads(x) for x in (tmp_path / "r2" / "samples.jsonl").read_text().splitlines()]
+    for b1, b2 in zip(best, best2, strict=True):
+        top_new = max(s["score"] for s in new if s["prompt_index"] == b1["prompt_index"])
+        assert b2["score"] == max(b1["score"], top_new)
+        assert b2["answer"] == (b1["answer"] if b1["score"] > top_new else b2["answer"])

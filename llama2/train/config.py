@@ -41,6 +41,13 @@ class TrainConfig:
     margin: str = "small"  # none | small | large
     # DPO: the strength of the implicit KL constraint
     beta: float = 0.1
+    # rejection sampling (section 3.2.3): K samples per prompt, scored by the reward model(s)
+    reward_model: str | None = None  # helpfulness (or the only) reward model
+    safety_model: str | None = None  # with it, scores combine as R_c (safety-gated at 0.15)
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+    previous: str | None = None  # best.jsonl of earlier rounds: their best samples compete too
     # runtime
     device: str = "auto"  # auto: cuda if available, else cpu
     autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32

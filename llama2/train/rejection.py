@@ -1,0 +1,136 @@
+"""Rejection sampling fine-tuning (Llama 2, section 3.2.3): K answers per prompt from the
+current policy, each scored by the reward model(s); the best per prompt is kept, competing
+with the best of all earlier rounds, and the policy is fine-tuned on the winners (SFT).
+
+The run directory holds samples.jsonl (every answer and its score), best.jsonl (the winner
+per prompt, with its score and round) and sft/ (the fine-tuning run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data.sft import encode_for_training
+from ..formats import DialogError, check_dialog
+from ..llm import Llama, load
+from .config import TrainConfig
+from .losses import combined_reward
+from .reward import pad, scores
+from .sft import sft
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """JSONL of {"prompt": text or messages, "is_safety": optional bool}."""
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+        prompt = r.get("prompt") if isinstance(r, dict) else None
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list):
+            raise DialogError(f"{path}:{n}: field 'prompt' must be text or a list of messages")
+        try:
+            check_dialog(prompt)
+        except DialogError as e:
+            raise DialogError(f"{path}:{n}: prompt: {e}") from e
+        out.append({"prompt": prompt, "is_safety": bool(r.get("is_safety", False))})
+    if not out:
+        raise DialogError(f"{path}: no prompts")
+    return out
+
+
+@torch.no_grad()
+def score_answers(
+    rm: Llama, dialogs: list[list[dict]], answers: list[str], batch: int = 16
+) -> list[float]:
+    """A reward model's score of each answer, as a probability (sigmoid of the scalar)."""
+    out: list[float] = []
+    for i in range(0, len(answers), batch):
+        pairs = zip(dialogs[i : i + batch], answers[i : i + batch], strict=True)
+        seqs = [
+            encode_for_training(rm.tokenizer, [*d, {"role": "assistant", "content": a}])[0]
+            for d, a in pairs
+        ]
+        tokens, lengths = pad(seqs)
+        out += torch.sigmoid(scores(rm.model, tokens, lengths)).tolist()
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
+    """Sample, score and select; returns the best per prompt (also written to best.jsonl)."""
+    if not (cfg.init_from and cfg.data and cfg.reward_model):
+        raise ValueError("rejection needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
+    prompts = read_prompts(cfg.data)
+    policy = load(cfg.init_from)
+    helpful = load(cfg.reward_model, dtype=torch.float32)
+    safety = load(cfg.safety_model, dtype=torch.float32) if cfg.safety_model else None
+    for rm, name in ((helpful, "reward_model"), (safety, "safety_model")):
+        if rm is not None and rm.head != "score":
+            raise ValueError(f"{name} {rm.path} is not a reward model")
+    K = cfg.samples_per_prompt
+    samples = []
+    for i, p in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
+        # K rows of the same dialog; row k samples with seed (seed + i * K) + k
+        outs = policy.chat([p["prompt"]] * K, temperature=cfg.temperature,
+                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i * K)  # fmt: skip
+        answers = [o.text for o in outs]
+        dialogs = [p["prompt"]] * K
+        r_help = torch.tensor(score_answers(helpful, dialogs, answers))
+        if safety is not None:
+            r_safe = torch.tensor(score_answers(safety, dialogs, answers))
+            r = combined_reward(r_help, r_safe, torch.tensor([p["is_safety"]] * K))
+        else:
+            r = r_help
+        for k, a in enumerate(answers):
+            samples.append({"prompt_index": i, "sample": k, "answer": a, "score": float(r[k])})
+    _write_jsonl(out / "samples.jsonl", samples)
+    previous = {}
+    if cfg.previous:
+        for line in Path(cfg.previous).read_text().splitlines():
+            row = json.loads(line)
+            previous[row["prompt_index"]] = row
+    best = []
+    for i, p in enumerate(prompts):
+        mine = max((s for s in samples if s["prompt_index"] == i), key=lambda s: s["score"])
+        row = {"prompt_index": i, "prompt": p["prompt"], "answer": mine["answer"],
+               "score": mine["score"], "round": 0}  # fmt: skip
+        old = previous.get(i)
+        if old is not None:
+            row["round"] = old.get("round", 0) + 1
+            if old["score"] > mine["score"]:  # an earlier round's answer still wins
+                row |= {"answer": old["answer"], "score": old["score"], "round": old["round"]}
+        best.append(row)
+    _write_jsonl(out / "best.jsonl", best)
+    return best
+
+
+def rejection(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (resume and (out / "best.jsonl").exists()):  # sampling is seeded: done once
+        best = sample_and_select(cfg, out)
+    else:
+        best = [json.loads(line) for line in (out / "best.jsonl").read_text().splitlines()]
+    data = [
+        {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]} for b in best
+    ]
+    _write_jsonl(out / "sft.jsonl", data)
+    return sft(dataclasses.replace(cfg, data=str(out / "sft.jsonl")), out / "sft", resume=resume)
