@@ -107,16 +107,15 @@ def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
         for line in Path(cfg.previous).read_text().splitlines():
             row = json.loads(line)
             previous[row["prompt_index"]] = row
+    this_round = 1 + max((r.get("round", 0) for r in previous.values()), default=-1)
     best = []
     for i, p in enumerate(prompts):
         mine = max((s for s in samples if s["prompt_index"] == i), key=lambda s: s["score"])
         row = {"prompt_index": i, "prompt": p["prompt"], "answer": mine["answer"],
-               "score": mine["score"], "round": 0}  # fmt: skip
+               "score": mine["score"], "round": this_round}  # fmt: skip
         old = previous.get(i)
-        if old is not None:
-            row["round"] = old.get("round", 0) + 1
-            if old["score"] > mine["score"]:  # an earlier round's answer still wins
-                row |= {"answer": old["answer"], "score": old["score"], "round": old["round"]}
+        if old is not None and old["score"] > mine["score"]:  # an earlier winner still wins
+            row |= {"answer": old["answer"], "score": old["score"], "round": old.get("round", 0)}
         best.append(row)
     _write_jsonl(out / "best.jsonl", best)
     return best
