@@ -252,6 +252,14 @@ def cmd_rejection(args) -> None:
     rejection(cfg, args.out, resume=args.resume)
 
 
+def cmd_ppo(args) -> None:
+    from .train import load_train_config
+    from .train.ppo import ppo
+
+    cfg = load_train_config(args.config, args.overrides)
+    ppo(cfg, args.out, resume=args.resume)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -344,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="key=value (init_from=, data=PROMPTS, reward_model=, safety_model=, ...)",
     )
     s.set_defaults(func=cmd_rejection)
+
+    s = sub.add_parser("ppo", help="PPO against reward model(s), KL-penalised (section 3.2.3)")
+    s.add_argument("--config", default=None, help="YAML run config")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    s.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value (init_from=, data=PROMPTS, reward_model=, safety_model=, ...)",
+    )
+    s.set_defaults(func=cmd_ppo)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

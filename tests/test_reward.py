@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -116,3 +117,82 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
         top_new = max(s["score"] for s in new if s["prompt_index"] == b1["prompt_index"])
         assert b2["score"] == max(b1["score"], top_new)
         assert b2["answer"] == (b1["answer"] if b1["score"] > top_new else b2["answer"])
+
+
+def _ppo_setup(small_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    policy = save_hf(tmp_path / "policy", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    rm = Transformer(cfg)
+    rm.output = torch.nn.Linear(cfg.dim, 1, bias=False)
+    rm_dir = save_hf(tmp_path / "rm", cfg, rm.state_dict(), small_tokenizer, head="score")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Explain {t}.", "is_safety": i % 3 == 0} for i, t in enumerate(TOPICS)]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    return [f"init_from={policy}", f"data={prompts}", f"reward_model={rm_dir}",
+            f"safety_model={rm_dir}", "steps=12", "batch_size=4", "minibatch=2", "ppo_epochs=2",
+            "max_new_tokens=6", "lr=1e-4", "ckpt_every=4", "eval_every=4", "threads=1",
+            "keep_last=2"]  # fmt: skip
+
+
+def test_ppo_killed_and_resumed_continues_with_the_same_metrics(small_tokenizer, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    args = _ppo_setup(small_tokenizer, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+
+    def run(out, resume=False, wait=True):
+        cmd = [sys.executable, "-m", "llama2.cli", "ppo", "--out", str(out), *args]
+        if resume:
+            cmd.append("--resume")
+        p = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        if wait:
+            output, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, output[-3000:]
+        return p
+
+    def metrics(out):
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    run(tmp_path / "ref")
+    ref = metrics(tmp_path / "ref")
+    assert len(ref) == 12
+    for key in ("reward", "kl", "entropy", "response_length", "clip_frac", "policy_loss",
+                "value_loss"):  # fmt: skip
+        assert all(math.isfinite(m[key]) for m in ref), key
+    assert "held_out_reward" in ref[3] and ref[0]["kl"] == pytest.approx(0, abs=1e-5)
+
+    p = run(tmp_path / "run", wait=False)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill between the checkpoints of iterations 4 and 8
+        if log.exists() and len(log.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert 6 <= len(metrics(tmp_path / "run")) < 12, "not killed mid-way"
+    run(tmp_path / "run", resume=True)
+    after = metrics(tmp_path / "run")
+    assert [m["step"] for m in after] == list(range(1, 13))
+    for a, b in zip(after, ref, strict=True):
+        assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}, a["step"]
+    assert load(tmp_path / "run" / "model").head == "lm"
+
+
+def test_ppo_stops_early_when_held_out_reward_stalls(small_tokenizer, tmp_path):
+    from llama2.train.ppo import ppo
+
+    args = _ppo_setup(small_tokenizer, tmp_path)
+    # a learning rate too small to move: the held-out reward cannot improve after the first look
+    metrics = ppo(load_train_config(None, [*args, "lr=1e-12", "patience=1"]), tmp_path / "stall")
+    assert len(metrics) == 8 and metrics[-1]["early_stop"] is True
+    assert metrics[3]["held_out_reward"] == metrics[7]["held_out_reward"]
+    assert (tmp_path / "stall" / "checkpoints" / "step_0000008").is_dir()

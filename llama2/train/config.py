@@ -48,6 +48,14 @@ class TrainConfig:
     temperature: float = 1.0
     max_new_tokens: int = 128
     previous: str | None = None  # best.jsonl of earlier rounds: their best samples compete too
+    # PPO (section 3.2.3): steps = iterations, batch_size = prompts per iteration
+    kl_beta: float = 0.01  # 0.01 for small models, 0.005 for 34B/70B
+    clip: float = 0.2
+    ppo_epochs: int = 1
+    minibatch: int = 4
+    value_coef: float = 0.5
+    gae_lambda: float = 0.95
+    patience: int = 0  # early stopping: evaluations without a better held-out reward (0: off)
     # runtime
     device: str = "auto"  # auto: cuda if available, else cpu
     autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32

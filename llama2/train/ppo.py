@@ -1,0 +1,235 @@
+"""PPO (Llama 2, section 3.2.3): the policy samples answers, the reward model(s) score them,
+and the policy is pushed toward higher reward while a per-token KL penalty keeps it near its
+initial self.
+
+Reward: R_c (the safety score for safety prompts or below 0.15, else helpfulness), turned
+back into a logit and whitened, on the last token; minus beta * KL(policy || reference) on
+every token. Advantages by GAE from a value model initialised from the reward model; the
+clipped surrogate and clipped value losses over minibatches; a constant learning rate.
+Per iteration, metrics.jsonl gets reward, KL, entropy, response length and clip fraction;
+every `eval_every`, the mean reward of greedy answers to held-out prompts, which stops the
+run after `patience` evaluations without improvement. Checkpoints (policy, value model,
+optimizer, RNG, iteration) are atomic and a killed run resumes to the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import _fsync, save_hf
+from ..formats import encode_chat
+from ..llm import Llama, load
+from .config import TrainConfig, config_to_yaml
+from .loop import _read_metrics, _write_metrics, checkpoint_dirs, latest_checkpoint, make_optimizer
+from .losses import (
+    combined_reward,
+    gae,
+    per_token_kl,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+)
+from .rejection import read_prompts, score_answers
+
+
+def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each next token and the entropy at each position: [B, L-1] each."""
+    logits = model(tokens[:, :-1]).float()
+    logp_all = F.log_softmax(logits, -1)
+    logp = torch.gather(logp_all, 2, tokens[:, 1:, None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+class PPO:
+    def __init__(self, cfg: TrainConfig):
+        if not (cfg.init_from and cfg.data and cfg.reward_model):
+            raise ValueError("ppo needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
+        self.cfg = cfg
+        self.policy: Llama = load(cfg.init_from, dtype=torch.float32)
+        self.reference = load(cfg.init_from, dtype=torch.float32).model.requires_grad_(False)
+        self.helpful = load(cfg.reward_model, dtype=torch.float32)
+        self.safety = load(cfg.safety_model, dtype=torch.float32) if cfg.safety_model else None
+        if self.helpful.head != "score":
+            raise ValueError(f"{cfg.reward_model} is not a reward model")
+        value = load(cfg.reward_model, dtype=torch.float32)  # the value model starts as the RM
+        self.value = value.model
+        self.value_config = value.config
+        prompts = read_prompts(cfg.data)
+        self.held_out = prompts[9::10]
+        self.prompts = [p for i, p in enumerate(prompts) if i % 10 != 9] or prompts
+        self.both = nn.ModuleDict({"policy": self.policy.model, "value": self.value})
+        self.optim = make_optimizer(self.both, cfg)
+
+    def reward(self, dialogs, answers, is_safety) -> torch.Tensor:
+        r = torch.tensor(score_answers(self.helpful, dialogs, answers))
+        if self.safety is None:
+            return r
+        return combined_reward(
+            r, torch.tensor(score_answers(self.safety, dialogs, answers)), is_safety
+        )
+
+    @torch.no_grad()
+    def rollout(self, it: int) -> dict:
+        cfg, tok = self.cfg, self.policy.tokenizer
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        idx = torch.randint(0, len(self.prompts), (cfg.batch_size,), generator=g).tolist()
+        batch = [self.prompts[i] for i in idx]
+        dialogs = [p["prompt"] for p in batch]
+        seed = cfg.seed * 7919 + it * 1000
+        outs = self.policy.chat(
+            dialogs, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
+        )
+        seqs, masks = [], []
+        for d, o in zip(dialogs, outs, strict=True):
+            prompt = encode_chat(tok, d)
+            answer = o.token_ids + ([tok.eos_id] if o.finish_reason == "stop" else [])
+            answer = answer or [tok.eos_id]
+            seqs.append(prompt + answer)
+            masks.append([0.0] * len(prompt) + [1.0] * len(answer))
+        width = max(map(len, seqs))
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width)
+        for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+            tokens[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(m)] = torch.tensor(m)
+        mask = mask[:, 1:]  # aligned with the next-token log-probs
+        logp, _ = token_logprobs(self.policy.model, tokens)
+        ref, _ = token_logprobs(self.reference, tokens)
+        values = self.value(tokens[:, :-1])[..., 0].float() * mask
+        is_safety = torch.tensor([p["is_safety"] for p in batch])
+        r_c = self.reward(dialogs, [o.text for o in outs], is_safety)
+        kl = per_token_kl(logp, ref) * mask
+        rewards = ppo_rewards(r_c, kl, mask, self.cfg.kl_beta)
+        adv, returns = gae(rewards, values, mask, gamma=1.0, lam=self.cfg.gae_lambda)
+        flat = adv[mask.bool()]
+        adv = (adv - flat.mean()) / (flat.std(unbiased=False) + 1e-8) * mask
+        return {"tokens": tokens, "mask": mask, "logp": logp * mask, "values": values,
+                "adv": adv, "returns": returns, "r_c": r_c, "kl": kl}  # fmt: skip
+
+    def update(self, ro: dict, it: int) -> dict:
+        cfg = self.cfg
+        B = ro["tokens"].shape[0]
+        g = torch.Generator().manual_seed(cfg.seed * 31 + it)
+        stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
+        for _ in range(cfg.ppo_epochs):
+            for mb in torch.randperm(B, generator=g).split(cfg.minibatch):
+                m = ro["mask"][mb]
+                logp, entropy = token_logprobs(self.policy.model, ro["tokens"][mb])
+                pl, frac = ppo_policy_loss(logp, ro["logp"][mb], ro["adv"][mb], m, cfg.clip)
+                values = self.value(ro["tokens"][mb][:, :-1])[..., 0].float()
+                vl = ppo_value_loss(values, ro["values"][mb], ro["returns"][mb], m, cfg.clip)
+                (pl + cfg.value_coef * vl).backward()
+                nn.utils.clip_grad_norm_(self.both.parameters(), cfg.grad_clip)
+                self.optim.step()
+                self.optim.zero_grad(set_to_none=True)
+                ent = (entropy * m).sum() / m.sum().clamp(min=1)
+                for k, v in (
+                    ("policy_loss", pl),
+                    ("value_loss", vl),
+                    ("clip_frac", frac),
+                    ("entropy", ent),
+                ):
+                    stats[k].append(float(v))
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def held_out_reward(self) -> float:
+        if not self.held_out:
+            return float("nan")
+        dialogs = [p["prompt"] for p in self.held_out]
+        outs = self.policy.chat(dialogs, temperature=0, max_new_tokens=self.cfg.max_new_tokens)
+        is_safety = torch.tensor([p["is_safety"] for p in self.held_out])
+        return float(self.reward(dialogs, [o.text for o in outs], is_safety).mean())
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def save(self, out: Path, it: int, extra: dict) -> None:
+        final = out / "checkpoints" / f"step_{it:07d}"
+        tmp = out / "checkpoints" / f".tmp_step_{it:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tok = self.policy.tokenizer
+        save_hf(tmp / "model", self.policy.config, self.policy.model.state_dict(), tok)
+        save_hf(tmp / "value", self.value_config, self.value.state_dict(), tok, head="score")
+        torch.save({"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state(),
+                    **extra}, tmp / "trainer.pt")  # fmt: skip
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        os.replace(tmp, final)
+        link = out / ".model-link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(final.relative_to(out) / "model")
+        os.replace(link, out / "model")
+        for old in checkpoint_dirs(out)[: -self.cfg.keep_last]:
+            shutil.rmtree(old)
+
+    def restore(self, ckpt: Path) -> dict:
+        policy = load(ckpt / "model", dtype=torch.float32).model.state_dict()
+        self.policy.model.load_state_dict(policy)
+        self.value.load_state_dict(load(ckpt / "value", dtype=torch.float32).model.state_dict())
+        state = torch.load(ckpt / "trainer.pt", weights_only=True)
+        self.optim.load_state_dict(state["optim"])
+        torch.set_rng_state(state["rng"])
+        return state
+
+
+def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not resume and checkpoint_dirs(out):
+        raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+    torch.manual_seed(cfg.seed)
+    run = PPO(cfg)
+    start, best, bad = 0, float("-inf"), 0
+    metrics_path = out / "metrics.jsonl"
+    metrics: list[dict] = []
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ValueError(f"{out}: --resume, but there is no complete checkpoint to resume from")
+        state = run.restore(ckpt)
+        start, best, bad = state["step"], state["best"], state["bad"]
+        metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+        print(f"resuming from {ckpt} (iteration {start})", flush=True)
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    _write_metrics(metrics_path, metrics)
+    stopped = any(m.get("early_stop") for m in metrics)
+    with open(metrics_path, "a") as log:
+        bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="iter")
+        for it in range(start, cfg.steps):
+            if stopped:
+                break
+            ro = run.rollout(it)
+            row = {"step": it + 1, "reward": float(ro["r_c"].mean()),
+                   "kl": float(ro["kl"].sum(-1).mean()),
+                   "response_length": float(ro["mask"].sum(-1).mean())}  # fmt: skip
+            row |= run.update(ro, it)
+            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.steps:
+                row["held_out_reward"] = run.held_out_reward()
+                if row["held_out_reward"] > best:
+                    best, bad = row["held_out_reward"], 0
+                else:
+                    bad += 1
+                if cfg.patience and bad >= cfg.patience:
+                    row["early_stop"] = stopped = True
+            metrics.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+            bar.update()
+            if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps or stopped:
+                run.save(out, it + 1, {"best": best, "bad": bad})
+        bar.close()
+    return metrics
