@@ -138,7 +138,7 @@ class PPO:
                     ("clip_frac", frac),
                     ("entropy", ent),
                 ):
-                    stats[k].append(float(v))
+                    stats[k].append(float(v.detach()))
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     @torch.no_grad()
