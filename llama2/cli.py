@@ -260,6 +260,16 @@ def cmd_ppo(args) -> None:
     ppo(cfg, args.out, resume=args.resume)
 
 
+def cmd_merge(args) -> None:
+    from .checkpoint import read_checkpoint, save_hf
+    from .lora import merge_adapter
+
+    ckpt = read_checkpoint(args.base)
+    merged = merge_adapter(ckpt.state_dict, args.adapter)
+    save_hf(args.out, ckpt.config, merged, ckpt.tokenizer)
+    print(f"merged {args.adapter} into {args.base}: {args.out}", file=sys.stderr)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -363,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="key=value (init_from=, data=PROMPTS, reward_model=, safety_model=, ...)",
     )
     s.set_defaults(func=cmd_ppo)
+
+    s = sub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into a model")
+    s.add_argument("base")
+    s.add_argument("adapter")
+    s.add_argument("out")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

@@ -138,3 +138,43 @@ def test_sft_stage_end_to_end(small_tokenizer, tmp_path):
     answer = tuned.chat([{"role": "user", "content": "Echo the word class"}], max_new_tokens=4,
                         temperature=0)  # fmt: skip
     assert answer.token_ids
+
+
+def test_lora_sft_adapter_loads_in_peft_and_merges(small_tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from llama2 import load, save_hf
+    from llama2.cli import main as cli
+    from llama2.train import load_train_config
+    from llama2.train.sft import sft
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    data = tmp_path / "sft.jsonl"
+    words = ["import", "return", "class", "def"] * 8
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {w}", "output": w}) for w in words))
+    overrides = [f"init_from={base}", f"data={data}", "steps=8", "batch_size=4", "seq_len=64",
+                 "lr=1e-2", "warmup_steps=1", "ckpt_every=8", "eval_every=8", "threads=1",
+                 "lora_rank=4", "lora_alpha=8", "lora_targets=wq,wv,w2"]  # fmt: skip
+    metrics = sft(load_train_config(None, overrides), tmp_path / "run")
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000008"
+    adapter_cfg = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert (
+        adapter_cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"] and adapter_cfg["r"] == 4
+    )
+    merged = load(ckpt / "model")  # the run's model: base + adapter, merged
+    # PEFT puts our adapter on transformers' model of the base: same logits as our merge
+    peft_model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base, attn_implementation="eager"), ckpt / "adapter"
+    ).eval()
+    x = torch.tensor([small_tokenizer.encode("[INST] Say def [/INST]", bos=True)])
+    with torch.no_grad():
+        ours, theirs = merged.model(x), peft_model(x).logits
+        assert (ours - load(base).model(x)).abs().max() > 1e-3  # the adapter changed something
+    assert (ours - theirs).abs().max() < 1e-4
+    assert cli(["merge", str(base), str(ckpt / "adapter"), str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        assert (load(tmp_path / "merged").model(x) - ours).abs().max() < 1e-5

@@ -37,6 +37,10 @@ class TrainConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0
     seed: int = 0
+    # LoRA (sft): rank > 0 trains adapters on these linears instead of every weight
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wv"
     # reward models (section 3.2.2): the margin of the ranking loss, by rating
     margin: str = "small"  # none | small | large
     # DPO: the strength of the implicit KL constraint

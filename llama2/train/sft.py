@@ -70,11 +70,22 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
             sel = torch.arange(start, min(m, start + cfg.batch_size * world), world)
             yield tuple(t[sel] for t in val_rows)
 
+    model = base.model
+    if cfg.lora_rank > 0:
+        from ..lora import add_lora
+
+        add_lora(model, cfg.lora_targets.split(","), cfg.lora_rank, cfg.lora_alpha)
+
     def save_model(state_dict: dict, path: Path) -> None:
+        if cfg.lora_rank > 0:  # the adapter (PEFT files) beside the merged model
+            from ..lora import merged_state_dict, save_adapter
+
+            save_adapter(model, path.parent / "adapter", str(cfg.init_from))
+            state_dict = merged_state_dict(model)
         save_hf(path, base.config, state_dict, base.tokenizer)
 
     return Stage(
-        model=base.model,
+        model=model,
         batch=batch,
         loss=packed_loss,
         save_model=save_model,
