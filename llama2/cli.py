@@ -270,6 +270,15 @@ def cmd_merge(args) -> None:
     print(f"merged {args.adapter} into {args.base}: {args.out}", file=sys.stderr)
 
 
+def cmd_gatt(args) -> None:
+    from .train import load_train_config
+    from .train.gatt import gatt
+
+    report = gatt(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
+    rates = ", ".join(f"{r:.0%}" for r in report["adherence_by_turn"])
+    print(f"instruction adherence by turn: {rates}", file=sys.stderr)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -379,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapter")
     s.add_argument("out")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence")
+    s.add_argument("--config", default=None, help="YAML run config")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue (sampling is not redone)")
+    s.add_argument("overrides", nargs="*", help="key=value (init_from=CHAT_MODEL, data=, ...)")
+    s.set_defaults(func=cmd_gatt)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

@@ -52,3 +52,34 @@ def test_adherence_is_measured_per_turn(small_tokenizer):
 
     verdicts = adherence_by_turn(chat, rule, TURNS)
     assert len(verdicts) == 3 and asked[0].startswith(RULE) and asked[1:] == TURNS[1:]
+
+
+def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
+    import json
+
+    import torch
+
+    from llama2 import load, save_hf
+    from llama2.train import load_train_config
+    from llama2.train.gatt import gatt
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro", max_seq_len=1024)
+    base = save_hf(tmp_path / "chat", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    data = tmp_path / "turns.jsonl"
+    rows = [{"turns": ["What is a list?", "And a dict?", "Thanks!"]},
+            {"turns": ["Hello", "Why?"], "instruction": RULE}] * 3  # fmt: skip
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = [f"init_from={base}", f"data={data}", "steps=4", "batch_size=2", "seq_len=128",
+                 "lr=1e-3", "warmup_steps=1", "ckpt_every=4", "eval_every=4", "threads=1",
+                 "max_new_tokens=5", "temperature=0.8"]  # fmt: skip
+    report = gatt(load_train_config(None, overrides), tmp_path / "run")
+    dialogs = [
+        json.loads(x)["messages"]
+        for x in (tmp_path / "run" / "gatt.jsonl").read_text().splitlines()
+    ]
+    assert len(dialogs) == 6 and dialogs[1][0]["content"].startswith(RULE)
+    assert not any(RULE in m["content"] for m in dialogs[1][1:])  # the instruction, once
+    assert len(report["adherence_by_turn"]) == 3
+    assert all(0 <= r <= 1 for r in report["adherence_by_turn"])
+    assert load(tmp_path / "run" / "sft" / "model").head == "lm"

@@ -22,8 +22,16 @@ class Preference:
     is_safety: bool
 
 
-def read_preferences(path: str | Path) -> list[Preference]:
-    path = Path(path)
+def read_preferences(paths: str | Path) -> list[Preference]:
+    """Pairs from one file, or several separated by commas (a data mix, e.g. the helpfulness
+    model's: helpful.jsonl,some_safety.jsonl)."""
+    out = []
+    for path in str(paths).split(","):
+        out += _read_one(Path(path))
+    return out
+
+
+def _read_one(path: Path) -> list[Preference]:
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():

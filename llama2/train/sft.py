@@ -27,7 +27,9 @@ def packed_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def build_sft(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
+def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
+    """`encode(tokenizer, dialog) -> (ids, loss mask)`: the chat format with loss on every
+    answer by default (Ghost Attention passes one with loss on the last answer only)."""
     if not cfg.init_from:
         raise ValueError("sft needs init_from=MODEL_DIR (the model to fine-tune)")
     if not cfg.data:
@@ -36,7 +38,7 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
     if base.tokenizer is None:
         raise ValueError(f"{cfg.init_from}: no tokenizer.model")
     dialogs = read_sft_jsonl(cfg.data)
-    examples = [encode_for_training(base.tokenizer, d_) for d_ in dialogs]
+    examples = [encode(base.tokenizer, d_) for d_ in dialogs]
     val_every = 20 if len(examples) >= 40 else 0
     train_ex = [
         e for i, e in enumerate(examples) if not val_every or i % val_every != val_every - 1

@@ -1,0 +1,95 @@
+"""`llama2 gatt`: Ghost Attention (Llama 2, section 3.3) end to end. For each dialog of user
+turns, an instruction (one of data/gatt.py's, drawn from the seed) is attached to every user
+turn to sample the answers with the current chat model; the dialogs are then fine-tuned on
+with the instruction in the first turn only and the loss on the last answer only. Finally
+the tuned model's adherence is measured turn by turn, the instruction given once.
+
+`data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
+from ..formats import DialogError
+from ..llm import load
+from .config import TrainConfig
+from .loop import train
+from .sft import build_sft
+
+
+def read_turns(path: str | Path) -> list[dict]:
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+        turns = r.get("turns") if isinstance(r, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise DialogError(f"{path}:{n}: field 'turns' must be a non-empty list of texts")
+        text = r.get("instruction")
+        if text is not None and text not in {i.text for i in INSTRUCTIONS}:
+            raise DialogError(f"{path}:{n}: unknown instruction {text!r}")
+        out.append({"turns": turns, "instruction": text})
+    if not out:
+        raise DialogError(f"{path}: no dialogs")
+    return out
+
+
+def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
+    if not cfg.init_from or not cfg.data:
+        raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_turns(cfg.data)
+    rng = random.Random(cfg.seed)
+    by_text = {i.text: i for i in INSTRUCTIONS}
+    chosen = [
+        by_text[r["instruction"]] if r["instruction"] else rng.choice(INSTRUCTIONS) for r in records
+    ]
+    data = out / "gatt.jsonl"
+    if not (resume and data.exists()):
+        chat = load(cfg.init_from)
+
+        def answer(dialog):
+            return chat.chat(dialog, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                             seed=cfg.seed).text  # fmt: skip
+
+        rows = []
+        for r, ins in zip(
+            tqdm(records, desc="sampling dialogs", unit="dialog"), chosen, strict=True
+        ):
+            rows.append({"messages": sample_dialog(answer, ins.text, r["turns"])})
+        tmp = data.with_name(".gatt.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+        tmp.replace(data)
+    tuned_cfg = dataclasses.replace(cfg, data=str(data))
+
+    def build(device, d):
+        return build_sft(tuned_cfg, device, d, encode=training_example)
+
+    train(tuned_cfg, out / "sft", build, resume)
+    tuned = load(out / "sft" / "model")
+
+    def greedy(dialog):
+        return tuned.chat(dialog, temperature=0, max_new_tokens=cfg.max_new_tokens).text
+
+    turns = max(len(r["turns"]) for r in records)
+    honoured = [[] for _ in range(turns)]
+    for r, ins in zip(records, chosen, strict=True):
+        for k, ok in enumerate(adherence_by_turn(greedy, ins, r["turns"])):
+            honoured[k].append(ok)
+    report = {"adherence_by_turn": [sum(h) / len(h) for h in honoured if h],
+              "dialogs": len(records)}  # fmt: skip
+    (out / "adherence.json").write_text(json.dumps(report, indent=2))
+    return report
