@@ -41,8 +41,9 @@ def _pretrain(out, args, resume=False, procs=1, wait=True):
     if resume:
         cmd.insert(4, "--resume")
     if procs > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", *cmd[2:]]  # fmt: skip
+        # --standalone: a free rendezvous port each time (no clash with a run just ended)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={procs}", "-m", *cmd[2:]]  # fmt: skip
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return p

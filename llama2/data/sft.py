@@ -8,6 +8,7 @@ OpenAI `messages` (`role`, `content`), ShareGPT `conversations` (`from`, `value`
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,11 +111,20 @@ def pack(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy packing of (ids, loss mask) examples into rows of seq_len + 1 tokens.
     Returns inputs and targets [N, seq_len] (IGNORE where no loss) and segment ids (0 =
-    padding). An example longer than a row is cut to it."""
+    padding). An example longer than a row is left out (cut, it would lose its answer's end),
+    with a warning; none fitting is an error."""
+    fits = [(ids, mask) for ids, mask in examples if len(ids) <= seq_len + 1]
+    if len(fits) < len(examples):
+        warnings.warn(
+            f"{len(examples) - len(fits)} of {len(examples)} examples are longer than "
+            f"seq_len + 1 = {seq_len + 1} tokens and are left out",
+            stacklevel=2,
+        )
+    if not fits:
+        raise ValueError(f"no example fits in seq_len {seq_len}: raise seq_len")
     rows: list[list[tuple[list[int], list[bool]]]] = [[]]
     used = 0
-    for ids, mask in examples:
-        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+    for ids, mask in fits:
         if used + len(ids) > seq_len + 1 and rows[-1]:
             rows.append([])
             used = 0

@@ -212,21 +212,28 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_losses(metrics: list[dict], path: Path) -> None:
+def plot_losses(
+    metrics: list[dict],
+    path: Path,
+    curves: dict[str, str] | None = None,
+    ylabel: str = "cross-entropy (nats/token)",
+) -> None:
+    """A PNG of metric curves by step ({metric key: label}; keys seen only at evaluations get
+    markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    curves = curves or {"loss": "train loss", "val_loss": "validation loss"}
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    for key, label in curves.items():
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            sparse = len(points) < len(metrics)
+            ax.plot(*zip(*points, strict=True), "o-" if sparse else "-", label=label, linewidth=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

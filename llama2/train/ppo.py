@@ -28,7 +28,14 @@ from ..checkpoint import _fsync, save_hf
 from ..formats import encode_chat
 from ..llm import Llama, load
 from .config import TrainConfig, config_to_yaml
-from .loop import _read_metrics, _write_metrics, checkpoint_dirs, latest_checkpoint, make_optimizer
+from .loop import (
+    _read_metrics,
+    _write_metrics,
+    checkpoint_dirs,
+    latest_checkpoint,
+    make_optimizer,
+    plot_losses,
+)
 from .losses import (
     combined_reward,
     gae,
@@ -231,5 +238,8 @@ def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
             bar.update()
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps or stopped:
                 run.save(out, it + 1, {"best": best, "bad": bad})
+                curves = {"reward": "reward (R_c)", "held_out_reward": "held-out reward",
+                          "kl": "KL to the reference"}  # fmt: skip
+                plot_losses(metrics, out / "reward.png", curves, ylabel="")
         bar.close()
     return metrics
