@@ -279,6 +279,14 @@ def cmd_gatt(args) -> None:
     print(f"instruction adherence by turn: {rates}", file=sys.stderr)
 
 
+def cmd_serve(args) -> None:
+    from .serve.api import serve
+
+    llm = _load_for_generation(args)
+    name = args.name or Path(args.model).resolve().name
+    serve(llm, args.host, args.port, name, args.api_key, args.max_batch, args.max_queue)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -313,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (HF, Meta)")
     s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--name", default=None, help="the model's name in the API (default: dir name)")
+    s.add_argument("--dtype", default=None)
+    s.set_defaults(func=cmd_serve, compile=False)
 
     s = sub.add_parser("quantize", help="weight-only int8 / int4 quantization")
     s.add_argument("model")

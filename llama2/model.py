@@ -66,6 +66,7 @@ class AttentionContext:
     kv_len: int  # cached keys to attend over
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, or None
     is_causal: bool
+    rows: torch.Tensor | None = None  # the cache rows (slots) of the batch rows, if not 0..B-1
 
 
 def segment_context(segments: torch.Tensor) -> AttentionContext:
@@ -94,6 +95,11 @@ class KVCache(nn.Module):
         """Write k, v ([B, H, T, hd]) at the context's positions; return keys and values of the
         first ctx.kv_len positions."""
         B, _, T, _ = k.shape
+        if ctx.rows is not None:  # a batch of slots of a shared cache (serving)
+            rows = ctx.rows[:, None]
+            self.k[rows, :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
+            return self.k[ctx.rows, :, : ctx.kv_len], self.v[ctx.rows, :, : ctx.kv_len]
         if ctx.start is not None:
             self.k[:B, :, ctx.start : ctx.start + T] = k
             self.v[:B, :, ctx.start : ctx.start + T] = v
@@ -235,6 +241,7 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor | None = None,
         output_index: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        slots: list[int] | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab].
 
@@ -244,12 +251,14 @@ class Transformer(nn.Module):
         for the logits of one position per row only ([B, 1, vocab]), sparing the output head.
         `segments` ([B, T] example ids, no cache) packs several examples in a row: each token
         attends within its own example only, at positions counted from the example's start.
+        `slots` (with a cache) names the cache row of each batch row: requests of a shared
+        cache run together whatever their rows (continuous batching).
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         ctx = None
         if self.layers[0].attention.cache is not None:
-            ctx = self._context(B, T, start_pos, tokens.device)
+            ctx = self._context(B, T, start_pos, tokens.device, slots)
             positions = ctx.positions
         else:
             if start_pos is not None and bool(torch.as_tensor(start_pos).ne(0).any()):
@@ -269,9 +278,19 @@ class Transformer(nn.Module):
             h = h[torch.arange(B, device=h.device), output_index.to(h.device)][:, None]
         return self.output(self.norm(h)).float()
 
-    def _context(self, B: int, T: int, start_pos, device) -> AttentionContext:
+    def _context(self, B: int, T: int, start_pos, device, slots=None) -> AttentionContext:
         if start_pos is None:
             raise ValueError("a KV cache is set up: forward needs start_pos")
+        if slots is not None:
+            starts = torch.as_tensor(start_pos, device=device).reshape(-1).expand(B)
+            positions = starts[:, None] + torch.arange(T, device=device)
+            hi = int(positions.max()) + 1
+            if hi > self.cache_len or int(starts.min()) < 0:
+                raise ValueError(f"positions outside the KV cache of {self.cache_len}")
+            keys = torch.arange(hi, device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+            rows = torch.as_tensor(slots, device=device)
+            return AttentionContext(positions, None, hi, mask, is_causal=False, rows=rows)
         if self.static_cache and torch.compiler.is_compiling():
             # tensors only (the caller keeps positions inside the cache): fixed shapes, no
             # host sync; eager calls on a static cache (the prefill) take the paths below
