@@ -16,10 +16,24 @@ from llama2 import Llama, Transformer, get_preset
 KEY = "sk-test"
 
 
-@pytest.fixture(scope="module")
-def server(small_tokenizer):
+def _start(app):
     import uvicorn
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    return srv, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(small_tokenizer):
     from llama2.serve.api import create_app
 
     torch.manual_seed(0)
@@ -31,17 +45,8 @@ def server(small_tokenizer):
                 p.mul_(4)
     llm = Llama(model, small_tokenizer, cfg)
     app = create_app(llm, "micro", api_key=KEY, max_batch=4, max_queue=32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", app
+    srv, thread, base = _start(app)
+    yield base, app
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -150,3 +155,34 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server):
     assert httpx.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"] == "def x"
     assert httpx.get(base + "/health").json()["status"] == "ok"
     assert json.loads(json.dumps(httpx.get(base + "/v1/models", headers=auth).json()))["data"]
+
+
+def test_a_full_queue_answers_503(small_tokenizer):
+    from llama2.serve.api import create_app
+
+    cfg = get_preset("tiny-15m", vocab_size=512, max_seq_len=4096)  # ~ms a token: slow enough
+    llm = Llama(Transformer(cfg).eval(), small_tokenizer, cfg)
+    small_tokenizer_eos = llm.tokenizer.eos_id
+    llm.tokenizer.eos_id = -1  # never stops early: the first request holds its slot
+    srv, thread, base = _start(create_app(llm, "micro", max_batch=1, max_queue=1))
+    # thousands of tokens: seconds of work, so the first request holds the slot meanwhile
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True}
+    try:
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", base + "/v1/chat/completions", json=body) as first:
+                lines = first.iter_lines()  # (kept: dropping the iterator hangs up)
+                next(lines)  # running, in the only slot
+                with http.stream("POST", base + "/v1/chat/completions", json=body) as second:
+                    deadline = time.time() + 10
+                    while (
+                        httpx.get(base + "/health").json()["waiting"] < 1 and time.time() < deadline
+                    ):
+                        time.sleep(0.02)
+                    third = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+                    assert third.status_code == 503
+                    assert third.json()["error"]["code"] == "queue_full"
+                    assert second.status_code == 200
+    finally:
+        llm.tokenizer.eos_id = small_tokenizer_eos
+        srv.should_exit = True
+        thread.join(timeout=10)
