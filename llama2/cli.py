@@ -212,52 +212,29 @@ def cmd_data_prepare(args) -> None:
     )
 
 
-def cmd_pretrain(args) -> None:
+# `llama2 <stage> [--config FILE] --out DIR [--resume] [key=value ...]`: module, function, help
+STAGES = {
+    "pretrain": ("pretrain", "pretrain (or continue pretraining) a model"),
+    "sft": ("sft", "supervised fine-tuning on chat data (JSONL), full or LoRA"),
+    "reward": ("reward", "train a reward model on preference pairs (JSONL)"),
+    "rejection": ("rejection", "rejection sampling: best of K answers, then SFT on them"),
+    "ppo": ("ppo", "PPO against reward model(s), KL-penalised (section 3.2.3)"),
+    "gatt": ("gatt", "Ghost Attention: multi-turn instruction data, SFT, adherence by turn"),
+    "dpo": ("dpo", "direct preference optimization on preference pairs"),
+}
+
+
+def cmd_stage(args) -> None:
+    import importlib
+
     from .train import load_train_config
-    from .train.pretrain import pretrain
 
-    cfg = load_train_config(args.config, args.overrides)
-    pretrain(cfg, args.out, resume=args.resume)
-
-
-def cmd_sft(args) -> None:
-    from .train import load_train_config
-    from .train.sft import sft
-
-    cfg = load_train_config(args.config, args.overrides)
-    sft(cfg, args.out, resume=args.resume)
-
-
-def cmd_reward(args) -> None:
-    from .train import load_train_config
-    from .train.reward import reward
-
-    cfg = load_train_config(args.config, args.overrides)
-    reward(cfg, args.out, resume=args.resume)
-
-
-def cmd_dpo(args) -> None:
-    from .train import load_train_config
-    from .train.dpo import dpo
-
-    cfg = load_train_config(args.config, args.overrides)
-    dpo(cfg, args.out, resume=args.resume)
-
-
-def cmd_rejection(args) -> None:
-    from .train import load_train_config
-    from .train.rejection import rejection
-
-    cfg = load_train_config(args.config, args.overrides)
-    rejection(cfg, args.out, resume=args.resume)
-
-
-def cmd_ppo(args) -> None:
-    from .train import load_train_config
-    from .train.ppo import ppo
-
-    cfg = load_train_config(args.config, args.overrides)
-    ppo(cfg, args.out, resume=args.resume)
+    module, _ = STAGES[args.command]
+    run = getattr(importlib.import_module(f".train.{module}", __package__), module)
+    result = run(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
+    if args.command == "gatt":
+        rates = ", ".join(f"{r:.0%}" for r in result["adherence_by_turn"])
+        print(f"instruction adherence by turn: {rates}", file=sys.stderr)
 
 
 def cmd_merge(args) -> None:
@@ -268,15 +245,6 @@ def cmd_merge(args) -> None:
     merged = merge_adapter(ckpt.state_dict, args.adapter)
     save_hf(args.out, ckpt.config, merged, ckpt.tokenizer)
     print(f"merged {args.adapter} into {args.base}: {args.out}", file=sys.stderr)
-
-
-def cmd_gatt(args) -> None:
-    from .train import load_train_config
-    from .train.gatt import gatt
-
-    report = gatt(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
-    rates = ", ".join(f"{r:.0%}" for r in report["adherence_by_turn"])
-    print(f"instruction adherence by turn: {rates}", file=sys.stderr)
 
 
 def cmd_serve(args) -> None:
@@ -352,68 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_data_prepare)
 
-    s = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a model")
-    s.add_argument("--config", default=None, help="YAML run config (configs/*.yaml)")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    s.add_argument("overrides", nargs="*", help="key=value settings over the config")
-    s.set_defaults(func=cmd_pretrain)
-
-    s = sub.add_parser("sft", help="supervised fine-tuning on chat data (JSONL)")
-    s.add_argument("--config", default=None, help="YAML run config (configs/sft-*.yaml)")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, ...)")
-    s.set_defaults(func=cmd_sft)
-
-    s = sub.add_parser("reward", help="train a reward model on preference pairs (JSONL)")
-    s.add_argument("--config", default=None, help="YAML run config (configs/reward-*.yaml)")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, margin=)")
-    s.set_defaults(func=cmd_reward)
-
-    s = sub.add_parser("dpo", help="direct preference optimization on preference pairs")
-    s.add_argument("--config", default=None, help="YAML run config")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    s.add_argument("overrides", nargs="*", help="key=value settings (init_from=, data=, beta=)")
-    s.set_defaults(func=cmd_dpo)
-
-    s = sub.add_parser("rejection", help="rejection sampling: best of K answers, then SFT on them")
-    s.add_argument("--config", default=None, help="YAML run config")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue (sampling is not redone)")
-    s.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value (init_from=, data=PROMPTS, reward_model=, safety_model=, ...)",
-    )
-    s.set_defaults(func=cmd_rejection)
-
-    s = sub.add_parser("ppo", help="PPO against reward model(s), KL-penalised (section 3.2.3)")
-    s.add_argument("--config", default=None, help="YAML run config")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    s.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value (init_from=, data=PROMPTS, reward_model=, safety_model=, ...)",
-    )
-    s.set_defaults(func=cmd_ppo)
+    for name, (_, help_) in STAGES.items():
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", default=None, help="YAML run config (configs/)")
+        s.add_argument("--out", required=True, help="run directory")
+        s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        s.add_argument("overrides", nargs="*", help="key=value settings over the config")
+        s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into a model")
     s.add_argument("base")
     s.add_argument("adapter")
     s.add_argument("out")
     s.set_defaults(func=cmd_merge)
-
-    s = sub.add_parser("gatt", help="Ghost Attention: multi-turn instruction data, SFT, adherence")
-    s.add_argument("--config", default=None, help="YAML run config")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--resume", action="store_true", help="continue (sampling is not redone)")
-    s.add_argument("overrides", nargs="*", help="key=value (init_from=CHAT_MODEL, data=, ...)")
-    s.set_defaults(func=cmd_gatt)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)

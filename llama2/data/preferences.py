@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats import DialogError, check_dialog, reserved_tags_in
+from ..formats import DialogError, reserved_tags_in
 from ..train.losses import RATINGS
+from .jsonl import parse_prompt, read_jsonl
 
 
 @dataclass
@@ -33,25 +33,8 @@ def read_preferences(paths: str | Path) -> list[Preference]:
 
 def _read_one(path: Path) -> list[Preference]:
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DialogError(f"{where}: invalid JSON: {e.msg}") from e
-        if not isinstance(r, dict):
-            raise DialogError(f"{where}: expected a JSON object")
-        prompt = r.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list):
-            raise DialogError(f"{where}: field 'prompt' must be text or a list of messages")
-        try:
-            check_dialog(prompt)
-        except DialogError as e:
-            raise DialogError(f"{where}: prompt: {e}") from e
+    for where, r in read_jsonl(path):
+        prompt = parse_prompt(r, where)
         for field in ("chosen", "rejected"):
             if not isinstance(r.get(field), str):
                 raise DialogError(f"{where}: field '{field}' must be text")

@@ -7,7 +7,6 @@ OpenAI `messages` (`role`, `content`), ShareGPT `conversations` (`from`, `value`
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from ..formats import B_INST, B_SYS, E_INST, E_SYS, DialogError, check_dialog, reserved_tags_in
 from ..tokenizer import Tokenizer
+from .jsonl import read_jsonl
 
 IGNORE = -100  # label of tokens that carry no loss
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -68,16 +68,7 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
 
 
 def read_sft_jsonl(path: str | Path) -> list[list[dict]]:
-    path = Path(path)
-    dialogs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
-        dialogs.append(record_to_messages(record, f"{path}:{n}"))
+    dialogs = [record_to_messages(record, where) for where, record in read_jsonl(path)]
     if not dialogs:
         raise DialogError(f"{path}: no examples")
     return dialogs

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
+from ..data.jsonl import read_jsonl
 from ..formats import DialogError
 from ..llm import load
 from .config import TrainConfig
@@ -25,21 +26,14 @@ from .sft import build_sft
 
 
 def read_turns(path: str | Path) -> list[dict]:
-    path = Path(path)
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+    for where, r in read_jsonl(path):
         turns = r.get("turns") if isinstance(r, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise DialogError(f"{path}:{n}: field 'turns' must be a non-empty list of texts")
+            raise DialogError(f"{where}: field 'turns' must be a non-empty list of texts")
         text = r.get("instruction")
         if text is not None and text not in {i.text for i in INSTRUCTIONS}:
-            raise DialogError(f"{path}:{n}: unknown instruction {text!r}")
+            raise DialogError(f"{where}: unknown instruction {text!r}")
         out.append({"turns": turns, "instruction": text})
     if not out:
         raise DialogError(f"{path}: no dialogs")

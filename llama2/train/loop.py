@@ -96,6 +96,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
+def epoch_indices(step: int, n: int, cfg: TrainConfig, part: int, parts: int) -> list[int]:
+    """Example indices of slice `part` of `parts` of the batch of `step`, over a dataset of n
+    examples shuffled afresh each epoch: a function of the seed and the step alone, so runs
+    resume exactly and one or many processes see the same global batch."""
+    idx = []
+    for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+        epoch, i = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        idx.append(int(perm[i]))
+    per = cfg.batch_size // parts
+    return idx[part * per : (part + 1) * per]
+
+
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, fused: bool = False
 ) -> torch.optim.Optimizer:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..data.jsonl import parse_prompt, read_jsonl
 from ..data.sft import encode_for_training
-from ..formats import DialogError, check_dialog
+from ..formats import DialogError
 from ..llm import Llama, load
 from .config import TrainConfig
 from .losses import combined_reward
@@ -27,25 +28,8 @@ from .sft import sft
 
 def read_prompts(path: str | Path) -> list[dict]:
     """JSONL of {"prompt": text or messages, "is_safety": optional bool}."""
-    path = Path(path)
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
-        prompt = r.get("prompt") if isinstance(r, dict) else None
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list):
-            raise DialogError(f"{path}:{n}: field 'prompt' must be text or a list of messages")
-        try:
-            check_dialog(prompt)
-        except DialogError as e:
-            raise DialogError(f"{path}:{n}: prompt: {e}") from e
-        out.append({"prompt": prompt, "is_safety": bool(r.get("is_safety", False))})
+    out = [{"prompt": parse_prompt(r, where), "is_safety": bool(r.get("is_safety", False))}
+           for where, r in read_jsonl(path)]  # fmt: skip
     if not out:
         raise DialogError(f"{path}: no prompts")
     return out

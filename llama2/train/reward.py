@@ -18,7 +18,7 @@ from ..data.sft import encode_for_training
 from ..kernels import Linear
 from ..llm import load
 from .config import TrainConfig
-from .loop import Dist, Stage, train
+from .loop import Dist, Stage, epoch_indices, train
 from .losses import MARGINS, RATINGS, ranking_loss
 
 
@@ -66,15 +66,7 @@ def build_reward(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         return tokens, lengths, margin
 
     def batch(step: int, part: int, parts: int):
-        idx = []
-        for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
-            epoch, i = divmod(k, n)
-            perm = torch.randperm(
-                n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            )
-            idx.append(int(perm[i]))
-        per = cfg.batch_size // parts
-        return collate([train_pairs[i] for i in idx[part * per : (part + 1) * per]])
+        return collate([train_pairs[i] for i in epoch_indices(step, n, cfg, part, parts)])
 
     def loss(m, b):
         tokens, lengths, margin = b

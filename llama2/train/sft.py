@@ -18,7 +18,7 @@ from ..checkpoint import save_hf
 from ..data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
 from ..llm import load
 from .config import TrainConfig
-from .loop import Dist, Stage, train
+from .loop import Dist, Stage, epoch_indices, train
 
 
 def packed_loss(model, batch) -> torch.Tensor:
@@ -49,17 +49,7 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for
     n = rows[0].shape[0]
 
     def batch(step: int, part: int, parts: int):
-        # a fresh permutation of the rows each epoch, from the seed and the epoch alone
-        first = step * cfg.batch_size
-        idx = []
-        for k in range(first, first + cfg.batch_size):
-            epoch, i = divmod(k, n)
-            perm = torch.randperm(
-                n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            )
-            idx.append(int(perm[i]))
-        per = cfg.batch_size // parts
-        sel = torch.tensor(idx[part * per : (part + 1) * per])
+        sel = torch.tensor(epoch_indices(step, n, cfg, part, parts))
         return tuple(t[sel] for t in rows)
 
     def val_batches(rank: int, world: int):

@@ -1,0 +1,43 @@
+"""JSON Lines input, with every error naming its file and line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..formats import DialogError, check_dialog
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-empty line; `where` is "file:line" for error messages.
+    Only "\\n" ends a line (U+2028 and friends may stand raw inside JSON strings)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DialogError(f"{path}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise DialogError(f"{path}: invalid UTF-8 at byte {e.start}") from e
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+
+
+def parse_prompt(record: object, where: str) -> list[dict]:
+    """A record's `prompt`: text (one user turn) or a message list ending with a user turn."""
+    prompt = record.get("prompt") if isinstance(record, dict) else None
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list):
+        raise DialogError(f"{where}: field 'prompt' must be text or a list of messages")
+    try:
+        check_dialog(prompt)
+    except DialogError as e:
+        raise DialogError(f"{where}: prompt: {e}") from e
+    return prompt
