@@ -251,7 +251,9 @@ def cmd_serve(args) -> None:
     from .serve.api import serve
 
     llm = _load_for_generation(args)
-    name = args.name or Path(args.model).resolve().name
+    path = Path(args.model).absolute()
+    # a run's `model` link or a checkpoint's model/: name it after the run instead
+    name = args.name or (path.parent.name if path.name == "model" else path.name)
     serve(llm, args.host, args.port, name, args.api_key, args.max_batch, args.max_queue)
 
 
