@@ -14,7 +14,7 @@ from ..data.preferences import read_preferences
 from ..data.sft import encode_for_training
 from ..llm import load
 from .config import TrainConfig
-from .loop import Dist, Stage, epoch_indices, train
+from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
 from .losses import dpo_loss
 
 
@@ -68,10 +68,8 @@ def build_dpo(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         return dpo_loss(logp[:half], logp[half:], ref[:half], ref[half:], cfg.beta)
 
     def val_batches(rank: int, world: int):
-        # whole rounds only: every rank runs as many batches (FSDP forwards are collective)
-        usable = len(held) - len(held) % (cfg.batch_size * world) if world > 1 else len(held)
-        for i in range(rank * cfg.batch_size, usable, cfg.batch_size * world):
-            yield collate(held[i : i + cfg.batch_size])
+        for chunk in held_out_chunks(len(held), cfg.batch_size, rank, world):
+            yield collate([held[i] for i in chunk])
 
     def val_metrics(model) -> dict:
         """Held-out: how often the implicit reward beta*(log pi - log pi_ref) prefers chosen."""

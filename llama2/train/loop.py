@@ -109,6 +109,14 @@ def epoch_indices(step: int, n: int, cfg: TrainConfig, part: int, parts: int) ->
     return idx[part * per : (part + 1) * per]
 
 
+def held_out_chunks(n: int, batch_size: int, rank: int, world: int) -> list[range]:
+    """This rank's batches of n held-out items. With several processes, whole rounds only:
+    every rank runs as many batches (FSDP forwards are collective)."""
+    usable = n - n % (batch_size * world) if world > 1 else n
+    starts = range(rank * batch_size, usable, batch_size * world)
+    return [range(s, min(s + batch_size, usable)) for s in starts]
+
+
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, fused: bool = False
 ) -> torch.optim.Optimizer:

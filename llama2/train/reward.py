@@ -18,7 +18,7 @@ from ..data.sft import encode_for_training
 from ..kernels import Linear
 from ..llm import load
 from .config import TrainConfig
-from .loop import Dist, Stage, epoch_indices, train
+from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
 from .losses import MARGINS, RATINGS, ranking_loss
 
 
@@ -75,10 +75,8 @@ def build_reward(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         return ranking_loss(s[:half], s[half:], margin)
 
     def val_batches(rank: int, world: int):
-        # whole rounds only: every rank runs as many batches (FSDP forwards are collective)
-        usable = len(held) - len(held) % (cfg.batch_size * world) if world > 1 else len(held)
-        for i in range(rank * cfg.batch_size, usable, cfg.batch_size * world):
-            yield collate(held[i : i + cfg.batch_size])
+        for chunk in held_out_chunks(len(held), cfg.batch_size, rank, world):
+            yield collate([held[i] for i in chunk])
 
     def val_metrics(m) -> dict:
         """Held-out accuracy: how often the chosen answer scores higher, overall and by rating."""
