@@ -85,15 +85,21 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
     assert tuned.head == "lm" and tuned.generate("x", max_new_tokens=2, temperature=0).token_ids
 
 
-def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_path):
-    from llama2.train.rejection import rejection
-
+def _policy_and_reward_model(small_tokenizer, tmp_path):
+    """A random micro policy and a random micro reward model (scalar head), on disk."""
     torch.manual_seed(0)
     cfg = get_preset("micro")
     policy = save_hf(tmp_path / "policy", cfg, Transformer(cfg).state_dict(), small_tokenizer)
     rm = Transformer(cfg)
     rm.output = torch.nn.Linear(cfg.dim, 1, bias=False)
     rm_dir = save_hf(tmp_path / "rm", cfg, rm.state_dict(), small_tokenizer, head="score")
+    return policy, rm_dir
+
+
+def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_path):
+    from llama2.train.rejection import rejection
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Explain {t}."}) for t in TOPICS[:4]))
     common = [f"init_from={policy}", f"data={prompts}", f"reward_model={rm_dir}",
@@ -120,12 +126,7 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
 
 
 def _ppo_setup(small_tokenizer, tmp_path):
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    policy = save_hf(tmp_path / "policy", cfg, Transformer(cfg).state_dict(), small_tokenizer)
-    rm = Transformer(cfg)
-    rm.output = torch.nn.Linear(cfg.dim, 1, bias=False)
-    rm_dir = save_hf(tmp_path / "rm", cfg, rm.state_dict(), small_tokenizer, head="score")
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Explain {t}.", "is_safety": i % 3 == 0} for i, t in enumerate(TOPICS)]
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
