@@ -115,6 +115,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], help="engines to skip: transformers llama.cpp")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "fp16", "int8", "int4"],
+                   help="our weight formats to run (peers run their matching formats)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -140,7 +142,7 @@ def main() -> None:
             print(f"{preset:10s} {engine:13s} {fmt:12s} prefill {pre:8.0f} tok/s  "
                   f"decode {dec:7.1f} tok/s", flush=True)  # fmt: skip
 
-        for fmt in ["fp32", "bf16", "fp16", "int8", "int4"]:
+        for fmt in args.formats:
             model = copy.deepcopy(base)
             if fmt in ("bf16", "fp16"):
                 model = model.to(torch.bfloat16 if fmt == "bf16" else torch.float16)
@@ -160,15 +162,18 @@ def main() -> None:
                 ("bf16", torch.bfloat16),
                 ("fp16", torch.float16),
             ]:
-                record("transformers", fmt, transformers_run(hf_dir, dt, prompt))
+                if fmt in args.formats:
+                    record("transformers", fmt, transformers_run(hf_dir, dt, prompt))
         if have_cpp:
             f32 = save_gguf(tmp / preset / "f32.gguf", cfg, base.state_dict(), tok, "f32")
             f16 = save_gguf(tmp / preset / "f16.gguf", cfg, base.state_dict(), tok, "f16")
             files = {"f32": f32, "f16": f16}
             for q in ("q8_0", "q4_0"):
                 files[q] = llamacpp_quantize(f32, tmp / preset / f"{q}.gguf", q)
+            ours_of = {"f32": "fp32", "f16": "fp16", "q8_0": "int8", "q4_0": "int4"}
             for fmt, path in files.items():
-                record("llama.cpp", fmt, llamacpp_run(path, args.threads, prompt))
+                if ours_of[fmt] in args.formats:
+                    record("llama.cpp", fmt, llamacpp_run(path, args.threads, prompt))
         del base
     print(f"\nthreads {args.threads}; torch {torch.__version__}; best of {args.repeats}")
     print(

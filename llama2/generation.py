@@ -171,12 +171,30 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_forward(model: Transformer) -> Callable:
-    """The model's forward under torch.compile, made once per model. Used for the one-token
-    decode steps over a static cache, where it removes the per-op overhead of eager mode."""
+    """The model's forward under torch.compile, made once per model, for the one-token decode
+    steps over a static cache: one fused graph instead of hundreds of eager ops per token.
+
+    Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
+    the weights become constants of the graph, so a call no longer gathers every parameter
+    (~0.3 ms a token on tiny-110m). The weights are read when the step is compiled:
+    this is for inference, not for a model that is still being trained. Half-precision
+    weights are not frozen (freezing would fold their conversion into fp32 copies)."""
     if model not in _COMPILED:
         # each model (and batch size, cache length) is a graph of its own: allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED[model] = torch.compile(model)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        freeze = all(m.weight.dtype == torch.float32 for m in linears)
+        # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
+        # kernels: ~10% for int4 on tiny-110m)
+        options = {"freezing": True, "cpp_wrapper": True} if freeze else {}
+        compiled = torch.compile(model, options=options)
+
+        def step(tokens: torch.Tensor, start_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+            # kv_len is a dynamic size from the first compile on: one graph for every length
+            with torch.compiler.config.patch(dynamic_sources="L['kv_len']"):
+                return compiled(tokens, start_pos=start_pos, kv_len=kv_len)
+
+        _COMPILED[model] = step
     return _COMPILED[model]
 
 
@@ -275,11 +293,15 @@ def generate_steps(
             feed = [int(next_ids[i]) if finish[i] is None else 0 for i in range(B)]
             feed = torch.tensor(feed, device=device)[:, None]
             start = torch.tensor(pos, device=device)
-            if compile and n_steps > 0:
-                # the graph was picked (and guarded) on the first step; later steps only
-                # change tensor values, so skip re-checking every guard (~0.4 ms a step)
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    last = step(feed, start_pos=start)[:, 0]
+            if compile:
+                kv_len = max(pos) + 1
+                if n_steps > 0:
+                    # the graph was picked (and guarded) on the first step; later steps only
+                    # change values, so skip re-checking every guard
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                        last = step(feed, start, kv_len)[:, 0]
+                else:
+                    last = step(feed, start, kv_len)[:, 0]
             else:
                 last = step(feed, start_pos=start)[:, 0]
             n_steps += 1

@@ -8,7 +8,7 @@ benchmarks/generate.py; elsewhere they are plain F.linear).
   goes through the fp16 GEMV (~44 GB/s, fp32 accumulation); more rows through an fp32 GEMM on
   the converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
 - Under torch.compile, a single row is a multiply-and-sum that inductor turns into one fused
-  reduction (~40-50 GB/s in any float dtype).
+  reduction (~40-50 GB/s in any float dtype); more rows are one matrix product.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.linear(x, w)
     rows = x.numel() // x.shape[-1]
-    if rows == 1 and w.is_floating_point() and torch.compiler.is_compiling():
-        # written as a reduction, inductor fuses it into one pass over the weight on all
-        # threads, converting half-precision weights on the fly
-        return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+    if torch.compiler.is_compiling():
+        if rows == 1:
+            # written as a reduction, inductor fuses it into one pass over the weight on all
+            # threads, converting half-precision weights on the fly
+            return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+        return F.linear(x, w.to(x.dtype))  # (no graph break for the thread count below)
     if w.dtype == torch.float16 and x.dtype != torch.float16:
         if rows <= FP16_GEMV_MAX_ROWS:
             return F.linear(x.to(torch.float16), w).to(x.dtype)

@@ -242,6 +242,7 @@ class Transformer(nn.Module):
         output_index: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
         slots: list[int] | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab].
 
@@ -252,13 +253,15 @@ class Transformer(nn.Module):
         `segments` ([B, T] example ids, no cache) packs several examples in a row: each token
         attends within its own example only, at positions counted from the example's start.
         `slots` (with a cache) names the cache row of each batch row: requests of a shared
-        cache run together whatever their rows (continuous batching).
+        cache run together whatever their rows (continuous batching). `kv_len` (compiled steps
+        over a static cache) bounds the cache positions attention reads: at least every row's
+        last position + 1 (eager forwards work it out themselves).
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         ctx = None
         if self.layers[0].attention.cache is not None:
-            ctx = self._context(B, T, start_pos, tokens.device, slots)
+            ctx = self._context(B, T, start_pos, tokens.device, slots, kv_len)
             positions = ctx.positions
         else:
             if start_pos is not None and bool(torch.as_tensor(start_pos).ne(0).any()):
@@ -278,7 +281,9 @@ class Transformer(nn.Module):
             h = h[torch.arange(B, device=h.device), output_index.to(h.device)][:, None]
         return self.output(self.norm(h)).float()
 
-    def _context(self, B: int, T: int, start_pos, device, slots=None) -> AttentionContext:
+    def _context(
+        self, B: int, T: int, start_pos, device, slots=None, kv_len: int | None = None
+    ) -> AttentionContext:
         if start_pos is None:
             raise ValueError("a KV cache is set up: forward needs start_pos")
         if slots is not None:
@@ -292,13 +297,15 @@ class Transformer(nn.Module):
             rows = torch.as_tensor(slots, device=device)
             return AttentionContext(positions, None, hi, mask, is_causal=False, rows=rows)
         if self.static_cache and torch.compiler.is_compiling():
-            # tensors only (the caller keeps positions inside the cache): fixed shapes, no
-            # host sync; eager calls on a static cache (the prefill) take the paths below
+            # tensors only (the caller keeps positions inside the cache): no host sync; eager
+            # calls on a static cache (the prefill) take the paths below. Reading only the
+            # first kv_len positions (a dynamic size) spares streaming the unused cache.
             start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)
             positions = (start + torch.arange(T, device=device)).expand(B, T)
-            keys = torch.arange(self.cache_len, device=device)
+            n = kv_len or self.cache_len
+            keys = torch.arange(n, device=device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
-            return AttentionContext(positions, None, self.cache_len, mask, is_causal=False)
+            return AttentionContext(positions, None, n, mask, is_causal=False)
         if isinstance(start_pos, torch.Tensor):
             starts = start_pos.reshape(-1).tolist()
             start_pos = starts[0] if len(set(starts)) == 1 else starts
