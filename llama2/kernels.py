@@ -1,12 +1,13 @@
 """Matrix products picked by shape and dtype, for CPU decoding (measured in
 benchmarks/generate.py; elsewhere they are plain F.linear).
 
-- fp32, a few rows (decoding): MKL's single-row sgemm runs on one thread here (~17 GB/s).
+- fp32, one row (decoding): MKL's single-row sgemm runs on one thread here (~17 GB/s).
   Splitting the weight's rows into one batch entry per thread (`bmm` over free views) streams
-  it on all threads (~31 GB/s on 2 cores).
-- fp32, more rows, no gradient (prefill, batched decoding): oneDNN's inner product, which
-  uses AVX-512 on this AMD CPU where MKL's sgemm does not (~480 vs ~205 GFLOP/s on 2 cores
-  for 512 rows; MKL stays for products that autograd must differentiate).
+  it on all threads (~31 GB/s on 2 cores); oneDNN's inner product does better still on wide
+  weights (more outputs than inputs: ~35-38 GB/s), worse on the others.
+- fp32, more rows, no gradient (prefill, batched decoding): oneDNN, which uses AVX-512 on
+  this AMD CPU where MKL's sgemm does not (~480 vs ~205 GFLOP/s on 2 cores for 512 rows; MKL
+  stays for products that autograd must differentiate).
 - fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): a single row
   goes through the fp16 GEMV (~44 GB/s, fp32 accumulation); more rows through an fp32 GEMM on
   the converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
@@ -40,13 +41,14 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         w = w.to(x.dtype)
     if w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous():
         return F.linear(x, w)
-    if rows == 1:
+    no_grad = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    if rows == 1 and not (ONEDNN and no_grad and w.shape[0] > w.shape[1]):
         parts = torch.get_num_threads()
         if parts > 1 and w.shape[0] % parts == 0:
             xs = x.reshape(1, 1, -1).expand(parts, 1, x.shape[-1])
             out = torch.bmm(xs, w.view(parts, -1, w.shape[1]).transpose(1, 2))
             return out.reshape(*x.shape[:-1], w.shape[0])
-    elif ONEDNN and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    elif ONEDNN and no_grad:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
     return F.linear(x, w)
 
