@@ -5,9 +5,9 @@ benchmarks/generate.py; elsewhere they are plain F.linear).
   Splitting the weight's rows into one batch entry per thread (`bmm` over free views) streams
   it on all threads (~31 GB/s on 2 cores); oneDNN's inner product does better still on wide
   weights (more outputs than inputs: ~35-38 GB/s), worse on the others.
-- fp32, more rows, no gradient (prefill, batched decoding): oneDNN, which uses AVX-512 on
-  this AMD CPU where MKL's sgemm does not (~480 vs ~205 GFLOP/s on 2 cores for 512 rows; MKL
-  stays for products that autograd must differentiate).
+- fp32, more rows (prefill, batched decoding, training): oneDNN, which uses AVX-512 on this
+  AMD CPU where MKL's sgemm does not (~480 vs ~205 GFLOP/s on 2 cores for 512 rows). Under
+  autograd its two backward products are oneDNN's too (~490 and ~350 GFLOP/s).
 - fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): a single row
   goes through the fp16 GEMV (~44 GB/s, fp32 accumulation); more rows through an fp32 GEMM on
   the converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
@@ -23,6 +23,34 @@ from torch import nn
 
 FP16_GEMV_MAX_ROWS = 4
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T by oneDNN's inner product (strided operands are fine, no prepacking)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return _onednn(x.contiguous(), w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _onednn(grad, w.t()) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # grad_w = g^T x. oneDNN copies a strided input (not a strided weight): transpose
+            # the narrower of the two (for the output head: x, not the [tokens, vocab] grad)
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            if g2.shape[1] > x2.shape[1]:
+                grad_w = _onednn(x2.t().contiguous(), g2.t()).t().contiguous()
+            else:
+                grad_w = _onednn(g2.t().contiguous(), x2.t())
+        return grad_x, grad_w
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -48,8 +76,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             xs = x.reshape(1, 1, -1).expand(parts, 1, x.shape[-1])
             out = torch.bmm(xs, w.view(parts, -1, w.shape[1]).transpose(1, 2))
             return out.reshape(*x.shape[:-1], w.shape[0])
-    elif ONEDNN and no_grad:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+    elif ONEDNN:
+        return _onednn(x.contiguous(), w) if no_grad else _OneDNNLinear.apply(x, w)
     return F.linear(x, w)
 
 

@@ -9,8 +9,8 @@ from llama2.kernels import linear
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cpu_products_equal_float64(rows, dtype, shape):
-    """Every path of `linear` (split single-row bmm, fp16 GEMV, oneDNN without grad, plain
-    F.linear with grad) computes x @ w.T to fp32 accuracy, on a weight that is
+    """Every path of `linear` (split single-row bmm, fp16 GEMV, oneDNN with and without
+    autograd) computes x @ w.T, and its gradients, to fp32 accuracy, on a weight that is
     only 8-byte aligned like a memory-mapped safetensors tensor."""
     torch.manual_seed(0)
     n_out, n_in = shape
@@ -23,10 +23,15 @@ def test_cpu_products_equal_float64(rows, dtype, shape):
         out = linear(x, w)
     assert out.shape == (1, rows, n_out) and out.dtype == torch.float32
     assert (out.double() - exact).norm() / exact.norm() < tol
-    wg = w.float().clone().requires_grad_()
-    out = linear(x, wg)  # autograd needs a differentiable product
-    out.sum().backward()
-    assert torch.allclose(wg.grad, x.reshape(rows, n_in).sum(0).expand(n_out, n_in), atol=1e-5)
+    # under autograd (training): the products of the backward pass as well
+    wg, xg = w.float().clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(1, rows, n_out)
+    (linear(xg, wg) * g).sum().backward()
+    gd = g.double().reshape(rows, n_out)
+    exact_w = gd.T @ x.double().reshape(rows, n_in)
+    exact_x = (gd @ w.double()).reshape(1, rows, n_in)
+    assert (wg.grad.double() - exact_w).norm() / exact_w.norm() < 1e-5
+    assert (xg.grad.double() - exact_x).norm() / exact_x.norm() < tol
 
 
 def test_onednn_is_used_for_many_rows_without_grad(monkeypatch):
