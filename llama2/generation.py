@@ -298,14 +298,10 @@ def generate_steps(
             feed = torch.tensor(feed, device=device)[:, None]
             start = torch.tensor(pos, device=device)
             if compile:
-                kv_len = max(pos) + 1
-                if n_steps > 0:
-                    # the graph was picked (and guarded) on the first step; later steps only
-                    # change values, so skip re-checking every guard
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                        last = step(feed, start, kv_len)[:, 0]
-                else:
-                    last = step(feed, start, kv_len)[:, 0]
+                # the graph was picked (and guarded) on the first step; later steps only
+                # change values, so skip re-checking every guard
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=n_steps > 0):
+                    last = step(feed, start, max(pos) + 1)[:, 0]
             else:
                 last = step(feed, start_pos=start)[:, 0]
             n_steps += 1

@@ -1,5 +1,5 @@
-"""Matrix products picked by shape and dtype, for CPU decoding (measured in
-benchmarks/generate.py; elsewhere they are plain F.linear).
+"""Matrix products picked by shape and dtype on a CPU (measured in benchmarks/generate.py and
+benchmarks/train.py; on other devices they are plain F.linear).
 
 - fp32, one row (decoding): MKL's single-row sgemm runs on one thread here (~17 GB/s).
   Splitting the weight's rows into one batch entry per thread (`bmm` over free views) streams
