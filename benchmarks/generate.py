@@ -13,8 +13,10 @@ tiny-15m's context is raised to 1024 so that 512 + 128 tokens fit.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import gc
+import multiprocessing
 import os
 import tempfile
 import time
@@ -66,9 +68,12 @@ def transformers_run(path: Path, dtype: torch.dtype, prompt: list[int]):
     def run(n: int, new: int) -> None:
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([prompt[:n]]), max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, pad_token_id=0,
-            )  # fmt: skip
+                torch.tensor([prompt[:n]]),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         assert out.shape[1] == n + new
 
     return run
@@ -77,8 +82,14 @@ def transformers_run(path: Path, dtype: torch.dtype, prompt: list[int]):
 def llamacpp_run(gguf: Path, threads: int, prompt: list[int]):
     from llama_cpp import Llama as LlamaCpp
 
-    llm = LlamaCpp(str(gguf), n_ctx=1024, n_batch=512, n_threads=threads,
-                   n_threads_batch=threads, verbose=False)  # fmt: skip
+    llm = LlamaCpp(
+        str(gguf),
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
     def run(n: int, new: int) -> None:
         llm.reset()
@@ -89,6 +100,29 @@ def llamacpp_run(gguf: Path, threads: int, prompt: list[int]):
                 break
 
     return run
+
+
+def llamacpp_rates(gguf: Path, threads: int, prompt: list[int], repeats: int):
+    """(prefill, decode) tok/s of llama.cpp; meant to run in a child process (in_child)."""
+    torch.set_num_threads(threads)
+    return rates(llamacpp_run(gguf, threads, prompt), repeats)
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh process, so that a native crash of llama.cpp (a build whose
+    instructions this CPU or VM refuses: SIGILL) loses its rows, not the whole benchmark."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            print(
+                f"  llama.cpp crashed in {fn.__name__}{args[:1]}: rows left out; reinstall it "
+                "with CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --no-cache-dir --force-reinstall "
+                "llama-cpp-python",
+                flush=True,
+            )
+            return None
 
 
 def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
@@ -115,8 +149,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], help="engines to skip: transformers llama.cpp")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
-    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "fp16", "int8", "int4"],
-                   help="our weight formats to run (peers run their matching formats)")  # fmt: skip
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["fp32", "bf16", "fp16", "int8", "int4"],
+        help="our weight formats to run (peers run their matching formats)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -136,11 +174,16 @@ def main() -> None:
         base = Transformer(cfg).eval()
         print(f"== {preset}: {cfg.num_params() / 1e6:.0f}M parameters", flush=True)
 
-        def record(engine, fmt, run, preset=preset):
-            pre, dec = rates(run, args.repeats)
+        def record(engine, fmt, run, preset=preset, measured=None):
+            if measured is None:
+                measured = rates(run, args.repeats)
+            pre, dec = measured
             rows.append((preset, engine, fmt, pre, dec))
-            print(f"{preset:10s} {engine:13s} {fmt:12s} prefill {pre:8.0f} tok/s  "
-                  f"decode {dec:7.1f} tok/s", flush=True)  # fmt: skip
+            print(
+                f"{preset:10s} {engine:13s} {fmt:12s} prefill {pre:8.0f} tok/s  "
+                f"decode {dec:7.1f} tok/s",
+                flush=True,
+            )
 
         for fmt in args.formats:
             model = copy.deepcopy(base)
@@ -169,11 +212,13 @@ def main() -> None:
             f16 = save_gguf(tmp / preset / "f16.gguf", cfg, base.state_dict(), tok, "f16")
             files = {"f32": f32, "f16": f16}
             for q in ("q8_0", "q4_0"):
-                files[q] = llamacpp_quantize(f32, tmp / preset / f"{q}.gguf", q)
+                files[q] = in_child(llamacpp_quantize, f32, tmp / preset / f"{q}.gguf", q)
             ours_of = {"f32": "fp32", "f16": "fp16", "q8_0": "int8", "q4_0": "int4"}
             for fmt, path in files.items():
-                if ours_of[fmt] in args.formats:
-                    record("llama.cpp", fmt, llamacpp_run(path, args.threads, prompt))
+                if path and ours_of[fmt] in args.formats:
+                    measured = in_child(llamacpp_rates, path, args.threads, prompt, args.repeats)
+                    if measured:
+                        record("llama.cpp", fmt, None, measured=measured)
         del base
     print(f"\nthreads {args.threads}; torch {torch.__version__}; best of {args.repeats}")
     print(
@@ -183,8 +228,13 @@ def main() -> None:
         print(f"{r[0]:10s} {r[1]:13s} {r[2]:12s} {r[3]:14.0f} {r[4]:13.1f}")
     print("\nratios (ours / peer):")
     get = {(r[0], r[1], r[2]): r for r in rows}
-    classes = [("fp32", "fp32", "f32"), ("fp16", "fp16", "f16"), ("bf16", "bf16", None),
-               ("int8", None, "q8_0"), ("int4", None, "q4_0")]  # fmt: skip
+    classes = [
+        ("fp32", "fp32", "f32"),
+        ("fp16", "fp16", "f16"),
+        ("bf16", "bf16", None),
+        ("int8", None, "q8_0"),
+        ("int4", None, "q4_0"),
+    ]
     classes += [(o + "+compile", h, c) for o, h, c in classes]
     for preset in args.presets:
         for ours_fmt, hf_fmt, cpp_fmt in classes:
@@ -192,8 +242,10 @@ def main() -> None:
             for engine, fmt in (("transformers", hf_fmt), ("llama.cpp", cpp_fmt)):
                 peer = get.get((preset, engine, fmt))
                 if o and peer:
-                    print(f"{preset:10s} {ours_fmt:12s} vs {engine} {fmt}: decode "
-                          f"{o[4] / peer[4]:.2f}x, prefill {o[3] / peer[3]:.2f}x")  # fmt: skip
+                    print(
+                        f"{preset:10s} {ours_fmt:12s} vs {engine} {fmt}: decode "
+                        f"{o[4] / peer[4]:.2f}x, prefill {o[3] / peer[3]:.2f}x"
+                    )
     os.system(f"rm -rf {tmp}")
 
 

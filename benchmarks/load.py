@@ -71,8 +71,13 @@ def make_checkpoint(path: Path, preset: str) -> None:
     shapes = {k: v.shape for k, v in _param_shapes(cfg).items()}
     print(f"writing random {preset} bf16 checkpoint to {path} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    save_hf(path, cfg, RandomWeights(shapes, torch.bfloat16), dtype=torch.bfloat16,
-            max_shard_bytes=2 * 2**30)  # fmt: skip
+    save_hf(
+        path,
+        cfg,
+        RandomWeights(shapes, torch.bfloat16),
+        dtype=torch.bfloat16,
+        max_shard_bytes=2 * 2**30,
+    )
     print(f"  written in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
 
@@ -107,17 +112,23 @@ def main() -> None:
     if not args.skip_transformers:
         results["transformers"] = measure("transformers", path)
     gb = 2**30
-    print(f"\ncheckpoint: {args.preset}, bf16, {size / gb:.2f} GiB, torch threads "
-          f"{torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"\ncheckpoint: {args.preset}, bf16, {size / gb:.2f} GiB, torch threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"{'':14s}{'load s':>9s}{'1st token s':>13s}{'peak RSS GiB':>14s}{'RSS/size':>10s}")
     for name, r in results.items():
-        print(f"{name:14s}{r['load_s']:9.2f}{r['first_token_s']:13.2f}"
-              f"{r['peak_rss'] / gb:14.2f}{r['peak_rss'] / size:10.2f}")  # fmt: skip
+        print(
+            f"{name:14s}{r['load_s']:9.2f}{r['first_token_s']:13.2f}"
+            f"{r['peak_rss'] / gb:14.2f}{r['peak_rss'] / size:10.2f}"
+        )
     if "transformers" in results:
         ours, theirs = results["llama2"], results["transformers"]
         print(f"top-5 next tokens: ours {ours['top5']}, transformers {theirs['top5']}")
-        print(f"load time ratio (transformers / ours) {theirs['load_s'] / ours['load_s']:.2f}x; "
-              f"peak RSS ratio {theirs['peak_rss'] / ours['peak_rss']:.2f}x")  # fmt: skip
+        print(
+            f"load time ratio (transformers / ours) {theirs['load_s'] / ours['load_s']:.2f}x; "
+            f"peak RSS ratio {theirs['peak_rss'] / ours['peak_rss']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

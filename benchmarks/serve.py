@@ -60,10 +60,14 @@ def main() -> None:
             first, n = None, 0
             messages = [{"role": "user", "content": f"Tell me a story {i}.{j}"}]
             stream = client.chat.completions.create(
-                model=args.preset, messages=messages,
-                max_tokens=args.max_tokens, temperature=0.8, seed=i * 100 + j, stream=True,
+                model=args.preset,
+                messages=messages,
+                max_tokens=args.max_tokens,
+                temperature=0.8,
+                seed=i * 100 + j,
+                stream=True,
                 stream_options={"include_usage": True},
-            )  # fmt: skip
+            )
             for ch in stream:
                 if ch.choices and ch.choices[0].delta.content and first is None:
                     first = time.perf_counter() - t0
@@ -83,15 +87,22 @@ def main() -> None:
         ttft = sorted(t for t, _ in results)
         p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
         rows.append((clients, tokens / dt, statistics.median(ttft), p99))
-        print(f"{clients:3d} clients: {tokens / dt:8.1f} tokens/s  TTFT p50 {rows[-1][2]:.3f}s "
-              f"p99 {p99:.3f}s", flush=True)  # fmt: skip
+        print(
+            f"{clients:3d} clients: {tokens / dt:8.1f} tokens/s  TTFT p50 {rows[-1][2]:.3f}s "
+            f"p99 {p99:.3f}s",
+            flush=True,
+        )
     server.should_exit = True
     base = rows[0][1]
-    print(f"\n{args.preset}, {args.threads} threads, {args.max_tokens} tokens x {args.requests} "
-          f"requests per client")  # fmt: skip
+    print(
+        f"\n{args.preset}, {args.threads} threads, {args.max_tokens} tokens x {args.requests} "
+        f"requests per client"
+    )
     for clients, tps, p50, p99 in rows:
-        print(f"{clients:3d} clients  {tps:8.1f} tok/s  {tps / base:5.2f}x one client   "
-              f"TTFT p50 {p50 * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms")  # fmt: skip
+        print(
+            f"{clients:3d} clients  {tps:8.1f} tok/s  {tps / base:5.2f}x one client   "
+            f"TTFT p50 {p50 * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -82,14 +82,31 @@ def ours(
 
         tok = Tokenizer.from_file(ROOT / "tests" / "fixtures" / "ggml-vocab-llama-spm.gguf")
         tok.save(data / "tokenizer.model")
-        manifest = {"tokenizer_sha256": tok.sha256(), "vocab_size": VOCAB, "dtype": "uint16",
-                    "train": {"shards": [{"file": "t.bin", "tokens": 2_000_000}]},
-                    "val": {"shards": [{"file": "v.bin", "tokens": 10_000}]}}  # fmt: skip
+        manifest = {
+            "tokenizer_sha256": tok.sha256(),
+            "vocab_size": VOCAB,
+            "dtype": "uint16",
+            "train": {"shards": [{"file": "t.bin", "tokens": 2_000_000}]},
+            "val": {"shards": [{"file": "v.bin", "tokens": 10_000}]},
+        }
         (data / "manifest.json").write_text(json.dumps(manifest))
-        cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--out", str(tmp / "run"),
-               f"data={data}", f"model={preset}", f"steps={steps + 1}", f"batch_size={batch}",
-               f"seq_len={seq}", f"threads={threads}", "eval_every=100000",
-               "ckpt_every=100000", f"compile={compile}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama2.cli",
+            "pretrain",
+            "--out",
+            str(tmp / "run"),
+            f"data={data}",
+            f"model={preset}",
+            f"steps={steps + 1}",
+            f"batch_size={batch}",
+            f"seq_len={seq}",
+            f"threads={threads}",
+            "eval_every=100000",
+            "ckpt_every=100000",
+            f"compile={compile}",
+        ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
         rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     # our loop times each step; the final step also writes a checkpoint after its timing
@@ -123,14 +140,18 @@ def main() -> None:
         runs["hf"].append(hf_loop(*shape))
         print("  " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items() if v), flush=True)
     b = max(runs["hf"])
-    print(f"{args.preset}, batch {args.batch} x {args.seq}, {args.threads} threads; "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; best of {args.repeats}")  # fmt: skip
+    print(
+        f"{args.preset}, batch {args.batch} x {args.seq}, {args.threads} threads; "
+        f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; best of {args.repeats}"
+    )
     names = {"ours": "llama2", "ours+compile": "llama2 compile=true", "hf": "transformers+AdamW"}
     for key, values in runs.items():
         if values:
             tps = max(values)
-            print(f"{names[key]:20s} {tps:8.0f} tokens/s   MFU {tps * flops_per_token / peak:5.1%}"
-                  f"   {tps / b:.2f}x transformers")  # fmt: skip
+            print(
+                f"{names[key]:20s} {tps:8.0f} tokens/s   MFU {tps * flops_per_token / peak:5.1%}"
+                f"   {tps / b:.2f}x transformers"
+            )
 
 
 if __name__ == "__main__":

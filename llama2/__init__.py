@@ -9,8 +9,21 @@ from .model import Transformer
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
-    "PRESETS", "Completion", "Llama", "ModelConfig", "SamplingParams", "Tokenizer",
-    "Transformer", "encode_chat", "encode_infill", "get_preset", "load", "read_checkpoint",
-    "save_gguf", "save_hf", "save_meta", "train_tokenizer",
-]  # fmt: skip
+    "PRESETS",
+    "Completion",
+    "Llama",
+    "ModelConfig",
+    "SamplingParams",
+    "Tokenizer",
+    "Transformer",
+    "encode_chat",
+    "encode_infill",
+    "get_preset",
+    "load",
+    "read_checkpoint",
+    "save_gguf",
+    "save_hf",
+    "save_meta",
+    "train_tokenizer",
+]
 __version__ = "0.1.0"

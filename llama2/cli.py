@@ -60,9 +60,14 @@ def cmd_convert(args) -> None:
     print(f"writing {args.to} checkpoint to {args.dst} ...", file=sys.stderr)
     if args.to == "hf":
         save_hf(
-            args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, dtype=args.dtype,
-            quantization=ckpt.quantization, head=ckpt.head,
-        )  # fmt: skip
+            args.dst,
+            ckpt.config,
+            ckpt.state_dict,
+            ckpt.tokenizer,
+            dtype=args.dtype,
+            quantization=ckpt.quantization,
+            head=ckpt.head,
+        )
     elif args.to == "meta":
         save_meta(args.dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer, args.shards, args.dtype)
     else:
@@ -101,9 +106,13 @@ def _sampling(args):
     from .generation import SamplingParams
 
     return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
-    )  # fmt: skip
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
 
 
 def _print_stream(llm, ids, params, stop_ids, continuation=True):

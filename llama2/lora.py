@@ -86,11 +86,19 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str = "") -> Pa
         raise ValueError("the model has no LoRA adapters")
     first = modules[0][1]
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.rank, "lora_alpha": first.alpha,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
         "target_modules": sorted({name.rsplit(".", 1)[1] for name, _ in modules}),
-        "base_model_name_or_path": base_model, "modules_to_save": None, "use_rslora": False,
-    }  # fmt: skip
+        "base_model_name_or_path": base_model,
+        "modules_to_save": None,
+        "use_rslora": False,
+    }
     tensors = {}
     for name, m in modules:
         tensors[f"{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()

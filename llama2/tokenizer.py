@@ -225,11 +225,19 @@ def build_model_proto(pieces, scores, types, special: dict[str, str]) -> bytes:
     for piece, score, ptype in zip(pieces, scores, types, strict=True):
         body += _field(1, _field(1, piece) + _field(2, float(score)) + _field(3, int(ptype)))
     trainer = [
-        (3, 2), (4, len(pieces)), (25, True), (35, True), (26, True),  # BPE, size, digits, bytes
-        (40, pieces.index(special["unk"])), (41, pieces.index(special["bos"])),
-        (42, pieces.index(special["eos"])), (43, -1),
-        (45, special["unk"]), (46, special["bos"]), (47, special["eos"]),
-    ]  # fmt: skip
+        (3, 2),
+        (4, len(pieces)),
+        (25, True),
+        (35, True),
+        (26, True),  # BPE, size, digits, bytes
+        (40, pieces.index(special["unk"])),
+        (41, pieces.index(special["bos"])),
+        (42, pieces.index(special["eos"])),
+        (43, -1),
+        (45, special["unk"]),
+        (46, special["bos"]),
+        (47, special["eos"]),
+    ]
     body += _field(2, b"".join(_field(n, v) for n, v in trainer))
     normalizer = [(1, "identity"), (3, True), (4, False), (5, True)]
     body += _field(3, b"".join(_field(n, v) for n, v in normalizer))

@@ -155,9 +155,12 @@ def test_gguf_export_read_by_gguf_package(model, small_tokenizer, tmp_path):
     assert np.array_equal(
         np.asarray(tensors["blk.0.attn_k.weight"].data).reshape(expect.shape), expect
     )
-    for ours, theirs in [("tok_embeddings", "token_embd"), ("output", "output"),
-                         ("layers.1.feed_forward.w2", "blk.1.ffn_down"),
-                         ("layers.0.attention_norm", "blk.0.attn_norm")]:  # fmt: skip
+    for ours, theirs in [
+        ("tok_embeddings", "token_embd"),
+        ("output", "output"),
+        ("layers.1.feed_forward.w2", "blk.1.ffn_down"),
+        ("layers.0.attention_norm", "blk.0.attn_norm"),
+    ]:
         expect = sd[f"{ours}.weight"].numpy()
         got = np.asarray(tensors[f"{theirs}.weight"].data).reshape(expect.shape)
         assert np.array_equal(got, expect), ours
@@ -259,12 +262,48 @@ def test_info_and_tokenize_commands(model, small_tokenizer, tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
+_LLAMA_CPP_CHILD = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, text, out = sys.argv[1:]
+cpp = Llama(path, n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+ids = cpp.tokenize(text.encode(), add_bos=True)
+cpp.eval(ids)
+np.save(out, np.array(cpp.scores[: len(ids)]))
+print(json.dumps(ids))
+"""
+
+
+def llama_cpp_logits(path, text: str, tmp_path) -> tuple[list[int], torch.Tensor]:
+    """llama.cpp's token ids (with BOS) and logits for `text`, computed in a child process: a
+    native crash of the oracle (an instruction the CPU refuses) fails this one test, by name."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "scores.npy"
+    run = subprocess.run(
+        [sys.executable, "-c", _LLAMA_CPP_CHILD, str(path), text, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if run.returncode < 0:
+        name = signal.Signals(-run.returncode).name
+        pytest.fail(
+            f"llama.cpp crashed ({name}) on {path.name}: a build for another CPU? Reinstall it "
+            f"portably: CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --no-cache-dir "
+            f"--force-reinstall llama-cpp-python\n{run.stderr[-2000:]}"
+        )
+    assert run.returncode == 0, f"llama.cpp failed on {path.name}:\n{run.stderr[-2000:]}"
+    return json.loads(run.stdout.splitlines()[-1]), torch.tensor(np.load(out))
+
+
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
 def test_gguf_export_runs_in_llama_cpp(small_tokenizer, tmp_path, gguf_type):
     """llama.cpp itself loads the exported file, tokenizes like us and computes the logits we
     compute from the same file."""
-    from llama_cpp import Llama as LlamaCpp
-
     torch.manual_seed(4)
     model = Transformer(CFG).eval()
     with torch.no_grad():  # larger weights than init: logits of a few units, not near zero
@@ -272,12 +311,10 @@ def test_gguf_export_runs_in_llama_cpp(small_tokenizer, tmp_path, gguf_type):
             if p.ndim == 2:
                 p.mul_(5)
     path = save_gguf(tmp_path / "m.gguf", CFG, model.state_dict(), small_tokenizer, gguf_type)
-    cpp = LlamaCpp(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
     text = "def read(path):\n    with open(path) as f:\n        return f.read()"
     ids = small_tokenizer.encode(text, bos=True)
-    assert cpp.tokenize(text.encode(), add_bos=True) == ids
-    cpp.eval(ids)
-    theirs = torch.tensor(np.array(cpp.scores[: len(ids)]))
+    their_ids, theirs = llama_cpp_logits(path, text, tmp_path)
+    assert their_ids == ids
     tokens = torch.tensor([ids])
     with torch.no_grad():
         exact = model(tokens)[0]

@@ -67,12 +67,25 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
     cfg = get_preset("micro", max_seq_len=1024)
     base = save_hf(tmp_path / "chat", cfg, Transformer(cfg).state_dict(), small_tokenizer)
     data = tmp_path / "turns.jsonl"
-    rows = [{"turns": ["What is a list?", "And a dict?", "Thanks!"]},
-            {"turns": ["Hello", "Why?"], "instruction": RULE}] * 3  # fmt: skip
+    rows = [
+        {"turns": ["What is a list?", "And a dict?", "Thanks!"]},
+        {"turns": ["Hello", "Why?"], "instruction": RULE},
+    ] * 3
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [f"init_from={base}", f"data={data}", "steps=4", "batch_size=2", "seq_len=128",
-                 "lr=1e-3", "warmup_steps=1", "ckpt_every=4", "eval_every=4", "threads=1",
-                 "max_new_tokens=5", "temperature=0.8"]  # fmt: skip
+    overrides = [
+        f"init_from={base}",
+        f"data={data}",
+        "steps=4",
+        "batch_size=2",
+        "seq_len=128",
+        "lr=1e-3",
+        "warmup_steps=1",
+        "ckpt_every=4",
+        "eval_every=4",
+        "threads=1",
+        "max_new_tokens=5",
+        "temperature=0.8",
+    ]
     report = gatt(load_train_config(None, overrides), tmp_path / "run")
     dialogs = [
         json.loads(x)["messages"]

@@ -39,8 +39,13 @@ def test_ranking_loss_with_each_margin(setting):
 
 def test_dpo_loss():
     # (pc - rc) - (pr - rr) = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.1 -> -log sigmoid(0.15)
-    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
-                    torch.tensor([-2.5]), beta=0.1)  # fmt: skip
+    loss = dpo_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.5]),
+        beta=0.1,
+    )
     assert loss.item() == pytest.approx(softplus(-0.15), rel=1e-6)
 
 

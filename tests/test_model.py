@@ -17,7 +17,7 @@ CONFIGS = {
         multiple_of=64,
         ffn_dim_multiplier=1.3,
         rope_theta=1e6,
-    ),  # fmt: skip
+    ),
     "linear-rope-scaling": ModelConfig(
         dim=64, n_layers=2, n_heads=2, vocab_size=90, multiple_of=32, rope_scaling=4.0
     ),
@@ -84,9 +84,9 @@ def test_preset_parameter_counts(name, billions):
 
 
 @pytest.mark.parametrize(
-    "name,hidden", [("llama2-7b", 11008), ("llama2-13b", 13824), ("llama2-70b", 28672),
-                    ("codellama-34b", 22016)],
-)  # fmt: skip
+    "name,hidden",
+    [("llama2-7b", 11008), ("llama2-13b", 13824), ("llama2-70b", 28672), ("codellama-34b", 22016)],
+)
 def test_ffn_hidden_dims(name, hidden):
     assert get_preset(name).hidden_dim == hidden
 

@@ -10,9 +10,28 @@ from llama2.formats import DialogError
 from llama2.train import load_train_config
 from llama2.train.reward import pad, reward, scores
 
-TOPICS = ["parsing", "sockets", "threads", "strings", "lists", "files", "classes", "tests",
-          "imports", "loops", "dicts", "sets", "json", "paths", "regex", "bytes", "time",
-          "math", "sorting", "logging"]  # fmt: skip
+TOPICS = [
+    "parsing",
+    "sockets",
+    "threads",
+    "strings",
+    "lists",
+    "files",
+    "classes",
+    "tests",
+    "imports",
+    "loops",
+    "dicts",
+    "sets",
+    "json",
+    "paths",
+    "regex",
+    "bytes",
+    "time",
+    "math",
+    "sorting",
+    "logging",
+]
 
 
 def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tokenizer, tmp_path):
@@ -22,14 +41,30 @@ def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tok
     cfg = get_preset("micro")
     base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
     ratings = ["significantly_better", "better", "slightly_better", "negligibly_better"]
-    rows = [{"prompt": f"Tell me about {t} in Python.", "chosen": f"Good: {t} work well here.",
-             "rejected": f"Bad bad bad {t} never worked.", "rating": ratings[i % 4]}
-            for i, t in enumerate(TOPICS * 3)]  # fmt: skip
+    rows = [
+        {
+            "prompt": f"Tell me about {t} in Python.",
+            "chosen": f"Good: {t} work well here.",
+            "rejected": f"Bad bad bad {t} never worked.",
+            "rating": ratings[i % 4],
+        }
+        for i, t in enumerate(TOPICS * 3)
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [f"init_from={base}", f"data={data}", "steps=40", "batch_size=8", "seq_len=64",
-                 "lr=3e-3", "warmup_steps=4", "eval_every=20", "ckpt_every=40", "threads=1",
-                 "margin=small"]  # fmt: skip
+    overrides = [
+        f"init_from={base}",
+        f"data={data}",
+        "steps=40",
+        "batch_size=8",
+        "seq_len=64",
+        "lr=3e-3",
+        "warmup_steps=4",
+        "eval_every=20",
+        "ckpt_every=40",
+        "threads=1",
+        "margin=small",
+    ]
     metrics = reward(load_train_config(None, overrides), tmp_path / "rm")
     # held out: every 10th pair (6 of 60); measured 2026-11-27: accuracy 1.0 at step 40
     assert metrics[-1]["val_accuracy"] >= 0.99
@@ -40,8 +75,10 @@ def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tok
     theirs = LlamaForSequenceClassification.from_pretrained(
         tmp_path / "rm" / "model", attn_implementation="eager"
     ).eval()
-    seqs = [small_tokenizer.encode("def good(): pass", bos=True, eos=True),
-            small_tokenizer.encode("x", bos=True, eos=True)]  # fmt: skip
+    seqs = [
+        small_tokenizer.encode("def good(): pass", bos=True, eos=True),
+        small_tokenizer.encode("x", bos=True, eos=True),
+    ]
     tokens, lengths = pad(seqs)  # right-padded with 0, transformers' pad_token_id
     with torch.no_grad():
         ours = scores(rm.model, tokens, lengths)
@@ -58,8 +95,11 @@ def test_preference_records_are_validated(tmp_path):
     f.write_text(json.dumps({**ok, "chosen": None}))
     with pytest.raises(DialogError, match=r"p.jsonl:1: field 'chosen' must be text"):
         read_preferences(f)
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-            {"role": "user", "content": "more"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "more"},
+    ]
     f.write_text(json.dumps({**ok, "prompt": msgs}))
     (p,) = read_preferences(f)
     assert p.prompt == msgs and p.margin == 1.5 and p.is_safety
@@ -71,13 +111,30 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
     torch.manual_seed(0)
     cfg = get_preset("micro")
     base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
-    rows = [{"prompt": f"Tell me about {t}.", "chosen": f"{t} work well.",
-             "rejected": f"Bad bad {t} fail.", "rating": "better"} for t in TOPICS * 2]  # fmt: skip
+    rows = [
+        {
+            "prompt": f"Tell me about {t}.",
+            "chosen": f"{t} work well.",
+            "rejected": f"Bad bad {t} fail.",
+            "rating": "better",
+        }
+        for t in TOPICS * 2
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [f"init_from={base}", f"data={data}", "steps=30", "batch_size=8", "seq_len=64",
-                 "lr=3e-3", "warmup_steps=3", "eval_every=10", "ckpt_every=30", "threads=1",
-                 "beta=0.1"]  # fmt: skip
+    overrides = [
+        f"init_from={base}",
+        f"data={data}",
+        "steps=30",
+        "batch_size=8",
+        "seq_len=64",
+        "lr=3e-3",
+        "warmup_steps=3",
+        "eval_every=10",
+        "ckpt_every=30",
+        "threads=1",
+        "beta=0.1",
+    ]
     metrics = dpo(load_train_config(None, overrides), tmp_path / "dpo")
     assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
     assert metrics[-1]["loss"] < 0.3 and metrics[-1]["val_reward_accuracy"] == 1.0
@@ -102,10 +159,23 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
     policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Explain {t}."}) for t in TOPICS[:4]))
-    common = [f"init_from={policy}", f"data={prompts}", f"reward_model={rm_dir}",
-              f"safety_model={rm_dir}", "samples_per_prompt=3", "temperature=1.0",
-              "max_new_tokens=6", "steps=2", "batch_size=2", "seq_len=64", "lr=1e-3",
-              "warmup_steps=1", "ckpt_every=2", "eval_every=2", "threads=1"]  # fmt: skip
+    common = [
+        f"init_from={policy}",
+        f"data={prompts}",
+        f"reward_model={rm_dir}",
+        f"safety_model={rm_dir}",
+        "samples_per_prompt=3",
+        "temperature=1.0",
+        "max_new_tokens=6",
+        "steps=2",
+        "batch_size=2",
+        "seq_len=64",
+        "lr=1e-3",
+        "warmup_steps=1",
+        "ckpt_every=2",
+        "eval_every=2",
+        "threads=1",
+    ]
     rejection(load_train_config(None, common), tmp_path / "r1")
     samples = [json.loads(x) for x in (tmp_path / "r1" / "samples.jsonl").read_text().splitlines()]
     best = [json.loads(x) for x in (tmp_path / "r1" / "best.jsonl").read_text().splitlines()]
@@ -130,10 +200,22 @@ def _ppo_setup(small_tokenizer, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Explain {t}.", "is_safety": i % 3 == 0} for i, t in enumerate(TOPICS)]
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
-    return [f"init_from={policy}", f"data={prompts}", f"reward_model={rm_dir}",
-            f"safety_model={rm_dir}", "steps=12", "batch_size=4", "minibatch=2", "ppo_epochs=2",
-            "max_new_tokens=6", "lr=1e-4", "ckpt_every=4", "eval_every=4", "threads=1",
-            "keep_last=2"]  # fmt: skip
+    return [
+        f"init_from={policy}",
+        f"data={prompts}",
+        f"reward_model={rm_dir}",
+        f"safety_model={rm_dir}",
+        "steps=12",
+        "batch_size=4",
+        "minibatch=2",
+        "ppo_epochs=2",
+        "max_new_tokens=6",
+        "lr=1e-4",
+        "ckpt_every=4",
+        "eval_every=4",
+        "threads=1",
+        "keep_last=2",
+    ]
 
 
 def test_ppo_killed_and_resumed_continues_with_the_same_metrics(small_tokenizer, tmp_path):
@@ -165,8 +247,15 @@ def test_ppo_killed_and_resumed_continues_with_the_same_metrics(small_tokenizer,
     run(tmp_path / "ref")
     ref = metrics(tmp_path / "ref")
     assert len(ref) == 12
-    for key in ("reward", "kl", "entropy", "response_length", "clip_frac", "policy_loss",
-                "value_loss"):  # fmt: skip
+    for key in (
+        "reward",
+        "kl",
+        "entropy",
+        "response_length",
+        "clip_frac",
+        "policy_loss",
+        "value_loss",
+    ):
         assert all(math.isfinite(m[key]) for m in ref), key
     assert "held_out_reward" in ref[3] and ref[0]["kl"] == pytest.approx(0, abs=1e-5)
 

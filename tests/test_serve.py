@@ -75,8 +75,9 @@ def test_openai_client_chat_and_completions_streamed_and_not(server):
     assert usage.completion_tokens == full.usage.completion_tokens
     assert usage.prompt_tokens == full.usage.prompt_tokens
 
-    comp = c.completions.create(model="micro", prompt="import os\n", max_tokens=10, temperature=0,
-                                logprobs=2, echo=True)  # fmt: skip
+    comp = c.completions.create(
+        model="micro", prompt="import os\n", max_tokens=10, temperature=0, logprobs=2, echo=True
+    )
     assert (
         comp.choices[0].text.startswith("import os\n")
         and len(comp.choices[0].logprobs.tokens) == 10
@@ -95,8 +96,13 @@ def test_sixteen_concurrent_streams_are_correct(server):
     c = client(server)
 
     def one(i):
-        kw = dict(model="micro", messages=[{"role": "user", "content": f"question {i}"}],
-                  max_tokens=8, temperature=0.9, seed=i)  # fmt: skip
+        kw = dict(
+            model="micro",
+            messages=[{"role": "user", "content": f"question {i}"}],
+            max_tokens=8,
+            temperature=0.9,
+            seed=i,
+        )
         chunks = c.chat.completions.create(**kw, stream=True)
         pieces = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
         return "".join(pieces), kw
@@ -116,10 +122,19 @@ def _metric(base, name):
 
 def test_a_disconnecting_client_frees_its_slot(server):
     base = server[0]
-    body = {"model": "micro", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100,
-            "stream": True}  # fmt: skip
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:  # fmt: skip
+    body = {
+        "model": "micro",
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 100,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        base + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and '"content": "' in line:
                 break  # read one piece, then hang up
@@ -148,8 +163,12 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server):
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
     r = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers=auth, timeout=30)
     assert r.status_code == 400
-    ok = httpx.post(base + "/v1/chat/completions", json={"model": "micro", "messages": msgs,
-                    "max_tokens": 3}, headers=auth, timeout=30)  # fmt: skip
+    ok = httpx.post(
+        base + "/v1/chat/completions",
+        json={"model": "micro", "messages": msgs, "max_tokens": 3},
+        headers=auth,
+        timeout=30,
+    )
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
     ids = httpx.post(base + "/tokenize", json={"prompt": "def x"}).json()["tokens"]
     assert httpx.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"] == "def x"
@@ -158,22 +177,29 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server):
 
 
 def test_a_full_queue_answers_503(small_tokenizer):
+    """One slot, one queue place: while the engine is held mid-request (deterministically, by a
+    hook on its model, not by hoping generation is slow), a second request waits and a third is
+    refused with 503."""
     from llama2.serve.api import create_app
 
-    cfg = get_preset("tiny-15m", vocab_size=512, max_seq_len=4096)  # ~ms a token: slow enough
+    cfg = get_preset("micro")
     llm = Llama(Transformer(cfg).eval(), small_tokenizer, cfg)
-    small_tokenizer_eos = llm.tokenizer.eos_id
-    llm.tokenizer.eos_id = -1  # never stops early: the first request holds its slot
+    release = threading.Event()
+
+    def hold_decode_steps(module, args):  # prefills pass; decode steps wait for the test
+        if args[0].shape[1] == 1:
+            assert release.wait(timeout=60), "the test never released the engine"
+
+    hook = llm.model.register_forward_pre_hook(hold_decode_steps)
     srv, thread, base = _start(create_app(llm, "micro", max_batch=1, max_queue=1))
-    # thousands of tokens: seconds of work, so the first request holds the slot meanwhile
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True}
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 8, "stream": True}
     try:
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", base + "/v1/chat/completions", json=body) as first:
                 lines = first.iter_lines()  # (kept: dropping the iterator hangs up)
-                next(lines)  # running, in the only slot
+                next(lines)  # running, in the only slot, and the engine is held
                 with http.stream("POST", base + "/v1/chat/completions", json=body) as second:
-                    deadline = time.time() + 10
+                    deadline = time.time() + 30
                     while (
                         httpx.get(base + "/health").json()["waiting"] < 1 and time.time() < deadline
                     ):
@@ -182,7 +208,10 @@ def test_a_full_queue_answers_503(small_tokenizer):
                     assert third.status_code == 503
                     assert third.json()["error"]["code"] == "queue_full"
                     assert second.status_code == 200
+                    release.set()
+                    assert "data: [DONE]" in list(second.iter_lines())  # it ran, in turn
     finally:
-        llm.tokenizer.eos_id = small_tokenizer_eos
+        release.set()
+        hook.remove()
         srv.should_exit = True
         thread.join(timeout=10)

@@ -56,8 +56,11 @@ def test_packed_examples_never_attend_across_their_boundary(llama2_tokenizer):
     torch.manual_seed(0)
     cfg = get_preset("micro", vocab_size=32000)
     model = Transformer(cfg).eval()
-    examples = [encode_for_training(tok, DIALOG[1:3]), encode_for_training(tok, DIALOG[3:5]),
-                encode_for_training(tok, DIALOG[5:7])]  # fmt: skip
+    examples = [
+        encode_for_training(tok, DIALOG[1:3]),
+        encode_for_training(tok, DIALOG[3:5]),
+        encode_for_training(tok, DIALOG[5:7]),
+    ]
     inputs, targets, segments = pack(examples, seq_len=100)
     assert inputs.shape[0] == 1 and set(segments[0].tolist()) == {0, 1, 2, 3}  # 3 + padding
     with torch.no_grad():
@@ -90,7 +93,7 @@ def test_sft_records_in_three_schemas(tmp_path):
                 {"from": "human", "value": "q"},
                 {"from": "gpt", "value": "a"},
             ]
-        },  # fmt: skip
+        },
     ]
     f.write_text("\n".join(json.dumps(r) for r in rows))
     dialogs = read_sft_jsonl(f)
@@ -124,9 +127,18 @@ def test_sft_stage_end_to_end(small_tokenizer, tmp_path):
     words = ["import", "return", "class", "def", "self", "print", "while", "yield"] * 6
     rows = [{"instruction": f"Echo the word {w}", "output": w} for w in words]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [f"init_from={base}", f"data={data}", "epochs=3", "batch_size=8", "seq_len=64",
-                 "lr=3e-3", "warmup_steps=2", "eval_every=5", "ckpt_every=100",
-                 "threads=1"]  # fmt: skip
+    overrides = [
+        f"init_from={base}",
+        f"data={data}",
+        "epochs=3",
+        "batch_size=8",
+        "seq_len=64",
+        "lr=3e-3",
+        "warmup_steps=2",
+        "eval_every=5",
+        "ckpt_every=100",
+        "threads=1",
+    ]
     t0 = time.time()
     metrics = sft(load_train_config(None, overrides), tmp_path / "run")
     assert time.time() - t0 < 60
@@ -135,8 +147,9 @@ def test_sft_stage_end_to_end(small_tokenizer, tmp_path):
     assert "val_loss" in metrics[-1]  # 48 examples: every 20th held out
     tuned = load(tmp_path / "run" / "model")
     assert tuned.config == load(base).config
-    answer = tuned.chat([{"role": "user", "content": "Echo the word class"}], max_new_tokens=4,
-                        temperature=0)  # fmt: skip
+    answer = tuned.chat(
+        [{"role": "user", "content": "Echo the word class"}], max_new_tokens=4, temperature=0
+    )
     assert answer.token_ids
 
 
@@ -155,9 +168,21 @@ def test_lora_sft_adapter_loads_in_peft_and_merges(small_tokenizer, tmp_path):
     data = tmp_path / "sft.jsonl"
     words = ["import", "return", "class", "def"] * 8
     data.write_text("\n".join(json.dumps({"instruction": f"Say {w}", "output": w}) for w in words))
-    overrides = [f"init_from={base}", f"data={data}", "steps=8", "batch_size=4", "seq_len=64",
-                 "lr=1e-2", "warmup_steps=1", "ckpt_every=8", "eval_every=8", "threads=1",
-                 "lora_rank=4", "lora_alpha=8", "lora_targets=wq,wv,w2"]  # fmt: skip
+    overrides = [
+        f"init_from={base}",
+        f"data={data}",
+        "steps=8",
+        "batch_size=4",
+        "seq_len=64",
+        "lr=1e-2",
+        "warmup_steps=1",
+        "ckpt_every=8",
+        "eval_every=8",
+        "threads=1",
+        "lora_rank=4",
+        "lora_alpha=8",
+        "lora_targets=wq,wv,w2",
+    ]
     metrics = sft(load_train_config(None, overrides), tmp_path / "run")
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000008"

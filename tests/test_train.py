@@ -30,10 +30,21 @@ def shards(small_tokenizer, tmp_path_factory):
 
 def _args(shards, steps, extra=()):
     return [
-        f"data={shards}", "model=micro", "model_args={dim: 64, n_layers: 2, n_heads: 4}",
-        f"steps={steps}", "batch_size=8", "seq_len=64", "lr=3e-3", "warmup_steps=4",
-        "ckpt_every=10", "eval_every=10", "eval_batches=4", "threads=1", "keep_last=3", *extra,
-    ]  # fmt: skip
+        f"data={shards}",
+        "model=micro",
+        "model_args={dim: 64, n_layers: 2, n_heads: 4}",
+        f"steps={steps}",
+        "batch_size=8",
+        "seq_len=64",
+        "lr=3e-3",
+        "warmup_steps=4",
+        "ckpt_every=10",
+        "eval_every=10",
+        "eval_batches=4",
+        "threads=1",
+        "keep_last=3",
+        *extra,
+    ]
 
 
 def _pretrain(out, args, resume=False, procs=1, wait=True):
@@ -42,8 +53,15 @@ def _pretrain(out, args, resume=False, procs=1, wait=True):
         cmd.insert(4, "--resume")
     if procs > 1:
         # --standalone: a free rendezvous port each time (no clash with a run just ended)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={procs}", "-m", *cmd[2:]]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            *cmd[2:],
+        ]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return p
@@ -126,9 +144,18 @@ def test_schedule_and_config_errors(tmp_path):
 @pytest.mark.slow
 def test_two_minutes_on_the_embedded_corpus(tmp_path):
     """tiny-15m-shaped (narrower) model, ~2 minutes on the standard library sources."""
-    args = ["vocab_size=2048", "model_args={dim: 192, n_layers: 4, n_heads: 4}", "steps=500",
-            "batch_size=16", "seq_len=128", "lr=2e-3", "warmup_steps=30", "eval_every=100",
-            "ckpt_every=500", "threads=2"]  # fmt: skip
+    args = [
+        "vocab_size=2048",
+        "model_args={dim: 192, n_layers: 4, n_heads: 4}",
+        "steps=500",
+        "batch_size=16",
+        "seq_len=128",
+        "lr=2e-3",
+        "warmup_steps=30",
+        "eval_every=100",
+        "ckpt_every=500",
+        "threads=2",
+    ]
     t0 = time.time()
     out = _pretrain(tmp_path / "run", ["model=tiny-15m", *args])
     metrics = _metrics(tmp_path / "run")

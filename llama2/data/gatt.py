@@ -47,12 +47,16 @@ def _mention(word: str) -> Instruction:
 # Synthetic constraints in the spirit of the paper's (hobbies, language, persona), each with a
 # check a program can run.
 INSTRUCTIONS: list[Instruction] = [
-    _ends_with("Over."), _ends_with("Cheers!"), _max_words(10), _max_words(20),
-    _mention("Python"), _mention("llama"),
+    _ends_with("Over."),
+    _ends_with("Cheers!"),
+    _max_words(10),
+    _max_words(20),
+    _mention("Python"),
+    _mention("llama"),
     Instruction("Only use lowercase letters", lambda a: a == a.lower()),
     Instruction("Never use the letter e", lambda a: "e" not in a.lower()),
     Instruction("Answer in French", lambda a: bool(_FRENCH.search(a.lower()))),
-]  # fmt: skip
+]
 
 
 def attach(instruction: str, user_turns: Sequence[str]) -> list[str]:

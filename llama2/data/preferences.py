@@ -46,8 +46,11 @@ def _read_one(path: Path) -> list[Preference]:
         messages = [*prompt, {"role": "assistant", "content": r["chosen"] + r["rejected"]}]
         if reserved_tags_in(messages):
             raise DialogError(f"{where}: a reserved chat tag appears in the text")
-        out.append(Preference(prompt, r["chosen"], r["rejected"], rating, margin,
-                              bool(r.get("is_safety", False))))  # fmt: skip
+        out.append(
+            Preference(
+                prompt, r["chosen"], r["rejected"], rating, margin, bool(r.get("is_safety", False))
+            )
+        )
     if not out:
         raise DialogError(f"{path}: no preference pairs")
     return out

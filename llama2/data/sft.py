@@ -17,8 +17,13 @@ from ..tokenizer import Tokenizer
 from .jsonl import read_jsonl
 
 IGNORE = -100  # label of tokens that carry no loss
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system"}  # fmt: skip
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 def record_to_messages(record: dict, where: str) -> list[dict]:

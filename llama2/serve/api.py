@@ -33,8 +33,12 @@ class APIError(Exception):
 
 
 def _error(status: int, message: str, param=None, code=None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            503: "server_overloaded"}.get(status, "server_error")  # fmt: skip
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        503: "server_overloaded",
+    }.get(status, "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
@@ -74,8 +78,9 @@ def _sampling(body: dict, max_default: int, logprobs: int | None) -> SamplingPar
     )
 
 
-def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64) -> FastAPI:  # fmt: skip
+def create_app(
+    llm: Llama, model_name: str, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64
+) -> FastAPI:
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer")
     tok = llm.tokenizer
@@ -98,8 +103,11 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
     async def auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1"):
             if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (Authorization: Bearer ...)",
-                              code="invalid_api_key")  # fmt: skip
+                return _error(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    code="invalid_api_key",
+                )
         return await call_next(request)
 
     async def body_of(request: Request) -> dict:
@@ -162,8 +170,11 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
 
         def usage(done: list[Completion]) -> dict:
             gen = sum(len(c.token_ids) for c in done)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": gen,
-                    "total_tokens": prompt_tokens + gen}  # fmt: skip
+            return {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": gen,
+                "total_tokens": prompt_tokens + gen,
+            }
 
         if not body.get("stream"):
             done: list[Completion | None] = [None] * n
@@ -181,29 +192,53 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
                 lp = None
                 if c.logprobs is not None:
                     entries = [logprob_entry(x) for x in c.logprobs]
-                    lp = {"content": entries} if kind == "chat" else {
-                        "tokens": [e["token"] for e in entries],
-                        "token_logprobs": [e["logprob"] for e in entries],
-                        "top_logprobs": [
-                            {t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries
-                        ],
-                    }  # fmt: skip
+                    lp = (
+                        {"content": entries}
+                        if kind == "chat"
+                        else {
+                            "tokens": [e["token"] for e in entries],
+                            "token_logprobs": [e["logprob"] for e in entries],
+                            "top_logprobs": [
+                                {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                for e in entries
+                            ],
+                        }
+                    )
                 if kind == "chat":
-                    choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})  # fmt: skip
+                    choices.append(
+                        {
+                            "index": i,
+                            "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
                 else:
                     text = (body.get("prompt") if body.get("echo") else "") + c.text
-                    choices.append({"index": i, "text": text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})  # fmt: skip
-            return JSONResponse({"id": rid, "object": obj, "created": int(time.time()),
-                                 "model": model_name, "choices": choices,
-                                 "usage": usage(done)})  # fmt: skip
+                    choices.append(
+                        {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
+                    )
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": choices,
+                    "usage": usage(done),
+                }
+            )
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(choices: list[dict], usage_: dict | None = None) -> str:
-            data = {"id": rid, "object": f"{obj}.chunk", "created": int(time.time()),
-                    "model": model_name, "choices": choices}  # fmt: skip
+            data = {
+                "id": rid,
+                "object": f"{obj}.chunk",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": choices,
+            }
             if include_usage:
                 data["usage"] = usage_
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -213,12 +248,28 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
             try:
                 if kind == "chat":
                     for i in range(n):
-                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}])  # fmt: skip
+                        yield chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
                 elif body.get("echo"):
                     for i in range(n):
-                        yield chunk([{"index": i, "text": body.get("prompt"), "logprobs": None,
-                                      "finish_reason": None}])  # fmt: skip
+                        yield chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "text": body.get("prompt"),
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
                 while any(d is None for d in done):
                     i, what, value = await queue.get()
                     if what == "done":
@@ -282,8 +333,12 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "llama2"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {"id": model_name, "object": "model", "created": created, "owned_by": "llama2"}
+            ],
+        }
 
     @app.get("/health")
     async def health():
@@ -314,8 +369,13 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
         lines = []
 
         def metric(name: str, kind: str, help_: str, value) -> None:
-            lines.extend([f"# HELP llama2_{name} {help_}", f"# TYPE llama2_{name} {kind}",
-                          f"llama2_{name} {value}"])  # fmt: skip
+            lines.extend(
+                [
+                    f"# HELP llama2_{name} {help_}",
+                    f"# TYPE llama2_{name} {kind}",
+                    f"llama2_{name} {value}",
+                ]
+            )
 
         def summary(name: str, help_: str, values: list[float]) -> None:
             lines.extend([f"# HELP llama2_{name} {help_}", f"# TYPE llama2_{name} summary"])
@@ -342,8 +402,15 @@ def create_app(llm: Llama, model_name: str, api_key: str | None = None, max_batc
     return app
 
 
-def serve(llm: Llama, host: str, port: int, model_name: str, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 64) -> None:  # fmt: skip
+def serve(
+    llm: Llama,
+    host: str,
+    port: int,
+    model_name: str,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+) -> None:
     import uvicorn
 
     app = create_app(llm, model_name, api_key, max_batch, max_queue)

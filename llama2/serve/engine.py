@@ -150,8 +150,13 @@ class Engine:
         piece = r.stream.finish()
         if piece:
             r.req.emit("token", (piece, None))
-        done = Completion(r.stream.text, r.stream.ids, reason, len(r.req.prompt),
-                          r.logprobs if r.req.params.logprobs is not None else None)  # fmt: skip
+        done = Completion(
+            r.stream.text,
+            r.stream.ids,
+            reason,
+            len(r.req.prompt),
+            r.logprobs if r.req.params.logprobs is not None else None,
+        )
         r.req.emit("done", done)
         self.running.remove(r)
         with self.cond:
@@ -166,8 +171,15 @@ class Engine:
                     self.free.append(r.slot)
                 continue
             p = r.req.params
-            token = int(sample(r.logits[None], p.temperature, p.top_k, p.top_p,
-                               [r.generator] if r.generator else None)[0])  # fmt: skip
+            token = int(
+                sample(
+                    r.logits[None],
+                    p.temperature,
+                    p.top_k,
+                    p.top_p,
+                    [r.generator] if r.generator else None,
+                )[0]
+            )
             if token in r.req.stop_ids:
                 self._finish(r, "stop")
                 continue
@@ -192,8 +204,11 @@ class Engine:
         if not self.running:
             return
         tokens = torch.tensor([[r.stream.ids[-1]] for r in self.running], device=self.device)
-        logits = self.model(tokens, start_pos=torch.tensor([r.pos for r in self.running]),
-                            slots=[r.slot for r in self.running])  # fmt: skip
+        logits = self.model(
+            tokens,
+            start_pos=torch.tensor([r.pos for r in self.running]),
+            slots=[r.slot for r in self.running],
+        )
         for i, r in enumerate(self.running):
             r.logits = logits[i, -1]
             r.pos += 1

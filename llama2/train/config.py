@@ -74,8 +74,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last",
-                     "eval_every", "ckpt_every", "log_every"):  # fmt: skip
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_batches",
+            "keep_last",
+            "eval_every",
+            "ckpt_every",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.warmup_steps < 0 or self.epochs < 0 or self.lr <= 0:

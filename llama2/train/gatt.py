@@ -56,8 +56,12 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         chat = load(cfg.init_from)
 
         def answer(dialog):
-            return chat.chat(dialog, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                             seed=cfg.seed).text  # fmt: skip
+            return chat.chat(
+                dialog,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+            ).text
 
         rows = []
         for r, ins in zip(
@@ -83,7 +87,9 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     for r, ins in zip(records, chosen, strict=True):
         for k, ok in enumerate(adherence_by_turn(greedy, ins, r["turns"])):
             honoured[k].append(ok)
-    report = {"adherence_by_turn": [sum(h) / len(h) for h in honoured if h],
-              "dialogs": len(records)}  # fmt: skip
+    report = {
+        "adherence_by_turn": [sum(h) / len(h) for h in honoured if h],
+        "dialogs": len(records),
+    }
     (out / "adherence.json").write_text(json.dumps(report, indent=2))
     return report

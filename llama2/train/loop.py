@@ -187,10 +187,14 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
     if d.main:
         stage.save_model(full, tmp / "model")
         torch.save(
-            {"step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-             "config": json.loads(json.dumps(cfg.__dict__))},
+            {
+                "step": step,
+                "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "config": json.loads(json.dumps(cfg.__dict__)),
+            },
             tmp / "trainer.pt",
-        )  # fmt: skip
+        )
         for f in tmp.rglob("*"):  # on disk before the rename makes the checkpoint visible
             if f.is_file():
                 _fsync(f)
@@ -369,9 +373,14 @@ def train(
                 dist.all_reduce(t)
                 total = float(t) / d.world
             dt = time.perf_counter() - t0
-            row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": stage.tokens_per_step / dt,
-                   "elapsed_s": time.perf_counter() - t_start}  # fmt: skip
+            row = {
+                "step": step + 1,
+                "loss": total,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": stage.tokens_per_step / dt,
+                "elapsed_s": time.perf_counter() - t_start,
+            }
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row |= evaluate(stage, forward_model, d, autocast)
             if d.main:

@@ -119,8 +119,16 @@ class PPO:
         adv, returns = gae(rewards, values, mask, gamma=1.0, lam=self.cfg.gae_lambda)
         flat = adv[mask.bool()]
         adv = (adv - flat.mean()) / (flat.std(unbiased=False) + 1e-8) * mask
-        return {"tokens": tokens, "mask": mask, "logp": logp * mask, "values": values,
-                "adv": adv, "returns": returns, "r_c": r_c, "kl": kl}  # fmt: skip
+        return {
+            "tokens": tokens,
+            "mask": mask,
+            "logp": logp * mask,
+            "values": values,
+            "adv": adv,
+            "returns": returns,
+            "r_c": r_c,
+            "kl": kl,
+        }
 
     def update(self, ro: dict, it: int) -> dict:
         cfg = self.cfg
@@ -167,8 +175,10 @@ class PPO:
         tok = self.policy.tokenizer
         save_hf(tmp / "model", self.policy.config, self.policy.model.state_dict(), tok)
         save_hf(tmp / "value", self.value_config, self.value.state_dict(), tok, head="score")
-        torch.save({"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state(),
-                    **extra}, tmp / "trainer.pt")  # fmt: skip
+        torch.save(
+            {"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state(), **extra},
+            tmp / "trainer.pt",
+        )
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
@@ -219,9 +229,12 @@ def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
             if stopped:
                 break
             ro = run.rollout(it)
-            row = {"step": it + 1, "reward": float(ro["r_c"].mean()),
-                   "kl": float(ro["kl"].sum(-1).mean()),
-                   "response_length": float(ro["mask"].sum(-1).mean())}  # fmt: skip
+            row = {
+                "step": it + 1,
+                "reward": float(ro["r_c"].mean()),
+                "kl": float(ro["kl"].sum(-1).mean()),
+                "response_length": float(ro["mask"].sum(-1).mean()),
+            }
             row |= run.update(ro, it)
             if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.steps:
                 row["held_out_reward"] = run.held_out_reward()
@@ -238,8 +251,11 @@ def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
             bar.update()
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps or stopped:
                 run.save(out, it + 1, {"best": best, "bad": bad})
-                curves = {"reward": "reward (R_c)", "held_out_reward": "held-out reward",
-                          "kl": "KL to the reference"}  # fmt: skip
+                curves = {
+                    "reward": "reward (R_c)",
+                    "held_out_reward": "held-out reward",
+                    "kl": "KL to the reference",
+                }
                 plot_losses(metrics, out / "reward.png", curves, ylabel="")
         bar.close()
     return metrics

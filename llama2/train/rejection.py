@@ -28,8 +28,10 @@ from .sft import sft
 
 def read_prompts(path: str | Path) -> list[dict]:
     """JSONL of {"prompt": text or messages, "is_safety": optional bool}."""
-    out = [{"prompt": parse_prompt(r, where), "is_safety": bool(r.get("is_safety", False))}
-           for where, r in read_jsonl(path)]  # fmt: skip
+    out = [
+        {"prompt": parse_prompt(r, where), "is_safety": bool(r.get("is_safety", False))}
+        for where, r in read_jsonl(path)
+    ]
     if not out:
         raise DialogError(f"{path}: no prompts")
     return out
@@ -73,8 +75,12 @@ def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
     samples = []
     for i, p in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
         # K rows of the same dialog; row k samples with seed (seed + i * K) + k
-        outs = policy.chat([p["prompt"]] * K, temperature=cfg.temperature,
-                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i * K)  # fmt: skip
+        outs = policy.chat(
+            [p["prompt"]] * K,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed + i * K,
+        )
         answers = [o.text for o in outs]
         dialogs = [p["prompt"]] * K
         r_help = torch.tensor(score_answers(helpful, dialogs, answers))
@@ -95,8 +101,13 @@ def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
     best = []
     for i, p in enumerate(prompts):
         mine = max((s for s in samples if s["prompt_index"] == i), key=lambda s: s["score"])
-        row = {"prompt_index": i, "prompt": p["prompt"], "answer": mine["answer"],
-               "score": mine["score"], "round": this_round}  # fmt: skip
+        row = {
+            "prompt_index": i,
+            "prompt": p["prompt"],
+            "answer": mine["answer"],
+            "score": mine["score"],
+            "round": this_round,
+        }
         old = previous.get(i)
         if old is not None and old["score"] > mine["score"]:  # an earlier winner still wins
             row |= {"answer": old["answer"], "score": old["score"], "round": old.get("round", 0)}

@@ -53,9 +53,15 @@ def build_reward(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         ids = encode_for_training(tok, [*p.prompt, {"role": "assistant", "content": answer}])[0]
         return ids[-cfg.seq_len :]  # keep the end: the score is read at the last token
 
-    data = [(encode(p, p.chosen), encode(p, p.rejected),
-             p.margin if p.margin is not None else margins.get(p.rating, 0.0), p.rating)
-            for p in pairs]  # fmt: skip
+    data = [
+        (
+            encode(p, p.chosen),
+            encode(p, p.rejected),
+            p.margin if p.margin is not None else margins.get(p.rating, 0.0),
+            p.rating,
+        )
+        for p in pairs
+    ]
     held = [x for i, x in enumerate(data) if i % 10 == 9]
     train_pairs = [x for i, x in enumerate(data) if i % 10 != 9] or data
     n = len(train_pairs)
