@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from llama2 import ModelConfig, Transformer, load, read_checkpoint, save_gguf, save_hf, save_meta
 from llama2.checkpoint import describe, ours_to_meta
+from llama2.checkpoint.gguf_format import GGMLType, T, write_gguf
 from llama2.cli import main as cli
 
 CFG = ModelConfig(
@@ -258,6 +259,13 @@ def test_failed_save_leaves_no_directory_or_temporary(model, tmp_path):
         save_meta(tmp_path / "m3", CFG, model.state_dict(), shards=3)
     assert not (tmp_path / "m3").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_failed_gguf_write_leaves_no_file(tmp_path):
+    bad = [("x.weight", (4,), GGMLType.F32, np.zeros(3, np.float32))]
+    with pytest.raises(ValueError, match="payload of 12 bytes, expected 16"):
+        write_gguf(tmp_path / "m.gguf", {"general.name": (T.STRING, "x")}, bad)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
 
 
 def test_checkpoint_read_parses_config_json_once(model, small_tokenizer, tmp_path, monkeypatch):

@@ -10,9 +10,8 @@ so a crash never leaves half a checkpoint.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-
-import numpy as np
 
 from ..io import atomic_dir
 from ..io import fsync as _fsync
@@ -59,7 +58,7 @@ def describe(path: str | Path) -> dict:
     config, stored, tokenizer = _LAYOUTS[layout].describe(path)
     numel: dict[str, int] = {}  # dtype name -> parameters stored in it
     for dtype, shape in stored:
-        numel[dtype] = numel.get(dtype, 0) + int(np.prod(shape))
+        numel[dtype] = numel.get(dtype, 0) + math.prod(shape)
     files = [path] if path.is_file() else path.rglob("*")
     return {
         "path": str(path),
