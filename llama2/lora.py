@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import _HF_LAYER, atomic_dir
+from .checkpoint.common import HF_LAYER
+from .io import atomic_dir
 from .kernels import Linear
 
 # our module names -> PEFT's target_modules names (HF's)
 TARGETS = {
-    part.split(".")[1]: hf.split(".")[1] for part, hf in _HF_LAYER.items() if "norm" not in part
+    part.split(".")[1]: hf.split(".")[1] for part, hf in HF_LAYER.items() if "norm" not in part
 }
 
 

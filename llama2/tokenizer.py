@@ -17,7 +17,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .gguf_file import GGUFError, read_gguf
+from .checkpoint.gguf_format import GGUFError, read_gguf
+from .io import write_atomic
 
 # SentencePiece piece types; llama.cpp's token_type numbering is the same.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -104,7 +105,7 @@ class Tokenizer:
         return cls(proto, source=str(path))
 
     def save(self, path: str | Path) -> None:
-        atomic_write_bytes(Path(path), self.model_proto)
+        write_atomic(path, self.model_proto)
 
     def encode(
         self, text: str, bos: bool = False, eos: bool = False, dummy_prefix: bool = True
@@ -181,18 +182,6 @@ def train_tokenizer(
         tok = Tokenizer(Path(tmp, "tok.model").read_bytes(), source=str(out))
     tok.save(out)
     return tok
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # --- the SentencePiece model file (a protobuf ModelProto), by hand --------------------------

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama2 import ModelConfig, Transformer, load, read_checkpoint, save_gguf, save_hf, save_meta
-from llama2.checkpoint import ours_to_meta
+from llama2.checkpoint import describe, ours_to_meta
+from llama2.checkpoint.gguf_format import GGMLType, T, write_gguf
 from llama2.cli import main as cli
 
 CFG = ModelConfig(
@@ -226,10 +228,14 @@ def test_hf_sharded_checkpoint(model, small_tokenizer, tmp_path):
     assert load(tmp_path / "hf", dtype="bfloat16").dtype == torch.bfloat16
 
 
-def test_bad_checkpoints_are_named(model, small_tokenizer, tmp_path):
+def test_save_refuses_a_non_empty_directory(model, small_tokenizer, tmp_path):
     d = save_hf(tmp_path / "hf", CFG, model.state_dict(), small_tokenizer)
     with pytest.raises(ValueError, match="already exists"):
         save_hf(d, CFG, model.state_dict())
+
+
+def test_config_disagreeing_with_the_tensors_is_named(model, small_tokenizer, tmp_path):
+    d = save_hf(tmp_path / "hf", CFG, model.state_dict(), small_tokenizer)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing tensors.*layers.2"):
@@ -237,15 +243,48 @@ def test_bad_checkpoints_are_named(model, small_tokenizer, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
     with pytest.raises(ValueError, match="w1.weight has shape"):
         load(d)
+
+
+def test_unreadable_config_and_unknown_directory_are_named(model, small_tokenizer, tmp_path):
+    d = save_hf(tmp_path / "hf", CFG, model.state_dict(), small_tokenizer)
     (d / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: invalid JSON"):
         load(d)
     with pytest.raises(ValueError, match="neither config.json"):
         load(tmp_path)
+
+
+def test_failed_save_leaves_no_directory_or_temporary(model, tmp_path):
     with pytest.raises(ValueError, match="cannot split into 3"):
         save_meta(tmp_path / "m3", CFG, model.state_dict(), shards=3)
     assert not (tmp_path / "m3").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_failed_gguf_write_leaves_no_file(tmp_path):
+    bad = [("x.weight", (4,), GGMLType.F32, np.zeros(3, np.float32))]
+    with pytest.raises(ValueError, match="payload of 12 bytes, expected 16"):
+        write_gguf(tmp_path / "m.gguf", {"general.name": (T.STRING, "x")}, bad)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_checkpoint_read_parses_config_json_once(model, small_tokenizer, tmp_path, monkeypatch):
+    """quantization, head and config all come from one read of config.json."""
+    d = save_hf(tmp_path / "hf", CFG, model.state_dict(), small_tokenizer)
+    reads = []
+    read_text = Path.read_text
+
+    def counting_read_text(self, *args, **kwargs):
+        reads.append(self.name)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    read_checkpoint(d)
+    assert reads.count("config.json") == 1
+    load(d)
+    assert reads.count("config.json") == 2
+    describe(d)
+    assert reads.count("config.json") == 3
 
 
 def test_info_and_tokenize_commands(model, small_tokenizer, tmp_path, capsys):
@@ -340,16 +379,23 @@ def test_gguf_f16_loads_as_f16(model, small_tokenizer, tmp_path):
         assert (llm.model(tokens) - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
-def test_more_bad_inputs_are_named(model, small_tokenizer, tmp_path):
+def test_rope_scaling_refused_by_meta_kept_by_gguf(model, small_tokenizer, tmp_path):
     scaled = CFG.replace(rope_scaling=2.0)
     with pytest.raises(ValueError, match="no field for RoPE scaling"):
         save_meta(tmp_path / "meta", scaled, model.state_dict())
     path = save_gguf(tmp_path / "m.gguf", scaled, model.state_dict(), small_tokenizer, "f32")
     assert load(path).config.rope_scaling == 2.0
+
+
+def test_truncated_gguf_is_named(model, small_tokenizer, tmp_path):
+    path = save_gguf(tmp_path / "m.gguf", CFG, model.state_dict(), small_tokenizer, "f32")
     data = path.read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
     with pytest.raises(ValueError, match="cut.gguf: tensor .* runs past the end"):
         load(tmp_path / "cut.gguf")
+
+
+def test_meta_shard_of_the_wrong_shape_is_named(model, tmp_path):
     save_meta(tmp_path / "m2", CFG, model.state_dict(), shards=2)
     shard = tmp_path / "m2" / "consolidated.01.pth"
     sd = torch.load(shard, weights_only=True)
@@ -357,6 +403,9 @@ def test_more_bad_inputs_are_named(model, small_tokenizer, tmp_path):
     torch.save(sd, shard)
     with pytest.raises(ValueError, match="consolidated.01.pth: layers.0.attention.wo.weight"):
         load(tmp_path / "m2")
+
+
+def test_negative_start_pos_is_refused(model):
     with pytest.raises(ValueError, match="start_pos must be >= 0"):
         model.setup_cache(1, 16)
         try:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_file
+
 MAGIC = b"GGUF"
 VERSION = 3
 ALIGNMENT = 32
@@ -181,7 +183,8 @@ def _pack_value(vtype: T, value) -> bytes:
 def write_gguf(path: str | Path, metadata: dict, tensors: list) -> None:
     """metadata: {key: (T, value)} with arrays as (T.ARRAY, (element T, list)).
     tensors: [(name, shape in PyTorch order, GGMLType, payload)], written in order; a payload is
-    an ndarray or a function making one, called only when its turn comes (bounded memory)."""
+    an ndarray or a function making one, called only when its turn comes (bounded memory).
+    The file appears whole at `path` or not at all."""
     header = [MAGIC, struct.pack("<IQQ", VERSION, len(tensors), len(metadata))]
     for key, (vtype, value) in metadata.items():
         header += [_pack_value(T.STRING, key), struct.pack("<I", vtype), _pack_value(vtype, value)]
@@ -194,7 +197,7 @@ def write_gguf(path: str | Path, metadata: dict, tensors: list) -> None:
         block_bytes, block_elems = GGML_BLOCK[gtype]
         sizes.append(int(np.prod(shape)) // block_elems * block_bytes)
         offset += sizes[-1] + (-sizes[-1] % ALIGNMENT)
-    with open(path, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         head = b"".join(header)
         f.write(head + b"\0" * (-len(head) % ALIGNMENT))
         for (name, *_, payload), size in zip(tensors, sizes, strict=True):
