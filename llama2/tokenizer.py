@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .checkpoint.gguf_format import GGUFError, read_gguf
+from .gguf_format import GGUFError, read_gguf
 from .io import write_atomic
 
 # SentencePiece piece types; llama.cpp's token_type numbering is the same.

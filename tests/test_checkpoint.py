@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from llama2 import ModelConfig, Transformer, load, read_checkpoint, save_gguf, save_hf, save_meta
 from llama2.checkpoint import describe, ours_to_meta
-from llama2.checkpoint.gguf_format import GGMLType, T, write_gguf
 from llama2.cli import main as cli
+from llama2.gguf_format import GGMLType, T, write_gguf
 
 CFG = ModelConfig(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128

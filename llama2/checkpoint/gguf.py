@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..gguf_format import GGMLType, GGUFError, T, quantize_q8_0, read_gguf, read_tensor, write_gguf
 from ..tokenizer import Tokenizer
 from .common import (
     Checkpoint,
@@ -20,7 +21,6 @@ from .common import (
     require_float,
     to_gguf_name,
 )
-from .gguf_format import GGMLType, GGUFError, T, quantize_q8_0, read_gguf, read_tensor, write_gguf
 
 GGUF_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0}
 _FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q8_0: 7}  # general.file_type

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_file
+from .io import atomic_file
 
 MAGIC = b"GGUF"
 VERSION = 3
