@@ -13,7 +13,8 @@ from conftest import FIXTURES
 from llama2 import load
 from llama2.data import prepare_corpus
 from llama2.train import load_train_config
-from llama2.train.loop import checkpoint_dirs, lr_factor
+from llama2.train.loop import lr_factor
+from llama2.train.rundir import checkpoint_dirs
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

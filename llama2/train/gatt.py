@@ -19,9 +19,11 @@ from tqdm import tqdm
 from ..data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
 from ..data.jsonl import read_jsonl
 from ..formats import DialogError
+from ..io import write_atomic
 from ..llm import load
 from .config import TrainConfig
-from .loop import train
+from .loop import pick_device, train
+from .rundir import latest_checkpoint, open_run, write_config, write_jsonl
 from .sft import build_sft
 
 
@@ -44,7 +46,8 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    open_run(out, resume, products=("gatt.jsonl",))
+    write_config(out, cfg)
     records = read_turns(cfg.data)
     rng = random.Random(cfg.seed)
     by_text = {i.text: i for i in INSTRUCTIONS}
@@ -53,7 +56,7 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     ]
     data = out / "gatt.jsonl"
     if not (resume and data.exists()):
-        chat = load(cfg.init_from)
+        chat = load(cfg.init_from, device=pick_device(cfg))
 
         def answer(dialog):
             return chat.chat(
@@ -68,16 +71,14 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             tqdm(records, desc="sampling dialogs", unit="dialog"), chosen, strict=True
         ):
             rows.append({"messages": sample_dialog(answer, ins.text, r["turns"])})
-        tmp = data.with_name(".gatt.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-        tmp.replace(data)
+        write_jsonl(data, rows)
     tuned_cfg = dataclasses.replace(cfg, data=str(data))
 
     def build(device, d):
         return build_sft(tuned_cfg, device, d, encode=training_example)
 
-    train(tuned_cfg, out / "sft", build, resume)
-    tuned = load(out / "sft" / "model")
+    train(tuned_cfg, out / "sft", build, resume and latest_checkpoint(out / "sft") is not None)
+    tuned = load(out / "sft" / "model", device=pick_device(cfg))
 
     def greedy(dialog):
         return tuned.chat(dialog, temperature=0, max_new_tokens=cfg.max_new_tokens).text
@@ -91,5 +92,5 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         "adherence_by_turn": [sum(h) / len(h) for h in honoured if h],
         "dialogs": len(records),
     }
-    (out / "adherence.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "adherence.json", json.dumps(report, indent=2))
     return report
