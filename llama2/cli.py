@@ -240,7 +240,8 @@ def cmd_stage(args) -> None:
 
     module, _ = STAGES[args.command]
     run = getattr(importlib.import_module(f".train.{module}", __package__), module)
-    result = run(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
+    cfg = load_train_config(args.config, args.overrides, stage=args.command)
+    result = run(cfg, args.out, resume=args.resume)
     if args.command == "gatt":
         rates = ", ".join(f"{r:.0%}" for r in result["adherence_by_turn"])
         print(f"instruction adherence by turn: {rates}", file=sys.stderr)

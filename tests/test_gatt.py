@@ -86,7 +86,7 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
         "max_new_tokens=5",
         "temperature=0.8",
     ]
-    report = gatt(load_train_config(None, overrides), tmp_path / "run")
+    report = gatt(load_train_config(None, overrides, stage="gatt"), tmp_path / "run")
     dialogs = [
         json.loads(x)["messages"]
         for x in (tmp_path / "run" / "gatt.jsonl").read_text().splitlines()

@@ -195,3 +195,27 @@ def test_config_values_are_typed_and_named(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             load_train_config(None, bad)
+
+
+def test_each_stage_refuses_settings_it_does_not_use(tmp_path):
+    with pytest.raises(ValueError, match=r"sft has no setting 'kl_beta' \(a setting of ppo\)"):
+        load_train_config(None, ["kl_beta=0.1"], stage="sft")
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 3\nwarmup_steps: 2\n")
+    with pytest.raises(ValueError, match=r"c.yaml: ppo has no setting 'warmup_steps'"):
+        load_train_config(f, stage="ppo")
+    with pytest.raises(ValueError, match=r"reward has no setting 'model_args'"):
+        load_train_config(None, ["model_args.dim=64"], stage="reward")
+    with pytest.raises(ValueError, match="unknown stage 'sfts'"):
+        load_train_config(None, [], stage="sfts")
+    assert load_train_config(f, stage="sft").warmup_steps == 2
+
+
+def test_every_shipped_config_loads_for_its_stage():
+    stages = {"ppo": "ppo", "reward": "reward", "sft": "sft"}
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        stage = stages.get(path.stem.split("-")[0], "pretrain")
+        cfg = load_train_config(path, stage=stage)
+        assert type(cfg).stage == stage

@@ -1,6 +1,31 @@
 """One training loop for every stage (loop.py); one small file per stage."""
 
-from .config import TrainConfig, load_train_config
+from .config import (
+    STAGE_CONFIGS,
+    DPOConfig,
+    GattConfig,
+    LoopConfig,
+    PPOConfig,
+    PretrainConfig,
+    RejectionConfig,
+    RewardConfig,
+    SFTConfig,
+    TrainConfig,
+    load_train_config,
+)
 from .loop import train
 
-__all__ = ["TrainConfig", "load_train_config", "train"]
+__all__ = [
+    "STAGE_CONFIGS",
+    "DPOConfig",
+    "GattConfig",
+    "LoopConfig",
+    "PPOConfig",
+    "PretrainConfig",
+    "RejectionConfig",
+    "RewardConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "load_train_config",
+    "train",
+]

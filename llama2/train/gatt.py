@@ -9,7 +9,6 @@ the tuned model's adherence is measured turn by turn, the instruction given once
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..data.jsonl import read_jsonl
 from ..formats import DialogError
 from ..io import write_atomic
 from ..llm import load
-from .config import TrainConfig
+from .config import GattConfig, SFTConfig, stage_config
 from .loop import pick_device, train
 from .rundir import latest_checkpoint, open_run, write_config, write_jsonl
 from .sft import build_sft
@@ -42,7 +41,7 @@ def read_turns(path: str | Path) -> list[dict]:
     return out
 
 
-def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
+def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
     out = Path(out)
@@ -72,7 +71,7 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         ):
             rows.append({"messages": sample_dialog(answer, ins.text, r["turns"])})
         write_jsonl(data, rows)
-    tuned_cfg = dataclasses.replace(cfg, data=str(data))
+    tuned_cfg = stage_config(cfg, SFTConfig, data=str(data))
 
     def build(device, d):
         return build_sft(tuned_cfg, device, d, encode=training_example)

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import LoopConfig, TrainConfig
 from .rundir import (
     Metrics,
     checkpoint_tmp,
@@ -94,7 +94,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: LoopConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio of the peak (Llama 2, section 2.2)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -232,7 +232,7 @@ def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
 
 
 def train(
-    cfg: TrainConfig,
+    cfg: LoopConfig,
     out: Path,
     build: Callable[[torch.device, Dist], Stage],
     resume: bool = False,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..checkpoint import save_hf
 from ..formats import encode_chat
 from ..llm import Llama, load
-from .config import TrainConfig
+from .config import PPOConfig
 from .loop import make_optimizer, pick_device
 from .losses import (
     combined_reward,
@@ -56,7 +56,7 @@ def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor
 
 
 class PPO:
-    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: PPOConfig, device: torch.device | str = "cpu"):
         if not (cfg.init_from and cfg.data and cfg.reward_model):
             raise ValueError("ppo needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
         self.cfg, self.device = cfg, torch.device(device)
@@ -200,7 +200,7 @@ def _on_cpu(model: nn.Module) -> dict:
     return {k: v.cpu() for k, v in model.state_dict().items()}
 
 
-def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -9,7 +9,6 @@ sft/ (the fine-tuning run, a run directory of its own).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from ..data.jsonl import parse_prompt, read_jsonl
 from ..data.sft import encode_for_training
 from ..formats import DialogError
 from ..llm import Llama, load
-from .config import TrainConfig
+from .config import RejectionConfig, SFTConfig, stage_config
 from .loop import pick_device
 from .losses import combined_reward
 from .reward import pad, scores
@@ -55,7 +54,7 @@ def score_answers(
     return out
 
 
-def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
+def sample_and_select(cfg: RejectionConfig, out: Path) -> list[dict]:
     """Sample, score and select; returns the best per prompt (also written to best.jsonl)."""
     if not (cfg.init_from and cfg.data and cfg.reward_model):
         raise ValueError("rejection needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
@@ -113,7 +112,7 @@ def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
     return best
 
 
-def rejection(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def rejection(cfg: RejectionConfig, out: str | Path, resume: bool = False) -> list[dict]:
     """Sample and select (once: sampling is seeded, a resumed run reuses best.jsonl), then
     fine-tune on the winners in out/sft."""
     out = Path(out)
@@ -127,6 +126,6 @@ def rejection(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[d
         {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]} for b in best
     ]
     write_jsonl(out / "sft.jsonl", data)
-    tuned = dataclasses.replace(cfg, data=str(out / "sft.jsonl"))
+    tuned = stage_config(cfg, SFTConfig, data=str(out / "sft.jsonl"))
     # killed before the fine-tuning's first checkpoint: it starts afresh
     return sft(tuned, out / "sft", resume=resume and latest_checkpoint(out / "sft") is not None)

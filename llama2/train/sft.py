@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..checkpoint import save_hf
 from ..data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
 from ..llm import load
-from .config import TrainConfig
+from .config import SFTConfig
 from .loop import Dist, Stage, epoch_indices, train
 
 
@@ -27,7 +27,7 @@ def packed_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
+def build_sft(cfg: SFTConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
     """`encode(tokenizer, dialog) -> (ids, loss mask)`: the chat format with loss on every
     answer by default (Ghost Attention passes one with loss on the last answer only)."""
     if not cfg.init_from:
@@ -86,7 +86,7 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for
     )
 
 
-def sft(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def sft(cfg: SFTConfig, out: str | Path, resume: bool = False) -> list[dict]:
     if cfg.epochs > 0:
         # steps from epochs: rows are counted the way build_sft packs them
         base = load(cfg.init_from) if cfg.init_from else None
