@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..checkpoint import save_hf
 from ..data.preferences import read_preferences
 from ..data.sft import encode_for_training
+from ..data.split import split_held_out
 from ..llm import load
 from .config import DPOConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
@@ -42,8 +43,7 @@ def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
         return ids[-(cfg.seq_len + 1) :], mask[-(cfg.seq_len + 1) :]
 
     data = [(encode(p, p.chosen), encode(p, p.rejected)) for p in pairs]
-    held = [x for i, x in enumerate(data) if i % 10 == 9]
-    train_pairs = [x for i, x in enumerate(data) if i % 10 != 9] or data
+    train_pairs, held = split_held_out(data)
     n = len(train_pairs)
 
     def collate(items):

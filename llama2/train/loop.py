@@ -11,6 +11,7 @@ torch.distributed.checkpoint, so a run can resume on a different number of proce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from ..data.split import derive_seed
 from .config import LoopConfig, TrainConfig
 from .rundir import (
     Metrics,
@@ -58,6 +60,7 @@ class Stage:
     val_batches: Callable[[int, int], Iterable[Batch]] | None = None  # (rank, world) -> batches
     tokens_per_step: int = 0
     val_metrics: Callable[[nn.Module], dict] | None = None  # more held-out numbers (all ranks)
+    steps: int | None = None  # the run's length when the data sets it (SFT's epochs)
 
 
 @dataclass
@@ -110,7 +113,8 @@ def epoch_indices(step: int, n: int, cfg: TrainConfig, part: int, parts: int) ->
     idx = []
     for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
         epoch, i = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "epochs", epoch))
+        perm = torch.randperm(n, generator=g)
         idx.append(int(perm[i]))
     per = cfg.batch_size // parts
     return idx[part * per : (part + 1) * per]
@@ -250,6 +254,8 @@ def train(
     ckpt = resume_from(out) if resume else None
     torch.manual_seed(cfg.seed)
     stage = build(device, d)
+    if stage.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=stage.steps)
     model = stage.model.to(device)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(blocks(model))

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import save_hf
+from ..data.split import derive_seed, split_held_out
 from ..formats import encode_chat
 from ..llm import Llama, load
 from .config import PPOConfig
@@ -74,8 +75,7 @@ class PPO:
         self.value = value.model
         self.value_config = value.config
         prompts = read_prompts(cfg.data)
-        self.held_out = prompts[9::10]
-        self.prompts = [p for i, p in enumerate(prompts) if i % 10 != 9] or prompts
+        self.prompts, self.held_out = split_held_out(prompts)
         self.both = nn.ModuleDict({"policy": self.policy.model, "value": self.value})
         self.optim = make_optimizer(self.both, cfg)
 
@@ -90,11 +90,11 @@ class PPO:
     @torch.no_grad()
     def rollout(self, it: int) -> dict:
         cfg, tok = self.cfg, self.policy.tokenizer
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts", it))
         idx = torch.randint(0, len(self.prompts), (cfg.batch_size,), generator=g).tolist()
         batch = [self.prompts[i] for i in idx]
         dialogs = [p["prompt"] for p in batch]
-        seed = cfg.seed * 7919 + it * 1000
+        seed = derive_seed(cfg.seed, "rollouts", it)
         outs = self.policy.chat(
             dialogs, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
         )
@@ -140,7 +140,7 @@ class PPO:
     def update(self, ro: dict, it: int) -> dict:
         cfg = self.cfg
         B = ro["tokens"].shape[0]
-        g = torch.Generator().manual_seed(cfg.seed * 31 + it)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", it))
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, generator=g).split(cfg.minibatch):

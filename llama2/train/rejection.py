@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..data.jsonl import parse_prompt, read_jsonl
 from ..data.sft import encode_for_training
+from ..data.split import derive_seed
 from ..formats import DialogError
 from ..llm import Llama, load
 from .config import RejectionConfig, SFTConfig, stage_config
@@ -71,12 +72,11 @@ def sample_and_select(cfg: RejectionConfig, out: Path) -> list[dict]:
     K = cfg.samples_per_prompt
     samples = []
     for i, p in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
-        # K rows of the same dialog; row k samples with seed (seed + i * K) + k
-        outs = policy.chat(
+        outs = policy.chat(  # K rows of the same dialog, each its own seed
             [p["prompt"]] * K,
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed + i * K,
+            seed=derive_seed(cfg.seed, "samples", i),
         )
         answers = [o.text for o in outs]
         dialogs = [p["prompt"]] * K

@@ -15,6 +15,7 @@ from torch import nn
 from ..checkpoint import save_hf
 from ..data.preferences import read_preferences
 from ..data.sft import encode_for_training
+from ..data.split import split_held_out
 from ..kernels import Linear
 from ..llm import load
 from .config import RewardConfig
@@ -62,8 +63,7 @@ def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
         )
         for p in pairs
     ]
-    held = [x for i, x in enumerate(data) if i % 10 == 9]
-    train_pairs = [x for i, x in enumerate(data) if i % 10 != 9] or data
+    train_pairs, held = split_held_out(data)
     n = len(train_pairs)
 
     def collate(items):
