@@ -28,7 +28,6 @@ class PackedShards:
                 for s in self.manifest[split]["shards"]
             ]
             self.splits[split] = parts
-        self.vocab_size = self.manifest["vocab_size"]
 
     def tokens(self, split: str) -> int:
         return sum(len(p) for p in self.splits[split])

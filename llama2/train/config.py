@@ -39,7 +39,6 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every: int = 200
     keep_last: int = 2
-    log_every: int = 1
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -53,7 +52,7 @@ class TrainConfig:
         return out
 
     def _at_least_one(self) -> tuple[str, ...]:
-        return ("steps", "batch_size", "keep_last", "eval_every", "ckpt_every", "log_every")
+        return ("steps", "batch_size", "keep_last", "eval_every", "ckpt_every")
 
 
 @dataclass

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_hf
-from ..data.preferences import read_preferences
+from ..data.preferences import RATINGS, read_preferences
 from ..data.sft import encode_for_training
 from ..data.split import split_held_out
 from ..kernels import Linear
 from ..llm import load
 from .config import RewardConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
-from .losses import MARGINS, RATINGS, ranking_loss
+from .losses import MARGINS, ranking_loss
 
 
 def scores(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
