@@ -127,7 +127,7 @@ def test_fsdp_two_processes_match_one_and_resume(shards, tmp_path):
     assert _metrics(tmp_path / "two")[-1]["step"] == 10
 
 
-def test_schedule_and_config_errors(tmp_path):
+def test_cosine_schedule_and_unknown_settings(tmp_path):
     cfg = load_train_config(None, ["steps=100", "warmup_steps=10", "lr=1e-3"])
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == 1.0
     assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)  # decays to 10% of the peak
