@@ -51,7 +51,7 @@ def score_answers(
             for d, a in pairs
         ]
         tokens, lengths = pad(seqs)
-        out += torch.sigmoid(scores(rm.model, tokens.to(rm.device), lengths)).tolist()
+        out += torch.sigmoid(scores(rm.model, tokens.to(rm.device), lengths.to(rm.device))).tolist()
     return out
 
 
