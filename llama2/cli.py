@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -332,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_data_prepare)
 
+    from .train.config import STAGE_CONFIGS
+
     for name, (_, help_) in STAGES.items():
-        s = sub.add_parser(name, help=help_)
+        settings = ", ".join(f.name for f in dataclasses.fields(STAGE_CONFIGS[name]))
+        s = sub.add_parser(name, help=help_, epilog=f"settings (key=value): {settings}")
         s.add_argument("--config", default=None, help="YAML run config (configs/)")
         s.add_argument("--out", required=True, help="run directory")
         s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

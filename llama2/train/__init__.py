@@ -1,4 +1,5 @@
-"""One training loop for every stage (loop.py); one small file per stage."""
+"""One training loop (loop.py) and one run directory (rundir.py) for every stage; one small
+file per stage, each with its settings class (config.py)."""
 
 from .config import (
     STAGE_CONFIGS,

@@ -1,4 +1,6 @@
-"""Run configuration: a dataclass filled from a YAML file and `key=value` overrides."""
+"""Run configuration: one dataclass per stage, filled from a YAML file and `key=value`
+overrides. TrainConfig holds what every stage shares, LoopConfig what the shared loop adds,
+and each stage's class its own settings: a setting a stage does not have is an error."""
 
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class LoopConfig(TrainConfig):
         out = super().problems()
         if self.warmup_steps < 0:
             out.append("warmup_steps must be >= 0")
-        if self.batch_size % self.grad_accum:
+        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
             out.append(f"batch_size {self.batch_size} is not a multiple of grad_accum")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append("min_lr_ratio must be in [0, 1]")
