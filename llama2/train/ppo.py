@@ -25,6 +25,7 @@ from ..checkpoint import save_hf
 from ..data.split import derive_seed, split_held_out
 from ..formats import encode_chat
 from ..llm import Llama, load
+from . import rundir
 from .config import PPOConfig
 from .loop import make_optimizer, pick_device
 from .losses import (
@@ -36,15 +37,6 @@ from .losses import (
     ppo_value_loss,
 )
 from .rejection import read_prompts, score_answers
-from .rundir import (
-    Metrics,
-    checkpoint_tmp,
-    open_run,
-    plot_metrics,
-    publish_checkpoint,
-    resume_from,
-    write_config,
-)
 
 
 def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +168,7 @@ class PPO:
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self, out: Path, it: int, extra: dict) -> None:
-        tmp = checkpoint_tmp(out, it)
+        tmp = rundir.checkpoint_tmp(out, it)
         tok = self.policy.tokenizer
         save_hf(tmp / "model", self.policy.config, _on_cpu(self.policy.model), tok)
         save_hf(tmp / "value", self.value_config, _on_cpu(self.value), tok, head="score")
@@ -184,7 +176,7 @@ class PPO:
             {"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state(), **extra},
             tmp / "trainer.pt",
         )
-        publish_checkpoint(out, tmp, it, self.cfg.keep_last)
+        rundir.publish_checkpoint(out, tmp, it, self.cfg.keep_last)
 
     def restore(self, ckpt: Path) -> dict:
         policy = load(ckpt / "model", dtype=torch.float32).model.state_dict()
@@ -204,8 +196,8 @@ def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    open_run(out, resume)
-    ckpt = resume_from(out) if resume else None
+    rundir.open_run(out, resume)
+    ckpt = rundir.resume_from(out) if resume else None
     torch.manual_seed(cfg.seed)
     run = PPO(cfg, pick_device(cfg))
     start, best, bad = 0, float("-inf"), 0
@@ -213,8 +205,8 @@ def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
         state = run.restore(ckpt)
         start, best, bad = state["step"], state["best"], state["bad"]
         print(f"resuming from {ckpt} (iteration {start})", flush=True)
-    metrics = Metrics(out, start)
-    write_config(out, cfg)
+    metrics = rundir.Metrics(out, start)
+    rundir.write_config(out, cfg)
     stopped = any(m.get("early_stop") for m in metrics.rows)
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="iter")
     try:
@@ -247,7 +239,7 @@ def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
                     "held_out_reward": "held-out reward",
                     "kl": "KL to the reference",
                 }
-                plot_metrics(metrics.rows, out / "reward.png", curves, ylabel="")
+                rundir.plot_metrics(metrics.rows, out / "reward.png", curves, ylabel="")
     finally:
         bar.close()
         metrics.close()
