@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -240,7 +241,8 @@ def cmd_stage(args) -> None:
 
     module, _ = STAGES[args.command]
     run = getattr(importlib.import_module(f".train.{module}", __package__), module)
-    result = run(load_train_config(args.config, args.overrides), args.out, resume=args.resume)
+    cfg = load_train_config(args.config, args.overrides, stage=args.command)
+    result = run(cfg, args.out, resume=args.resume)
     if args.command == "gatt":
         rates = ", ".join(f"{r:.0%}" for r in result["adherence_by_turn"])
         print(f"instruction adherence by turn: {rates}", file=sys.stderr)
@@ -331,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_data_prepare)
 
+    from .train.config import STAGE_CONFIGS
+
     for name, (_, help_) in STAGES.items():
-        s = sub.add_parser(name, help=help_)
+        settings = ", ".join(f.name for f in dataclasses.fields(STAGE_CONFIGS[name]))
+        s = sub.add_parser(name, help=help_, epilog=f"settings (key=value): {settings}")
         s.add_argument("--config", default=None, help="YAML run config (configs/)")
         s.add_argument("--out", required=True, help="run directory")
         s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

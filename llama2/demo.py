@@ -1,5 +1,6 @@
-"""The main job until the training recipe lands: build a tiny Llama 2 from nothing on this
-machine, write it in all three checkpoint layouts, check they agree, and generate from it."""
+"""`llama2 demo`: a tiny Llama 2 built from nothing on this machine (a tokenizer trained on
+the standard library, random weights), written in all three checkpoint layouts, checked to
+agree, and generated from. The training recipe itself is `llama2 pretrain`, `sft`, ..."""
 
 from __future__ import annotations
 

@@ -46,6 +46,37 @@ def reserved_tags_in(messages: Sequence[Message]) -> list[tuple[int, str]]:
     return [(i, t) for i, m in enumerate(messages) for t in RESERVED_TAGS if t in m["content"]]
 
 
+def chat_segments(
+    tokenizer: Tokenizer, messages: Sequence[Message]
+) -> list[tuple[list[int], list[int]]]:
+    """The dialog as the chat format lays it out, one (prompt ids, answer ids) pair per user
+    turn: the prompt is `BOS [INST] user [/INST]`, the answer ` answer ` and EOS (a last user
+    turn without an answer gets []). Concatenated, they are the dialog's ids; inference
+    (encode_chat) and training (data/sft.py) both build on this, so they cannot disagree.
+
+    Each finished pair is tokenized whole, as the reference does, then split where its prompt
+    ends. The dialog is not validated here (see check_dialog)."""
+    turns = [dict(m) for m in messages]
+    if turns[0]["role"] == "system":
+        # the system prompt is merged into the first user turn (before stripping)
+        first = turns[1]["content"]
+        turns = [{"role": "user", "content": B_SYS + turns[0]["content"] + E_SYS + first}]
+        turns += [dict(m) for m in messages[2:]]
+    out = []
+    for k in range(0, len(turns), 2):
+        prompt = f"{B_INST} {turns[k]['content'].strip()} {E_INST}"
+        head = tokenizer.encode(prompt, bos=True)
+        if k + 1 == len(turns):
+            out.append((head, []))
+            break
+        answer = turns[k + 1]["content"].strip()
+        full = tokenizer.encode(f"{prompt} {answer} ", bos=True, eos=True)
+        if full[: len(head)] != head:  # (the pieces always split at the space after [/INST])
+            raise DialogError(f"turn {k // 2}: the prompt's tokens run into the answer's")
+        out.append((head, full[len(head) :]))
+    return out
+
+
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
     """Token ids of a dialog in the Llama 2 chat format, ready for the assistant's answer.
 
@@ -56,18 +87,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
     if found:
         i, tag = found[0]
         raise DialogError(f"message {i} contains the reserved tag {tag!r}: {UNSAFE_ANSWER}")
-    turns = [dict(m) for m in messages]
-    if turns[0]["role"] == "system":
-        # the system prompt is merged into the first user turn (before stripping)
-        first = turns[1]["content"]
-        turns = [{"role": "user", "content": B_SYS + turns[0]["content"] + E_SYS + first}]
-        turns += [dict(m) for m in messages[2:]]
-    ids: list[int] = []
-    for user, answer in zip(turns[:-1:2], turns[1::2], strict=True):
-        text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    ids += tokenizer.encode(f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", bos=True)
-    return ids
+    return [t for prompt, answer in chat_segments(tokenizer, messages) for t in prompt + answer]
 
 
 INFILL_PIECES = {"prefix": "▁<PRE>", "suffix": "▁<SUF>", "middle": "▁<MID>", "eot": "▁<EOT>"}

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from llama2 import Tokenizer, Transformer, get_preset, load, save_hf
@@ -64,3 +65,13 @@ def test_chat_command_keeps_the_dialog(tmp_path, small_tokenizer, capsys, monkey
     assert err.count("tokens/s]") == 3  # hello, how are you?, bye
     assert "[system prompt set; dialog reset]" in err and "[dialog reset]" in err
     assert "unknown command /oops" in err and "reserved tag '[INST]'" in err
+
+
+def test_training_verbs_take_only_their_stage_settings(tmp_path, capsys):
+    assert cli(["sft", "--out", str(tmp_path / "run"), "kl_beta=0.1"]) == 1
+    assert "sft has no setting 'kl_beta' (a setting of ppo)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    with pytest.raises(SystemExit):
+        cli(["sft", "--help"])
+    settings = capsys.readouterr().out.split("settings (key=value):")[1]
+    assert "lora_rank" in settings and "kl_beta" not in settings

@@ -102,14 +102,21 @@ def test_data_prepare_command(small_tokenizer, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_review_edge_cases(small_tokenizer, tmp_path):
-    # U+2028 may stand raw inside a JSON string: it does not end a JSONL line
+def test_only_newline_ends_a_jsonl_line(tmp_path):
+    # U+2028 and U+0085 may stand raw inside a JSON string; a CRLF line ending is accepted
     rows = tmp_path / "u.jsonl"
     rows.write_text(json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False) + "\r\n")
     assert list(iter_documents([rows])) == ["a\u2028b\u0085c"]
+
+
+def test_a_validation_split_of_every_document_is_refused(small_tokenizer, tmp_path):
     with pytest.raises(DataError, match="val_every must be 0"):
         prepare_corpus(["x"], small_tokenizer, tmp_path / "o", val_every=1, progress=False)
-    # every rank gets as many validation batches, even when the windows do not split evenly
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_rank_gets_as_many_validation_batches(small_tokenizer, tmp_path):
+    # even when the validation windows do not split evenly over the ranks
     docs = [f"def f{i}(x):\n    return x * {i}\n" * 20 for i in range(50)]
     prepare_corpus(docs, small_tokenizer, tmp_path / "s", val_every=3, workers=1, progress=False)
     shards = PackedShards(tmp_path / "s")

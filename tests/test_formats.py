@@ -72,7 +72,7 @@ def test_three_turns_with_system(llama2_tokenizer):
         ),
     ],
 )
-def test_bad_dialogs(llama2_tokenizer, dialog, match):
+def test_malformed_dialogs_are_refused_naming_the_message(llama2_tokenizer, dialog, match):
     with pytest.raises(DialogError, match=match):
         encode_chat(llama2_tokenizer, dialog)
 

@@ -1,3 +1,5 @@
+import torch
+
 from llama2 import Llama, Transformer, get_preset
 from llama2.data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
 from llama2.data.sft import encode_for_training
@@ -41,23 +43,25 @@ def test_adherence_is_measured_per_turn(small_tokenizer):
     rule = next(i for i in INSTRUCTIONS if i.text == RULE)
     replies = iter(["ok. Over.", "fine", "sure. Over."])
     assert adherence_by_turn(lambda d: next(replies), rule, TURNS) == [True, False, True]
-    # with a real (untrained) chat model: one verdict per turn, the instruction given once
+    # with a real (untrained) chat model: each verdict is the check of that turn's reply, the
+    # instruction given once, and the model sees its own earlier replies
+    torch.manual_seed(0)
     cfg = get_preset("micro")
     llm = Llama(Transformer(cfg).eval(), small_tokenizer, cfg)
-    asked = []
+    seen, replies = [], []
 
     def chat(dialog):
-        asked.append(dialog[-1]["content"])
-        return llm.chat(dialog, max_new_tokens=4, temperature=0).text
+        seen.append([m["content"] for m in dialog])
+        replies.append(llm.chat(dialog, max_new_tokens=4, temperature=0).text)
+        return replies[-1]
 
     verdicts = adherence_by_turn(chat, rule, TURNS)
-    assert len(verdicts) == 3 and asked[0].startswith(RULE) and asked[1:] == TURNS[1:]
+    assert verdicts == [rule.check(r) for r in replies]
+    assert seen[-1] == [f"{RULE}\n\n{TURNS[0]}", replies[0], TURNS[1], replies[1], TURNS[2]]
 
 
 def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
     import json
-
-    import torch
 
     from llama2 import load, save_hf
     from llama2.train import load_train_config
@@ -86,13 +90,27 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
         "max_new_tokens=5",
         "temperature=0.8",
     ]
-    report = gatt(load_train_config(None, overrides), tmp_path / "run")
+    report = gatt(load_train_config(None, overrides, stage="gatt"), tmp_path / "run")
     dialogs = [
         json.loads(x)["messages"]
         for x in (tmp_path / "run" / "gatt.jsonl").read_text().splitlines()
     ]
     assert len(dialogs) == 6 and dialogs[1][0]["content"].startswith(RULE)
     assert not any(RULE in m["content"] for m in dialogs[1][1:])  # the instruction, once
-    assert len(report["adherence_by_turn"]) == 3
-    assert all(0 <= r <= 1 for r in report["adherence_by_turn"])
-    assert load(tmp_path / "run" / "sft" / "model").head == "lm"
+    # the report is the tuned model's greedy adherence, turn by turn, over the 6 dialogs (the
+    # 3rd turn only where a dialog has one), each with the instruction it was trained on
+    tuned = load(tmp_path / "run" / "sft" / "model")
+    assert tuned.head == "lm"
+    by_text = {i.text: i for i in INSTRUCTIONS}
+
+    def greedy(dialog):
+        return tuned.chat(dialog, temperature=0, max_new_tokens=5).text
+
+    verdicts = [[], [], []]
+    for row, dialog in zip(rows, dialogs, strict=True):
+        rule = by_text[dialog[0]["content"].split("\n\n")[0]]
+        assert row.get("instruction", rule.text) == rule.text
+        for k, ok in enumerate(adherence_by_turn(greedy, rule, row["turns"])):
+            verdicts[k].append(ok)
+    assert [len(v) for v in verdicts] == [6, 6, 3] and report["dialogs"] == 6
+    assert report["adherence_by_turn"] == [sum(v) / len(v) for v in verdicts]

@@ -37,7 +37,7 @@ def test_ranking_loss_with_each_margin(setting):
     assert MARGINS["large"]["better"] == 2.0 and MARGINS["small"]["better"] == pytest.approx(2 / 3)
 
 
-def test_dpo_loss():
+def test_dpo_loss_by_hand():
     # (pc - rc) - (pr - rr) = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.1 -> -log sigmoid(0.15)
     loss = dpo_loss(
         torch.tensor([-1.0]),

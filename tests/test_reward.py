@@ -65,8 +65,8 @@ def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tok
         "threads=1",
         "margin=small",
     ]
-    metrics = reward(load_train_config(None, overrides), tmp_path / "rm")
-    # held out: every 10th pair (6 of 60); measured 2026-11-27: accuracy 1.0 at step 40
+    metrics = reward(load_train_config(None, overrides, stage="reward"), tmp_path / "rm")
+    # held out: every 10th pair (6 of 60)
     assert metrics[-1]["val_accuracy"] >= 0.99
     assert metrics[-1]["loss"] < 0.2 < metrics[0]["loss"]
 
@@ -135,7 +135,7 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
         "threads=1",
         "beta=0.1",
     ]
-    metrics = dpo(load_train_config(None, overrides), tmp_path / "dpo")
+    metrics = dpo(load_train_config(None, overrides, stage="dpo"), tmp_path / "dpo")
     assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
     assert metrics[-1]["loss"] < 0.3 and metrics[-1]["val_reward_accuracy"] == 1.0
     tuned = load(tmp_path / "dpo" / "model")
@@ -176,7 +176,7 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
         "eval_every=2",
         "threads=1",
     ]
-    rejection(load_train_config(None, common), tmp_path / "r1")
+    rejection(load_train_config(None, common, stage="rejection"), tmp_path / "r1")
     samples = [json.loads(x) for x in (tmp_path / "r1" / "samples.jsonl").read_text().splitlines()]
     best = [json.loads(x) for x in (tmp_path / "r1" / "best.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and len(best) == 4
@@ -186,7 +186,7 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
     assert load(tmp_path / "r1" / "sft" / "model").head == "lm"
     # round 2 with another seed: an earlier winner that still scores higher stays
     round2 = [*common, "seed=5", f"previous={tmp_path / 'r1' / 'best.jsonl'}"]
-    rejection(load_train_config(None, round2), tmp_path / "r2")
+    rejection(load_train_config(None, round2, stage="rejection"), tmp_path / "r2")
     best2 = [json.loads(x) for x in (tmp_path / "r2" / "best.jsonl").read_text().splitlines()]
     new = [json.loads(x) for x in (tmp_path / "r2" / "samples.jsonl").read_text().splitlines()]
     for b1, b2 in zip(best, best2, strict=True):
@@ -282,7 +282,8 @@ def test_ppo_stops_early_when_held_out_reward_stalls(small_tokenizer, tmp_path):
 
     args = _ppo_setup(small_tokenizer, tmp_path)
     # a learning rate too small to move: the held-out reward cannot improve after the first look
-    metrics = ppo(load_train_config(None, [*args, "lr=1e-12", "patience=1"]), tmp_path / "stall")
+    cfg = load_train_config(None, [*args, "lr=1e-12", "patience=1"], stage="ppo")
+    metrics = ppo(cfg, tmp_path / "stall")
     assert len(metrics) == 8 and metrics[-1]["early_stop"] is True
     assert metrics[3]["held_out_reward"] == metrics[7]["held_out_reward"]
     assert (tmp_path / "stall" / "checkpoints" / "step_0000008").is_dir()

@@ -10,7 +10,6 @@ only, as users give it, is it still honoured at turn k?
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,7 +103,3 @@ def adherence_by_turn(
         honoured.append(instruction.check(reply))
         dialog.append({"role": "assistant", "content": reply})
     return honoured
-
-
-def random_instruction(rng: random.Random) -> Instruction:
-    return rng.choice(INSTRUCTIONS)

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats import DialogError, reserved_tags_in
-from ..train.losses import RATINGS
 from .jsonl import parse_prompt, read_jsonl
+
+# the annotators' ratings of how much better the chosen answer is (Llama 2, section 3.2.2)
+RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..checkpoint import atomic_dir
+from ..io import atomic_dir
 from ..tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")

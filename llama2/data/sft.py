@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats import B_INST, B_SYS, E_INST, E_SYS, DialogError, check_dialog, reserved_tags_in
+from ..formats import DialogError, chat_segments, check_dialog, reserved_tags_in
 from ..tokenizer import Tokenizer
 from .jsonl import read_jsonl
 
@@ -82,23 +82,11 @@ def read_sft_jsonl(path: str | Path) -> list[list[dict]]:
 def encode_for_training(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """Token ids of a finished dialog in the chat format, and which carry loss: exactly the
     assistant answers (each with its EOS); system, user turns and tags carry none."""
-    turns = [dict(m) for m in messages]
-    if turns[0]["role"] == "system":
-        first = turns[1]["content"]
-        turns = [
-            {"role": "user", "content": B_SYS + turns[0]["content"] + E_SYS + first},
-            *turns[2:],
-        ]
     ids: list[int] = []
     loss: list[bool] = []
-    for user, answer in zip(turns[::2], turns[1::2], strict=True):
-        prompt = f"{B_INST} {user['content'].strip()} {E_INST}"
-        full = tokenizer.encode(f"{prompt} {answer['content'].strip()} ", bos=True, eos=True)
-        head = tokenizer.encode(prompt, bos=True)
-        if full[: len(head)] != head:  # (the pieces split at the space after [/INST])
-            raise DialogError(f"cannot split prompt and answer tokens of turn {len(ids)}")
-        ids += full
-        loss += [False] * len(head) + [True] * (len(full) - len(head))
+    for prompt, answer in chat_segments(tokenizer, messages):
+        ids += prompt + answer
+        loss += [False] * len(prompt) + [True] * len(answer)
     return ids, loss
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .split import derive_seed
+
 
 class PackedShards:
     def __init__(self, directory: str | Path):
@@ -26,7 +28,6 @@ class PackedShards:
                 for s in self.manifest[split]["shards"]
             ]
             self.splits[split] = parts
-        self.vocab_size = self.manifest["vocab_size"]
 
     def tokens(self, split: str) -> int:
         return sum(len(p) for p in self.splits[split])
@@ -51,7 +52,7 @@ class PackedShards:
         n = self._positions("train", seq_len + 1)
         if n <= 0:
             raise ValueError(f"{self.directory}: fewer than {seq_len + 1} training tokens")
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(derive_seed(seed, "batches", step))
         starts = torch.randint(0, n, (batch_size,), generator=g).tolist()
         per = batch_size // parts
         rows = [

@@ -1,4 +1,6 @@
-"""Run configuration: a dataclass filled from a YAML file and `key=value` overrides."""
+"""Run configuration: one dataclass per stage, filled from a YAML file and `key=value`
+overrides. TrainConfig holds what every stage shares, LoopConfig what the shared loop adds,
+and each stage's class its own settings: a setting a stage does not have is an error."""
 
 from __future__ import annotations
 
@@ -6,53 +8,189 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 
 @dataclass
 class TrainConfig:
-    # model: a preset, with overrides; or the weights of an existing checkpoint
-    model: str = "tiny-15m"
-    model_args: dict = field(default_factory=dict)  # e.g. {dim: 256, n_layers: 4}
-    init_from: str | None = None
-    # data: a prepared shard directory; none = the embedded corpus (stdlib sources)
+    """The settings every stage shares: what to start from, what to train on, the optimizer,
+    the runtime and the run directory's rhythm. Each stage extends it with its own."""
+
+    stage: ClassVar[str] = "any stage"
+
+    init_from: str | None = None  # the model to start from (a run's model, any checkpoint)
     data: str | None = None
-    tokenizer: str | None = None  # for the embedded corpus: none = train one
-    vocab_size: int = 4096  # of a tokenizer trained for the embedded corpus
     # optimisation (Llama 2 paper, section 2.2)
     steps: int = 1000
-    epochs: float = 0.0  # > 0: fine-tuning stages derive `steps` from passes over their data
     batch_size: int = 32  # sequences per optimizer step, over all processes
-    seq_len: int = 256
-    grad_accum: int = 1
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
-    warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-5
     grad_clip: float = 1.0
     seed: int = 0
-    # LoRA (sft): rank > 0 trains adapters on these linears instead of every weight
+    # runtime
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int = 0  # CPU threads; 0 = torch's default
+    eval_every: int = 100
+    ckpt_every: int = 200
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid {self.stage} config: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out = [f"{name} must be >= 1" for name in self._at_least_one() if getattr(self, name) < 1]
+        if self.lr <= 0:
+            out.append("lr must be > 0")
+        return out
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return ("steps", "batch_size", "keep_last", "eval_every", "ckpt_every")
+
+
+@dataclass
+class LoopConfig(TrainConfig):
+    """The stages trained by the shared loop (loop.py): a schedule, accumulation, mixed
+    precision and the other knobs of its forward and backward passes."""
+
+    seq_len: int = 256
+    grad_accum: int = 1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
+    autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.warmup_steps < 0:
+            out.append("warmup_steps must be >= 0")
+        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
+            out.append(f"batch_size {self.batch_size} is not a multiple of grad_accum")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append("min_lr_ratio must be in [0, 1]")
+        if self.autocast not in ("bfloat16", "float16", "none"):
+            out.append(f"autocast must be bfloat16, float16 or none, not {self.autocast!r}")
+        return out
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return (*super()._at_least_one(), "seq_len", "grad_accum")
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    stage: ClassVar[str] = "pretrain"
+
+    # a preset, with overrides (or the weights of init_from)
+    model: str = "tiny-15m"
+    model_args: dict = field(default_factory=dict)  # e.g. {dim: 256, n_layers: 4}
+    # data: a prepared shard directory; none = the embedded corpus (stdlib sources)
+    tokenizer: str | None = None  # for the embedded corpus: none = train one
+    vocab_size: int = 4096  # of a tokenizer trained for the embedded corpus
+    eval_batches: int = 16
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        from ..config import ModelConfig
+
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model_args) - fields)
+        if unknown:
+            out.append(f"model_args: unknown {unknown} (fields: {', '.join(sorted(fields))})")
+        return out
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return (*super()._at_least_one(), "eval_batches")
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    stage: ClassVar[str] = "sft"
+
+    epochs: float = 0.0  # > 0: steps from passes over the data (the paper: 2)
+    # LoRA: rank > 0 trains adapters on these linears instead of every weight
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "wq,wv"
-    # reward models (section 3.2.2): the margin of the ranking loss, by rating
-    margin: str = "small"  # none | small | large
-    # DPO: the strength of the implicit KL constraint
-    beta: float = 0.1
-    # rejection sampling (section 3.2.3): K samples per prompt, scored by the reward model(s)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.epochs < 0:
+            out.append("epochs must be >= 0")
+        return out
+
+
+@dataclass
+class RewardConfig(LoopConfig):
+    stage: ClassVar[str] = "reward"
+
+    margin: str = "small"  # of the ranking loss, by rating (section 3.2.2): none | small | large
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.margin not in ("none", "small", "large"):
+            out.append(f"margin must be none, small or large, not {self.margin!r}")
+        return out
+
+
+@dataclass
+class DPOConfig(LoopConfig):
+    stage: ClassVar[str] = "dpo"
+
+    beta: float = 0.1  # the strength of the implicit KL constraint
+
+
+@dataclass
+class RejectionConfig(SFTConfig):
+    """Rejection sampling (section 3.2.3): K samples per prompt, scored by the reward
+    model(s); the SFT settings are those of the fine-tuning on the winners."""
+
+    stage: ClassVar[str] = "rejection"
+
     reward_model: str | None = None  # helpfulness (or the only) reward model
     safety_model: str | None = None  # with it, scores combine as R_c (safety-gated at 0.15)
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 128
     previous: str | None = None  # best.jsonl of earlier rounds: their best samples compete too
-    # PPO (section 3.2.3): steps = iterations, batch_size = prompts per iteration
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return (*super()._at_least_one(), "samples_per_prompt", "max_new_tokens")
+
+
+@dataclass
+class GattConfig(SFTConfig):
+    """Ghost Attention (section 3.3): answers sampled with these settings, then SFT."""
+
+    stage: ClassVar[str] = "gatt"
+
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return (*super()._at_least_one(), "max_new_tokens")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO (section 3.2.3): steps = iterations, batch_size = prompts per iteration, a constant
+    learning rate."""
+
+    stage: ClassVar[str] = "ppo"
+
+    reward_model: str | None = None
+    safety_model: str | None = None
+    temperature: float = 1.0
+    max_new_tokens: int = 128
     kl_beta: float = 0.01  # 0.01 for small models, 0.005 for 34B/70B
     clip: float = 0.2
     ppo_epochs: int = 1
@@ -60,51 +198,30 @@ class TrainConfig:
     value_coef: float = 0.5
     gae_lambda: float = 0.95
     patience: int = 0  # early stopping: evaluations without a better held-out reward (0: off)
-    # runtime
-    device: str = "auto"  # auto: cuda if available, else cpu
-    autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32
-    activation_checkpointing: bool = False
-    compile: bool = False
-    threads: int = 0  # CPU threads; 0 = torch's default
-    eval_every: int = 100
-    eval_batches: int = 16
-    ckpt_every: int = 200
-    keep_last: int = 2
-    log_every: int = 1
 
-    def __post_init__(self) -> None:
-        problems = []
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "grad_accum",
-            "eval_batches",
-            "keep_last",
-            "eval_every",
-            "ckpt_every",
-            "log_every",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        if self.warmup_steps < 0 or self.epochs < 0 or self.lr <= 0:
-            problems.append("warmup_steps and epochs must be >= 0, lr > 0")
-        from ..config import ModelConfig
+    def _at_least_one(self) -> tuple[str, ...]:
+        return (*super()._at_least_one(), "max_new_tokens", "ppo_epochs", "minibatch")
 
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(self.model_args) - fields)
-        if unknown:
-            problems.append(f"model_args: unknown {unknown} (fields: {', '.join(sorted(fields))})")
-        if self.batch_size % self.grad_accum:
-            problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append("min_lr_ratio must be in [0, 1]")
-        if self.margin not in ("none", "small", "large"):
-            problems.append(f"margin must be none, small or large, not {self.margin!r}")
-        if self.autocast not in ("bfloat16", "float16", "none"):
-            problems.append(f"autocast must be bfloat16, float16 or none, not {self.autocast!r}")
-        if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+
+STAGE_CONFIGS: dict[str, type[TrainConfig]] = {
+    c.stage: c
+    for c in (
+        PretrainConfig,
+        SFTConfig,
+        RewardConfig,
+        DPOConfig,
+        RejectionConfig,
+        GattConfig,
+        PPOConfig,
+    )
+}
+
+
+def stage_config(cfg: TrainConfig, kind: type[TrainConfig], **changes):
+    """The settings of `cfg` that a stage of type `kind` has (a stage that runs another, as
+    rejection sampling runs SFT), with `changes`."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names} | changes)
 
 
 def _typed(key: str, value, hint):
@@ -142,10 +259,26 @@ def _typed(key: str, value, hint):
         raise ValueError(f"setting '{key}': {value!r} is not a {kind.__name__}") from None
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = (), base=TrainConfig):
-    """Read a YAML config (or start from the defaults) and apply `key=value` overrides;
-    `model_args.dim=256` sets one model argument. Unknown keys and values of the wrong type
-    are errors naming the key."""
+def _not_here(key: str, stage: str) -> str:
+    users = [name for name, c in STAGE_CONFIGS.items() if key in _names(c)]
+    if not users:
+        return f"unknown setting '{key}'"
+    return f"{stage} has no setting '{key}' (a setting of {', '.join(users)})"
+
+
+def _names(kind: type[TrainConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
+
+
+def load_train_config(
+    path: str | Path | None, overrides: Sequence[str] = (), stage: str = "pretrain"
+) -> TrainConfig:
+    """The settings of `stage`: a YAML config (or the defaults) with `key=value` overrides;
+    `model_args.dim=256` sets one model argument. A key the stage does not have (unknown, or
+    another stage's) and a value of the wrong type are errors naming the key."""
+    base = STAGE_CONFIGS.get(stage)
+    if base is None:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_CONFIGS)})")
     data: dict = {}
     where = f"{path}: " if path is not None else ""
     if path is not None:
@@ -155,21 +288,21 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), base=T
             raise ValueError(f"{path}: cannot read the config: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings")
-    names = {f.name for f in dataclasses.fields(base)}
+    names = _names(base)
     for key in data:
         if key not in names:
-            raise ValueError(f"{where}unknown setting '{key}'")
+            raise ValueError(f"{where}{_not_here(key, stage)}")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        if key.startswith("model_args."):
+        if key.startswith("model_args.") and "model_args" in names:
             args = dict(data.get("model_args") or {})
             args[key.split(".", 1)[1]] = yaml.safe_load(value)
             data["model_args"] = args
             continue
         if key not in names:
-            raise ValueError(f"override {key!r}: unknown setting")
+            raise ValueError(f"override {key!r}: {_not_here(key.split('.')[0], stage)}")
         data[key] = value
     hints = typing.get_type_hints(base)
     try:

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from ..checkpoint import save_hf
 from ..data.preferences import read_preferences
 from ..data.sft import encode_for_training
+from ..data.split import split_held_out
 from ..llm import load
-from .config import TrainConfig
+from .config import DPOConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
 from .losses import dpo_loss
 
@@ -25,7 +26,7 @@ def answer_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor) -> tor
     return (logp * loss_mask[:, 1:]).sum(-1)
 
 
-def build_dpo(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
+def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
     if not cfg.init_from or not cfg.data:
         raise ValueError(
             "dpo needs init_from=MODEL_DIR (usually the SFT model) and data=PAIRS.jsonl"
@@ -42,8 +43,7 @@ def build_dpo(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         return ids[-(cfg.seq_len + 1) :], mask[-(cfg.seq_len + 1) :]
 
     data = [(encode(p, p.chosen), encode(p, p.rejected)) for p in pairs]
-    held = [x for i, x in enumerate(data) if i % 10 == 9]
-    train_pairs = [x for i, x in enumerate(data) if i % 10 != 9] or data
+    train_pairs, held = split_held_out(data)
     n = len(train_pairs)
 
     def collate(items):
@@ -95,5 +95,5 @@ def build_dpo(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
     )
 
 
-def dpo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def dpo(cfg: DPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
     return train(cfg, Path(out), lambda device, d: build_dpo(cfg, device, d), resume)

@@ -9,7 +9,6 @@ the tuned model's adherence is measured turn by turn, the instruction given once
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -18,11 +17,14 @@ from tqdm import tqdm
 
 from ..data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
 from ..data.jsonl import read_jsonl
+from ..data.split import derive_seed
 from ..formats import DialogError
+from ..io import write_atomic
 from ..llm import load
-from .config import TrainConfig
-from .loop import train
-from .sft import build_sft
+from .config import GattConfig, SFTConfig, stage_config
+from .loop import pick_device
+from .rundir import latest_checkpoint, open_run, write_config, write_jsonl
+from .sft import sft
 
 
 def read_turns(path: str | Path) -> list[dict]:
@@ -40,44 +42,41 @@ def read_turns(path: str | Path) -> list[dict]:
     return out
 
 
-def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
+def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    open_run(out, resume, products=("gatt.jsonl",))
+    write_config(out, cfg)
     records = read_turns(cfg.data)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(derive_seed(cfg.seed, "instructions"))
     by_text = {i.text: i for i in INSTRUCTIONS}
     chosen = [
         by_text[r["instruction"]] if r["instruction"] else rng.choice(INSTRUCTIONS) for r in records
     ]
     data = out / "gatt.jsonl"
     if not (resume and data.exists()):
-        chat = load(cfg.init_from)
-
-        def answer(dialog):
-            return chat.chat(
-                dialog,
-                temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=cfg.seed,
-            ).text
-
+        chat = load(cfg.init_from, device=pick_device(cfg))
         rows = []
-        for r, ins in zip(
-            tqdm(records, desc="sampling dialogs", unit="dialog"), chosen, strict=True
+        for n, (r, ins) in enumerate(
+            zip(tqdm(records, desc="sampling dialogs", unit="dialog"), chosen, strict=True)
         ):
+
+            def answer(dialog, n=n):  # a seed per dialog and turn
+                seed = derive_seed(cfg.seed, "answers", n, len(dialog))
+                return chat.chat(
+                    dialog,
+                    temperature=cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens,
+                    seed=seed,
+                ).text
+
             rows.append({"messages": sample_dialog(answer, ins.text, r["turns"])})
-        tmp = data.with_name(".gatt.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-        tmp.replace(data)
-    tuned_cfg = dataclasses.replace(cfg, data=str(data))
-
-    def build(device, d):
-        return build_sft(tuned_cfg, device, d, encode=training_example)
-
-    train(tuned_cfg, out / "sft", build, resume)
-    tuned = load(out / "sft" / "model")
+        write_jsonl(data, rows)
+    tuned_cfg = stage_config(cfg, SFTConfig, data=str(data))
+    resume_sft = resume and latest_checkpoint(out / "sft") is not None
+    sft(tuned_cfg, out / "sft", resume_sft, encode=training_example)
+    tuned = load(out / "sft" / "model", device=pick_device(cfg))
 
     def greedy(dialog):
         return tuned.chat(dialog, temperature=0, max_new_tokens=cfg.max_new_tokens).text
@@ -91,5 +90,5 @@ def gatt(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         "adherence_by_turn": [sum(h) / len(h) for h in honoured if h],
         "dialogs": len(records),
     }
-    (out / "adherence.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "adherence.json", json.dumps(report, indent=2))
     return report

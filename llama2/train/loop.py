@@ -11,10 +11,10 @@ torch.distributed.checkpoint, so a run can resume on a different number of proce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,8 +34,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from ..checkpoint import _fsync
-from .config import TrainConfig, config_to_yaml
+from ..data.split import derive_seed
+from .config import LoopConfig, TrainConfig
+from .rundir import (
+    Metrics,
+    checkpoint_tmp,
+    open_run,
+    plot_metrics,
+    publish_checkpoint,
+    resume_from,
+    write_config,
+)
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -51,6 +60,7 @@ class Stage:
     val_batches: Callable[[int, int], Iterable[Batch]] | None = None  # (rank, world) -> batches
     tokens_per_step: int = 0
     val_metrics: Callable[[nn.Module], dict] | None = None  # more held-out numbers (all ranks)
+    steps: int | None = None  # the run's length when the data sets it (SFT's epochs)
 
 
 @dataclass
@@ -87,7 +97,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: LoopConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio of the peak (Llama 2, section 2.2)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -103,7 +113,8 @@ def epoch_indices(step: int, n: int, cfg: TrainConfig, part: int, parts: int) ->
     idx = []
     for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
         epoch, i = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "epochs", epoch))
+        perm = torch.randperm(n, generator=g)
         idx.append(int(perm[i]))
     per = cfg.batch_size // parts
     return idx[part * per : (part + 1) * per]
@@ -155,27 +166,10 @@ def enable_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are not checkpoints)."""
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "trainer.pt").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    dirs = checkpoint_dirs(out)
-    return dirs[-1] if dirs else None
-
-
-def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path:
-    root = out / "checkpoints"
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path | None:
+    """Model (HF layout), sharded optimizer state, scheduler and RNG; the path on the main
+    process."""
+    tmp = checkpoint_tmp(out, step, fresh=d.main)  # the main process empties it
     d.barrier()
     model_sd, optim_sd = get_state_dict(model, optim)
     with warnings.catch_warnings():  # (one process: DCP says it assumes so)
@@ -184,6 +178,7 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    final = None
     if d.main:
         stage.save_model(full, tmp / "model")
         torch.save(
@@ -195,16 +190,7 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
             },
             tmp / "trainer.pt",
         )
-        for f in tmp.rglob("*"):  # on disk before the rename makes the checkpoint visible
-            if f.is_file():
-                _fsync(f)
-        os.replace(tmp, final)  # the checkpoint appears whole or not at all
-        link = out / ".model-link"
-        link.unlink(missing_ok=True)
-        link.symlink_to(final.relative_to(out) / "model")
-        os.replace(link, out / "model")  # run_dir/model: the latest model, for generate & co
-        for old in checkpoint_dirs(out)[: -cfg.keep_last]:
-            shutil.rmtree(old)
+        final = publish_checkpoint(out, tmp, step, cfg.keep_last)
     d.barrier()
     return final
 
@@ -220,52 +206,6 @@ def load_checkpoint(path: Path, model, optim, sched) -> int:
     sched.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
     return trainer["step"]
-
-
-# --- metrics -------------------------------------------------------------------------------
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def plot_losses(
-    metrics: list[dict],
-    path: Path,
-    curves: dict[str, str] | None = None,
-    ylabel: str = "cross-entropy (nats/token)",
-) -> None:
-    """A PNG of metric curves by step ({metric key: label}; keys seen only at evaluations get
-    markers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = curves or {"loss": "train loss", "val_loss": "validation loss"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in curves.items():
-        points = [(m["step"], m[key]) for m in metrics if key in m]
-        if points:
-            sparse = len(points) < len(metrics)
-            ax.plot(*zip(*points, strict=True), "o-" if sparse else "-", label=label, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -296,7 +236,7 @@ def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
 
 
 def train(
-    cfg: TrainConfig,
+    cfg: LoopConfig,
     out: Path,
     build: Callable[[torch.device, Dist], Stage],
     resume: bool = False,
@@ -309,12 +249,13 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and checkpoint_dirs(out):
-            raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+        open_run(out, resume)
     d.barrier()
+    ckpt = resume_from(out) if resume else None
     torch.manual_seed(cfg.seed)
     stage = build(device, d)
+    if stage.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=stage.steps)
     model = stage.model.to(device)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(blocks(model))
@@ -323,19 +264,13 @@ def train(
     optim = make_optimizer(model, cfg, fused=d.world == 1)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
     start = 0
-    metrics_path = out / "metrics.jsonl"
-    metrics: list[dict] = []
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise ValueError(f"{out}: --resume, but there is no complete checkpoint to resume from")
+    if ckpt is not None:
         start = load_checkpoint(ckpt, model, optim, sched)
-        metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
         if d.main:
             print(f"resuming from {ckpt} (step {start})", flush=True)
+    metrics = Metrics(out, start) if d.main else None
     if d.main:
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
-        _write_metrics(metrics_path, metrics)
+        write_config(out, cfg)
     forward_model = torch.compile(model) if cfg.compile else model
     use_autocast = device.type == "cuda" and cfg.autocast != "none"
     amp_dtype = torch.bfloat16 if cfg.autocast == "bfloat16" else torch.float16
@@ -347,7 +282,6 @@ def train(
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not d.main, unit="step")
-    log = open(metrics_path, "a") if d.main else None  # noqa: SIM115
     t_start = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
@@ -385,8 +319,6 @@ def train(
                 row |= evaluate(stage, forward_model, d, autocast)
             if d.main:
                 metrics.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
                 bar.set_postfix(
                     loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
                 )
@@ -394,9 +326,9 @@ def train(
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(out, step + 1, model, optim, sched, stage, cfg, d)
                 if d.main:
-                    plot_losses(metrics, out / "loss.png")
+                    plot_metrics(metrics.rows, out / "loss.png")
     finally:
         bar.close()
-        if log is not None:
-            log.close()
-    return metrics
+        if metrics is not None:
+            metrics.close()
+    return metrics.rows if metrics is not None else []

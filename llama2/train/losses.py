@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.preferences import RATINGS
+
 # Section 3.2.2, table 27: the margin m(r) added to the ranking loss for each rating.
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 MARGINS = {
     "none": dict.fromkeys(RATINGS, 0.0),
     "small": dict(zip(RATINGS, (1.0, 2 / 3, 1 / 3, 0.0), strict=True)),
@@ -55,11 +56,9 @@ def combined_reward(
     return torch.where(use_safety, r_safety, r_helpful)
 
 
-def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean (unless shift_mean=False), unit variance (population variance)."""
-    mean, var = x.mean(), x.var(unbiased=False)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
+def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance (population variance)."""
+    return (x - x.mean()) * torch.rsqrt(x.var(unbiased=False) + eps)
 
 
 def ppo_rewards(

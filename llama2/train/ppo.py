@@ -14,9 +14,6 @@ optimizer, RNG, iteration) are atomic and a killed run resumes to the same metri
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,18 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import _fsync, save_hf
+from ..checkpoint import save_hf
+from ..data.split import derive_seed, split_held_out
 from ..formats import encode_chat
 from ..llm import Llama, load
-from .config import TrainConfig, config_to_yaml
-from .loop import (
-    _read_metrics,
-    _write_metrics,
-    checkpoint_dirs,
-    latest_checkpoint,
-    make_optimizer,
-    plot_losses,
-)
+from . import rundir
+from .config import PPOConfig
+from .loop import make_optimizer, pick_device
 from .losses import (
     combined_reward,
     gae,
@@ -57,22 +49,25 @@ def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor
 
 
 class PPO:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: PPOConfig, device: torch.device | str = "cpu"):
         if not (cfg.init_from and cfg.data and cfg.reward_model):
             raise ValueError("ppo needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
-        self.cfg = cfg
-        self.policy: Llama = load(cfg.init_from, dtype=torch.float32)
-        self.reference = load(cfg.init_from, dtype=torch.float32).model.requires_grad_(False)
-        self.helpful = load(cfg.reward_model, dtype=torch.float32)
-        self.safety = load(cfg.safety_model, dtype=torch.float32) if cfg.safety_model else None
+        self.cfg, self.device = cfg, torch.device(device)
+
+        def fp32(path):
+            return load(path, dtype=torch.float32, device=device)
+
+        self.policy: Llama = fp32(cfg.init_from)
+        self.reference = fp32(cfg.init_from).model.requires_grad_(False)
+        self.helpful = fp32(cfg.reward_model)
+        self.safety = fp32(cfg.safety_model) if cfg.safety_model else None
         if self.helpful.head != "score":
             raise ValueError(f"{cfg.reward_model} is not a reward model")
-        value = load(cfg.reward_model, dtype=torch.float32)  # the value model starts as the RM
+        value = fp32(cfg.reward_model)  # the value model starts as the RM
         self.value = value.model
         self.value_config = value.config
         prompts = read_prompts(cfg.data)
-        self.held_out = prompts[9::10]
-        self.prompts = [p for i, p in enumerate(prompts) if i % 10 != 9] or prompts
+        self.prompts, self.held_out = split_held_out(prompts)
         self.both = nn.ModuleDict({"policy": self.policy.model, "value": self.value})
         self.optim = make_optimizer(self.both, cfg)
 
@@ -87,11 +82,11 @@ class PPO:
     @torch.no_grad()
     def rollout(self, it: int) -> dict:
         cfg, tok = self.cfg, self.policy.tokenizer
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts", it))
         idx = torch.randint(0, len(self.prompts), (cfg.batch_size,), generator=g).tolist()
         batch = [self.prompts[i] for i in idx]
         dialogs = [p["prompt"] for p in batch]
-        seed = cfg.seed * 7919 + it * 1000
+        seed = derive_seed(cfg.seed, "rollouts", it)
         outs = self.policy.chat(
             dialogs, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
         )
@@ -109,9 +104,11 @@ class PPO:
             tokens[i, : len(s)] = torch.tensor(s)
             mask[i, : len(m)] = torch.tensor(m)
         mask = mask[:, 1:]  # aligned with the next-token log-probs
-        logp, _ = token_logprobs(self.policy.model, tokens)
-        ref, _ = token_logprobs(self.reference, tokens)
-        values = self.value(tokens[:, :-1])[..., 0].float() * mask
+        on = tokens.to(self.device)
+        # the models run on the device; rewards and advantages are computed on the CPU
+        logp = token_logprobs(self.policy.model, on)[0].cpu()
+        ref = token_logprobs(self.reference, on)[0].cpu()
+        values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
         is_safety = torch.tensor([p["is_safety"] for p in batch])
         r_c = self.reward(dialogs, [o.text for o in outs], is_safety)
         kl = per_token_kl(logp, ref) * mask
@@ -130,18 +127,21 @@ class PPO:
             "kl": kl,
         }
 
+    _UPDATE_KEYS = ("tokens", "mask", "logp", "adv", "values", "returns")
+
     def update(self, ro: dict, it: int) -> dict:
         cfg = self.cfg
         B = ro["tokens"].shape[0]
-        g = torch.Generator().manual_seed(cfg.seed * 31 + it)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", it))
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, generator=g).split(cfg.minibatch):
-                m = ro["mask"][mb]
-                logp, entropy = token_logprobs(self.policy.model, ro["tokens"][mb])
-                pl, frac = ppo_policy_loss(logp, ro["logp"][mb], ro["adv"][mb], m, cfg.clip)
-                values = self.value(ro["tokens"][mb][:, :-1])[..., 0].float()
-                vl = ppo_value_loss(values, ro["values"][mb], ro["returns"][mb], m, cfg.clip)
+                part = {k: ro[k][mb].to(self.device) for k in self._UPDATE_KEYS}
+                m = part["mask"]
+                logp, entropy = token_logprobs(self.policy.model, part["tokens"])
+                pl, frac = ppo_policy_loss(logp, part["logp"], part["adv"], m, cfg.clip)
+                values = self.value(part["tokens"][:, :-1])[..., 0].float()
+                vl = ppo_value_loss(values, part["values"], part["returns"], m, cfg.clip)
                 (pl + cfg.value_coef * vl).backward()
                 nn.utils.clip_grad_norm_(self.both.parameters(), cfg.grad_clip)
                 self.optim.step()
@@ -168,27 +168,15 @@ class PPO:
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self, out: Path, it: int, extra: dict) -> None:
-        final = out / "checkpoints" / f"step_{it:07d}"
-        tmp = out / "checkpoints" / f".tmp_step_{it:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = rundir.checkpoint_tmp(out, it)
         tok = self.policy.tokenizer
-        save_hf(tmp / "model", self.policy.config, self.policy.model.state_dict(), tok)
-        save_hf(tmp / "value", self.value_config, self.value.state_dict(), tok, head="score")
+        save_hf(tmp / "model", self.policy.config, _on_cpu(self.policy.model), tok)
+        save_hf(tmp / "value", self.value_config, _on_cpu(self.value), tok, head="score")
         torch.save(
             {"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state(), **extra},
             tmp / "trainer.pt",
         )
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        os.replace(tmp, final)
-        link = out / ".model-link"
-        link.unlink(missing_ok=True)
-        link.symlink_to(final.relative_to(out) / "model")
-        os.replace(link, out / "model")
-        for old in checkpoint_dirs(out)[: -self.cfg.keep_last]:
-            shutil.rmtree(old)
+        rundir.publish_checkpoint(out, tmp, it, self.cfg.keep_last)
 
     def restore(self, ckpt: Path) -> dict:
         policy = load(ckpt / "model", dtype=torch.float32).model.state_dict()
@@ -200,31 +188,28 @@ class PPO:
         return state
 
 
-def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def _on_cpu(model: nn.Module) -> dict:
+    return {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if not resume and checkpoint_dirs(out):
-        raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+    rundir.open_run(out, resume)
+    ckpt = rundir.resume_from(out) if resume else None
     torch.manual_seed(cfg.seed)
-    run = PPO(cfg)
+    run = PPO(cfg, pick_device(cfg))
     start, best, bad = 0, float("-inf"), 0
-    metrics_path = out / "metrics.jsonl"
-    metrics: list[dict] = []
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise ValueError(f"{out}: --resume, but there is no complete checkpoint to resume from")
+    if ckpt is not None:
         state = run.restore(ckpt)
         start, best, bad = state["step"], state["best"], state["bad"]
-        metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
         print(f"resuming from {ckpt} (iteration {start})", flush=True)
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
-    _write_metrics(metrics_path, metrics)
-    stopped = any(m.get("early_stop") for m in metrics)
-    with open(metrics_path, "a") as log:
-        bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="iter")
+    metrics = rundir.Metrics(out, start)
+    rundir.write_config(out, cfg)
+    stopped = any(m.get("early_stop") for m in metrics.rows)
+    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="iter")
+    try:
         for it in range(start, cfg.steps):
             if stopped:
                 break
@@ -245,8 +230,6 @@ def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
                 if cfg.patience and bad >= cfg.patience:
                     row["early_stop"] = stopped = True
             metrics.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
             bar.update()
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps or stopped:
@@ -256,6 +239,8 @@ def ppo(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
                     "held_out_reward": "held-out reward",
                     "kl": "KL to the reference",
                 }
-                plot_losses(metrics, out / "reward.png", curves, ylabel="")
+                rundir.plot_metrics(metrics.rows, out / "reward.png", curves, ylabel="")
+    finally:
         bar.close()
-    return metrics
+        metrics.close()
+    return metrics.rows

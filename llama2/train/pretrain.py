@@ -18,7 +18,7 @@ from ..data import PackedShards, prepare_corpus, stdlib_documents
 from ..llm import load
 from ..model import Transformer
 from ..tokenizer import Tokenizer, train_tokenizer
-from .config import TrainConfig
+from .config import PretrainConfig
 from .loop import Dist, Stage, train
 
 
@@ -43,7 +43,7 @@ def embedded_corpus(out: Path, vocab_size: int, d: Dist) -> Path:
     return data
 
 
-def build_pretraining(cfg: TrainConfig, out: Path, device: torch.device, d: Dist) -> Stage:
+def build_pretraining(cfg: PretrainConfig, out: Path, device: torch.device, d: Dist) -> Stage:
     data_dir = Path(cfg.data) if cfg.data else embedded_corpus(out, cfg.vocab_size, d)
     shards = PackedShards(data_dir)
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else data_dir / "tokenizer.model"
@@ -89,6 +89,6 @@ def build_pretraining(cfg: TrainConfig, out: Path, device: torch.device, d: Dist
     )
 
 
-def pretrain(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
     out = Path(out)
     return train(cfg, out, lambda device, d: build_pretraining(cfg, out, device, d), resume)

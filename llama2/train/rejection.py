@@ -2,15 +2,13 @@
 current policy, each scored by the reward model(s); the best per prompt is kept, competing
 with the best of all earlier rounds, and the policy is fine-tuned on the winners (SFT).
 
-The run directory holds samples.jsonl (every answer and its score), best.jsonl (the winner
-per prompt, with its score and round) and sft/ (the fine-tuning run).
+The run directory holds config.yaml, samples.jsonl (every answer and its score), best.jsonl
+(the winner per prompt, with its score and round), sft.jsonl (the winners as SFT data) and
+sft/ (the fine-tuning run, a run directory of its own).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,11 +16,14 @@ from tqdm import tqdm
 
 from ..data.jsonl import parse_prompt, read_jsonl
 from ..data.sft import encode_for_training
+from ..data.split import derive_seed
 from ..formats import DialogError
 from ..llm import Llama, load
-from .config import TrainConfig
+from .config import RejectionConfig, SFTConfig, stage_config
+from .loop import pick_device
 from .losses import combined_reward
 from .reward import pad, scores
+from .rundir import latest_checkpoint, open_run, read_jsonl_rows, write_config, write_jsonl
 from .sft import sft
 
 
@@ -50,36 +51,32 @@ def score_answers(
             for d, a in pairs
         ]
         tokens, lengths = pad(seqs)
-        out += torch.sigmoid(scores(rm.model, tokens, lengths)).tolist()
+        out += torch.sigmoid(scores(rm.model, tokens.to(rm.device), lengths.to(rm.device))).tolist()
     return out
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
+def sample_and_select(cfg: RejectionConfig, out: Path) -> list[dict]:
     """Sample, score and select; returns the best per prompt (also written to best.jsonl)."""
     if not (cfg.init_from and cfg.data and cfg.reward_model):
         raise ValueError("rejection needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
     prompts = read_prompts(cfg.data)
-    policy = load(cfg.init_from)
-    helpful = load(cfg.reward_model, dtype=torch.float32)
-    safety = load(cfg.safety_model, dtype=torch.float32) if cfg.safety_model else None
+    device = pick_device(cfg)
+    policy = load(cfg.init_from, device=device)
+    helpful = load(cfg.reward_model, dtype=torch.float32, device=device)
+    safety = (
+        load(cfg.safety_model, dtype=torch.float32, device=device) if cfg.safety_model else None
+    )
     for rm, name in ((helpful, "reward_model"), (safety, "safety_model")):
         if rm is not None and rm.head != "score":
             raise ValueError(f"{name} {rm.path} is not a reward model")
     K = cfg.samples_per_prompt
     samples = []
     for i, p in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
-        # K rows of the same dialog; row k samples with seed (seed + i * K) + k
-        outs = policy.chat(
+        outs = policy.chat(  # K rows of the same dialog, each its own seed
             [p["prompt"]] * K,
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed + i * K,
+            seed=derive_seed(cfg.seed, "samples", i),
         )
         answers = [o.text for o in outs]
         dialogs = [p["prompt"]] * K
@@ -91,11 +88,10 @@ def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
             r = r_help
         for k, a in enumerate(answers):
             samples.append({"prompt_index": i, "sample": k, "answer": a, "score": float(r[k])})
-    _write_jsonl(out / "samples.jsonl", samples)
+    write_jsonl(out / "samples.jsonl", samples)
     previous = {}
     if cfg.previous:
-        for line in Path(cfg.previous).read_text().splitlines():
-            row = json.loads(line)
+        for row in read_jsonl_rows(Path(cfg.previous)):
             previous[row["prompt_index"]] = row
     this_round = 1 + max((r.get("round", 0) for r in previous.values()), default=-1)
     best = []
@@ -112,19 +108,24 @@ def sample_and_select(cfg: TrainConfig, out: Path) -> list[dict]:
         if old is not None and old["score"] > mine["score"]:  # an earlier winner still wins
             row |= {"answer": old["answer"], "score": old["score"], "round": old.get("round", 0)}
         best.append(row)
-    _write_jsonl(out / "best.jsonl", best)
+    write_jsonl(out / "best.jsonl", best)
     return best
 
 
-def rejection(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def rejection(cfg: RejectionConfig, out: str | Path, resume: bool = False) -> list[dict]:
+    """Sample and select (once: sampling is seeded, a resumed run reuses best.jsonl), then
+    fine-tune on the winners in out/sft."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (resume and (out / "best.jsonl").exists()):  # sampling is seeded: done once
+    open_run(out, resume, products=("best.jsonl",))
+    write_config(out, cfg)
+    if not (resume and (out / "best.jsonl").exists()):
         best = sample_and_select(cfg, out)
     else:
-        best = [json.loads(line) for line in (out / "best.jsonl").read_text().splitlines()]
+        best = read_jsonl_rows(out / "best.jsonl")
     data = [
         {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]} for b in best
     ]
-    _write_jsonl(out / "sft.jsonl", data)
-    return sft(dataclasses.replace(cfg, data=str(out / "sft.jsonl")), out / "sft", resume=resume)
+    write_jsonl(out / "sft.jsonl", data)
+    tuned = stage_config(cfg, SFTConfig, data=str(out / "sft.jsonl"))
+    # killed before the fine-tuning's first checkpoint: it starts afresh
+    return sft(tuned, out / "sft", resume=resume and latest_checkpoint(out / "sft") is not None)

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_hf
-from ..data.preferences import read_preferences
+from ..data.preferences import RATINGS, read_preferences
 from ..data.sft import encode_for_training
+from ..data.split import split_held_out
 from ..kernels import Linear
 from ..llm import load
-from .config import TrainConfig
+from .config import RewardConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
-from .losses import MARGINS, RATINGS, ranking_loss
+from .losses import MARGINS, ranking_loss
 
 
 def scores(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
-def build_reward(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
+def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
     if not cfg.init_from or not cfg.data:
         raise ValueError("reward needs init_from=MODEL_DIR and data=PAIRS.jsonl")
     base = load(cfg.init_from, dtype=torch.float32)
@@ -62,8 +63,7 @@ def build_reward(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
         )
         for p in pairs
     ]
-    held = [x for i, x in enumerate(data) if i % 10 == 9]
-    train_pairs = [x for i, x in enumerate(data) if i % 10 != 9] or data
+    train_pairs, held = split_held_out(data)
     n = len(train_pairs)
 
     def collate(items):
@@ -117,5 +117,5 @@ def build_reward(cfg: TrainConfig, device: torch.device, d: Dist) -> Stage:
     )
 
 
-def reward(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def reward(cfg: RewardConfig, out: str | Path, resume: bool = False) -> list[dict]:
     return train(cfg, Path(out), lambda device, d: build_reward(cfg, device, d), resume)

@@ -7,7 +7,6 @@ model to fine-tune; `epochs` (the paper: 2) sets the number of steps.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import torch.nn.functional as F
 
 from ..checkpoint import save_hf
 from ..data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
+from ..data.split import split_held_out
 from ..llm import load
-from .config import TrainConfig
-from .loop import Dist, Stage, epoch_indices, train
+from .config import SFTConfig
+from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
 
 
 def packed_loss(model, batch) -> torch.Tensor:
@@ -27,7 +27,7 @@ def packed_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
+def build_sft(cfg: SFTConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
     """`encode(tokenizer, dialog) -> (ids, loss mask)`: the chat format with loss on every
     answer by default (Ghost Attention passes one with loss on the last answer only)."""
     if not cfg.init_from:
@@ -38,12 +38,7 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for
     if base.tokenizer is None:
         raise ValueError(f"{cfg.init_from}: no tokenizer.model")
     dialogs = read_sft_jsonl(cfg.data)
-    examples = [encode(base.tokenizer, d_) for d_ in dialogs]
-    val_every = 20 if len(examples) >= 40 else 0
-    train_ex = [
-        e for i, e in enumerate(examples) if not val_every or i % val_every != val_every - 1
-    ]
-    val_ex = [e for i, e in enumerate(examples) if val_every and i % val_every == val_every - 1]
+    train_ex, val_ex = split_held_out([encode(base.tokenizer, d_) for d_ in dialogs])
     rows = pack(train_ex, cfg.seq_len)
     val_rows = pack(val_ex, cfg.seq_len) if val_ex else None
     n = rows[0].shape[0]
@@ -53,14 +48,8 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for
         return tuple(t[sel] for t in rows)
 
     def val_batches(rank: int, world: int):
-        if val_rows is None:
-            return
-        m = val_rows[0].shape[0]
-        if world > 1:  # whole rounds only: every rank runs as many batches
-            m -= m % (cfg.batch_size * world)
-        for start in range(rank, m, cfg.batch_size * world):
-            sel = torch.arange(start, min(m, start + cfg.batch_size * world), world)
-            yield tuple(t[sel] for t in val_rows)
+        for chunk in held_out_chunks(val_rows[0].shape[0], cfg.batch_size, rank, world):
+            yield tuple(t[chunk.start : chunk.stop] for t in val_rows)
 
     model = base.model
     if cfg.lora_rank > 0:
@@ -83,16 +72,12 @@ def build_sft(cfg: TrainConfig, device: torch.device, d: Dist, encode=encode_for
         save_model=save_model,
         val_batches=val_batches if val_rows is not None else None,
         tokens_per_step=cfg.batch_size * cfg.seq_len,
+        # epochs > 0: the steps are passes over the packed rows
+        steps=max(1, math.ceil(cfg.epochs * n / cfg.batch_size)) if cfg.epochs > 0 else None,
     )
 
 
-def sft(cfg: TrainConfig, out: str | Path, resume: bool = False) -> list[dict]:
-    if cfg.epochs > 0:
-        # steps from epochs: rows are counted the way build_sft packs them
-        base = load(cfg.init_from) if cfg.init_from else None
-        if base is not None and cfg.data:
-            dialogs = read_sft_jsonl(cfg.data)
-            rows = pack([encode_for_training(base.tokenizer, x) for x in dialogs], cfg.seq_len)
-            steps = max(1, math.ceil(cfg.epochs * rows[0].shape[0] / cfg.batch_size))
-            cfg = dataclasses.replace(cfg, steps=steps)
-    return train(cfg, Path(out), lambda device, d: build_sft(cfg, device, d), resume)
+def sft(
+    cfg: SFTConfig, out: str | Path, resume: bool = False, encode=encode_for_training
+) -> list[dict]:
+    return train(cfg, Path(out), lambda device, d: build_sft(cfg, device, d, encode), resume)

@@ -1,0 +1,139 @@
+"""The run directory every stage writes, and how it is written.
+
+    out/config.yaml            the resolved settings of the stage
+    out/metrics.jsonl          one JSON row per step (cut back to the checkpoint on resume)
+    out/checkpoints/step_N/    whole or absent: written under a hidden name, then renamed
+    out/model -> checkpoints/step_N/model   the latest model, for generate, serve and the
+                                            next stage
+    out/*.png                  curves of the metrics
+
+A directory that already holds checkpoints is refused unless the run resumes, and resuming
+needs a complete checkpoint. Every file appears atomically (llama2/io.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..io import atomic_file, fsync, fsync_tree, point_link, write_atomic
+from .config import config_to_yaml
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are not checkpoints)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "trainer.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    dirs = checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def open_run(out: Path, resume: bool, products: Iterable[str] = ()) -> None:
+    """Create the run directory, refusing one that already holds a run (checkpoints, or one of
+    the stage's `products`) unless the run resumes."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (checkpoint_dirs(out) or any((out / p).exists() for p in products)):
+        raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+
+
+def resume_from(out: Path) -> Path:
+    """The latest complete checkpoint, or a clear error."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise ValueError(f"{out}: --resume, but there is no complete checkpoint to resume from")
+    return ckpt
+
+
+def write_config(out: Path, cfg) -> None:
+    write_atomic(out / "config.yaml", config_to_yaml(cfg))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Metrics:
+    """metrics.jsonl: on resume, the rows up to the checkpoint's step are kept (a killed run
+    may have logged steps past it), then rows are appended and flushed one by one."""
+
+    def __init__(self, out: Path, start: int):
+        self.path = out / "metrics.jsonl"
+        self.rows = [m for m in read_jsonl_rows(self.path) if m["step"] <= start] if start else []
+        write_jsonl(self.path, self.rows)
+        self._log = open(self.path, "a")  # noqa: SIM115 (closed by close())
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self._log.write(json.dumps(row) + "\n")
+        self._log.flush()
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def checkpoint_tmp(out: Path, step: int, fresh: bool = True) -> Path:
+    """The hidden directory checkpoint `step` is written into, emptied and created if `fresh`
+    (a fixed name, so that every process of a distributed run writes into the same one)."""
+    tmp = out / "checkpoints" / f".tmp_step_{step:07d}"
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_checkpoint(out: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """Make the checkpoint written into `tmp` visible, whole: flushed, renamed to step_N, the
+    `model` link moved to it, and all but the last `keep_last` checkpoints removed."""
+    final = out / "checkpoints" / f"step_{step:07d}"
+    fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
+    os.replace(tmp, final)
+    fsync(final.parent)
+    point_link(out / "model", final / "model")
+    for old in checkpoint_dirs(out)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def plot_metrics(
+    metrics: list[dict],
+    path: Path,
+    curves: dict[str, str] | None = None,
+    ylabel: str = "cross-entropy (nats/token)",
+) -> None:
+    """A PNG of metric curves by step ({metric key: label}; keys seen only at evaluations get
+    markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = curves or {"loss": "train loss", "val_loss": "validation loss"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in curves.items():
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            sparse = len(points) < len(metrics)
+            ax.plot(*zip(*points, strict=True), "o-" if sparse else "-", label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
