@@ -65,10 +65,10 @@ class RandomWeights(Mapping):
 
 def make_checkpoint(path: Path, preset: str) -> None:
     from llama2 import get_preset, save_hf
-    from llama2.checkpoint import _param_shapes
+    from llama2.checkpoint.common import param_shapes
 
     cfg = get_preset(preset)
-    shapes = {k: v.shape for k, v in _param_shapes(cfg).items()}
+    shapes = {k: v.shape for k, v in param_shapes(cfg).items()}
     print(f"writing random {preset} bf16 checkpoint to {path} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     save_hf(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _majority_dtype, empty_model, parse_dtype, read_checkpoint
+from .checkpoint import empty_model, parse_dtype, read_checkpoint
+from .checkpoint.common import majority_dtype
 from .config import ModelConfig
 from .formats import Message, encode_chat, encode_infill, infill_ids
 from .generation import Completion, SamplingParams, generate, stream
@@ -137,7 +138,7 @@ def load(
         )
     sd = ckpt.state_dict
     if ckpt.quantization is None:
-        dtype = parse_dtype(dtype) or _majority_dtype(sd)
+        dtype = parse_dtype(dtype) or majority_dtype(sd)
         sd = {k: v.to(dtype) for k, v in sd.items()}  # a no-op (no copy) where it already is
     elif dtype is not None:  # quantized: `dtype` is that of the embeddings and norms
         dtype = parse_dtype(dtype)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import atomic_dir
-from ..io import fsync as _fsync
 from . import gguf, hf, meta
 from .common import (
     DTYPES,
@@ -32,8 +30,6 @@ from .common import (
     to_gguf_name,
     to_hf_name,
 )
-from .common import majority_dtype as _majority_dtype
-from .common import param_shapes as _param_shapes
 from .gguf import GGUF_TYPES, save_gguf
 from .hf import save_hf
 from .meta import save_meta
@@ -91,9 +87,4 @@ __all__ = [
     "save_meta",
     "to_gguf_name",
     "to_hf_name",
-    # used by llm.py, train/, data/ and benchmarks/load.py under their old private names
-    "_fsync",
-    "_majority_dtype",
-    "_param_shapes",
-    "atomic_dir",
 ]
