@@ -287,3 +287,31 @@ def test_ppo_stops_early_when_held_out_reward_stalls(small_tokenizer, tmp_path):
     assert len(metrics) == 8 and metrics[-1]["early_stop"] is True
     assert metrics[3]["held_out_reward"] == metrics[7]["held_out_reward"]
     assert (tmp_path / "stall" / "checkpoints" / "step_0000008").is_dir()
+
+
+def _scale_reward_head(rm_dir, factor: float, name: str = "rm-scaled"):
+    """A copy of a reward model with its scalar head times `factor` (a different reward model;
+    with a large factor, scores far past sigmoid's saturation)."""
+    rm = load(rm_dir, dtype=torch.float32)
+    state = rm.model.state_dict()
+    state["output.weight"] = state["output.weight"] * factor
+    return save_hf(rm_dir.parent / name, rm.config, state, rm.tokenizer, head="score")
+
+
+def test_score_answers_returns_raw_scores(small_tokenizer, tmp_path):
+    from llama2.data.sft import encode_for_training
+    from llama2.train.rejection import score_answers
+
+    _, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    rm = load(_scale_reward_head(rm_dir, 1000.0), dtype=torch.float32)
+    dialogs = [[{"role": "user", "content": f"Explain {t}."}] for t in TOPICS[:4]]
+    answers = ["Yes.", "No, never.", "It is def f(): pass", "x"]
+    got = score_answers(rm, dialogs, answers)
+    expected = []
+    for d, a in zip(dialogs, answers, strict=True):  # one unpadded row at a time
+        ids = encode_for_training(small_tokenizer, [*d, {"role": "assistant", "content": a}])[0]
+        with torch.no_grad():
+            expected.append(rm.model(torch.tensor([ids]))[0, -1, 0].item())
+    assert max(abs(e) for e in expected) > 20  # past where a float32 sigmoid is 1.0
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert len(set(got)) == len(got)

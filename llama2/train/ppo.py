@@ -2,14 +2,16 @@
 and the policy is pushed toward higher reward while a per-token KL penalty keeps it near its
 initial self.
 
-Reward: R_c (the safety score for safety prompts or below 0.15, else helpfulness), turned
-back into a logit and whitened, on the last token; minus beta * KL(policy || reference) on
+Reward: R_c (the safety score for safety prompts or below 0.15, else helpfulness), kept as
+the reward model's raw logit and whitened over the batch (unless fewer than two distinct
+scores: see losses.whiten_scores), on the last token; minus beta * KL(policy || reference) on
 every token. Advantages by GAE from a value model initialised from the reward model; the
 clipped surrogate and clipped value losses over minibatches; a constant learning rate.
-Per iteration, metrics.jsonl gets reward, KL, entropy, response length and clip fraction;
-every `eval_every`, the mean reward of greedy answers to held-out prompts, which stops the
-run after `patience` evaluations without improvement. Checkpoints (policy, value model,
-optimizer, RNG, iteration) are atomic and a killed run resumes to the same metrics.
+Per iteration, metrics.jsonl gets reward (the mean raw R_c), KL, entropy, response length
+and clip fraction; every `eval_every`, the mean reward of greedy answers to held-out
+prompts, which stops the run after `patience` evaluations without improvement. Checkpoints
+(policy, value model, optimizer, RNG, iteration) are atomic and a killed run resumes to the
+same metrics.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ def read_prompts(path: str | Path) -> list[dict]:
 def score_answers(
     rm: Llama, dialogs: list[list[dict]], answers: list[str], batch: int = 16
 ) -> list[float]:
-    """A reward model's score of each answer, as a probability (sigmoid of the scalar)."""
+    """A reward model's raw score (the scalar, a logit) of each answer. Not its sigmoid: in
+    float32 that saturates to 1.0 above ~17 and would tie the best answers (section 3.2.3's
+    probability is only needed for R_c's 0.15 gate, which applies it itself)."""
     out: list[float] = []
     for i in range(0, len(answers), batch):
         pairs = zip(dialogs[i : i + batch], answers[i : i + batch], strict=True)
@@ -51,7 +53,7 @@ def score_answers(
             for d, a in pairs
         ]
         tokens, lengths = pad(seqs)
-        out += torch.sigmoid(scores(rm.model, tokens.to(rm.device), lengths.to(rm.device))).tolist()
+        out += scores(rm.model, tokens.to(rm.device), lengths.to(rm.device)).tolist()
     return out
 
 
