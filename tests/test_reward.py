@@ -315,3 +315,142 @@ def test_score_answers_returns_raw_scores(small_tokenizer, tmp_path):
     assert max(abs(e) for e in expected) > 20  # past where a float32 sigmoid is 1.0
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-3)
     assert len(set(got)) == len(got)
+
+
+def _prompts_file(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_ppo_rollout_numbers_derived_independently(small_tokenizer, tmp_path, monkeypatch):
+    """PPO's real rollout on a micro model, every number re-derived one unpadded row at a
+    time: the prompt-masked, right-padded batch, log-probs at the sampling temperature, KL,
+    values, R_c on the last response token, GAE by a plain loop, and ratio 1 at the start."""
+    from llama2.data.sft import encode_for_training
+    from llama2.data.split import derive_seed
+    from llama2.formats import encode_chat
+    from llama2.train import ppo as ppo_module
+    from llama2.train.ppo import PPO
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    long_dialog = [
+        {"role": "user", "content": "Explain sockets and threads in Python, briefly."},
+        {"role": "assistant", "content": "Sockets talk; threads run."},
+        {"role": "user", "content": "And files?"},
+    ]
+    rows = [
+        {"prompt": "Hi.", "is_safety": True},
+        {"prompt": long_dialog},
+        {"prompt": "Explain the regex module and its flags.", "is_safety": False},
+    ]
+    temperature, beta, lam = 0.7, 0.05, 0.9
+    args = [
+        f"init_from={policy}",
+        f"data={_prompts_file(tmp_path / 'prompts.jsonl', rows)}",
+        f"reward_model={rm_dir}",
+        "batch_size=4",
+        "minibatch=2",
+        "max_new_tokens=5",
+        f"temperature={temperature}",
+        f"kl_beta={beta}",
+        f"gae_lambda={lam}",
+        "threads=1",
+    ]
+    run = PPO(load_train_config(None, args, stage="ppo"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # the policy moves away from its reference: a non-zero KL
+        for p in run.policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ro = run.rollout(0)
+    tok = small_tokenizer
+    tokens, mask = ro["tokens"], ro["mask"]
+    B = tokens.shape[0]
+    assert B == 4 and mask.shape == (B, tokens.shape[1] - 1)
+
+    # the same draw of prompts and the same sampling, redone
+    g = torch.Generator().manual_seed(derive_seed(0, "prompts", 0))
+    idx = torch.randint(0, len(rows), (B,), generator=g).tolist()
+    dialogs = [run.prompts[i]["prompt"] for i in idx]
+    outs = run.policy.chat(
+        dialogs,
+        temperature=temperature,
+        max_new_tokens=5,
+        seed=derive_seed(0, "rollouts", 0),
+    )
+
+    def forward(model, seq):
+        with torch.no_grad():
+            return model(torch.tensor([seq]))[0].float()
+
+    widths, logps, refs, values, scores = [], [], [], [], []
+    for i, (d, o) in enumerate(zip(dialogs, outs, strict=True)):
+        prompt = encode_chat(tok, d)
+        answer = o.token_ids + ([tok.eos_id] if o.finish_reason == "stop" else [])
+        seq = prompt + answer
+        P, A = len(prompt), len(answer)
+        assert tokens[i, : P + A].tolist() == seq  # prompt, then the sampled answer
+        assert tokens[i, P + A :].eq(0).all()  # right-padded
+        # mask[t] covers the prediction of token t + 1: exactly the answer's tokens
+        expect = [1.0 if P - 1 <= t < P + A - 1 else 0.0 for t in range(mask.shape[1])]
+        assert mask[i].tolist() == expect
+        pos = range(P - 1, P + A - 1)
+        lp = torch.log_softmax(forward(run.policy.model, seq[:-1]) / temperature, -1)
+        rp = torch.log_softmax(forward(run.reference, seq[:-1]) / temperature, -1)
+        logps.append([lp[t, seq[t + 1]].item() for t in pos])
+        refs.append([rp[t, seq[t + 1]].item() for t in pos])
+        values.append([forward(run.value, seq[:-1])[t, 0].item() for t in pos])
+        ids = encode_for_training(tok, [*d, {"role": "assistant", "content": o.text}])[0]
+        scores.append(forward(run.helpful.model, ids)[-1, 0].item())
+        widths.append(pos)
+
+    for i, pos in enumerate(widths):
+        got = [ro["logp"][i, t].item() for t in pos]
+        assert got == pytest.approx(logps[i], abs=1e-4), "log-probs at the sampling temperature"
+        kl = [a - b for a, b in zip(logps[i], refs[i], strict=True)]
+        assert [ro["kl"][i, t].item() for t in pos] == pytest.approx(kl, abs=1e-4)
+        assert [ro["values"][i, t].item() for t in pos] == pytest.approx(values[i], abs=1e-4)
+    assert ro["r_c"].tolist() == pytest.approx(scores, abs=1e-4)
+
+    # rewards: -beta * KL everywhere, the whitened score added on the last answer token
+    mean = sum(scores) / B
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / B)
+    all_adv, all_ret = [], []
+    for i, pos in enumerate(widths):
+        r = [-beta * (a - b) for a, b in zip(logps[i], refs[i], strict=True)]
+        r[-1] += (scores[i] - mean) / std
+        assert [ro["rewards"][i, t].item() for t in pos] == pytest.approx(r, abs=1e-4)
+        off = [t for t in range(mask.shape[1]) if t not in pos]
+        assert ro["rewards"][i, off].eq(0).all()
+        adv, next_a, next_v = [0.0] * len(r), 0.0, 0.0  # GAE, gamma 1, by a plain loop
+        for k in reversed(range(len(r))):
+            delta = r[k] + next_v - values[i][k]
+            next_a = adv[k] = delta + lam * next_a
+            next_v = values[i][k]
+        all_adv.append(adv)
+        all_ret.append([a + v for a, v in zip(adv, values[i], strict=True)])
+        assert [ro["returns"][i, t].item() for t in pos] == pytest.approx(all_ret[i], abs=1e-4)
+    flat = [a for row in all_adv for a in row]
+    m = sum(flat) / len(flat)
+    s = math.sqrt(sum((a - m) ** 2 for a in flat) / len(flat))
+    for i, pos in enumerate(widths):  # advantages whitened over the batch's answer tokens
+        want = [(a - m) / (s + 1e-8) for a in all_adv[i]]
+        assert [ro["adv"][i, t].item() for t in pos] == pytest.approx(want, abs=1e-4)
+
+    # the first minibatch of the first epoch runs on the rollout's own policy: ratio 1
+    seen = []
+    real = ppo_module.ppo_policy_loss
+
+    def spy(logp, old_logp, adv, m, clip):
+        seen.append(torch.exp(logp - old_logp)[m.bool()].detach())
+        return real(logp, old_logp, adv, m, clip)
+
+    monkeypatch.setattr(ppo_module, "ppo_policy_loss", spy)
+    run.update(ro, 0)
+    assert len(seen) == 2 and seen[0].numel() > 0
+    assert torch.equal(seen[0], torch.ones_like(seen[0]))
+
+
+def test_ppo_refuses_greedy_sampling():
+    # temperature 0 samples by argmax (generation.sample): no distribution for ratios or KL
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        load_train_config(None, ["temperature=0"], stage="ppo")

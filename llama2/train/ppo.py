@@ -41,9 +41,15 @@ from .losses import (
 from .rejection import read_prompts, score_answers
 
 
-def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of each next token and the entropy at each position: [B, L-1] each."""
-    logits = model(tokens[:, :-1]).float()
+def token_logprobs(
+    model: nn.Module, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each next token and the entropy at each position: [B, L-1] each, under the
+    distribution the answers were sampled from: the logits divided by the temperature, as
+    generation.sample does (else every ratio and KL of the update is off-policy)."""
+    if temperature <= 0:
+        raise ValueError(f"PPO needs a sampling temperature > 0, got {temperature}")
+    logits = model(tokens[:, :-1]).float() / temperature
     logp_all = F.log_softmax(logits, -1)
     logp = torch.gather(logp_all, 2, tokens[:, 1:, None])[..., 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -108,8 +114,8 @@ class PPO:
         mask = mask[:, 1:]  # aligned with the next-token log-probs
         on = tokens.to(self.device)
         # the models run on the device; rewards and advantages are computed on the CPU
-        logp = token_logprobs(self.policy.model, on)[0].cpu()
-        ref = token_logprobs(self.reference, on)[0].cpu()
+        logp = token_logprobs(self.policy.model, on, cfg.temperature)[0].cpu()
+        ref = token_logprobs(self.reference, on, cfg.temperature)[0].cpu()
         values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
         is_safety = torch.tensor([p["is_safety"] for p in batch])
         r_c = self.reward(dialogs, [o.text for o in outs], is_safety)
@@ -126,6 +132,7 @@ class PPO:
             "adv": adv,
             "returns": returns,
             "r_c": r_c,
+            "rewards": rewards,
             "kl": kl,
         }
 
@@ -140,7 +147,7 @@ class PPO:
             for mb in torch.randperm(B, generator=g).split(cfg.minibatch):
                 part = {k: ro[k][mb].to(self.device) for k in self._UPDATE_KEYS}
                 m = part["mask"]
-                logp, entropy = token_logprobs(self.policy.model, part["tokens"])
+                logp, entropy = token_logprobs(self.policy.model, part["tokens"], cfg.temperature)
                 pl, frac = ppo_policy_loss(logp, part["logp"], part["adv"], m, cfg.clip)
                 values = self.value(part["tokens"][:, :-1])[..., 0].float()
                 vl = ppo_value_loss(values, part["values"], part["returns"], m, cfg.clip)
