@@ -454,3 +454,47 @@ def test_ppo_refuses_greedy_sampling():
     # temperature 0 samples by argmax (generation.sample): no distribution for ratios or KL
     with pytest.raises(ValueError, match="temperature must be > 0"):
         load_train_config(None, ["temperature=0"], stage="ppo")
+
+
+def _rejection_args(policy, rm_dir, prompts, *more):
+    return [
+        f"init_from={policy}",
+        f"data={prompts}",
+        f"reward_model={rm_dir}",
+        "samples_per_prompt=2",
+        "max_new_tokens=4",
+        "steps=1",
+        "batch_size=1",
+        "seq_len=128",
+        "threads=1",
+        *more,
+    ]
+
+
+def test_rejection_fine_tunes_on_the_chosen_answer_only(small_tokenizer, tmp_path, monkeypatch):
+    from llama2.formats import chat_segments
+    from llama2.train import rejection as rejection_module
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    history = [
+        {"role": "user", "content": "Explain sockets."},
+        {"role": "assistant", "content": "An earlier answer nobody selected."},
+        {"role": "user", "content": "And threads?"},
+    ]
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": history}])
+    seen = {}
+
+    def fake_sft(cfg, out, resume=False, **kw):  # what the fine-tuning would train on
+        seen.update(kw, data=cfg.data)
+        return []
+
+    monkeypatch.setattr(rejection_module, "sft", fake_sft)
+    cfg = load_train_config(None, _rejection_args(policy, rm_dir, prompts), stage="rejection")
+    rejection_module.rejection(cfg, tmp_path / "r")
+    (record,) = [json.loads(x) for x in open(seen["data"])]
+    encode = seen.get("encode", rejection_module.encode_for_training)  # sft's default
+    ids, mask = encode(small_tokenizer, record["messages"])
+    segments = chat_segments(small_tokenizer, record["messages"])
+    answer = len(segments[-1][1])  # the selected answer and its EOS, at the end
+    assert len(segments) == 2 and len(segments[0][1]) > 0
+    assert mask == [False] * (len(ids) - answer) + [True] * answer

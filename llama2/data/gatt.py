@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..tokenizer import Tokenizer
-from .sft import encode_for_training
+from .sft import encode_last_answer
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,7 @@ def sample_dialog(
 def training_example(tokenizer: Tokenizer, dialog: list[dict]) -> tuple[list[int], list[bool]]:
     """ids and loss mask of a GAtt dialog: only its last answer carries loss (every earlier
     turn, the assistant's included, is zeroed)."""
-    ids, mask = encode_for_training(tokenizer, dialog)
-    last = max(i for i, m in enumerate(mask) if m and not mask[i - 1])  # the last answer's start
-    return ids, [m and i >= last for i, m in enumerate(mask)]
+    return encode_last_answer(tokenizer, dialog)
 
 
 def adherence_by_turn(

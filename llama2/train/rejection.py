@@ -1,6 +1,7 @@
 """Rejection sampling fine-tuning (Llama 2, section 3.2.3): K answers per prompt from the
 current policy, each scored by the reward model(s); the best per prompt is kept, competing
-with the best of all earlier rounds, and the policy is fine-tuned on the winners (SFT).
+with the best of all earlier rounds, and the policy is fine-tuned on the winners (SFT, with
+the loss on the winning answer only).
 
 The run directory holds config.yaml, samples.jsonl (every answer and its score), best.jsonl
 (the winner per prompt, with its score and round), sft.jsonl (the winners as SFT data) and
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.jsonl import parse_prompt, read_jsonl
-from ..data.sft import encode_for_training
+from ..data.sft import encode_for_training, encode_last_answer
 from ..data.split import derive_seed
 from ..formats import DialogError
 from ..llm import Llama, load
@@ -130,4 +131,6 @@ def rejection(cfg: RejectionConfig, out: str | Path, resume: bool = False) -> li
     write_jsonl(out / "sft.jsonl", data)
     tuned = stage_config(cfg, SFTConfig, data=str(out / "sft.jsonl"))
     # killed before the fine-tuning's first checkpoint: it starts afresh
-    return sft(tuned, out / "sft", resume=resume and latest_checkpoint(out / "sft") is not None)
+    resume_sft = resume and latest_checkpoint(out / "sft") is not None
+    # the loss on the selected answer only: a multi-turn prompt's history was not selected
+    return sft(tuned, out / "sft", resume=resume_sft, encode=encode_last_answer)
