@@ -498,3 +498,51 @@ def test_rejection_fine_tunes_on_the_chosen_answer_only(small_tokenizer, tmp_pat
     answer = len(segments[-1][1])  # the selected answer and its EOS, at the end
     assert len(segments) == 2 and len(segments[0][1]) > 0
     assert mask == [False] * (len(ids) - answer) + [True] * answer
+
+
+def test_rejection_matches_earlier_rounds_by_prompt_and_rescores_them(small_tokenizer, tmp_path):
+    from llama2.data.sft import encode_for_training
+    from llama2.train.rejection import sample_and_select
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    topics = TOPICS[:4]
+    dialog = {t: [{"role": "user", "content": f"Explain {t}."}] for t in topics}
+    # an earlier round, in file order, whose scores came from an older reward model
+    previous = tmp_path / "best0.jsonl"
+    previous.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "prompt_index": i,
+                    "prompt": dialog[t],
+                    "answer": f"Old answer about {t}.",
+                    "score": 1e9,
+                    "round": 0,
+                }
+            )
+            for i, t in enumerate(topics)
+        )
+    )
+    order = topics[::-1]  # this round's prompt file lists them the other way round
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": dialog[t]} for t in order])
+    args = _rejection_args(policy, rm_dir, prompts, f"previous={previous}")
+    out = tmp_path / "r1"
+    out.mkdir()
+    best = sample_and_select(load_train_config(None, args, stage="rejection"), out)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    rm = load(rm_dir, dtype=torch.float32)
+
+    def current_score(d, answer):
+        ids = encode_for_training(small_tokenizer, [*d, {"role": "assistant", "content": answer}])
+        with torch.no_grad():
+            return rm.model(torch.tensor([ids[0]]))[0, -1, 0].item()
+
+    assert [b["prompt"] for b in best] == [dialog[t] for t in order]
+    for i, (t, b) in enumerate(zip(order, best, strict=True)):
+        old = current_score(dialog[t], f"Old answer about {t}.")  # rescored by today's RM
+        new = max(s["score"] for s in samples if s["prompt_index"] == i)
+        assert b["score"] == pytest.approx(max(old, new), abs=1e-4)
+        if old > new:  # the earlier answer of this very prompt, never another's
+            assert b["answer"] == f"Old answer about {t}." and b["round"] == 0
+        else:
+            assert not b["answer"].startswith("Old answer") and b["round"] == 1

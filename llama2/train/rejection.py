@@ -10,6 +10,8 @@ sft/ (the fine-tuning run, a run directory of its own).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -58,6 +60,36 @@ def score_answers(
     return out
 
 
+def prompt_key(prompt: list[dict]) -> str:
+    """A prompt's identity across rounds: a hash of its messages."""
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_previous(path: Path) -> dict[str, dict]:
+    """An earlier round's best.jsonl, by prompt_key of each row's prompt."""
+    out = {}
+    for n, row in enumerate(read_jsonl_rows(path), 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), list):
+            raise DialogError(f"{path}:{n}: field 'prompt' must be a list of messages")
+        if not isinstance(row.get("answer"), str):
+            raise DialogError(f"{path}:{n}: field 'answer' must be text")
+        out[prompt_key(row["prompt"])] = row
+    return out
+
+
+def score(helpful: Llama, safety: Llama | None, prompts: list[dict], answers: list[str]):
+    """Each answer's raw score: R_c with a safety model (section 3.2.3), else helpfulness."""
+    if not answers:
+        return torch.zeros(0)
+    dialogs = [p["prompt"] for p in prompts]
+    r_help = torch.tensor(score_answers(helpful, dialogs, answers))
+    if safety is None:
+        return r_help
+    r_safe = torch.tensor(score_answers(safety, dialogs, answers))
+    return combined_reward(r_help, r_safe, torch.tensor([p["is_safety"] for p in prompts]))
+
+
 def sample_and_select(cfg: RejectionConfig, out: Path) -> list[dict]:
     """Sample, score and select; returns the best per prompt (also written to best.jsonl)."""
     if not (cfg.init_from and cfg.data and cfg.reward_model):
@@ -82,23 +114,22 @@ def sample_and_select(cfg: RejectionConfig, out: Path) -> list[dict]:
             seed=derive_seed(cfg.seed, "samples", i),
         )
         answers = [o.text for o in outs]
-        dialogs = [p["prompt"]] * K
-        r_help = torch.tensor(score_answers(helpful, dialogs, answers))
-        if safety is not None:
-            r_safe = torch.tensor(score_answers(safety, dialogs, answers))
-            r = combined_reward(r_help, r_safe, torch.tensor([p["is_safety"]] * K))
-        else:
-            r = r_help
+        r = score(helpful, safety, [p] * K, answers)
         for k, a in enumerate(answers):
             samples.append({"prompt_index": i, "sample": k, "answer": a, "score": float(r[k])})
     write_jsonl(out / "samples.jsonl", samples)
-    previous = {}
-    if cfg.previous:
-        for row in read_jsonl_rows(Path(cfg.previous)):
-            previous[row["prompt_index"]] = row
+    previous = read_previous(Path(cfg.previous)) if cfg.previous else {}
     this_round = 1 + max((r.get("round", 0) for r in previous.values()), default=-1)
+    # an earlier round's winner competes again, matched by its prompt (a prompt file may be
+    # reordered or edited between rounds) and rescored by today's reward model(s): the
+    # paper's reward models change between rounds, so its stored score is stale
+    olds = [(p, previous.get(prompt_key(p["prompt"]))) for p in prompts]
+    matched = [(p, old) for p, old in olds if old is not None]
+    rescored = iter(
+        score(helpful, safety, [p for p, _ in matched], [o["answer"] for _, o in matched]).tolist()
+    )
     best = []
-    for i, p in enumerate(prompts):
+    for i, (p, old) in enumerate(olds):
         mine = max((s for s in samples if s["prompt_index"] == i), key=lambda s: s["score"])
         row = {
             "prompt_index": i,
@@ -107,9 +138,10 @@ def sample_and_select(cfg: RejectionConfig, out: Path) -> list[dict]:
             "score": mine["score"],
             "round": this_round,
         }
-        old = previous.get(i)
-        if old is not None and old["score"] > mine["score"]:  # an earlier winner still wins
-            row |= {"answer": old["answer"], "score": old["score"], "round": old.get("round", 0)}
+        if old is not None:
+            old_score = next(rescored)
+            if old_score > mine["score"]:  # an earlier winner still wins
+                row |= {"answer": old["answer"], "score": old_score, "round": old.get("round", 0)}
         best.append(row)
     write_jsonl(out / "best.jsonl", best)
     return best
