@@ -546,3 +546,49 @@ def test_rejection_matches_earlier_rounds_by_prompt_and_rescores_them(small_toke
             assert b["answer"] == f"Old answer about {t}." and b["round"] == 0
         else:
             assert not b["answer"].startswith("Old answer") and b["round"] == 1
+
+
+def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
+    """Past seq_len, both rows keep the same prompt tokens (its end, after BOS), so that the
+    shared context lines up, and the loss falls on each answer's start only."""
+    from llama2.formats import chat_segments
+    from llama2.train.dpo import build_dpo
+    from llama2.train.loop import Dist
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    prompt = [
+        {"role": "user", "content": "Explain sockets, threads and files in Python. " * 3},
+        {"role": "assistant", "content": "Sockets talk, threads run, files keep. " * 2},
+        {"role": "user", "content": "And the json module?"},
+    ]
+    row = {
+        "prompt": prompt,
+        "chosen": "It reads and writes JSON text. " * 4,
+        "rejected": "No.",
+        "rating": "better",
+    }
+    data = _prompts_file(tmp_path / "pairs.jsonl", [row])
+    seq_len = 48
+    args = [f"init_from={base}", f"data={data}", f"seq_len={seq_len}", "batch_size=1"]
+    stage = build_dpo(load_train_config(None, args, stage="dpo"), torch.device("cpu"), Dist())
+    tokens, mask, _ = stage.batch(0, 0, 1)
+    history = None
+    for k, answer in enumerate((row["chosen"], row["rejected"])):
+        segs = chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+        full_prompt = [t for p, a in segs[:-1] for t in p + a] + segs[-1][0]
+        assert len(full_prompt) + len(segs[-1][1]) > seq_len + 1  # the pair must be cut
+        n_loss = int(mask[k].sum())
+        start = mask[k].tolist().index(1.0)
+        assert mask[k, start : start + n_loss].eq(1).all()  # one run: this answer only
+        kept = tokens[k, :start].tolist()
+        assert kept[0] == small_tokenizer.bos_id and kept[1:] == full_prompt[-(len(kept) - 1) :]
+        assert tokens[k, start : start + n_loss].tolist() == segs[-1][1][:n_loss]
+        assert start + n_loss <= seq_len + 1
+        if history is None:
+            history = kept
+        assert kept == history  # the same prompt tokens in chosen and rejected
+    assert int(mask[1].sum()) == len(
+        chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": "No."}])[-1][1]
+    )
