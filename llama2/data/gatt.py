@@ -59,8 +59,10 @@ INSTRUCTIONS: list[Instruction] = [
 
 
 def attach(instruction: str, user_turns: Sequence[str]) -> list[str]:
-    """The user turns as sampled: the instruction appended to each one."""
-    return [f"{turn}\n\n{instruction}" for turn in user_turns]
+    """The user turns as sampled: the instruction put before each one, exactly where training
+    and evaluation put it in the first turn (section 3.3), so that the first turn sampled is
+    the first turn trained on."""
+    return [f"{instruction}\n\n{turn}" for turn in user_turns]
 
 
 def sample_dialog(
