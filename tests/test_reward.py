@@ -592,3 +592,33 @@ def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
     assert int(mask[1].sum()) == len(
         chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": "No."}])[-1][1]
     )
+
+
+def test_reward_model_truncation_keeps_bos_and_the_end(small_tokenizer, tmp_path):
+    from llama2.data.sft import encode_for_training
+    from llama2.train.loop import Dist
+    from llama2.train.reward import build_reward
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    row = {
+        "prompt": "Explain sockets and threads in Python. " * 4,
+        "chosen": "Sockets talk, threads run.",
+        "rejected": "No.",
+    }
+    data = _prompts_file(tmp_path / "pairs.jsonl", [row])
+    seq_len = 24
+    args = [f"init_from={base}", f"data={data}", f"seq_len={seq_len}", "batch_size=1"]
+    stage = build_reward(load_train_config(None, args, stage="reward"), torch.device("cpu"), Dist())
+    tokens, lengths, _ = stage.batch(0, 0, 1)
+    for k, answer in enumerate((row["chosen"], row["rejected"])):
+        msgs = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": answer},
+        ]
+        full = encode_for_training(small_tokenizer, msgs)[0]
+        assert len(full) > seq_len
+        got = tokens[k, : lengths[k]].tolist()
+        assert len(got) == seq_len  # BOS, then the last seq_len - 1 tokens (the score's EOS)
+        assert got == [small_tokenizer.bos_id] + full[-(seq_len - 1) :]
