@@ -78,7 +78,9 @@ def read_previous(path: Path) -> dict[str, dict]:
     return out
 
 
-def score(helpful: Llama, safety: Llama | None, prompts: list[dict], answers: list[str]):
+def score(
+    helpful: Llama, safety: Llama | None, prompts: list[dict], answers: list[str]
+) -> torch.Tensor:
     """Each answer's raw score: R_c with a safety model (section 3.2.3), else helpfulness."""
     if not answers:
         return torch.zeros(0)
