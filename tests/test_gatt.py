@@ -16,7 +16,8 @@ def test_sampling_attaches_the_instruction_to_every_turn_training_keeps_it_first
         return f"answer {len(seen)}. Over."
 
     dialog = sample_dialog(answer, RULE, TURNS)
-    assert all(all(u.endswith(RULE) for u in users) for users in seen)  # sampling: every turn
+    # sampling: every turn, placed as training places it in the first turn (before the text)
+    assert seen == [[f"{RULE}\n\n{t}" for t in TURNS[: k + 1]] for k in range(len(TURNS))]
     users = [m["content"] for m in dialog if m["role"] == "user"]
     assert users[0] == f"{RULE}\n\n{TURNS[0]}" and users[1:] == TURNS[1:]  # training: first only
     assert [m["content"] for m in dialog if m["role"] == "assistant"][2] == "answer 3. Over."
@@ -114,3 +115,28 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
             verdicts[k].append(ok)
     assert [len(v) for v in verdicts] == [6, 6, 3] and report["dialogs"] == 6
     assert report["adherence_by_turn"] == [sum(v) / len(v) for v in verdicts]
+
+
+def test_gatt_samples_every_turn_of_every_dialog_with_its_own_seed(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from llama2.train import gatt as gatt_module
+    from llama2.train import load_train_config
+
+    seeds = []
+
+    class FakeChat:  # records each sampling call's seed; answers honour nothing in particular
+        def chat(self, dialog, seed=None, **sampling):
+            seeds.append(seed)
+            return SimpleNamespace(text=f"reply {len(seeds)}")
+
+    monkeypatch.setattr(gatt_module, "load", lambda *a, **k: FakeChat())
+    monkeypatch.setattr(gatt_module, "sft", lambda *a, **k: [])
+    data = tmp_path / "turns.jsonl"
+    data.write_text("\n".join(json.dumps({"turns": TURNS}) for _ in range(3)))
+    args = [f"init_from={tmp_path}", f"data={data}", "temperature=0.8", "max_new_tokens=3"]
+    gatt_module.gatt(load_train_config(None, args, stage="gatt"), tmp_path / "run")
+    sampled = seeds[: 3 * len(TURNS)]  # then come the greedy adherence checks, unseeded
+    assert None not in sampled and len(set(sampled)) == len(sampled)
+    assert seeds[3 * len(TURNS) :] == [None] * (3 * len(TURNS))

@@ -54,11 +54,12 @@ def test_per_token_kl_and_combined_reward_and_whitening():
         0.5,
         -1.0,
     ]
-    r_help = torch.tensor([0.9, 0.9, 0.9, 0.2])
-    r_safe = torch.tensor([0.5, 0.1, 0.5, 0.3])
+    # raw scores (logits); the gate reads their probabilities 0.9, 0.5, 0.1, 0.3, 0.2
+    r_help = torch.logit(torch.tensor([0.9, 0.9, 0.9, 0.2]))
+    r_safe = torch.logit(torch.tensor([0.5, 0.1, 0.5, 0.3]))
     is_safety = torch.tensor([True, False, False, False])
     # safety prompt -> safety; unsafe answer (0.1 < 0.15) -> safety; otherwise helpfulness
-    assert combined_reward(r_help, r_safe, is_safety).tolist() == pytest.approx(
+    assert torch.sigmoid(combined_reward(r_help, r_safe, is_safety)).tolist() == pytest.approx(
         [0.5, 0.1, 0.9, 0.2]
     )
     w = whiten(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # mean 2.5, population std sqrt(1.25)
@@ -68,7 +69,7 @@ def test_per_token_kl_and_combined_reward_and_whitening():
 
 
 def test_ppo_rewards_put_the_score_on_the_last_token():
-    r_c = torch.tensor([0.5, 0.8])  # logits 0 and log 4; whitened -> -1, +1
+    r_c = torch.tensor([0.0, math.log(4)])  # raw scores (sigmoids 0.5, 0.8); whitened -> -1, +1
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     r = ppo_rewards(r_c, kl, mask, beta=0.01)
@@ -105,3 +106,30 @@ def test_ppo_clipped_objective_and_value_loss_by_hand():
     assert ppo_value_loss(v, v_old, ret, torch.ones(1, 2), clip=0.2).item() == pytest.approx(
         0.5 * 1.69 / 2
     )
+
+
+def test_ppo_rewards_keep_the_score_when_the_batch_cannot_be_whitened():
+    # one prompt, or R_c all equal: whitening would make every score exactly 0, leaving only
+    # the KL term; below two distinct scores the raw logit is passed on instead
+    logit = math.log(0.99 / 0.01)
+    r = ppo_rewards(torch.tensor([logit]), torch.zeros(1, 3), torch.ones(1, 3), 0.01)
+    assert r[0, -1].item() == pytest.approx(logit) and r[0, :2].tolist() == [0.0, 0.0]
+    same = ppo_rewards(torch.full((3,), 2.0), torch.zeros(3, 2), torch.ones(3, 2), 0.01)
+    assert same[:, -1].tolist() == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_ppo_rewards_take_raw_scores_beyond_sigmoid_saturation():
+    # scores of 15, 17 and 25 are distinct logits (their sigmoids all round to 1.0 in float32)
+    r_c = torch.tensor([15.0, 17.0, 25.0])
+    mean = (15 + 17 + 25) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in (15, 17, 25)) / 3)
+    r = ppo_rewards(r_c, torch.zeros(3, 2), torch.ones(3, 2), 0.01)
+    assert r[:, -1].tolist() == pytest.approx([(x - mean) / std for x in (15, 17, 25)], rel=1e-5)
+
+
+def test_combined_reward_gates_on_the_probability_and_passes_the_raw_score():
+    r_help = torch.tensor([20.0, 20.0])
+    # sigmoid(-1.8) = 0.142 < 0.15: the safety score; sigmoid(-1.7) = 0.154: helpfulness
+    r_safe = torch.tensor([-1.8, -1.7])
+    out = combined_reward(r_help, r_safe, torch.tensor([False, False]))
+    assert out.tolist() == pytest.approx([-1.8, 20.0])

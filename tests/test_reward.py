@@ -287,3 +287,338 @@ def test_ppo_stops_early_when_held_out_reward_stalls(small_tokenizer, tmp_path):
     assert len(metrics) == 8 and metrics[-1]["early_stop"] is True
     assert metrics[3]["held_out_reward"] == metrics[7]["held_out_reward"]
     assert (tmp_path / "stall" / "checkpoints" / "step_0000008").is_dir()
+
+
+def _scale_reward_head(rm_dir, factor: float, name: str = "rm-scaled"):
+    """A copy of a reward model with its scalar head times `factor` (a different reward model;
+    with a large factor, scores far past sigmoid's saturation)."""
+    rm = load(rm_dir, dtype=torch.float32)
+    state = rm.model.state_dict()
+    state["output.weight"] = state["output.weight"] * factor
+    return save_hf(rm_dir.parent / name, rm.config, state, rm.tokenizer, head="score")
+
+
+def test_score_answers_returns_raw_scores(small_tokenizer, tmp_path):
+    from llama2.data.sft import encode_for_training
+    from llama2.train.rejection import score_answers
+
+    _, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    rm = load(_scale_reward_head(rm_dir, 1000.0), dtype=torch.float32)
+    dialogs = [[{"role": "user", "content": f"Explain {t}."}] for t in TOPICS[:4]]
+    answers = ["Yes.", "No, never.", "It is def f(): pass", "x"]
+    got = score_answers(rm, dialogs, answers)
+    expected = []
+    for d, a in zip(dialogs, answers, strict=True):  # one unpadded row at a time
+        ids = encode_for_training(small_tokenizer, [*d, {"role": "assistant", "content": a}])[0]
+        with torch.no_grad():
+            expected.append(rm.model(torch.tensor([ids]))[0, -1, 0].item())
+    assert max(abs(e) for e in expected) > 20  # past where a float32 sigmoid is 1.0
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert len(set(got)) == len(got)
+
+
+def _prompts_file(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_ppo_rollout_numbers_derived_independently(small_tokenizer, tmp_path, monkeypatch):
+    """PPO's real rollout on a micro model, every number re-derived one unpadded row at a
+    time: the prompt-masked, right-padded batch, log-probs at the sampling temperature, KL,
+    values, R_c on the last response token, GAE by a plain loop, and ratio 1 at the start."""
+    from llama2.data.sft import encode_for_training
+    from llama2.data.split import derive_seed
+    from llama2.formats import encode_chat
+    from llama2.train import ppo as ppo_module
+    from llama2.train.ppo import PPO
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    long_dialog = [
+        {"role": "user", "content": "Explain sockets and threads in Python, briefly."},
+        {"role": "assistant", "content": "Sockets talk; threads run."},
+        {"role": "user", "content": "And files?"},
+    ]
+    rows = [
+        {"prompt": "Hi.", "is_safety": True},
+        {"prompt": long_dialog},
+        {"prompt": "Explain the regex module and its flags.", "is_safety": False},
+    ]
+    temperature, beta, lam = 0.7, 0.05, 0.9
+    args = [
+        f"init_from={policy}",
+        f"data={_prompts_file(tmp_path / 'prompts.jsonl', rows)}",
+        f"reward_model={rm_dir}",
+        "batch_size=4",
+        "minibatch=2",
+        "max_new_tokens=5",
+        f"temperature={temperature}",
+        f"kl_beta={beta}",
+        f"gae_lambda={lam}",
+        "threads=1",
+    ]
+    run = PPO(load_train_config(None, args, stage="ppo"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # the policy moves away from its reference: a non-zero KL
+        for p in run.policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ro = run.rollout(0)
+    tok = small_tokenizer
+    tokens, mask = ro["tokens"], ro["mask"]
+    B = tokens.shape[0]
+    assert B == 4 and mask.shape == (B, tokens.shape[1] - 1)
+
+    # the same draw of prompts and the same sampling, redone
+    g = torch.Generator().manual_seed(derive_seed(0, "prompts", 0))
+    idx = torch.randint(0, len(rows), (B,), generator=g).tolist()
+    dialogs = [run.prompts[i]["prompt"] for i in idx]
+    outs = run.policy.chat(
+        dialogs,
+        temperature=temperature,
+        max_new_tokens=5,
+        seed=derive_seed(0, "rollouts", 0),
+    )
+
+    def forward(model, seq):
+        with torch.no_grad():
+            return model(torch.tensor([seq]))[0].float()
+
+    widths, logps, refs, values, scores = [], [], [], [], []
+    for i, (d, o) in enumerate(zip(dialogs, outs, strict=True)):
+        prompt = encode_chat(tok, d)
+        answer = o.token_ids + ([tok.eos_id] if o.finish_reason == "stop" else [])
+        seq = prompt + answer
+        P, A = len(prompt), len(answer)
+        assert tokens[i, : P + A].tolist() == seq  # prompt, then the sampled answer
+        assert tokens[i, P + A :].eq(0).all()  # right-padded
+        # mask[t] covers the prediction of token t + 1: exactly the answer's tokens
+        expect = [1.0 if P - 1 <= t < P + A - 1 else 0.0 for t in range(mask.shape[1])]
+        assert mask[i].tolist() == expect
+        pos = range(P - 1, P + A - 1)
+        lp = torch.log_softmax(forward(run.policy.model, seq[:-1]) / temperature, -1)
+        rp = torch.log_softmax(forward(run.reference, seq[:-1]) / temperature, -1)
+        logps.append([lp[t, seq[t + 1]].item() for t in pos])
+        refs.append([rp[t, seq[t + 1]].item() for t in pos])
+        values.append([forward(run.value, seq[:-1])[t, 0].item() for t in pos])
+        ids = encode_for_training(tok, [*d, {"role": "assistant", "content": o.text}])[0]
+        scores.append(forward(run.helpful.model, ids)[-1, 0].item())
+        widths.append(pos)
+
+    for i, pos in enumerate(widths):
+        got = [ro["logp"][i, t].item() for t in pos]
+        assert got == pytest.approx(logps[i], abs=1e-4), "log-probs at the sampling temperature"
+        kl = [a - b for a, b in zip(logps[i], refs[i], strict=True)]
+        assert [ro["kl"][i, t].item() for t in pos] == pytest.approx(kl, abs=1e-4)
+        assert [ro["values"][i, t].item() for t in pos] == pytest.approx(values[i], abs=1e-4)
+    assert ro["r_c"].tolist() == pytest.approx(scores, abs=1e-4)
+
+    # rewards: -beta * KL everywhere, the whitened score added on the last answer token
+    mean = sum(scores) / B
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / B)
+    all_adv, all_ret = [], []
+    for i, pos in enumerate(widths):
+        r = [-beta * (a - b) for a, b in zip(logps[i], refs[i], strict=True)]
+        r[-1] += (scores[i] - mean) / std
+        assert [ro["rewards"][i, t].item() for t in pos] == pytest.approx(r, abs=1e-4)
+        off = [t for t in range(mask.shape[1]) if t not in pos]
+        assert ro["rewards"][i, off].eq(0).all()
+        adv, next_a, next_v = [0.0] * len(r), 0.0, 0.0  # GAE, gamma 1, by a plain loop
+        for k in reversed(range(len(r))):
+            delta = r[k] + next_v - values[i][k]
+            next_a = adv[k] = delta + lam * next_a
+            next_v = values[i][k]
+        all_adv.append(adv)
+        all_ret.append([a + v for a, v in zip(adv, values[i], strict=True)])
+        assert [ro["returns"][i, t].item() for t in pos] == pytest.approx(all_ret[i], abs=1e-4)
+    flat = [a for row in all_adv for a in row]
+    m = sum(flat) / len(flat)
+    s = math.sqrt(sum((a - m) ** 2 for a in flat) / len(flat))
+    for i, pos in enumerate(widths):  # advantages whitened over the batch's answer tokens
+        want = [(a - m) / (s + 1e-8) for a in all_adv[i]]
+        assert [ro["adv"][i, t].item() for t in pos] == pytest.approx(want, abs=1e-4)
+
+    # the first minibatch of the first epoch runs on the rollout's own policy: ratio 1
+    seen = []
+    real = ppo_module.ppo_policy_loss
+
+    def spy(logp, old_logp, adv, m, clip):
+        seen.append(torch.exp(logp - old_logp)[m.bool()].detach())
+        return real(logp, old_logp, adv, m, clip)
+
+    monkeypatch.setattr(ppo_module, "ppo_policy_loss", spy)
+    run.update(ro, 0)
+    assert len(seen) == 2 and seen[0].numel() > 0
+    assert torch.equal(seen[0], torch.ones_like(seen[0]))
+
+
+def test_ppo_refuses_greedy_sampling():
+    # temperature 0 samples by argmax (generation.sample): no distribution for ratios or KL
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        load_train_config(None, ["temperature=0"], stage="ppo")
+
+
+def _rejection_args(policy, rm_dir, prompts, *more):
+    return [
+        f"init_from={policy}",
+        f"data={prompts}",
+        f"reward_model={rm_dir}",
+        "samples_per_prompt=2",
+        "max_new_tokens=4",
+        "steps=1",
+        "batch_size=1",
+        "seq_len=128",
+        "threads=1",
+        *more,
+    ]
+
+
+def test_rejection_fine_tunes_on_the_chosen_answer_only(small_tokenizer, tmp_path, monkeypatch):
+    from llama2.formats import chat_segments
+    from llama2.train import rejection as rejection_module
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    history = [
+        {"role": "user", "content": "Explain sockets."},
+        {"role": "assistant", "content": "An earlier answer nobody selected."},
+        {"role": "user", "content": "And threads?"},
+    ]
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": history}])
+    seen = {}
+
+    def fake_sft(cfg, out, resume=False, **kw):  # what the fine-tuning would train on
+        seen.update(kw, data=cfg.data)
+        return []
+
+    monkeypatch.setattr(rejection_module, "sft", fake_sft)
+    cfg = load_train_config(None, _rejection_args(policy, rm_dir, prompts), stage="rejection")
+    rejection_module.rejection(cfg, tmp_path / "r")
+    (record,) = [json.loads(x) for x in open(seen["data"])]
+    encode = seen.get("encode", rejection_module.encode_for_training)  # sft's default
+    ids, mask = encode(small_tokenizer, record["messages"])
+    segments = chat_segments(small_tokenizer, record["messages"])
+    answer = len(segments[-1][1])  # the selected answer and its EOS, at the end
+    assert len(segments) == 2 and len(segments[0][1]) > 0
+    assert mask == [False] * (len(ids) - answer) + [True] * answer
+
+
+def test_rejection_matches_earlier_rounds_by_prompt_and_rescores_them(small_tokenizer, tmp_path):
+    from llama2.data.sft import encode_for_training
+    from llama2.train.rejection import sample_and_select
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    topics = TOPICS[:4]
+    dialog = {t: [{"role": "user", "content": f"Explain {t}."}] for t in topics}
+    # an earlier round, in file order, whose scores came from an older reward model
+    previous = tmp_path / "best0.jsonl"
+    previous.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "prompt_index": i,
+                    "prompt": dialog[t],
+                    "answer": f"Old answer about {t}.",
+                    "score": 1e9,
+                    "round": 0,
+                }
+            )
+            for i, t in enumerate(topics)
+        )
+    )
+    order = topics[::-1]  # this round's prompt file lists them the other way round
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": dialog[t]} for t in order])
+    args = _rejection_args(policy, rm_dir, prompts, f"previous={previous}")
+    out = tmp_path / "r1"
+    out.mkdir()
+    best = sample_and_select(load_train_config(None, args, stage="rejection"), out)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    rm = load(rm_dir, dtype=torch.float32)
+
+    def current_score(d, answer):
+        ids = encode_for_training(small_tokenizer, [*d, {"role": "assistant", "content": answer}])
+        with torch.no_grad():
+            return rm.model(torch.tensor([ids[0]]))[0, -1, 0].item()
+
+    assert [b["prompt"] for b in best] == [dialog[t] for t in order]
+    for i, (t, b) in enumerate(zip(order, best, strict=True)):
+        old = current_score(dialog[t], f"Old answer about {t}.")  # rescored by today's RM
+        new = max(s["score"] for s in samples if s["prompt_index"] == i)
+        assert b["score"] == pytest.approx(max(old, new), abs=1e-4)
+        if old > new:  # the earlier answer of this very prompt, never another's
+            assert b["answer"] == f"Old answer about {t}." and b["round"] == 0
+        else:
+            assert not b["answer"].startswith("Old answer") and b["round"] == 1
+
+
+def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
+    """Past seq_len, both rows keep the same prompt tokens (its end, after BOS), so that the
+    shared context lines up, and the loss falls on each answer's start only."""
+    from llama2.formats import chat_segments
+    from llama2.train.dpo import build_dpo
+    from llama2.train.loop import Dist
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    prompt = [
+        {"role": "user", "content": "Explain sockets, threads and files in Python. " * 3},
+        {"role": "assistant", "content": "Sockets talk, threads run, files keep. " * 2},
+        {"role": "user", "content": "And the json module?"},
+    ]
+    row = {
+        "prompt": prompt,
+        "chosen": "It reads and writes JSON text. " * 4,
+        "rejected": "No.",
+        "rating": "better",
+    }
+    data = _prompts_file(tmp_path / "pairs.jsonl", [row])
+    seq_len = 48
+    args = [f"init_from={base}", f"data={data}", f"seq_len={seq_len}", "batch_size=1"]
+    stage = build_dpo(load_train_config(None, args, stage="dpo"), torch.device("cpu"), Dist())
+    tokens, mask, _ = stage.batch(0, 0, 1)
+    history = None
+    for k, answer in enumerate((row["chosen"], row["rejected"])):
+        segs = chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+        full_prompt = [t for p, a in segs[:-1] for t in p + a] + segs[-1][0]
+        assert len(full_prompt) + len(segs[-1][1]) > seq_len + 1  # the pair must be cut
+        n_loss = int(mask[k].sum())
+        start = mask[k].tolist().index(1.0)
+        assert mask[k, start : start + n_loss].eq(1).all()  # one run: this answer only
+        kept = tokens[k, :start].tolist()
+        assert kept[0] == small_tokenizer.bos_id and kept[1:] == full_prompt[-(len(kept) - 1) :]
+        assert tokens[k, start : start + n_loss].tolist() == segs[-1][1][:n_loss]
+        assert start + n_loss <= seq_len + 1
+        if history is None:
+            history = kept
+        assert kept == history  # the same prompt tokens in chosen and rejected
+    assert int(mask[1].sum()) == len(
+        chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": "No."}])[-1][1]
+    )
+
+
+def test_reward_model_truncation_keeps_bos_and_the_end(small_tokenizer, tmp_path):
+    from llama2.data.sft import encode_for_training
+    from llama2.train.loop import Dist
+    from llama2.train.reward import build_reward
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    row = {
+        "prompt": "Explain sockets and threads in Python. " * 4,
+        "chosen": "Sockets talk, threads run.",
+        "rejected": "No.",
+    }
+    data = _prompts_file(tmp_path / "pairs.jsonl", [row])
+    seq_len = 24
+    args = [f"init_from={base}", f"data={data}", f"seq_len={seq_len}", "batch_size=1"]
+    stage = build_reward(load_train_config(None, args, stage="reward"), torch.device("cpu"), Dist())
+    tokens, lengths, _ = stage.batch(0, 0, 1)
+    for k, answer in enumerate((row["chosen"], row["rejected"])):
+        msgs = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": answer},
+        ]
+        full = encode_for_training(small_tokenizer, msgs)[0]
+        assert len(full) > seq_len
+        got = tokens[k, : lengths[k]].tolist()
+        assert len(got) == seq_len  # BOS, then the last seq_len - 1 tokens (the score's EOS)
+        assert got == [small_tokenizer.bos_id] + full[-(seq_len - 1) :]

@@ -203,3 +203,32 @@ def test_lora_sft_adapter_loads_in_peft_and_merges(small_tokenizer, tmp_path):
     assert cli(["merge", str(base), str(ckpt / "adapter"), str(tmp_path / "merged")]) == 0
     with torch.no_grad():
         assert (load(tmp_path / "merged").model(x) - ours).abs().max() < 1e-5
+
+
+def test_sft_epochs_count_the_training_dialogs_only(small_tokenizer, tmp_path):
+    import math
+
+    from llama2 import save_hf
+    from llama2.train import load_train_config
+    from llama2.train.loop import Dist
+    from llama2.train.sft import build_sft
+
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    rows = [{"instruction": f"Echo the number {i:02d}", "output": f"{i:02d}"} for i in range(40)]
+    lengths = [len(encode_for_training(small_tokenizer, _alpaca_dialog(r))[0]) for r in rows]
+    seq_len = max(lengths) - 1  # every example fits a row, no two share one
+    assert 2 * min(lengths) > seq_len + 1
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    args = [f"init_from={base}", f"data={data}", "epochs=2", "batch_size=4", f"seq_len={seq_len}"]
+    stage = build_sft(load_train_config(None, args, stage="sft"), torch.device("cpu"), Dist())
+    # 40 dialogs, every 10th held out: 36 rows to train on; 2 epochs of 4 rows a step
+    assert stage.steps == math.ceil(2 * 36 / 4)
+
+
+def _alpaca_dialog(row):
+    return [
+        {"role": "user", "content": row["instruction"]},
+        {"role": "assistant", "content": row["output"]},
+    ]

@@ -219,3 +219,9 @@ def test_every_shipped_config_loads_for_its_stage():
         stage = stages.get(path.stem.split("-")[0], "pretrain")
         cfg = load_train_config(path, stage=stage)
         assert type(cfg).stage == stage
+
+
+def test_ppo_kl_beta_follows_the_paper_by_model_size():
+    # section 3.2.3: beta 0.01 for 7B and 13B, 0.005 for 34B and 70B
+    assert load_train_config(ROOT / "configs" / "ppo.yaml", stage="ppo").kl_beta == 0.01
+    assert load_train_config(ROOT / "configs" / "ppo-70b.yaml", stage="ppo").kl_beta == 0.005

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..tokenizer import Tokenizer
-from .sft import encode_for_training
+from .sft import encode_last_answer
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,10 @@ INSTRUCTIONS: list[Instruction] = [
 
 
 def attach(instruction: str, user_turns: Sequence[str]) -> list[str]:
-    """The user turns as sampled: the instruction appended to each one."""
-    return [f"{turn}\n\n{instruction}" for turn in user_turns]
+    """The user turns as sampled: the instruction put before each one, exactly where training
+    and evaluation put it in the first turn (section 3.3), so that the first turn sampled is
+    the first turn trained on."""
+    return [f"{instruction}\n\n{turn}" for turn in user_turns]
 
 
 def sample_dialog(
@@ -85,9 +87,7 @@ def sample_dialog(
 def training_example(tokenizer: Tokenizer, dialog: list[dict]) -> tuple[list[int], list[bool]]:
     """ids and loss mask of a GAtt dialog: only its last answer carries loss (every earlier
     turn, the assistant's included, is zeroed)."""
-    ids, mask = encode_for_training(tokenizer, dialog)
-    last = max(i for i, m in enumerate(mask) if m and not mask[i - 1])  # the last answer's start
-    return ids, [m and i >= last for i, m in enumerate(mask)]
+    return encode_last_answer(tokenizer, dialog)
 
 
 def adherence_by_turn(

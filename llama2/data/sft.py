@@ -90,6 +90,19 @@ def encode_for_training(tokenizer: Tokenizer, messages: list[dict]) -> tuple[lis
     return ids, loss
 
 
+def encode_last_answer(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """As encode_for_training, with loss on the last answer only: the earlier turns are the
+    prompt's history, not answers chosen by this example (rejection sampling's winner,
+    section 3.2.3; Ghost Attention's last turn, section 3.3)."""
+    ids: list[int] = []
+    loss: list[bool] = []
+    segments = chat_segments(tokenizer, messages)
+    for k, (prompt, answer) in enumerate(segments):
+        ids += prompt + answer
+        loss += [False] * len(prompt) + [k == len(segments) - 1] * len(answer)
+    return ids, loss
+
+
 def pack(
     examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -199,6 +199,12 @@ class PPOConfig(TrainConfig):
     gae_lambda: float = 0.95
     patience: int = 0  # early stopping: evaluations without a better held-out reward (0: off)
 
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.temperature <= 0:  # greedy answers have no log-probabilities to ratio
+            out.append("temperature must be > 0 (PPO samples from the policy)")
+        return out
+
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "max_new_tokens", "ppo_epochs", "minibatch")
 

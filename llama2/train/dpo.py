@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import save_hf
 from ..data.preferences import read_preferences
-from ..data.sft import encode_for_training
 from ..data.split import split_held_out
+from ..formats import chat_segments
 from ..llm import load
 from .config import DPOConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
@@ -24,6 +24,27 @@ def answer_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor) -> tor
     logits = model(tokens[:, :-1]).float()
     logp = torch.gather(F.log_softmax(logits, -1), 2, tokens[:, 1:, None])[..., 0]
     return (logp * loss_mask[:, 1:]).sum(-1)
+
+
+def truncate_pair(
+    prompt: list[int], chosen: list[int], rejected: list[int], max_len: int
+) -> tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]]]:
+    """(ids, loss mask) of chosen and rejected, each at most max_len tokens, cut together so
+    that both keep the same prompt tokens: DPO's log-ratio compares the two answers in one
+    context (cut separately, the prompts would differ and the answers' log-probabilities would
+    no longer be comparable). The answers are cut first (their ends), down to half the row;
+    then the prompt loses its start but keeps its BOS and its end, where the answer follows.
+    The loss is on the answer only: a multi-turn prompt's earlier answers are context."""
+    longest = max(len(chosen), len(rejected))
+    room = max(max_len - len(prompt), min(longest, max_len // 2))  # for the answers
+    if len(prompt) > max_len - room:
+        keep = max_len - room
+        prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :]
+    out = []
+    for answer in (chosen, rejected):
+        answer = answer[:room]
+        out.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
+    return out[0], out[1]
 
 
 def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
@@ -38,11 +59,16 @@ def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
     tok = policy.tokenizer
     pairs = read_preferences(cfg.data)
 
-    def encode(p, answer):
-        ids, mask = encode_for_training(tok, [*p.prompt, {"role": "assistant", "content": answer}])
-        return ids[-(cfg.seq_len + 1) :], mask[-(cfg.seq_len + 1) :]
+    def encode(p):
+        both = [
+            chat_segments(tok, [*p.prompt, {"role": "assistant", "content": a}])
+            for a in (p.chosen, p.rejected)
+        ]
+        # the prompt (with its history) ends where the last answer starts; the same in both
+        prompt = [t for pr, an in both[0][:-1] for t in pr + an] + both[0][-1][0]
+        return truncate_pair(prompt, both[0][-1][1], both[1][-1][1], cfg.seq_len + 1)
 
-    data = [(encode(p, p.chosen), encode(p, p.rejected)) for p in pairs]
+    data = [encode(p) for p in pairs]
     train_pairs, held = split_held_out(data)
     n = len(train_pairs)
 

@@ -51,8 +51,10 @@ def combined_reward(
     threshold: float = 0.15,
 ) -> torch.Tensor:
     """R_c (section 3.2.3): the safety score for safety prompts, or whenever it falls below
-    `threshold`; the helpfulness score otherwise. Scores are probabilities in (0, 1)."""
-    use_safety = is_safety.bool() | (r_safety < threshold)
+    `threshold`; the helpfulness score otherwise. Scores are the reward models' raw outputs
+    (logits): the gate compares sigmoid(r_safety) with `threshold`, and the raw score is passed
+    on, since a sigmoid saturates to 1.0 in float32 and ties every score above ~17."""
+    use_safety = is_safety.bool() | (torch.sigmoid(r_safety.float()) < threshold)
     return torch.where(use_safety, r_safety, r_helpful)
 
 
@@ -61,12 +63,22 @@ def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (x - x.mean()) * torch.rsqrt(x.var(unbiased=False) + eps)
 
 
+def whiten_scores(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The scores whitened over the batch (section 3.2.3), unless the batch holds fewer than
+    two distinct scores (one prompt, or all R_c equal): whitening would then zero every score
+    and leave only the KL term to optimise, so the raw logits are passed on unchanged."""
+    if scores.numel() < 2 or scores.std(unbiased=False) < eps:
+        return scores
+    return whiten(scores)
+
+
 def ppo_rewards(
     r_c: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Per-token rewards of section 3.2.3: -beta * KL on every response token, plus the
-    whitened logit of R_c on the last one. r_c: [B]; kl, mask: [B, T] -> [B, T]."""
-    score = whiten(torch.logit(r_c.clamp(1e-6, 1 - 1e-6)))
+    whitened logit of R_c on the last one. r_c: [B] raw reward-model scores (logits, the
+    inverse sigmoid of the paper's probabilities); kl, mask: [B, T] -> [B, T]."""
+    score = whiten_scores(r_c.float())
     rewards = -beta * kl * mask
     last = mask.long().cumsum(-1).argmax(-1)  # index of each row's last response token
     rewards[torch.arange(len(r_c)), last] += score

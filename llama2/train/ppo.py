@@ -2,14 +2,16 @@
 and the policy is pushed toward higher reward while a per-token KL penalty keeps it near its
 initial self.
 
-Reward: R_c (the safety score for safety prompts or below 0.15, else helpfulness), turned
-back into a logit and whitened, on the last token; minus beta * KL(policy || reference) on
+Reward: R_c (the safety score for safety prompts or below 0.15, else helpfulness), kept as
+the reward model's raw logit and whitened over the batch (unless fewer than two distinct
+scores: see losses.whiten_scores), on the last token; minus beta * KL(policy || reference) on
 every token. Advantages by GAE from a value model initialised from the reward model; the
 clipped surrogate and clipped value losses over minibatches; a constant learning rate.
-Per iteration, metrics.jsonl gets reward, KL, entropy, response length and clip fraction;
-every `eval_every`, the mean reward of greedy answers to held-out prompts, which stops the
-run after `patience` evaluations without improvement. Checkpoints (policy, value model,
-optimizer, RNG, iteration) are atomic and a killed run resumes to the same metrics.
+Per iteration, metrics.jsonl gets reward (the mean raw R_c), KL, entropy, response length
+and clip fraction; every `eval_every`, the mean reward of greedy answers to held-out
+prompts, which stops the run after `patience` evaluations without improvement. Checkpoints
+(policy, value model, optimizer, RNG, iteration) are atomic and a killed run resumes to the
+same metrics.
 """
 
 from __future__ import annotations
@@ -39,9 +41,15 @@ from .losses import (
 from .rejection import read_prompts, score_answers
 
 
-def token_logprobs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of each next token and the entropy at each position: [B, L-1] each."""
-    logits = model(tokens[:, :-1]).float()
+def token_logprobs(
+    model: nn.Module, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each next token and the entropy at each position: [B, L-1] each, under the
+    distribution the answers were sampled from: the logits divided by the temperature, as
+    generation.sample does (else every ratio and KL of the update is off-policy)."""
+    if temperature <= 0:
+        raise ValueError(f"PPO needs a sampling temperature > 0, got {temperature}")
+    logits = model(tokens[:, :-1]).float() / temperature
     logp_all = F.log_softmax(logits, -1)
     logp = torch.gather(logp_all, 2, tokens[:, 1:, None])[..., 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -106,8 +114,8 @@ class PPO:
         mask = mask[:, 1:]  # aligned with the next-token log-probs
         on = tokens.to(self.device)
         # the models run on the device; rewards and advantages are computed on the CPU
-        logp = token_logprobs(self.policy.model, on)[0].cpu()
-        ref = token_logprobs(self.reference, on)[0].cpu()
+        logp = token_logprobs(self.policy.model, on, cfg.temperature)[0].cpu()
+        ref = token_logprobs(self.reference, on, cfg.temperature)[0].cpu()
         values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
         is_safety = torch.tensor([p["is_safety"] for p in batch])
         r_c = self.reward(dialogs, [o.text for o in outs], is_safety)
@@ -124,6 +132,7 @@ class PPO:
             "adv": adv,
             "returns": returns,
             "r_c": r_c,
+            "rewards": rewards,
             "kl": kl,
         }
 
@@ -138,7 +147,7 @@ class PPO:
             for mb in torch.randperm(B, generator=g).split(cfg.minibatch):
                 part = {k: ro[k][mb].to(self.device) for k in self._UPDATE_KEYS}
                 m = part["mask"]
-                logp, entropy = token_logprobs(self.policy.model, part["tokens"])
+                logp, entropy = token_logprobs(self.policy.model, part["tokens"], cfg.temperature)
                 pl, frac = ppo_policy_loss(logp, part["logp"], part["adv"], m, cfg.clip)
                 values = self.value(part["tokens"][:, :-1])[..., 0].float()
                 vl = ppo_value_loss(values, part["values"], part["returns"], m, cfg.clip)

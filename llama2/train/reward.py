@@ -52,7 +52,11 @@ def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
 
     def encode(p, answer):
         ids = encode_for_training(tok, [*p.prompt, {"role": "assistant", "content": answer}])[0]
-        return ids[-cfg.seq_len :]  # keep the end: the score is read at the last token
+        if len(ids) <= cfg.seq_len:
+            return ids
+        # keep the end (the score is read at the last token) and BOS, which every sequence
+        # the model saw in pretraining starts with
+        return ids[:1] + ids[len(ids) - cfg.seq_len + 1 :]
 
     data = [
         (
