@@ -191,7 +191,8 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
     new = [json.loads(x) for x in (tmp_path / "r2" / "samples.jsonl").read_text().splitlines()]
     for b1, b2 in zip(best, best2, strict=True):
         top_new = max(s["score"] for s in new if s["prompt_index"] == b1["prompt_index"])
-        assert b2["score"] == max(b1["score"], top_new)
+        # (the old winner is rescored in another batch: equal up to the kernels' rounding)
+        assert b2["score"] == pytest.approx(max(b1["score"], top_new), rel=1e-5, abs=1e-5)
         assert b2["answer"] == (b1["answer"] if b1["score"] > top_new else b2["answer"])
 
 
