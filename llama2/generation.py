@@ -242,30 +242,33 @@ class RowDecoder:
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_forward(model: Transformer) -> Callable:
     """The model's forward under torch.compile, made once per model, for the one-token decode
-    steps over a static cache: one fused graph instead of hundreds of eager ops per token.
+    steps over a static cache (see `setup_static_cache`): one fused graph instead of hundreds
+    of eager ops per token.
 
     Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
-    the weights become constants of the graph, so a call no longer gathers every parameter
-    (~0.3 ms a token on tiny-110m). The weights are read when the step is compiled:
-    this is for inference, not for a model that is still being trained. Half-precision
-    weights are not frozen (freezing would fold their conversion into fp32 copies)."""
+    the weights become constants of the graph, so a call no longer gathers every parameter.
+    The weights are read when the step is compiled: this is for inference, not for a model
+    that is still being trained. Half-precision weights are not frozen (freezing would fold
+    their conversion into fp32 copies)."""
     if model not in _COMPILED:
         # each model (and batch size, cache length) is a graph of its own: allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
-        # kernels: ~5% for int4 on tiny-110m)
+        # kernels)
         compiled = torch.compile(model, options={"cpp_wrapper": freeze})
 
         def step(tokens: torch.Tensor, start_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
             # both settings are read when dynamo traces (any call may recompile): `freezing`
             # there, not only in inductor's options, is what keeps the parameters out of the
-            # graph's inputs and guards; kv_len is a dynamic size from the first compile on
+            # graph's inputs and guards; kv_len is a dynamic size from the first compile on.
+            # Passing kv_len also spares the model's host-side checks of the positions.
             with (
                 torch._inductor.config.patch(freezing=freeze),
                 torch.compiler.config.patch(dynamic_sources="L['kv_len']"),
@@ -274,6 +277,19 @@ def compiled_forward(model: Transformer) -> Callable:
 
         _COMPILED[model] = step
     return _COMPILED[model]
+
+
+def setup_static_cache(model: Transformer, batch_size: int, max_seq_len: int) -> None:
+    """Set up the model's cache for compiled steps. A compiled graph guards on the identity of
+    the cache tensors it was traced with, so the last static cache is kept and reused when the
+    shape and dtype match (a new one would recompile)."""
+    caches = _STATIC_CACHES.get(model)
+    shape = (batch_size, model.config.n_kv_heads, max_seq_len)
+    if caches and caches[0].k.shape[:3] == shape and caches[0].k.dtype == model.compute_dtype:
+        model.kv_caches = caches
+    else:
+        model.setup_cache(batch_size, max_seq_len)
+        _STATIC_CACHES[model] = model.kv_caches
 
 
 STATIC_CACHE_STEP = 256  # static caches come in multiples of this (few shapes, short reads)
@@ -292,7 +308,7 @@ def generate_steps(
 ) -> Iterator[list[StepOutput]]:
     """Generate for a batch of token-id prompts, yielding each step's outputs; when done,
     `results` (if given) holds one Completion per prompt. `compile` runs the decode steps
-    through torch.compile over a static, context-long cache (the first call compiles)."""
+    through torch.compile over a static cache (the first call of a shape compiles)."""
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if not p:
@@ -310,7 +326,7 @@ def generate_steps(
     if compile:
         # every step reads the whole static cache: keep it short, in a few sizes
         size = min(context, -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
-        model.setup_cache(B, size, static=True)
+        setup_static_cache(model, B, size)
         step = compiled_forward(model)
     else:
         model.setup_cache(B, needed)
