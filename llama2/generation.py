@@ -67,14 +67,18 @@ class Completion:
 
 @dataclass
 class StepOutput:
-    """One step's news for one row: the token sampled (None once the row has stopped), the text
-    piece it releases (maybe empty), and whether the row is finished."""
+    """One decode step of one row: the token sampled (None when it was a stop id), the text
+    piece it releases (maybe empty), its logprobs if asked for, and why the row finished (None
+    while it goes on)."""
 
-    row: int
     token_id: int | None
     text: str
-    finished: bool
+    finish_reason: str | None = None
     logprob: TokenLogprob | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class TextStream:
@@ -159,7 +163,9 @@ def sample(
     )
 
 
-def _logprob_info(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The logprob of `token` under one row's logits [V], with the k most likely tokens'."""
+    logprobs = logits.float().log_softmax(-1)
     top = []
     if k:
         values, ids = logprobs.topk(k)
@@ -167,31 +173,102 @@ def _logprob_info(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
+class RowDecoder:
+    """The decoding of one sequence, one token per `step`: sampling with its own generator,
+    stop ids, stop strings, logprobs, text assembly and the finish reason. The library's
+    batches and the server's requests both decode through it, so a sequence's output does not
+    depend on who batched it or with what."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        params: SamplingParams,
+        stop_ids: Sequence[int] = (),
+        continuation: bool = True,
+        budget: int | None = None,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.params, self.stop_ids = params, frozenset(stop_ids)
+        self.budget = params.max_new_tokens if budget is None else budget
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+        self.stream = TextStream(tokenizer, params.stop, continuation)
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None if self.budget > 0 else "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.stream.ids[-1]
+
+    def step(self, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token from this row's logits [V]; what it adds to the output."""
+        p = self.params
+        gens = None if self.generator is None else [self.generator]
+        token = int(sample(logits[None], p.temperature, p.top_k, p.top_p, gens)[0])
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return StepOutput(None, self.stream.finish(), self.finish_reason)
+        info = None
+        if p.logprobs is not None:
+            info = token_logprob(logits, token, p.logprobs)
+            self.logprobs.append(info)
+        piece = self.stream.add(token)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.stream.ids) >= self.budget:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            piece += self.stream.finish()
+        return StepOutput(token, piece, self.finish_reason, info)
+
+    def completion(
+        self, prompt_tokens: int, prompt_logprobs: list[float | None] | None = None
+    ) -> Completion:
+        return Completion(
+            text=self.stream.text,
+            token_ids=self.stream.ids,
+            finish_reason=self.finish_reason,
+            prompt_tokens=prompt_tokens,
+            logprobs=self.logprobs if self.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_forward(model: Transformer) -> Callable:
     """The model's forward under torch.compile, made once per model, for the one-token decode
-    steps over a static cache: one fused graph instead of hundreds of eager ops per token.
+    steps over a static cache (see `setup_static_cache`): one fused graph instead of hundreds
+    of eager ops per token.
 
     Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
-    the weights become constants of the graph, so a call no longer gathers every parameter
-    (~0.3 ms a token on tiny-110m). The weights are read when the step is compiled:
-    this is for inference, not for a model that is still being trained. Half-precision
-    weights are not frozen (freezing would fold their conversion into fp32 copies)."""
+    the weights become constants of the graph, so a call no longer gathers every parameter.
+    The weights are read when the step is compiled: this is for inference, not for a model
+    that is still being trained. Half-precision weights are not frozen (freezing would fold
+    their conversion into fp32 copies)."""
     if model not in _COMPILED:
         # each model (and batch size, cache length) is a graph of its own: allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
-        # kernels: ~5% for int4 on tiny-110m)
+        # kernels)
         compiled = torch.compile(model, options={"cpp_wrapper": freeze})
 
         def step(tokens: torch.Tensor, start_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
             # both settings are read when dynamo traces (any call may recompile): `freezing`
             # there, not only in inductor's options, is what keeps the parameters out of the
-            # graph's inputs and guards; kv_len is a dynamic size from the first compile on
+            # graph's inputs and guards; kv_len is a dynamic size from the first compile on.
+            # Passing kv_len also spares the model's host-side checks of the positions.
             with (
                 torch._inductor.config.patch(freezing=freeze),
                 torch.compiler.config.patch(dynamic_sources="L['kv_len']"),
@@ -200,6 +277,19 @@ def compiled_forward(model: Transformer) -> Callable:
 
         _COMPILED[model] = step
     return _COMPILED[model]
+
+
+def setup_static_cache(model: Transformer, batch_size: int, max_seq_len: int) -> None:
+    """Set up the model's cache for compiled steps. A compiled graph guards on the identity of
+    the cache tensors it was traced with, so the last static cache is kept and reused when the
+    shape and dtype match (a new one would recompile)."""
+    caches = _STATIC_CACHES.get(model)
+    shape = (batch_size, model.config.n_kv_heads, max_seq_len)
+    if caches and caches[0].k.shape[:3] == shape and caches[0].k.dtype == model.compute_dtype:
+        model.kv_caches = caches
+    else:
+        model.setup_cache(batch_size, max_seq_len)
+        _STATIC_CACHES[model] = model.kv_caches
 
 
 STATIC_CACHE_STEP = 256  # static caches come in multiples of this (few shapes, short reads)
@@ -218,7 +308,7 @@ def generate_steps(
 ) -> Iterator[list[StepOutput]]:
     """Generate for a batch of token-id prompts, yielding each step's outputs; when done,
     `results` (if given) holds one Completion per prompt. `compile` runs the decode steps
-    through torch.compile over a static, context-long cache (the first call compiles)."""
+    through torch.compile over a static cache (the first call of a shape compiles)."""
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if not p:
@@ -236,18 +326,24 @@ def generate_steps(
     if compile:
         # every step reads the whole static cache: keep it short, in a few sizes
         size = min(context, -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
-        model.setup_cache(B, size, static=True)
+        setup_static_cache(model, B, size)
         step = compiled_forward(model)
     else:
         model.setup_cache(B, needed)
         step = model
     try:
-        seeds = [params.seed + i if params.seed is not None else None for i in range(B)]
-        gens = None
-        if params.temperature > 0:
-            gens = [torch.Generator(device=device) for _ in range(B)]
-            for g, s in zip(gens, seeds, strict=True):
-                g.manual_seed(s) if s is not None else g.seed()
+        rows = [
+            RowDecoder(
+                tokenizer,
+                params,
+                stop_ids,
+                continuation,
+                budget=budget[i],
+                seed=None if params.seed is None else params.seed + i,
+                device=device,
+            )
+            for i in range(B)
+        ]
         tokens = torch.zeros(B, max(lens), dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p)
@@ -259,42 +355,17 @@ def generate_steps(
         else:
             last = model(tokens, start_pos=0, output_index=torch.tensor(lens) - 1)[:, 0]
             prompt_lps = [None] * B
-        streams = [TextStream(tokenizer, params.stop, continuation) for _ in range(B)]
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(B)]
-        finish = [None if b > 0 else "length" for b in budget]
         pos = list(lens)
         n_steps = 0
         while True:
-            active = [i for i in range(B) if finish[i] is None]
+            active = [i for i, row in enumerate(rows) if not row.finished]
             if not active:
                 break
-            next_ids = sample(last, params.temperature, params.top_k, params.top_p, gens)
-            all_lps = last.log_softmax(-1) if params.logprobs is not None else None
-            outputs = []
-            for i in active:
-                token = int(next_ids[i])
-                info = None
-                if all_lps is not None:
-                    info = _logprob_info(all_lps[i], token, params.logprobs)
-                if token in stop_ids:
-                    finish[i] = "stop"
-                    outputs.append(StepOutput(i, None, streams[i].finish(), True))
-                    continue
-                if info is not None:
-                    logprobs[i].append(info)
-                piece = streams[i].add(token)
-                if streams[i].stopped:
-                    finish[i] = "stop"
-                elif len(streams[i].ids) >= budget[i]:
-                    finish[i] = "length"
-                if finish[i] is not None:
-                    piece += streams[i].finish()
-                outputs.append(StepOutput(i, token, piece, finish[i] is not None, info))
-            yield outputs
-            if all(f is not None for f in finish):
+            yield [rows[i].step(last[i]) for i in active]
+            if all(row.finished for row in rows):
                 break
             # finished rows idle at their position (rewriting one harmless cache slot)
-            feed = [int(next_ids[i]) if finish[i] is None else 0 for i in range(B)]
+            feed = [0 if row.finished else row.last_token for row in rows]
             feed = torch.tensor(feed, device=device)[:, None]
             start = torch.tensor(pos, device=device)
             if compile:
@@ -305,19 +376,9 @@ def generate_steps(
             else:
                 last = step(feed, start_pos=start)[:, 0]
             n_steps += 1
-            pos = [p + (finish[i] is None) for i, p in enumerate(pos)]
+            pos = [p + (not row.finished) for p, row in zip(pos, rows, strict=True)]
         if results is not None:
-            results[:] = [
-                Completion(
-                    text=s.text,
-                    token_ids=s.ids,
-                    finish_reason=finish[i],
-                    prompt_tokens=lens[i],
-                    logprobs=logprobs[i] if params.logprobs is not None else None,
-                    prompt_logprobs=prompt_lps[i],
-                )
-                for i, s in enumerate(streams)
-            ]
+            results[:] = [row.completion(lens[i], prompt_lps[i]) for i, row in enumerate(rows)]
     finally:
         model.clear_cache()
 

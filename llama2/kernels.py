@@ -1,18 +1,19 @@
-"""Matrix products picked by shape and dtype on a CPU (measured in benchmarks/generate.py and
-benchmarks/train.py; on other devices they are plain F.linear).
+"""Matrix products picked by shape and dtype on a CPU (each choice measured with
+benchmarks/generate.py and benchmarks/train.py, numbers in benchmarks/README.md; on other
+devices they are plain F.linear).
 
-- fp32, one row (decoding): MKL's single-row sgemm runs on one thread here (~17 GB/s).
-  Splitting the weight's rows into one batch entry per thread (`bmm` over free views) streams
-  it on all threads (~31 GB/s on 2 cores); oneDNN's inner product does better still on wide
-  weights (more outputs than inputs: ~35-38 GB/s), worse on the others.
-- fp32, more rows (prefill, batched decoding, training): oneDNN, which uses AVX-512 on this
-  AMD CPU where MKL's sgemm does not (~480 vs ~205 GFLOP/s on 2 cores for 512 rows). Under
-  autograd its two backward products are oneDNN's too (~490 and ~350 GFLOP/s).
+- fp32, one row (decoding): MKL's single-row sgemm runs on one thread. Splitting the weight's
+  rows into one batch entry per thread (`bmm` over free views) streams it on all threads;
+  oneDNN's inner product does better still on wide weights (more outputs than inputs), worse
+  on the others.
+- fp32, more rows (prefill, batched decoding, training): oneDNN's inner product, measured
+  faster than MKL's sgemm (it uses AVX-512 where MKL did not, on the AMD CPU it was tuned on).
+  Under autograd its two backward products are oneDNN's too.
 - fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): a single row
-  goes through the fp16 GEMV (~44 GB/s, fp32 accumulation); more rows through an fp32 GEMM on
-  the converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
+  goes through the fp16 GEMV (fp32 accumulation); more rows through an fp32 GEMM on the
+  converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
 - Under torch.compile, a single row is a multiply-and-sum that inductor turns into one fused
-  reduction (~40-50 GB/s in any float dtype); more rows are one matrix product.
+  reduction over the weight, in any float dtype; more rows are one matrix product.
 """
 
 from __future__ import annotations

@@ -62,11 +62,10 @@ class AttentionContext:
     """Where this forward's tokens sit, worked out once for all layers."""
 
     positions: torch.Tensor  # [B or 1, T]
-    start: int | None  # the common start position when every row has the same one
-    kv_len: int  # cached keys to attend over
-    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, or None
-    is_causal: bool
-    rows: torch.Tensor | None = None  # the cache rows (slots) of the batch rows, if not 0..B-1
+    mask: torch.Tensor | None  # [B or 1, 1, T, keys] bool; None: causal over the fresh keys
+    kv_len: int = 0  # with a cache: the cached positions attention reads (0 .. kv_len-1)
+    rows: torch.Tensor | None = None  # with a cache: the cache rows of the batch rows (slots)
+    start: int | None = None  # the rows' common first position, when known on the host
 
 
 def segment_context(segments: torch.Tensor) -> AttentionContext:
@@ -79,7 +78,7 @@ def segment_context(segments: torch.Tensor) -> AttentionContext:
     starts = torch.where(new, idx, 0).cummax(dim=1).values
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     same = segments[:, :, None] == segments[:, None, :]
-    return AttentionContext(idx - starts, None, T, (same & causal)[:, None], is_causal=False)
+    return AttentionContext(idx - starts, (same & causal)[:, None])
 
 
 class KVCache(nn.Module):
@@ -92,22 +91,19 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, ctx: AttentionContext, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ([B, H, T, hd]) at the context's positions; return keys and values of the
-        first ctx.kv_len positions."""
+        """Write k, v ([B, H, T, hd]) at the context's rows and positions; return those rows'
+        keys and values of the first ctx.kv_len positions."""
         B, _, T, _ = k.shape
-        if ctx.rows is not None:  # a batch of slots of a shared cache (serving)
-            rows = ctx.rows[:, None]
-            self.k[rows, :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[rows, :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
-            return self.k[ctx.rows, :, : ctx.kv_len], self.v[ctx.rows, :, : ctx.kv_len]
-        if ctx.start is not None:
+        if ctx.start is not None and ctx.rows is None:  # a slice: cheaper than a scatter
             self.k[:B, :, ctx.start : ctx.start + T] = k
             self.v[:B, :, ctx.start : ctx.start + T] = v
         else:
-            rows = torch.arange(B, device=k.device)[:, None]
-            self.k[rows, :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[rows, :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[:B, :, : ctx.kv_len], self.v[:B, :, : ctx.kv_len]
+            rows = torch.arange(B, device=k.device) if ctx.rows is None else ctx.rows
+            self.k[rows[:, None], :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows[:, None], :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
+        if ctx.rows is None:  # (a view, not a gather)
+            return self.k[:B, :, : ctx.kv_len], self.v[:B, :, : ctx.kv_len]
+        return self.k[ctx.rows, :, : ctx.kv_len], self.v[ctx.rows, :, : ctx.kv_len]
 
 
 class Attention(nn.Module):
@@ -120,7 +116,7 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, ctx: AttentionContext | None = None):
+    def forward(self, x, cos, sin, ctx: AttentionContext):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
@@ -128,15 +124,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
             cached_k, cached_v = self.cache.update(ctx, k, v)
-            if not ctx.is_causal:  # (a prefill from position 0 needs only its own fresh keys)
+            if ctx.mask is not None:  # (a prefill from position 0 needs only its fresh keys)
                 k, v = cached_k.to(q.dtype), cached_v.to(q.dtype)
         if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves n_rep q heads
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if ctx is None or ctx.is_causal:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        out = F.scaled_dot_product_attention(q, k, v, ctx.mask, is_causal=ctx.mask is None)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -159,7 +152,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, ctx=None):
+    def forward(self, x, cos, sin, ctx: AttentionContext):
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -175,8 +168,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.static_cache = False
-        self._spare_cache: list[KVCache] | None = None
         if self.output.weight.device.type != "meta":
             self.init_weights()
 
@@ -198,37 +189,33 @@ class Transformer(nn.Module):
         return w.dtype
 
     def setup_cache(
-        self, batch_size: int, max_seq_len: int | None = None, dtype=None, static: bool = False
+        self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
     ) -> None:
-        """Preallocate a KV cache; afterwards `forward` needs `start_pos`.
-
-        With a `static` cache, compiled forwards attend over the whole cache under a mask built
-        from tensors alone (no host sync, fixed shapes): what torch.compile wants. A static
-        cache of the same shape is reused by the next setup.
-        """
+        """Preallocate a KV cache; afterwards `forward` needs `start_pos`."""
         cfg = self.config
         max_seq_len = max_seq_len or cfg.max_seq_len
         device = self.tok_embeddings.weight.device
         dtype = dtype or self.compute_dtype
-        self.static_cache = static
-        spare = self._spare_cache
-        if static and spare and spare[0].k.shape[:3] == (batch_size, cfg.n_kv_heads, max_seq_len):
-            if spare[0].k.dtype == dtype:
-                for layer, cache in zip(self.layers, spare, strict=True):
-                    layer.attention.cache = cache
-                return
-        for layer in self.layers:
-            layer.attention.cache = KVCache(
-                batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device
-            )
+        self.kv_caches = [
+            KVCache(batch_size, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
+            for _ in self.layers
+        ]
 
     def clear_cache(self) -> None:
-        """Back to plain forward passes (a static cache is kept aside for the next setup)."""
-        if self.static_cache:
-            self._spare_cache = [layer.attention.cache for layer in self.layers]
-        for layer in self.layers:
-            layer.attention.cache = None
-        self.static_cache = False
+        """Back to plain forward passes."""
+        self.kv_caches = None
+
+    @property
+    def kv_caches(self) -> list[KVCache] | None:
+        """The layers' caches (None without one); settable, to reuse caches set up before."""
+        if self.layers[0].attention.cache is None:
+            return None
+        return [layer.attention.cache for layer in self.layers]
+
+    @kv_caches.setter
+    def kv_caches(self, caches: list[KVCache] | None) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.attention.cache = None if caches is None else caches[i]
 
     @property
     def cache_len(self) -> int:
@@ -241,7 +228,7 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor | None = None,
         output_index: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
-        slots: list[int] | None = None,
+        slots: list[int] | torch.Tensor | None = None,
         kv_len: int | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab].
@@ -253,16 +240,15 @@ class Transformer(nn.Module):
         `segments` ([B, T] example ids, no cache) packs several examples in a row: each token
         attends within its own example only, at positions counted from the example's start.
         `slots` (with a cache) names the cache row of each batch row: requests of a shared
-        cache run together whatever their rows (continuous batching). `kv_len` (compiled steps
-        over a static cache) bounds the cache positions attention reads: at least every row's
-        last position + 1 (eager forwards work it out themselves).
+        cache run together whatever their rows (continuous batching). `kv_len` (with a cache)
+        is how many cache positions attention reads, at least every row's last position + 1;
+        without it, it is worked out from the positions (a host sync), which are checked too.
         """
         B, T = tokens.shape
+        device = tokens.device
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
-        ctx = None
         if self.layers[0].attention.cache is not None:
-            ctx = self._context(B, T, start_pos, tokens.device, slots, kv_len)
-            positions = ctx.positions
+            ctx = self._cache_context(B, T, start_pos, device, slots, kv_len)
         else:
             if start_pos is not None and bool(torch.as_tensor(start_pos).ne(0).any()):
                 raise ValueError("start_pos needs a KV cache (call setup_cache first)")
@@ -270,66 +256,41 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}"
                 )
-            positions = torch.arange(T, device=tokens.device)[None]
             if segments is not None:
-                ctx = segment_context(segments.to(tokens.device))
-                positions = ctx.positions
-        cos, sin = rope_cos_sin(self.config, positions)
+                ctx = segment_context(segments.to(device))
+            else:
+                ctx = AttentionContext(torch.arange(T, device=device)[None], None)
+        cos, sin = rope_cos_sin(self.config, ctx.positions)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         if output_index is not None:
             h = h[torch.arange(B, device=h.device), output_index.to(h.device)][:, None]
         return self.output(self.norm(h)).float()
 
-    def _context(
-        self, B: int, T: int, start_pos, device, slots=None, kv_len: int | None = None
-    ) -> AttentionContext:
+    def _cache_context(self, B, T, start_pos, device, slots, kv_len) -> AttentionContext:
+        """Positions per row from `start_pos`, and a mask from the positions: each query sees
+        the cached keys at positions up to its own."""
         if start_pos is None:
             raise ValueError("a KV cache is set up: forward needs start_pos")
-        if slots is not None:
-            starts = torch.as_tensor(start_pos, device=device).reshape(-1).expand(B)
-            positions = starts[:, None] + torch.arange(T, device=device)
-            hi = int(positions.max()) + 1
-            if hi > self.cache_len or int(starts.min()) < 0:
-                raise ValueError(f"positions outside the KV cache of {self.cache_len}")
-            keys = torch.arange(hi, device=device)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
-            rows = torch.as_tensor(slots, device=device)
-            return AttentionContext(positions, None, hi, mask, is_causal=False, rows=rows)
-        if self.static_cache and torch.compiler.is_compiling():
-            # tensors only (the caller keeps positions inside the cache): no host sync; eager
-            # calls on a static cache (the prefill) take the paths below. Reading only the
-            # first kv_len positions (a dynamic size) spares streaming the unused cache.
-            start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)
-            positions = (start + torch.arange(T, device=device)).expand(B, T)
-            n = kv_len or self.cache_len
-            keys = torch.arange(n, device=device)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
-            return AttentionContext(positions, None, n, mask, is_causal=False)
-        if isinstance(start_pos, torch.Tensor):
-            starts = start_pos.reshape(-1).tolist()
-            start_pos = starts[0] if len(set(starts)) == 1 else starts
-        if isinstance(start_pos, int):
-            lo, hi = start_pos, start_pos + T
-        else:
-            if len(start_pos) != B:
-                raise ValueError(f"start_pos has {len(start_pos)} entries for a batch of {B}")
-            lo, hi = min(start_pos), max(start_pos) + T
-        if lo < 0:
-            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-        if hi > self.cache_len:
-            raise ValueError(f"position {hi - 1} is past the KV cache length {self.cache_len}")
-        if isinstance(start_pos, int):
-            positions = torch.arange(lo, hi, device=device)[None]
-            # one row layout: no mask for a single new token, plain causal from position 0
-            if T == 1 or lo == 0:
-                return AttentionContext(positions, lo, hi, None, is_causal=T > 1)
-            start = lo
-        else:
-            positions = torch.tensor(start_pos, device=device)[:, None] + torch.arange(
-                T, device=device
-            )
-            start = None
-        keys = torch.arange(hi, device=device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B or 1, 1, T, kv]
-        return AttentionContext(positions, start, hi, mask, is_causal=False)
+        rows = None if slots is None else torch.as_tensor(slots, device=device)
+        if isinstance(start_pos, int) and start_pos == 0:
+            # a prefill from position 0: plain causal attention over the fresh keys
+            if T > self.cache_len:
+                raise ValueError(f"position {T - 1} is past the KV cache length {self.cache_len}")
+            return AttentionContext(torch.arange(T, device=device)[None], None, T, rows, 0)
+        start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)
+        if start.shape[0] not in (1, B):
+            raise ValueError(f"start_pos has {start.shape[0]} entries for a batch of {B}")
+        positions = start + torch.arange(T, device=device)
+        common = None
+        if kv_len is None:
+            lo, kv_len = int(start.min()), int(start.max()) + T
+            common = lo if lo + T == kv_len else None
+            if lo < 0:
+                raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+            if kv_len > self.cache_len:
+                raise ValueError(
+                    f"position {kv_len - 1} is past the KV cache length {self.cache_len}"
+                )
+        mask = (torch.arange(kv_len, device=device) <= positions[:, :, None])[:, None]
+        return AttentionContext(positions, mask, kv_len, rows, common)

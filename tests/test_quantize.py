@@ -9,8 +9,7 @@ from llama2.cli import main as cli
 from llama2.generation import SamplingParams, generate
 from llama2.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, replace_linears
 
-# Measured on the `trained` fixture (2026-11-27): int8 logits 0.3% relative error, perplexity
-# +0.06%; int4 (groups of 32) 2.2% and +0.7%. The bounds below leave room for the machine.
+# The bounds leave room above the errors measured on the `trained` fixture (benchmarks/README.md)
 BOUNDS = {"int8": (0.01, 0.01), "int4": (0.05, 0.02)}  # (relative logit error, perplexity)
 
 

@@ -1,6 +1,7 @@
 """The server against the official openai client, live on 127.0.0.1 (started and stopped
 here; every request loop is bounded)."""
 
+import copy
 import json
 import socket
 import threading
@@ -44,9 +45,10 @@ def server(small_tokenizer):
             if p.ndim == 2:
                 p.mul_(4)
     llm = Llama(model, small_tokenizer, cfg)
+    twin = Llama(copy.deepcopy(model), small_tokenizer, cfg)  # the library's (a cache of its own)
     app = create_app(llm, "micro", api_key=KEY, max_batch=4, max_queue=32)
     srv, thread, base = _start(app)
-    yield base, app
+    yield base, app, twin
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -90,6 +92,56 @@ def test_openai_client_chat_and_completions_streamed_and_not(server):
     two = c.chat.completions.create(model="micro", messages=msgs, max_tokens=6, n=2, seed=1)
     assert [ch.index for ch in two.choices] == [0, 1]
     assert [m.id for m in c.models.list().data] == ["micro"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_server_output_equals_the_library(server, temperature):
+    """The same request and seed give the library's text, tokens, logprobs and finish reason
+    (chat and completions, streamed and not), stop strings included."""
+    c, llm = client(server), server[2]
+    tok = llm.tokenizer
+
+    def piece(i: int) -> str:
+        return tok.id_to_piece(i).replace("\u2581", " ")
+
+    def same_logprobs(entries, lib) -> None:
+        assert [e.token for e in entries] == [piece(x.token_id) for x in lib.logprobs]
+        for e, x in zip(entries, lib.logprobs, strict=True):
+            assert abs(e.logprob - x.logprob) < 1e-4
+            assert [t.token for t in e.top_logprobs] == [piece(i) for i, _ in x.top]
+
+    msgs = [{"role": "user", "content": "def main"}]
+    kw = dict(max_new_tokens=24, temperature=temperature, seed=5)
+    free = llm.chat(msgs, **kw)
+    assert len(free.text) > 10
+    stop = free.text[6:9]
+    lib = llm.chat(msgs, **kw, stop=[stop], logprobs=2)
+    assert lib.finish_reason == "stop" and lib.text == free.text[: free.text.index(stop)]
+    req = dict(model="micro", messages=msgs, max_tokens=24, temperature=temperature, seed=5)
+    req |= dict(stop=[stop], logprobs=True, top_logprobs=2)
+    full = c.chat.completions.create(**req).choices[0]
+    assert full.message.content == lib.text and full.finish_reason == lib.finish_reason
+    same_logprobs(full.logprobs.content, lib)
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(**req, stream=True) if ch.choices]
+    assert "".join(ch.delta.content or "" for ch in chunks) == lib.text
+    assert chunks[-1].finish_reason == lib.finish_reason
+    same_logprobs([e for ch in chunks if ch.logprobs for e in ch.logprobs.content], lib)
+
+    lib = llm.generate(
+        "import os\n", max_new_tokens=12, temperature=temperature, seed=5, logprobs=2
+    )
+    comp = c.completions.create(
+        model="micro",
+        prompt="import os\n",
+        max_tokens=12,
+        temperature=temperature,
+        seed=5,
+        logprobs=2,
+    ).choices[0]
+    assert comp.text == lib.text and comp.finish_reason == lib.finish_reason == "length"
+    assert comp.logprobs.tokens == [piece(i) for i in lib.token_ids]
+    lps = zip(comp.logprobs.token_logprobs, lib.logprobs, strict=True)
+    assert max(abs(a - x.logprob) for a, x in lps) < 1e-4
 
 
 def test_sixteen_concurrent_streams_are_correct(server):

@@ -3,9 +3,10 @@
 One thread owns the model and a KV cache of `max_batch` slots. Each iteration it admits
 waiting requests into free slots (a prefill each), then advances every running request by
 one token in a single batched forward (each row at its own position, in its own slot).
-A request that finishes, or whose client went away, frees its slot at once. Sampling, stop
-strings and text assembly are generation.py's, per request, so a request's output does not
-depend on what it was batched with.
+A request that finishes, or whose client went away, frees its slot at once. Each request
+decodes through generation.py's RowDecoder (sampling, stop ids and strings, logprobs, text),
+as the library's rows do, so its output is the library's and does not depend on what it was
+batched with.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import Completion, SamplingParams, TextStream, TokenLogprob, _logprob_info, sample
+from ..generation import RowDecoder, SamplingParams
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -32,9 +33,8 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     stop_ids: Sequence[int]
-    emit: Callable[
-        [str, object], None
-    ]  # ("token", (text, TokenLogprob|None)) / ("done", Completion)
+    # emit("token", (text, TokenLogprob | None)) for each piece, then emit("done", Completion)
+    emit: Callable[[str, object], None]
     continuation: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -46,9 +46,7 @@ class _Running:
     slot: int
     pos: int
     logits: torch.Tensor
-    generator: torch.Generator | None
-    stream: TextStream
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    decoder: RowDecoder
     last_token_time: float = 0.0
 
 
@@ -139,25 +137,18 @@ class Engine:
     def _prefill(self, req: Request, slot: int) -> None:
         tokens = torch.tensor([req.prompt], device=self.device)
         logits = self.model(tokens, start_pos=0, slots=[slot])[0, -1]
-        gen = None
-        if req.params.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(req.params.seed) if req.params.seed is not None else gen.seed()
-        stream = TextStream(self.tokenizer, req.params.stop, req.continuation)
-        self.running.append(_Running(req, slot, len(req.prompt), logits, gen, stream))
-
-    def _finish(self, r: _Running, reason: str) -> None:
-        piece = r.stream.finish()
-        if piece:
-            r.req.emit("token", (piece, None))
-        done = Completion(
-            r.stream.text,
-            r.stream.ids,
-            reason,
-            len(r.req.prompt),
-            r.logprobs if r.req.params.logprobs is not None else None,
+        decoder = RowDecoder(
+            self.tokenizer,
+            req.params,
+            req.stop_ids,
+            req.continuation,
+            budget=min(req.params.max_new_tokens, self.context - len(req.prompt)),
+            seed=req.params.seed,
+            device=self.device,
         )
-        r.req.emit("done", done)
+        self.running.append(_Running(req, slot, len(req.prompt), logits, decoder))
+
+    def _release(self, r: _Running) -> None:
         self.running.remove(r)
         with self.cond:
             self.free.append(r.slot)
@@ -166,44 +157,25 @@ class Engine:
         now = time.perf_counter()
         for r in list(self.running):
             if r.req.cancelled.is_set():  # the client went away: free the slot now
-                self.running.remove(r)
-                with self.cond:
-                    self.free.append(r.slot)
+                self._release(r)
                 continue
-            p = r.req.params
-            token = int(
-                sample(
-                    r.logits[None],
-                    p.temperature,
-                    p.top_k,
-                    p.top_p,
-                    [r.generator] if r.generator else None,
-                )[0]
-            )
-            if token in r.req.stop_ids:
-                self._finish(r, "stop")
-                continue
-            info = None
-            if p.logprobs is not None:
-                info = _logprob_info(r.logits.float().log_softmax(-1), token, p.logprobs)
-                r.logprobs.append(info)
-            piece = r.stream.add(token)
-            if not r.stream.ids[:-1]:
-                self.stats.observe("ttft", now - r.req.submitted)
-            else:
-                self.stats.observe("itl", now - r.last_token_time)
-            r.last_token_time = now
-            with self.stats.lock:
-                self.stats.generated_tokens += 1
-            if piece:
-                r.req.emit("token", (piece, info))
-            if r.stream.stopped:
-                self._finish(r, "stop")
-            elif len(r.stream.ids) >= p.max_new_tokens or r.pos >= self.context:
-                self._finish(r, "length")
+            out = r.decoder.step(r.logits)
+            if out.token_id is not None:
+                if len(r.decoder.stream.ids) == 1:
+                    self.stats.observe("ttft", now - r.req.submitted)
+                else:
+                    self.stats.observe("itl", now - r.last_token_time)
+                r.last_token_time = now
+                with self.stats.lock:
+                    self.stats.generated_tokens += 1
+            if out.text or out.logprob is not None:
+                r.req.emit("token", (out.text, out.logprob))
+            if out.finished:
+                r.req.emit("done", r.decoder.completion(len(r.req.prompt)))
+                self._release(r)
         if not self.running:
             return
-        tokens = torch.tensor([[r.stream.ids[-1]] for r in self.running], device=self.device)
+        tokens = torch.tensor([[r.decoder.last_token] for r in self.running], device=self.device)
         logits = self.model(
             tokens,
             start_pos=torch.tensor([r.pos for r in self.running]),
