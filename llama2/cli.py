@@ -127,9 +127,8 @@ def _print_stream(llm, ids, params, stop_ids, continuation=True):
         llm.model, llm.tokenizer, [ids], params, stop_ids, continuation, results, llm.compile
     )
     for outputs in steps:
-        for o in outputs:
-            out.write(o.text)
-            out.flush()
+        out.write(outputs[0].text)
+        out.flush()
     return results[0], time.perf_counter() - t0
 
 

@@ -305,10 +305,11 @@ def generate_steps(
     continuation: bool = True,
     results: list[Completion] | None = None,
     compile: bool = False,
-) -> Iterator[list[StepOutput]]:
-    """Generate for a batch of token-id prompts, yielding each step's outputs; when done,
-    `results` (if given) holds one Completion per prompt. `compile` runs the decode steps
-    through torch.compile over a static cache (the first call of a shape compiles)."""
+) -> Iterator[dict[int, StepOutput]]:
+    """Generate for a batch of token-id prompts, yielding each step's outputs keyed by prompt
+    index (the rows still running); when done, `results` (if given) holds one Completion per
+    prompt. `compile` runs the decode steps through torch.compile over a static cache (the
+    first call of a shape compiles)."""
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if not p:
@@ -361,7 +362,7 @@ def generate_steps(
             active = [i for i, row in enumerate(rows) if not row.finished]
             if not active:
                 break
-            yield [rows[i].step(last[i]) for i in active]
+            yield {i: rows[i].step(last[i]) for i in active}
             if all(row.finished for row in rows):
                 break
             # finished rows idle at their position (rewriting one harmless cache slot)
@@ -415,6 +416,5 @@ def stream(
         model, tokenizer, [prompt], params, stop_ids, continuation, None, compile
     )
     for outputs in steps:
-        for out in outputs:
-            if out.text:
-                yield out.text
+        if outputs[0].text:
+            yield outputs[0].text

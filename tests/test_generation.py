@@ -168,3 +168,29 @@ def test_compiled_decoding_matches_eager(llm):
     assert again[0].token_ids == eager[0].token_ids
     with torch.no_grad():  # the model is back to plain forward passes afterwards
         assert llm.model(torch.tensor([prompts[0]])).shape[1] == len(prompts[0])
+
+
+def test_batched_steps_name_their_rows_after_some_finish(llm):
+    """generate_steps keys each step's outputs by prompt index, so a batched consumer can tell
+    rows apart after earlier ones have stopped: each row's pieces add up to its own text."""
+    from llama2.generation import generate_steps
+
+    tok = llm.tokenizer
+    prompts = [tok.encode(t, bos=True) for t in ("def", "import os", "class A:")]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    free = generate(llm.model, tok, prompts, params)
+    ids = free[1].token_ids
+    k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])  # row 1 stops there
+    stop_id = ids[k]
+    results: list = []
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    seen_after_stop = set()
+    for outputs in generate_steps(llm.model, tok, prompts, params, (stop_id,), True, results):
+        if 1 not in outputs:
+            seen_after_stop |= outputs.keys()
+        for i, out in outputs.items():
+            pieces[i].append(out.text)
+    assert seen_after_stop  # some steps ran without row 1
+    assert results[1].finish_reason == "stop" and results[1].token_ids == ids[:k]
+    for i, out in enumerate(results):
+        assert "".join(pieces[i]) == out.text
