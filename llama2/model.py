@@ -5,7 +5,7 @@ position embeddings, grouped-query attention, SwiGLU feed-forward, untied output
 biases. Parameter names follow Meta's checkpoints. One difference of layout, not of maths:
 the rows of `wq`/`wk` are stored in Hugging Face's order (each head's rotary pairs split into
 halves rather than interleaved), so our on-disk HF checkpoints map without copying;
-`checkpoint.py` permutes when reading or writing Meta's files.
+`checkpoint/meta.py` and `checkpoint/gguf.py` permute when reading or writing Meta's files.
 """
 
 from __future__ import annotations
