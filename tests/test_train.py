@@ -66,7 +66,7 @@ def _pretrain(out, args, resume=False, procs=1, wait=True):
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return p
-    output, _ = p.communicate(timeout=300)
+    output, _ = p.communicate(timeout=1200)  # a guard against a hang, not a speed check
     assert p.returncode == 0, output[-3000:]
     return output
 
