@@ -31,14 +31,13 @@ from . import rundir
 from .config import PPOConfig
 from .loop import make_optimizer, pick_device
 from .losses import (
-    combined_reward,
     gae,
     per_token_kl,
     ppo_policy_loss,
     ppo_rewards,
     ppo_value_loss,
 )
-from .rejection import read_prompts, score_answers
+from .rejection import read_prompts, score
 
 
 def token_logprobs(
@@ -79,14 +78,6 @@ class PPO:
         self.both = nn.ModuleDict({"policy": self.policy.model, "value": self.value})
         self.optim = make_optimizer(self.both, cfg)
 
-    def reward(self, dialogs, answers, is_safety) -> torch.Tensor:
-        r = torch.tensor(score_answers(self.helpful, dialogs, answers))
-        if self.safety is None:
-            return r
-        return combined_reward(
-            r, torch.tensor(score_answers(self.safety, dialogs, answers)), is_safety
-        )
-
     @torch.no_grad()
     def rollout(self, it: int) -> dict:
         cfg, tok = self.cfg, self.policy.tokenizer
@@ -117,8 +108,7 @@ class PPO:
         logp = token_logprobs(self.policy.model, on, cfg.temperature)[0].cpu()
         ref = token_logprobs(self.reference, on, cfg.temperature)[0].cpu()
         values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
-        is_safety = torch.tensor([p["is_safety"] for p in batch])
-        r_c = self.reward(dialogs, [o.text for o in outs], is_safety)
+        r_c = score(self.helpful, self.safety, batch, [o.text for o in outs])
         kl = per_token_kl(logp, ref) * mask
         rewards = ppo_rewards(r_c, kl, mask, self.cfg.kl_beta)
         adv, returns = gae(rewards, values, mask, gamma=1.0, lam=self.cfg.gae_lambda)
@@ -171,8 +161,7 @@ class PPO:
             return float("nan")
         dialogs = [p["prompt"] for p in self.held_out]
         outs = self.policy.chat(dialogs, temperature=0, max_new_tokens=self.cfg.max_new_tokens)
-        is_safety = torch.tensor([p["is_safety"] for p in self.held_out])
-        return float(self.reward(dialogs, [o.text for o in outs], is_safety).mean())
+        return float(score(self.helpful, self.safety, self.held_out, [o.text for o in outs]).mean())
 
     # --- checkpoints ---------------------------------------------------------------------
 
