@@ -267,6 +267,43 @@ def cmd_serve(args) -> None:
     serve(llm, args.host, args.port, name, args.api_key, args.max_batch, args.max_queue)
 
 
+def cmd_recipe(args) -> None:
+    from .recipe.run import run_recipe
+
+    run_recipe(args.out, args.config, args.smoke, args.resume, args.overrides)
+
+
+def cmd_eval_chat(args) -> None:
+    import tempfile
+
+    from .eval.chat import evaluate, read_dialogs, read_items, sample, table, to_json
+    from .io import write_atomic
+    from .llm import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else Path(tmp)
+        if args.data is None:  # the world of a default recipe
+            from .recipe.world import WorldConfig, write_world
+
+            write_world(WorldConfig(), data)
+        items = sample(read_items(data / "eval.jsonl"), args.n, args.seed)
+        dialogs = read_dialogs(data / "eval_gatt.jsonl")
+    llm = load(args.model)
+    against = load(args.against) if args.against else None
+    r = evaluate(llm, items, dialogs, against, args.max_new_tokens, args.seed)
+    rows = {Path(args.model).name: r}
+    if against is not None:
+        rows[Path(args.against).name] = r["against"]
+    print(table(rows))
+    if "gatt_by_turn" in r:
+        print("GAtt adherence by turn: " + ", ".join(f"{x:.0%}" for x in r["gatt_by_turn"]))
+    if "win_rate" in r:
+        w = r["win_rate"]
+        print(f"win {w['win']:.1%}, tie {w['tie']:.1%}, loss {w['loss']:.1%} (n={w['n']})")
+    if args.json:
+        write_atomic(Path(args.json), to_json(r))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -380,6 +417,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt")
     sampling_options(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser(
+        "recipe",
+        help="the Llama 2-Chat recipe in miniature, from nothing to a measured chat model",
+        epilog="settings (key=value, dotted for a stage: pretrain.steps=100, world.people=50): "
+        "see configs/recipe.yaml",
+    )
+    s.add_argument("--out", required=True, help="the recipe's directory")
+    s.add_argument("--config", default=None, help="recipe YAML (default configs/recipe.yaml)")
+    s.add_argument("--smoke", action="store_true", help="a few minutes: checks the pipeline")
+    s.add_argument("--resume", action="store_true", help="continue a killed recipe")
+    s.add_argument("overrides", nargs="*", help="key=value settings over the config")
+    s.set_defaults(func=cmd_recipe)
+
+    s = sub.add_parser("eval", help="evaluate a model")
+    esub = s.add_subparsers(dest="eval_command", required=True)
+    t = esub.add_parser("chat", help="held-out tasks, safety, false refusals, GAtt, win rate")
+    t.add_argument("model")
+    t.add_argument("--against", default=None, help="a second model: win/tie/loss against it")
+    t.add_argument("--data", default=None, help="a recipe's data/ (default: the world, seed 0)")
+    t.add_argument("--n", type=int, default=None, help="held-out items to sample (default all)")
+    t.add_argument("--seed", type=int, default=0, help="of the item sample and the annotator")
+    t.add_argument("--max-new-tokens", type=int, default=48)
+    t.add_argument("--json", default=None, help="write the numbers to this file")
+    t.set_defaults(func=cmd_eval_chat)
     return p
 
 

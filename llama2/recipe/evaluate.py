@@ -1,0 +1,145 @@
+"""The recipe's evaluation stage: every model of the recipe on the world's held-out items
+(eval/chat.py), Ghost Attention with and without, the final model against SFT side by side,
+the reward models' held-out accuracy by rating level and their agreement with the annotator on
+the final model's own answers, and "fewer but better" SFT. Writes OUT/eval/*.json."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ..data.preferences import RATINGS, read_preferences
+from ..eval.chat import (
+    answer_all,
+    evaluate_items,
+    gatt_adherence,
+    read_dialogs,
+    read_items,
+    sample,
+    win_rate,
+)
+from ..eval.judges import Annotator, quality
+from ..io import write_atomic
+from ..llm import load
+from ..train.rejection import score_answers
+
+MODELS = ("base", "sft", "rejection", "ppo", "chat")
+
+
+def rm_accuracy(rm, pairs) -> dict:
+    """How often the reward model scores the chosen answer above the rejected one, overall
+    and by the annotator's rating (the paper's table 8)."""
+    prompts = [p.prompt for p in pairs]
+    chosen = score_answers(rm, prompts, [p.chosen for p in pairs])
+    rejected = score_answers(rm, prompts, [p.rejected for p in pairs])
+    right: dict[str, list[bool]] = {r: [] for r in RATINGS}
+    for p, c, r in zip(pairs, chosen, rejected, strict=True):
+        right[p.rating].append(c > r)
+    every = [x for v in right.values() for x in v]
+    return {
+        "accuracy": sum(every) / len(every),
+        "by_rating": {k: (sum(v) / len(v) if v else None) for k, v in right.items()},
+        "n": len(every),
+        "n_by_rating": {k: len(v) for k, v in right.items()},
+    }
+
+
+def rm_agreement(chat, helpful, safety, items, seed: int, max_new_tokens: int) -> dict:
+    """On two sampled answers of the final model per held-out prompt, does the reward model
+    prefer the one the annotator prefers? (helpfulness RM on tasks and borderline requests,
+    safety RM on unsafe ones; pairs the annotator scores equal are left out)."""
+    dialogs = [i["prompt"] for i in items]
+    a = answer_all(chat, dialogs, max_new_tokens, temperature=1.0, seed=seed, desc="sampling a")
+    b = answer_all(chat, dialogs, max_new_tokens, temperature=1.0, seed=seed + 10**6, desc="b")
+    counts = {"helpful": [0, 0], "safety": [0, 0]}
+    for kind, rm in (("helpful", helpful), ("safety", safety)):
+        idx = [
+            k for k, i in enumerate(items) if (i["check"]["kind"] == "unsafe") == (kind == "safety")
+        ]
+        aspect = 1 if kind == "safety" else 0
+        judged = [
+            k
+            for k in idx
+            if quality(items[k]["check"], a[k])[aspect] != quality(items[k]["check"], b[k])[aspect]
+        ]
+        if not judged:
+            continue
+        ps = [dialogs[k] for k in judged]
+        sa = score_answers(rm, ps, [a[k] for k in judged])
+        sb = score_answers(rm, ps, [b[k] for k in judged])
+        for k, x, y in zip(judged, sa, sb, strict=True):
+            annot = (
+                quality(items[k]["check"], a[k])[aspect] > quality(items[k]["check"], b[k])[aspect]
+            )
+            counts[kind][0] += int((x > y) == annot)
+            counts[kind][1] += 1
+    return {k: {"agreement": (c / n if n else None), "n": n} for k, (c, n) in counts.items()}
+
+
+def evaluate_recipe(recipe) -> dict:
+    out: Path = recipe.out / "eval"
+    out.mkdir(exist_ok=True)
+    seed, mnt = recipe.cfg["seed"], recipe.cfg["eval_max_new_tokens"]
+    items = read_items(recipe.data / "eval.jsonl")
+    items = sample(items, recipe.cfg["eval_n"] or None, seed)
+    dialogs = read_dialogs(recipe.data / "eval_gatt.jsonl")
+    results: dict = {"eval": {}, "answers": {}}
+
+    def done(name: str) -> dict | None:
+        path = out / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(name: str, value) -> None:
+        write_atomic(out / f"{name}.json", json.dumps(value, indent=1, ensure_ascii=False))
+
+    for name in (*MODELS, "sft_noisy"):
+        r = done(name)
+        if r is None:
+            recipe.log(f"  evaluating {name} on {len(items)} held-out items ...")
+            llm = load(recipe.model(name) if name != "chat" else recipe.out / "chat")
+            scores, answers = evaluate_items(llm, items, mnt)
+            r = {"scores": scores, "answers": answers}
+            if name in ("ppo", "chat"):  # without and with Ghost Attention
+                r["gatt_by_turn"] = gatt_adherence(llm, dialogs, mnt)
+            save(name, r)
+        results["eval"][name] = r["scores"]
+        results["answers"][name] = r["answers"]
+        line = ", ".join(f"{k} {v:.1%}" for k, v in r["scores"].items() if isinstance(v, float))
+        recipe.log(f"  {name}: {line}")
+        if "gatt_by_turn" in r:
+            results.setdefault("gatt", {})["without" if name == "ppo" else "with"] = r[
+                "gatt_by_turn"
+            ]
+    results["win_rate"] = {
+        "chat_vs_sft": win_rate(
+            items,
+            results["answers"]["chat"],
+            results["answers"]["sft"],
+            Annotator(
+                recipe.cfg["world"].get("mistake_rate", 0.1) if recipe.cfg.get("world") else 0.1,
+                seed=seed + 1,
+            ),
+        )
+    }
+    rms = done("reward_models")
+    if rms is None:
+        rms = {}
+        helpful = load(recipe.model("rm_helpful"), dtype=torch.float32)
+        safety = load(recipe.model("rm_safety"), dtype=torch.float32)
+        for kind, rm in (("helpful", helpful), ("safety", safety)):
+            pairs = read_preferences(recipe.data / f"eval_pairs_{kind}.jsonl")
+            rms[kind] = rm_accuracy(rm, pairs)
+        chat = load(recipe.out / "chat")
+        agree_items = random.Random(seed).sample(
+            items, min(len(items), recipe.cfg["agreement_items"])
+        )
+        agreement = rm_agreement(chat, helpful, safety, agree_items, seed, mnt)
+        for kind in rms:
+            rms[kind]["agreement_with_annotator"] = agreement[kind]
+        save("reward_models", rms)
+    results["reward_models"] = rms
+    save("summary", {k: v for k, v in results.items() if k != "answers"})
+    return results

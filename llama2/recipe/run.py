@@ -1,0 +1,335 @@
+"""`llama2 recipe`: the Llama 2-Chat recipe in miniature, from nothing to a chat model, on the
+world of world.py, with every stage's effect measured on held-out items.
+
+    world data -> tokenizer -> pretraining -> SFT (and, for comparison, SFT on a larger noisy
+    set) -> helpfulness and safety reward models -> rejection sampling (rounds) -> PPO with
+    R_c -> Ghost Attention -> evaluation -> report
+
+Each stage is the stage command's own code (train/*.py) writing a run directory under OUT,
+configured by a YAML file written to OUT/configs/, so any stage can be rerun by hand:
+`llama2 sft --config OUT/configs/sft.yaml --out somewhere`. OUT/recipe.json records which
+stages are done; `--resume` continues from the stage (and, through the stage's own resume,
+the step) a killed run was in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from ..io import point_link, write_atomic
+from .world import WorldConfig
+
+# the stages in order; each records its seconds in recipe.json when it is done
+STAGES = (
+    "data",
+    "pretrain",
+    "sft",
+    "sft_noisy",
+    "reward_helpful",
+    "reward_safety",
+    "rejection",
+    "ppo",
+    "gatt",
+    "eval",
+    "report",
+)
+# stage settings sections of the recipe config, and the stage command each configures
+SECTIONS = {
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "reward": "reward",
+    "rejection": "rejection",
+    "ppo": "ppo",
+    "gatt": "gatt",
+}
+TOP = {
+    "seed": 0,
+    "threads": 0,
+    "vocab_size": 2048,
+    "stdlib_bytes": 400_000,  # of the standard library's sources in the pretraining corpus
+    "rejection_rounds": 2,
+    "eval_max_new_tokens": 48,
+    "eval_n": 0,  # held-out items evaluated per model (0: all)
+    "agreement_items": 120,  # held-out prompts whose final-model answers the RMs judge
+}
+
+
+def default_config(smoke: bool = False) -> dict:
+    here = Path(__file__).resolve().parent.parent.parent / "configs"
+    path = here / ("recipe-smoke.yaml" if smoke else "recipe.yaml")
+    if path.exists():
+        return load_config(path)
+    raise FileNotFoundError(f"{path}: the recipe's default config is missing")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """A recipe config (YAML): top-level settings (TOP), `world:` (WorldConfig's fields) and a
+    section per stage holding that stage's settings; `key=value` overrides, dotted for
+    sections (`pretrain.steps=100`, `world.people=50`). Unknown keys are errors."""
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read the recipe config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return apply_overrides(cfg, overrides, where=f"{path}: ")
+
+
+def apply_overrides(cfg: dict, overrides: Sequence[str], where: str = "") -> dict:
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        section, _, name = key.partition(".")
+        if name:
+            cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+        else:
+            cfg[key] = yaml.safe_load(value)
+    check_config(cfg, where)
+    return cfg
+
+
+def check_config(cfg: dict, where: str = "") -> None:
+    from ..train.config import STAGE_CONFIGS
+
+    world_fields = {f.name for f in fields(WorldConfig)}
+    for key, value in cfg.items():
+        if key in TOP:
+            continue
+        if key == "world":
+            unknown = sorted(set(value or {}) - world_fields)
+            if unknown:
+                raise ValueError(f"{where}world has no setting {unknown[0]!r}")
+        elif key in SECTIONS:
+            names = {f.name for f in fields(STAGE_CONFIGS[SECTIONS[key]])}
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{key}: expected a mapping of settings")
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"{where}{key} has no setting {unknown[0]!r}")
+        else:
+            sections = ", ".join([*TOP, "world", *SECTIONS])
+            raise ValueError(f"{where}unknown recipe setting {key!r} (settings: {sections})")
+
+
+class Recipe:
+    def __init__(self, cfg: dict, out: Path, resume: bool = False, log=print):
+        self.cfg = {**TOP, **cfg}
+        self.out = out
+        self.resume = resume
+        self.log = log
+        self.state_path = out / "recipe.json"
+        self.state = {"done": {}, "config": self.cfg}
+        if resume:
+            if not self.state_path.exists():
+                raise ValueError(f"{out}: --resume, but no recipe was started there")
+            self.state = json.loads(self.state_path.read_text())
+            if self.state["config"] != json.loads(json.dumps(self.cfg)):
+                self.log("resuming with the configuration the recipe was started with")
+            self.cfg = self.state["config"]
+        elif out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty: pass --resume, or choose another --out")
+
+    # --- paths ---------------------------------------------------------------------------
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    def model(self, stage: str) -> Path:
+        return self.out / stage / "model"
+
+    def save_state(self) -> None:
+        write_atomic(self.state_path, json.dumps(self.state, indent=1))
+
+    # --- running stages --------------------------------------------------------------------
+    def stage_config(self, section: str, name: str, **settings):
+        """Write OUT/configs/NAME.yaml (the section's settings, the recipe's wiring, seed and
+        threads) and load it as the stage command would."""
+        from ..train.config import load_train_config
+
+        values = {
+            "seed": self.cfg["seed"],
+            "threads": self.cfg["threads"],
+            **(self.cfg.get(section) or {}),
+            **settings,
+        }
+        path = self.out / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, yaml.safe_dump(values, sort_keys=False))
+        return load_train_config(path, stage=SECTIONS[section])
+
+    def resumable(self, run_dir: Path, products: Sequence[str] = ()) -> bool:
+        from ..train.rundir import latest_checkpoint
+
+        return self.resume and (
+            latest_checkpoint(run_dir) is not None or any((run_dir / p).exists() for p in products)
+        )
+
+    def run(self, only: Sequence[str] | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.save_state()
+        t_all = time.perf_counter()
+        steps: dict[str, Callable[[], None]] = {s: getattr(self, f"_{s}") for s in STAGES}
+        for i, name in enumerate(STAGES, 1):
+            if name in self.state["done"]:
+                self.log(f"[recipe {i}/{len(STAGES)}] {name}: done earlier")
+                continue
+            self.log(f"[recipe {i}/{len(STAGES)}] {name} ...")
+            t0 = time.perf_counter()
+            steps[name]()
+            self.state["done"][name] = time.perf_counter() - t0
+            self.save_state()
+            self.log(f"[recipe {i}/{len(STAGES)}] {name} done in {self.state['done'][name]:.0f}s")
+        self.log(f"[recipe] total {time.perf_counter() - t_all:.0f}s this run")
+        return json.loads((self.out / "report.json").read_text())
+
+    # --- the stages ------------------------------------------------------------------------
+    def _data(self) -> None:
+        from ..data import prepare_corpus, stdlib_documents
+        from ..tokenizer import train_tokenizer
+        from .world import write_world
+
+        world = WorldConfig(**{"seed": self.cfg["seed"], **(self.cfg.get("world") or {})})
+        manifest = write_world(world, self.data)
+        docs = (self.data / "corpus" / "world.txt").read_text().split("\n\n")
+        code = stdlib_documents(self.cfg["stdlib_bytes"])
+        text = self.data / "corpus" / "all.txt"
+        write_atomic(text, "\n".join(docs + code))
+        tok = train_tokenizer([text], self.cfg["vocab_size"], self.data / "tokenizer.model")
+        text.unlink()
+        shards = prepare_corpus(
+            docs + code, tok, self.data / "shards", val_every=50, overwrite=True
+        )
+        self.log(
+            f"  world: {manifest['documents']} documents + {len(code)} standard library files, "
+            f"{shards['train']['tokens']:,} training tokens; "
+            + ", ".join(f"{k} {v}" for k, v in manifest["files"].items())
+        )
+
+    def _pretrain(self) -> None:
+        from ..train.pretrain import pretrain
+
+        run = self.out / "base"
+        cfg = self.stage_config(
+            "pretrain",
+            "pretrain",
+            data=str(self.data / "shards"),
+            tokenizer=str(self.data / "tokenizer.model"),
+        )
+        pretrain(cfg, run, resume=self.resumable(run))
+
+    def _sft_run(self, name: str, data: str) -> None:
+        from ..train.sft import sft
+
+        run = self.out / name
+        cfg = self.stage_config("sft", name, init_from=str(self.model("base")), data=data)
+        sft(cfg, run, resume=self.resumable(run))
+
+    def _sft(self) -> None:
+        self._sft_run("sft", str(self.data / "sft.jsonl"))
+
+    def _sft_noisy(self) -> None:
+        self._sft_run("sft_noisy", str(self.data / "sft_noisy.jsonl"))
+
+    def _reward(self, kind: str) -> None:
+        from ..train.reward import reward
+
+        run = self.out / f"rm_{kind}"
+        data = str(self.data / f"pairs_{kind}.jsonl")
+        cfg = self.stage_config("reward", f"rm_{kind}", init_from=str(self.model("sft")), data=data)
+        reward(cfg, run, resume=self.resumable(run))
+
+    def _reward_helpful(self) -> None:
+        self._reward("helpful")
+
+    def _reward_safety(self) -> None:
+        self._reward("safety")
+
+    def _rejection(self) -> None:
+        from ..train.rejection import rejection
+
+        policy, previous = self.model("sft"), None
+        for k in range(1, self.cfg["rejection_rounds"] + 1):
+            name = f"rejection{k}"
+            run = self.out / name
+            settings = {
+                "init_from": str(policy),
+                "data": str(self.data / "prompts_rejection.jsonl"),
+                "reward_model": str(self.model("rm_helpful")),
+                "safety_model": str(self.model("rm_safety")),
+                "previous": str(previous) if previous else None,
+                "seed": self.cfg["seed"] + k,  # each round samples afresh
+            }
+            cfg = self.stage_config("rejection", name, **settings)
+            if not (run / "model").exists() or not self.resume:
+                rejection(cfg, run, resume=self.resumable(run, ("best.jsonl",)))
+                _model_link(run)
+            policy, previous = run / "model", run / "best.jsonl"
+        (self.out / "rejection").mkdir(exist_ok=True)
+        point_link(self.out / "rejection" / "model", policy)
+
+    def _ppo(self) -> None:
+        from ..train.ppo import ppo
+
+        run = self.out / "ppo"
+        cfg = self.stage_config(
+            "ppo",
+            "ppo",
+            init_from=str(self.model("rejection")),
+            data=str(self.data / "prompts_ppo.jsonl"),
+            reward_model=str(self.model("rm_helpful")),
+            safety_model=str(self.model("rm_safety")),
+        )
+        ppo(cfg, run, resume=self.resumable(run))
+
+    def _gatt(self) -> None:
+        from ..train.gatt import gatt
+
+        run = self.out / "gatt"
+        cfg = self.stage_config(
+            "gatt", "gatt", init_from=str(self.model("ppo")), data=str(self.data / "gatt.jsonl")
+        )
+        gatt(cfg, run, resume=self.resumable(run, ("gatt.jsonl",)))
+        _model_link(run)
+        point_link(self.out / "chat", self.model("gatt"))
+
+    def _eval(self) -> None:
+        from .evaluate import evaluate_recipe
+
+        evaluate_recipe(self)
+
+    def _report(self) -> None:
+        from .report import write_report
+
+        write_report(self)
+
+
+def _model_link(run: Path) -> None:
+    """RUN/model of a stage that fine-tunes in RUN/sft (rejection sampling, GAtt)."""
+    if not (run / "model").exists():
+        point_link(run / "model", run / "sft" / "model")
+
+
+def run_recipe(
+    out: str | Path,
+    config: str | Path | None = None,
+    smoke: bool = False,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
+) -> dict:
+    cfg = (
+        load_config(config, overrides)
+        if config
+        else apply_overrides(default_config(smoke), overrides)
+    )
+    out = Path(out)
+    return Recipe(cfg, out, resume, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
