@@ -241,7 +241,8 @@ class World:
         while True:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
             if (kind == "compare" and a == b) or (
-                _held(f"{kind}:{min(a, b)}:{max(a, b)}", self.cfg.seed, self.cfg.held_share) != held
+                # one draw per pair of numbers, whatever the task: a held-out pair is unseen
+                _held(f"pair:{min(a, b)}:{max(a, b)}", self.cfg.seed, self.cfg.held_share) != held
             ):
                 continue
             return a, b
