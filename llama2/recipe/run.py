@@ -53,6 +53,7 @@ SECTIONS = {
 TOP = {
     "seed": 0,
     "threads": 0,
+    "device": "auto",  # every stage's and the evaluation's: auto = cuda if available
     "vocab_size": 2048,
     "stdlib_bytes": 400_000,  # of the standard library's sources in the pretraining corpus
     "rejection_rounds": 2,
@@ -89,11 +90,13 @@ def apply_overrides(cfg: dict, overrides: Sequence[str], where: str = "") -> dic
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        section, _, name = key.partition(".")
-        if name:
-            cfg.setdefault(section, {})[name] = yaml.safe_load(value)
-        else:
-            cfg[key] = yaml.safe_load(value)
+        *path, name = key.split(".")  # pretrain.model_args.dim=256 sets a nested value
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a section")
+        node[name] = yaml.safe_load(value)
     check_config(cfg, where)
     return cfg
 
@@ -159,6 +162,7 @@ class Recipe:
         values = {
             "seed": self.cfg["seed"],
             "threads": self.cfg["threads"],
+            "device": self.cfg["device"],
             **(self.cfg.get(section) or {}),
             **settings,
         }
@@ -175,6 +179,10 @@ class Recipe:
         )
 
     def run(self, only: Sequence[str] | None = None) -> dict:
+        if self.cfg["threads"]:  # the stages set it too; this is for the evaluation
+            import torch
+
+            torch.set_num_threads(self.cfg["threads"])
         self.out.mkdir(parents=True, exist_ok=True)
         self.save_state()
         t_all = time.perf_counter()
