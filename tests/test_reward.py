@@ -705,6 +705,7 @@ def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
     stage = build_dpo(load_train_config(None, args, stage="dpo"), torch.device("cpu"), Dist())
     tokens, mask, _ = stage.batch(0, 0, 1)
     history = None
+    ends = []
     for k, answer in enumerate((row["chosen"], row["rejected"])):
         segs = chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": answer}])
         full_prompt = [t for p, a in segs[:-1] for t in p + a] + segs[-1][0]
@@ -716,9 +717,11 @@ def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
         assert kept[0] == small_tokenizer.bos_id and kept[1:] == full_prompt[-(len(kept) - 1) :]
         assert tokens[k, start : start + n_loss].tolist() == segs[-1][1][:n_loss]
         assert start + n_loss <= seq_len + 1
+        ends.append(start + n_loss)  # the row's real tokens: prompt, then its answer
         if history is None:
             history = kept
         assert kept == history  # the same prompt tokens in chosen and rejected
+    assert stage.batch_tokens((tokens, mask, None)) == sum(ends) < tokens.numel()
     assert int(mask[1].sum()) == len(
         chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": "No."}])[-1][1]
     )
