@@ -42,7 +42,7 @@ from .losses import (
     ppo_rewards,
     ppo_value_loss,
 )
-from .rejection import Grade, held_out_quality, read_prompts, score
+from .rejection import Grade, grader, held_out_quality, read_prompts, score
 
 
 def token_logprobs(
@@ -66,8 +66,9 @@ class PPO:
     ):
         if not (cfg.init_from and cfg.data and cfg.reward_model):
             raise ValueError("ppo needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
-        self.cfg, self.device, self.grade = cfg, torch.device(device), grade
+        self.cfg, self.device = cfg, torch.device(device)
         prompts = read_prompts(cfg.data)  # checked before any model is loaded
+        self.grade = grader(prompts, grade)
 
         def fp32(path):
             return load(path, dtype=torch.float32, device=device)

@@ -58,14 +58,22 @@ def read_prompts(path: str | Path) -> list[dict]:
     return out
 
 
+def grader(prompts: list[dict], grade: Grade | None = None) -> Grade | None:
+    """`grade`, or llama2.eval.judges.grade (imported lazily: the graders belong to the
+    evaluation package) when some prompt carries a check; resolved before any sampling, so
+    that a missing grader fails at once."""
+    if grade is None and any("check" in p for p in prompts):
+        from ..eval.judges import grade
+    return grade
+
+
 def graded_means(prompts: list[dict], answers: list[str], grade: Grade | None = None) -> dict:
     """The mean of each number `grade(check, answer)` gives, over the answers to prompts that
     carry a check (a key counts only the answers it was given for); {} if none has one."""
     checked = [(p["check"], a) for p, a in zip(prompts, answers, strict=True) if "check" in p]
     if not checked:
         return {}
-    if grade is None:  # lazily: the graders belong to the evaluation package
-        from ..eval.judges import grade
+    grade = grader(prompts, grade)
     values: dict[str, list[float]] = {}
     for check, answer in checked:
         for key, v in grade(check, answer).items():
@@ -201,6 +209,7 @@ def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = Non
         raise ValueError("rejection needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
     every = read_prompts(cfg.data)
     previous = read_previous(cfg.previous) if cfg.previous else {}
+    grade = grader(every, grade)
     # (index in the file, prompt): training prompts are sampled, held-out ones evaluated
     prompts = [(i, p) for i, p in enumerate(every) if not held_out(i)]
     held = [p for i, p in enumerate(every) if held_out(i)]
