@@ -233,6 +233,17 @@ STAGES = {
 }
 
 
+def _settings_help(kind) -> str:
+    """A stage's settings, one a line with its default: `--help`'s epilog."""
+    lines = ["settings (key=value on the command line, or in --config FILE), with defaults:"]
+    for f in dataclasses.fields(kind):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if default is None or isinstance(default, bool):  # as YAML writes them
+            default = {None: "null", True: "true", False: "false"}[default]
+        lines.append(f"  {f.name} = {default}")
+    return "\n".join(lines)
+
+
 def cmd_stage(args) -> None:
     import importlib
 
@@ -372,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.config import STAGE_CONFIGS
 
     for name, (_, help_) in STAGES.items():
-        settings = ", ".join(f.name for f in dataclasses.fields(STAGE_CONFIGS[name]))
-        s = sub.add_parser(name, help=help_, epilog=f"settings (key=value): {settings}")
+        s = sub.add_parser(
+            name,
+            help=help_,
+            epilog=_settings_help(STAGE_CONFIGS[name]),
+            formatter_class=argparse.RawDescriptionHelpFormatter,  # one setting a line
+        )
         s.add_argument("--config", default=None, help="YAML run config (configs/)")
         s.add_argument("--out", required=True, help="run directory")
         s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

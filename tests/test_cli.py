@@ -73,5 +73,12 @@ def test_training_verbs_take_only_their_stage_settings(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # refused before anything is written
     with pytest.raises(SystemExit):
         cli(["sft", "--help"])
-    settings = capsys.readouterr().out.split("settings (key=value):")[1]
-    assert "lora_rank" in settings and "kl_beta" not in settings
+    settings = capsys.readouterr().out.split("with defaults:")[1]
+    # one setting a line, with its default (argparse must not reflow the list)
+    lines = settings.strip().splitlines()
+    assert "  lora_rank = 0" in settings and "  epochs = 0.0" in settings
+    assert "  init_from = null" in settings and "  compile = false" in settings
+    assert all(" = " in line for line in lines) and "kl_beta" not in settings
+    with pytest.raises(SystemExit):
+        cli(["ppo", "--help"])
+    assert "  kl_beta = 0.01\n" in capsys.readouterr().out

@@ -1,8 +1,17 @@
+import math
+
 import torch
 
 from llama2 import Llama, Transformer, get_preset
 from llama2.data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
 from llama2.data.sft import encode_for_training
+
+
+def load_metrics(run):
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
 
 TURNS = ["What is a list?", "And a tuple?", "Which is faster?"]
 RULE = 'Always end your answer with "Over."'
@@ -80,7 +89,7 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
     overrides = [
         f"init_from={base}",
         f"data={data}",
-        "steps=4",
+        "epochs=2",
         "batch_size=2",
         "seq_len=128",
         "lr=1e-3",
@@ -91,7 +100,23 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
         "max_new_tokens=5",
         "temperature=0.8",
     ]
-    report = gatt(load_train_config(None, overrides, stage="gatt"), tmp_path / "run")
+    cfg = load_train_config(None, overrides, stage="gatt")
+    report = gatt(cfg, tmp_path / "run")
+    # epochs sets the fine-tuning's steps, as in sft: 2 passes over the training rows
+    from llama2.data.sft import pack
+    from llama2.data.split import split_held_out
+
+    encoded = [
+        training_example(small_tokenizer, json.loads(x)["messages"])
+        for x in (tmp_path / "run" / "gatt.jsonl").read_text().splitlines()
+    ]
+    n_rows = pack(split_held_out(encoded)[0], cfg.seq_len)[0].shape[0]
+    steps = [m["step"] for m in load_metrics(tmp_path / "run" / "sft") if "loss" in m]
+    assert steps == list(range(1, math.ceil(2 * n_rows / 2) + 1)) and len(steps) < cfg.steps
+    config = (tmp_path / "run" / "config.yaml").read_text().splitlines()
+    assert f"steps: {steps[-1]}" in config  # the run's record: the steps it ran
+    # RUN/model is the tuned model, as in every run directory
+    assert (tmp_path / "run" / "model").resolve() == (tmp_path / "run" / "sft" / "model").resolve()
     dialogs = [
         json.loads(x)["messages"]
         for x in (tmp_path / "run" / "gatt.jsonl").read_text().splitlines()
@@ -117,26 +142,57 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
     assert report["adherence_by_turn"] == [sum(v) / len(v) for v in verdicts]
 
 
-def test_gatt_samples_every_turn_of_every_dialog_with_its_own_seed(tmp_path, monkeypatch):
+def test_gatt_samples_each_turn_of_all_dialogs_in_one_batch_with_its_own_seed(
+    tmp_path, monkeypatch
+):
     import json
     from types import SimpleNamespace
 
+    from llama2.data.split import derive_seed
     from llama2.train import gatt as gatt_module
     from llama2.train import load_train_config
 
-    seeds = []
+    calls = []
 
-    class FakeChat:  # records each sampling call's seed; answers honour nothing in particular
-        def chat(self, dialog, seed=None, **sampling):
-            seeds.append(seed)
-            return SimpleNamespace(text=f"reply {len(seeds)}")
+    class FakeChat:  # records each call's dialogs and seed; answers honour nothing in particular
+        def chat(self, dialogs, seed=None, **sampling):
+            calls.append(([len(d) for d in dialogs], seed))
+            return [SimpleNamespace(text=f"reply {len(calls)}") for _ in dialogs]
 
     monkeypatch.setattr(gatt_module, "load", lambda *a, **k: FakeChat())
     monkeypatch.setattr(gatt_module, "sft", lambda *a, **k: [])
     data = tmp_path / "turns.jsonl"
-    data.write_text("\n".join(json.dumps({"turns": TURNS}) for _ in range(3)))
+    # three dialogs of three turns and one of two
+    data.write_text("\n".join(json.dumps({"turns": t}) for t in [TURNS] * 3 + [TURNS[:2]]))
     args = [f"init_from={tmp_path}", f"data={data}", "temperature=0.8", "max_new_tokens=3"]
     gatt_module.gatt(load_train_config(None, args, stage="gatt"), tmp_path / "run")
-    sampled = seeds[: 3 * len(TURNS)]  # then come the greedy adherence checks, unseeded
-    assert None not in sampled and len(set(sampled)) == len(sampled)
-    assert seeds[3 * len(TURNS) :] == [None] * (3 * len(TURNS))
+    # sampling: one batched call per turn (the dialogs that have it), seeded per turn
+    assert calls[:3] == [
+        ([1] * 4, derive_seed(0, "answers", 0, 0)),
+        ([3] * 4, derive_seed(0, "answers", 1, 0)),
+        ([5] * 3, derive_seed(0, "answers", 2, 0)),
+    ]
+    # then the greedy adherence checks, batched the same way, unseeded
+    assert calls[3:] == [([1] * 4, None), ([3] * 4, None), ([5] * 3, None)]
+    dialogs = [json.loads(x)["messages"] for x in (tmp_path / "run" / "gatt.jsonl").open()]
+    assert [m["content"] for m in dialogs[3] if m["role"] == "assistant"] == ["reply 1", "reply 2"]
+    # sample_rows: at most that many dialogs a call, each batch its own seed
+    calls.clear()
+    small = [*args, "sample_rows=3"]
+    gatt_module.gatt(load_train_config(None, small, stage="gatt"), tmp_path / "run2")
+    assert calls[:2] == [
+        ([1] * 3, derive_seed(0, "answers", 0, 0)),
+        ([1], derive_seed(0, "answers", 0, 1)),
+    ]
+
+
+def test_sample_dialogs_batches_ragged_dialogs_as_one_at_a_time_would():
+    from llama2.data.gatt import sample_dialogs
+
+    def answer(dialog):  # depends on the whole dialog so far
+        return f"{len(dialog)}:{dialog[-1]['content'][-3:]}"
+
+    turns = [TURNS, TURNS[:1], TURNS[:2]]
+    rules = [RULE, "Answer in French", RULE]
+    batched = sample_dialogs(lambda ds, k: [answer(d) for d in ds], rules, turns)
+    assert batched == [sample_dialog(answer, r, t) for r, t in zip(rules, turns, strict=True)]

@@ -11,6 +11,7 @@ from llama2.train.losses import (
     dpo_loss,
     gae,
     per_token_kl,
+    per_token_kl_k3,
     ppo_policy_loss,
     ppo_rewards,
     ppo_value_loss,
@@ -133,3 +134,15 @@ def test_combined_reward_gates_on_the_probability_and_passes_the_raw_score():
     r_safe = torch.tensor([-1.8, -1.7])
     out = combined_reward(r_help, r_safe, torch.tensor([False, False]))
     assert out.tolist() == pytest.approx([-1.8, 20.0])
+
+
+def test_k3_kl_is_never_negative_where_the_log_ratio_is():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    # r = ref - logp = -0.5, 1.0, 0.0: exp(r) - r - 1 by hand
+    want = [math.exp(-0.5) + 0.5 - 1, math.e - 1 - 1, 0.0]
+    assert per_token_kl_k3(logp, ref).tolist() == pytest.approx(want, rel=1e-6)
+    assert per_token_kl(logp, ref).sum() < 0 < per_token_kl_k3(logp, ref).sum()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    assert per_token_kl_k3(a, b).min() >= 0

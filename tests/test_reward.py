@@ -6,6 +6,7 @@ import torch
 
 from llama2 import Transformer, get_preset, load, save_hf
 from llama2.data.preferences import read_preferences
+from llama2.data.sft import encode_for_training
 from llama2.formats import DialogError
 from llama2.train import load_train_config
 from llama2.train.reward import pad, reward, scores
@@ -66,9 +67,11 @@ def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tok
         "margin=small",
     ]
     metrics = reward(load_train_config(None, overrides, stage="reward"), tmp_path / "rm")
-    # held out: every 10th pair (6 of 60)
+    # held out: every 10th pair (6 of 60); step 0: their accuracy before training
+    assert metrics[0]["step"] == 0 and "val_accuracy" in metrics[0]
     assert metrics[-1]["val_accuracy"] >= 0.99
-    assert metrics[-1]["loss"] < 0.2 < metrics[0]["loss"]
+    assert metrics[-1]["loss"] < 0.2 < metrics[1]["loss"]
+    assert not any("val_ppl" in m for m in metrics)  # exp of a ranking loss means nothing
 
     rm = load(tmp_path / "rm" / "model")
     assert rm.head == "score" and rm.model.output.weight.shape == (1, cfg.dim)
@@ -103,6 +106,79 @@ def test_preference_records_are_validated(tmp_path):
     f.write_text(json.dumps({**ok, "prompt": msgs}))
     (p,) = read_preferences(f)
     assert p.prompt == msgs and p.margin == 1.5 and p.is_safety
+    # is_safety: JSON true/false only (bool("no") would be True), absent or null = false
+    for text in ("no", "false", 1):
+        f.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "is_safety": text}))
+        with pytest.raises(DialogError, match=r"p.jsonl:2: field 'is_safety' must be true or"):
+            read_preferences(f)
+    f.write_text(json.dumps({k: v for k, v in ok.items() if k != "is_safety"}))
+    assert read_preferences(f)[0].is_safety is False
+
+
+def test_prompt_records_are_strict_about_is_safety_and_check(tmp_path):
+    from llama2.train.rejection import read_prompts
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "is_safety": True, "check": {"answer": "4"}}))
+    assert read_prompts(f) == [
+        {"prompt": [{"role": "user", "content": "q"}], "is_safety": True, "check": {"answer": "4"}}
+    ]
+    f.write_text(
+        json.dumps({"prompt": "q"}) + "\n" + json.dumps({"prompt": "q", "is_safety": "no"})
+    )
+    with pytest.raises(DialogError, match=r"prompts.jsonl:2: field 'is_safety' must be true or"):
+        read_prompts(f)
+    f.write_text(json.dumps({"prompt": "q", "check": "4"}))
+    with pytest.raises(DialogError, match=r"prompts.jsonl:1: field 'check' must be a JSON object"):
+        read_prompts(f)
+    f.write_text(json.dumps({"prompt": "q"}))
+    assert read_prompts(f)[0]["is_safety"] is False and "check" not in read_prompts(f)[0]
+
+
+def test_reward_accuracy_by_kind_and_real_token_counts(small_tokenizer, tmp_path):
+    from llama2.train.loop import Dist
+    from llama2.train.reward import build_reward
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    rows = [
+        {
+            "prompt": f"Tell me about {t}.",
+            "chosen": f"{t} work." * (1 + i % 3),
+            "rejected": "No.",
+            "is_safety": i == 19,  # held out: pairs 9 (helpful) and 19 (safety)
+        }
+        for i, t in enumerate(TOPICS)
+    ]
+    data = _prompts_file(tmp_path / "pairs.jsonl", rows)
+    args = [f"init_from={base}", f"data={data}", "seq_len=64", "batch_size=4"]
+    stage = build_reward(load_train_config(None, args, stage="reward"), torch.device("cpu"), Dist())
+    with torch.no_grad():
+        got = stage.val_metrics(stage.model)
+    right = []
+    for row in (rows[9], rows[19]):
+        seqs = [
+            encode_for_training(
+                small_tokenizer,
+                [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": a}],
+            )[0]
+            for a in (row["chosen"], row["rejected"])
+        ]
+        with torch.no_grad():
+            s = [stage.model(torch.tensor([ids]))[0, -1, 0].item() for ids in seqs]
+        right.append(float(s[0] > s[1]))
+    assert got["val_accuracy_helpful"] == right[0] and got["val_accuracy_safety"] == right[1]
+    # one kind only among the held-out pairs: no split
+    data = _prompts_file(tmp_path / "pairs.jsonl", [{**r, "is_safety": False} for r in rows])
+    stage = build_reward(load_train_config(None, args, stage="reward"), torch.device("cpu"), Dist())
+    with torch.no_grad():
+        assert "val_accuracy_safety" not in stage.val_metrics(stage.model)
+    # tokens_per_s counts the pairs' real tokens, not the padding
+    batch = stage.batch(0, 0, 1)
+    tokens, lengths, _ = batch
+    assert stage.batch_tokens(batch) == int(lengths.sum()) < tokens.numel()
+    assert stage.loss_label == "ranking loss" and not stage.perplexity
 
 
 def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
@@ -136,7 +212,8 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
         "beta=0.1",
     ]
     metrics = dpo(load_train_config(None, overrides, stage="dpo"), tmp_path / "dpo")
-    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
+    assert metrics[1]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
+    assert metrics[0]["val_reward_accuracy"] <= 1.0 and "val_ppl" not in metrics[-1]
     assert metrics[-1]["loss"] < 0.3 and metrics[-1]["val_reward_accuracy"] == 1.0
     tuned = load(tmp_path / "dpo" / "model")
     assert tuned.head == "lm" and tuned.generate("x", max_new_tokens=2, temperature=0).token_ids
@@ -184,6 +261,11 @@ def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_p
         mine = [s for s in samples if s["prompt_index"] == b["prompt_index"]]
         assert b["score"] == max(s["score"] for s in mine) and b["round"] == 0
     assert load(tmp_path / "r1" / "sft" / "model").head == "lm"
+    # RUN/model, as in every run directory: the tuned model, for generate and the next stage
+    run_model = (tmp_path / "r1" / "model").resolve()
+    assert run_model == (tmp_path / "r1" / "sft" / "model").resolve() and load(run_model)
+    quality = json.loads((tmp_path / "r1" / "eval.json").read_text())
+    assert quality["samples_reward"] == pytest.approx(sum(x["score"] for x in samples) / 12)
     # round 2 with another seed: an earlier winner that still scores higher stays
     round2 = [*common, "seed=5", f"previous={tmp_path / 'r1' / 'best.jsonl'}"]
     rejection(load_train_config(None, round2, stage="rejection"), tmp_path / "r2")
@@ -247,7 +329,8 @@ def test_ppo_killed_and_resumed_continues_with_the_same_metrics(small_tokenizer,
 
     run(tmp_path / "ref")
     ref = metrics(tmp_path / "ref")
-    assert len(ref) == 12
+    assert len(ref) == 13  # step 0 (the held-out evaluation before training), then 12
+    assert set(ref[0]) == {"step", "held_out_reward"} and ref[0]["step"] == 0
     for key in (
         "reward",
         "kl",
@@ -257,22 +340,23 @@ def test_ppo_killed_and_resumed_continues_with_the_same_metrics(small_tokenizer,
         "policy_loss",
         "value_loss",
     ):
-        assert all(math.isfinite(m[key]) for m in ref), key
-    assert "held_out_reward" in ref[3] and ref[0]["kl"] == pytest.approx(0, abs=1e-5)
+        assert all(math.isfinite(m[key]) for m in ref[1:]), key
+    assert "held_out_reward" in ref[4] and ref[1]["kl"] == pytest.approx(0, abs=1e-5)
+    assert all(m["kl"] >= 0 for m in ref[1:])  # k3: never negative, unlike kl_logratio
 
     p = run(tmp_path / "run", wait=False)
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill between the checkpoints of iterations 4 and 8
-        if log.exists() and len(log.read_text().splitlines()) >= 6:
+        if log.exists() and len(log.read_text().splitlines()) >= 7:
             break
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert 6 <= len(metrics(tmp_path / "run")) < 12, "not killed mid-way"
+    assert 7 <= len(metrics(tmp_path / "run")) < 13, "not killed mid-way"
     run(tmp_path / "run", resume=True)
     after = metrics(tmp_path / "run")
-    assert [m["step"] for m in after] == list(range(1, 13))
+    assert [m["step"] for m in after] == list(range(0, 13))
     for a, b in zip(after, ref, strict=True):
         assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}, a["step"]
     assert load(tmp_path / "run" / "model").head == "lm"
@@ -285,9 +369,52 @@ def test_ppo_stops_early_when_held_out_reward_stalls(small_tokenizer, tmp_path):
     # a learning rate too small to move: the held-out reward cannot improve after the first look
     cfg = load_train_config(None, [*args, "lr=1e-12", "patience=1"], stage="ppo")
     metrics = ppo(cfg, tmp_path / "stall")
-    assert len(metrics) == 8 and metrics[-1]["early_stop"] is True
-    assert metrics[3]["held_out_reward"] == metrics[7]["held_out_reward"]
+    assert len(metrics) == 9 and metrics[-1]["early_stop"] is True  # steps 0 to 8
+    assert metrics[4]["held_out_reward"] == metrics[8]["held_out_reward"]
     assert (tmp_path / "stall" / "checkpoints" / "step_0000008").is_dir()
+
+
+def _grade(check: dict, answer: str) -> dict[str, float]:
+    """A hand-written grader with llama2.eval.judges.grade's signature."""
+    out = {"task_accuracy": float(check["word"] in answer)}
+    if check.get("unsafe"):
+        out["safety_violation"] = float(len(answer) > 3)
+    return out
+
+
+def test_ppo_grades_held_out_greedy_answers_at_iteration_0_and_each_evaluation(
+    small_tokenizer, tmp_path
+):
+    from llama2.train.ppo import ppo
+    from llama2.train.rejection import score
+
+    args = _ppo_setup(small_tokenizer, tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(x) for x in prompts.read_text().splitlines()]
+    for i, r in enumerate(rows):  # checks on all but one held-out prompt (9 and 19)
+        if i != 19:
+            r["check"] = {"word": "e", "unsafe": i == 9}
+    _prompts_file(prompts, rows)
+    cfg = load_train_config(None, [*args, "steps=2", "eval_every=2", "ckpt_every=2"], stage="ppo")
+    metrics = ppo(cfg, tmp_path / "run", grade=_grade)
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    keys = {"held_out_reward", "held_out_task_accuracy", "held_out_safety_violation"}
+    assert keys <= set(metrics[0]) and keys <= set(metrics[2]) and "reward" not in metrics[0]
+    # step 0: the initial policy's greedy answers, graded and scored (the same answers)
+    policy, helpful = load(cfg.init_from), load(cfg.reward_model, dtype=torch.float32)
+    held = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "is_safety": r["is_safety"]}
+        for r in (rows[9], rows[19])
+    ]
+    answers = [
+        policy.chat(p["prompt"], temperature=0, max_new_tokens=cfg.max_new_tokens).text
+        for p in held
+    ]
+    graded = _grade(rows[9]["check"], answers[0])  # the only held-out prompt with a check
+    assert metrics[0]["held_out_task_accuracy"] == graded["task_accuracy"]
+    assert metrics[0]["held_out_safety_violation"] == graded["safety_violation"]
+    want = float(score(helpful, helpful, held, answers).mean())
+    assert metrics[0]["held_out_reward"] == pytest.approx(want, abs=1e-4)
 
 
 def _scale_reward_head(rm_dir, factor: float, name: str = "rm-scaled"):
@@ -409,6 +536,8 @@ def test_ppo_rollout_numbers_derived_independently(small_tokenizer, tmp_path, mo
         assert got == pytest.approx(logps[i], abs=1e-4), "log-probs at the sampling temperature"
         kl = [a - b for a, b in zip(logps[i], refs[i], strict=True)]
         assert [ro["kl"][i, t].item() for t in pos] == pytest.approx(kl, abs=1e-4)
+        k3 = [math.exp(-x) + x - 1 for x in kl]  # logged: exp(ref - logp) - (ref - logp) - 1
+        assert [ro["kl_k3"][i, t].item() for t in pos] == pytest.approx(k3, abs=1e-4)
         assert [ro["values"][i, t].item() for t in pos] == pytest.approx(values[i], abs=1e-4)
     assert ro["r_c"].tolist() == pytest.approx(scores, abs=1e-4)
 
@@ -576,6 +705,7 @@ def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
     stage = build_dpo(load_train_config(None, args, stage="dpo"), torch.device("cpu"), Dist())
     tokens, mask, _ = stage.batch(0, 0, 1)
     history = None
+    ends = []
     for k, answer in enumerate((row["chosen"], row["rejected"])):
         segs = chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": answer}])
         full_prompt = [t for p, a in segs[:-1] for t in p + a] + segs[-1][0]
@@ -587,9 +717,11 @@ def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
         assert kept[0] == small_tokenizer.bos_id and kept[1:] == full_prompt[-(len(kept) - 1) :]
         assert tokens[k, start : start + n_loss].tolist() == segs[-1][1][:n_loss]
         assert start + n_loss <= seq_len + 1
+        ends.append(start + n_loss)  # the row's real tokens: prompt, then its answer
         if history is None:
             history = kept
         assert kept == history  # the same prompt tokens in chosen and rejected
+    assert stage.batch_tokens((tokens, mask, None)) == sum(ends) < tokens.numel()
     assert int(mask[1].sum()) == len(
         chat_segments(small_tokenizer, [*prompt, {"role": "assistant", "content": "No."}])[-1][1]
     )
@@ -623,3 +755,79 @@ def test_reward_model_truncation_keeps_bos_and_the_end(small_tokenizer, tmp_path
         got = tokens[k, : lengths[k]].tolist()
         assert len(got) == seq_len  # BOS, then the last seq_len - 1 tokens (the score's EOS)
         assert got == [small_tokenizer.bos_id] + full[-(seq_len - 1) :]
+
+
+def test_rejection_checks_previous_before_sampling(small_tokenizer, tmp_path, monkeypatch):
+    from llama2.train import rejection as rejection_module
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(rejection_module, "load", no_model)
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": "Explain sets."}])
+    base = _rejection_args(tmp_path / "policy", tmp_path / "rm", prompts)
+    missing = tmp_path / "rs0" / "best.jsonl"
+    cfg = load_train_config(None, [*base, f"previous={missing}"], stage="rejection")
+    with pytest.raises(DialogError, match=r"previous=.*rs0/best.jsonl: no such file.*first round"):
+        rejection_module.rejection(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "samples.jsonl").exists()
+    bad = _prompts_file(tmp_path / "best.jsonl", [{"prompt": [], "answer": "x"}, {"prompt": "q"}])
+    cfg = load_train_config(None, [*base, f"previous={bad}"], stage="rejection")
+    with pytest.raises(DialogError, match=r"best.jsonl:2: field 'prompt' must be a list"):
+        rejection_module.sample_and_select(cfg, tmp_path / "r")
+
+
+def test_rejection_samples_several_prompts_per_batch_seeded_per_batch():
+    from types import SimpleNamespace
+
+    from llama2.data.split import derive_seed
+    from llama2.train.rejection import sample_answers
+
+    calls = []
+
+    class FakePolicy:  # answers name the dialog and the row's seed (generation: seed + row)
+        def chat(self, dialogs, seed=None, **sampling):
+            calls.append((len(dialogs), seed))
+            return [
+                SimpleNamespace(text=f"{d[0]['content']}|{seed + j}") for j, d in enumerate(dialogs)
+            ]
+
+    prompts = [{"prompt": [{"role": "user", "content": f"p{i}"}]} for i in range(5)]
+    args = ["samples_per_prompt=3", "sample_rows=6", "seed=7"]
+    cfg = load_train_config(None, args, stage="rejection")
+    answers = sample_answers(FakePolicy(), prompts, cfg)
+    # 2 prompts x 3 samples a batch: 3 batches (the last one prompt), each its own seed
+    assert calls == [(6, derive_seed(7, "samples", b)) for b in range(2)] + [
+        (3, derive_seed(7, "samples", 2))
+    ]
+    for i, group in enumerate(answers):
+        b, row = divmod(i, 2)
+        seed = derive_seed(7, "samples", b)
+        assert group == [f"p{i}|{seed + row * 3 + k}" for k in range(3)]
+    assert sample_answers(FakePolicy(), prompts, cfg) == answers  # a function of the seed
+
+
+def test_rejection_reports_graded_quality_of_samples_and_held_out_answers(
+    small_tokenizer, tmp_path
+):
+    from llama2.train.rejection import sample_and_select, score
+
+    policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
+    rows = [{"prompt": f"Explain {t}.", "check": {"word": "e"}} for t in TOPICS[:10]]
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", rows)
+    cfg = load_train_config(None, _rejection_args(policy, rm_dir, prompts), stage="rejection")
+    out = tmp_path / "r"
+    out.mkdir()
+    best = sample_and_select(cfg, out, grade=_grade)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    # prompt 9 (the 10th) is held out: not sampled, answered greedily instead
+    assert len(best) == 9 and {s["prompt_index"] for s in samples} == set(range(9))
+    quality = json.loads((out / "eval.json").read_text())
+    hits = [float("e" in s["answer"]) for s in samples]
+    assert quality["samples_task_accuracy"] == pytest.approx(sum(hits) / len(hits))
+    held = {"prompt": [{"role": "user", "content": rows[9]["prompt"]}], "is_safety": False}
+    answer = load(policy).chat(held["prompt"], temperature=0, max_new_tokens=4).text
+    assert quality["held_out_task_accuracy"] == float("e" in answer)
+    rm = load(rm_dir, dtype=torch.float32)
+    want = float(score(rm, None, [held], [answer])[0])
+    assert quality["held_out_reward"] == pytest.approx(want, abs=1e-4)

@@ -79,13 +79,15 @@ def test_killed_run_resumes_bit_for_bit(shards, tmp_path):
     args = _args(shards, 40)
     _pretrain(tmp_path / "ref", args)
     ref = _metrics(tmp_path / "ref")
-    assert [m["step"] for m in ref] == list(range(1, 41))
+    # step 0: the validation before the first step, the curves' starting point
+    assert [m["step"] for m in ref] == list(range(0, 41))
+    assert "val_loss" in ref[0] and "loss" not in ref[0]
 
     p = _pretrain(tmp_path / "run", args, wait=False)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it between the checkpoints of steps 10 and 20
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 15:
             break
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
@@ -96,7 +98,7 @@ def test_killed_run_resumes_bit_for_bit(shards, tmp_path):
         assert (ckpt / "trainer.pt").exists() and (ckpt / "model" / "config.json").exists()
     assert "resuming from" in _pretrain(tmp_path / "run", args, resume=True)
     after = _metrics(tmp_path / "run")
-    assert [m["step"] for m in after] == list(range(1, 41))
+    assert [m["step"] for m in after] == list(range(0, 41))  # none lost, none twice
     for a, b in zip(after, ref, strict=True):
         for key in ("loss", "lr", "grad_norm", "val_loss"):
             assert a.get(key) == b.get(key), (a["step"], key)  # bit for bit
@@ -117,8 +119,9 @@ def test_fsdp_two_processes_match_one_and_resume(shards, tmp_path):
     _pretrain(tmp_path / "two", _args(shards, 4, ["ckpt_every=4", "eval_every=4"]), procs=2)
     _pretrain(tmp_path / "two", one, resume=True, procs=2)
     two = _metrics(tmp_path / "two")
-    assert [m["step"] for m in two] == list(range(1, 9))
-    for a, b in zip(two, ref, strict=True):
+    assert [m["step"] for m in two] == list(range(0, 9))
+    assert math.isclose(two[0]["val_loss"], ref[0]["val_loss"], rel_tol=1e-4)
+    for a, b in zip(two[1:], ref[1:], strict=True):
         # same global batch; only the order of floating-point sums differs
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
     assert math.isclose(two[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=1e-4)
@@ -163,7 +166,7 @@ def test_pretraining_on_the_embedded_corpus_brings_the_loss_down(tmp_path):
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     print(f"{time.time() - t0:.0f}s; validation loss by 100 steps: {val}\n{out[-300:]}")
     # the first loss is about ln 2048 = 7.6 (uniform over the vocabulary)
-    assert metrics[0]["loss"] > 7.0
+    assert metrics[1]["loss"] > 7.0  # (metrics[0]: the validation before step 1)
     assert val[-1] < 4.5
 
 
@@ -172,7 +175,7 @@ def test_activation_checkpointing_and_accumulation_keep_the_losses(shards, tmp_p
 
     def losses(name, *extra):
         cfg = load_train_config(None, _args(shards, 3, ["eval_every=100", *extra]))
-        return [m["loss"] for m in pretrain(cfg, tmp_path / name)]
+        return [m["loss"] for m in pretrain(cfg, tmp_path / name) if m["step"] > 0]
 
     plain = losses("plain")
     assert losses("ckpt", "activation_checkpointing=true") == pytest.approx(plain, rel=1e-6)
@@ -212,16 +215,89 @@ def test_each_stage_refuses_settings_it_does_not_use(tmp_path):
 
 
 def test_every_shipped_config_loads_for_its_stage():
-    stages = {"ppo": "ppo", "reward": "reward", "sft": "sft"}
+    from llama2.config import get_preset
+    from llama2.train import STAGE_CONFIGS
+
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs
+    stages_seen = set()
     for path in configs:
-        stage = stages.get(path.stem.split("-")[0], "pretrain")
-        cfg = load_train_config(path, stage=stage)
+        # the stage is the file name's first word (sft-tiny.yaml), else pretraining (7b.yaml)
+        first = path.stem.split("-")[0]
+        stage = first if first in STAGE_CONFIGS else "pretrain"
+        cfg = load_train_config(path, stage=stage)  # a setting the stage lacks is an error
         assert type(cfg).stage == stage
+        stages_seen.add(stage)
+        if path.stem.endswith("-tiny"):  # sized for the base configs/tiny-15m.yaml trains
+            context = get_preset("tiny-15m").max_seq_len
+            assert getattr(cfg, "seq_len", 0) <= context, path.name
+            assert 1e-4 <= cfg.lr <= 1e-3 or stage == "ppo", path.name
+    assert stages_seen == set(STAGE_CONFIGS)
+    for stage in set(STAGE_CONFIGS) - {"pretrain"}:
+        assert (ROOT / "configs" / f"{stage}-tiny.yaml").exists(), stage
 
 
 def test_ppo_kl_beta_follows_the_paper_by_model_size():
     # section 3.2.3: beta 0.01 for 7B and 13B, 0.005 for 34B and 70B
     assert load_train_config(ROOT / "configs" / "ppo.yaml", stage="ppo").kl_beta == 0.01
     assert load_train_config(ROOT / "configs" / "ppo-70b.yaml", stage="ppo").kl_beta == 0.005
+
+
+def _toy_stage(batch_tokens=None, val=True):
+    """A stage the loop can run in milliseconds: a linear model, fixed batches."""
+    import torch
+
+    from llama2.train.loop import Stage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+
+    def loss(m, b):
+        return m(b[0]).pow(2).mean()
+
+    return Stage(
+        model=model,
+        batch=lambda step, part, parts: (x[part::parts],),
+        loss=loss,
+        save_model=lambda sd, path: path.mkdir(parents=True),
+        val_batches=(lambda rank, world: [(x[:4],)]) if val else None,
+        tokens_per_step=1000,
+        batch_tokens=batch_tokens,
+        loss_label="ranking loss",
+        perplexity=False,
+    )
+
+
+def test_loop_evaluates_at_step_0_counts_real_tokens_and_resumes_without_duplicates(
+    tmp_path, monkeypatch
+):
+    from llama2.train import loop
+    from llama2.train.config import LoopConfig
+
+    labels = []
+    monkeypatch.setattr(loop, "plot_metrics", lambda rows, path, **kw: labels.append(kw))
+    args = {"batch_size": 8, "warmup_steps": 0, "eval_every": 2, "ckpt_every": 2, "lr": 1e-2}
+    # a stage that reports no real tokens in its batches: tokens_per_s follows it, not the
+    # fixed tokens_per_step (padding counted)
+    rows = loop.train(LoopConfig(steps=2, **args), tmp_path / "a", lambda d, _: _toy_stage(len))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]) == {"step", "val_loss"}  # the starting point, before any step
+    assert all(r["tokens_per_s"] > 0 for r in rows[1:])  # len(batch) = 1 tensor a micro-batch
+    assert not any("val_ppl" in r for r in rows)  # not a token cross-entropy
+    assert labels and all(kw["ylabel"] == "ranking loss" for kw in labels)
+    zero = loop.train(
+        LoopConfig(steps=1, **args), tmp_path / "z", lambda d, _: _toy_stage(lambda b: 0)
+    )
+    assert zero[1]["tokens_per_s"] == 0
+    # resumed to step 4: step 0 stays once, the rows continue
+    more = loop.train(
+        LoopConfig(steps=4, **args), tmp_path / "a", lambda d, _: _toy_stage(len), resume=True
+    )
+    assert [r["step"] for r in more] == [0, 1, 2, 3, 4] and more[:3] == rows
+    assert [r["step"] for r in _metrics(tmp_path / "a")] == [0, 1, 2, 3, 4]
+    # without validation, no step-0 row
+    plain = loop.train(
+        LoopConfig(steps=1, **args), tmp_path / "b", lambda d, _: _toy_stage(val=False)
+    )
+    assert [r["step"] for r in plain] == [1]

@@ -65,23 +65,41 @@ def attach(instruction: str, user_turns: Sequence[str]) -> list[str]:
     return [f"{instruction}\n\n{turn}" for turn in user_turns]
 
 
+Answers = Callable[[list[list[dict]], int], list[str]]  # (dialogs, turn index) -> answers
+
+
+def sample_dialogs(
+    answer: Answers, instructions: Sequence[str], user_turns: Sequence[Sequence[str]]
+) -> list[list[dict]]:
+    """Build many dialogs turn by turn, turn k of every dialog that has one answered in one
+    call `answer(dialogs, k)` (a batch for a chat model), each with its instruction attached
+    to every user turn; returned as the training view: the instruction only in the first
+    turn."""
+    sampling: list[list[dict]] = [[] for _ in user_turns]
+    answers: list[list[str]] = [[] for _ in user_turns]
+    attached = [attach(ins, turns) for ins, turns in zip(instructions, user_turns, strict=True)]
+    for k in range(max(map(len, user_turns), default=0)):
+        live = [i for i, turns in enumerate(attached) if k < len(turns)]
+        for i in live:
+            sampling[i].append({"role": "user", "content": attached[i][k]})
+        for i, reply in zip(live, answer([sampling[i] for i in live], k), strict=True):
+            answers[i].append(reply)
+            sampling[i].append({"role": "assistant", "content": reply})
+    out = []
+    for ins, turns, replies in zip(instructions, user_turns, answers, strict=True):
+        dialog = []
+        for i, (turn, ans) in enumerate(zip(turns, replies, strict=True)):
+            content = f"{ins}\n\n{turn}" if i == 0 else turn
+            dialog += [{"role": "user", "content": content}, {"role": "assistant", "content": ans}]
+        out.append(dialog)
+    return out
+
+
 def sample_dialog(
     answer: Callable[[list[dict]], str], instruction: str, user_turns: Sequence[str]
 ) -> list[dict]:
-    """Build a dialog turn by turn, each answer sampled (by `answer`, e.g. a chat model) with
-    the instruction attached to every user turn; returned as the training view: the
-    instruction only in the first turn."""
-    sampling: list[dict] = []
-    answers = []
-    for turn in attach(instruction, user_turns):
-        sampling.append({"role": "user", "content": turn})
-        answers.append(answer(sampling))
-        sampling.append({"role": "assistant", "content": answers[-1]})
-    dialog = []
-    for i, (turn, ans) in enumerate(zip(user_turns, answers, strict=True)):
-        content = f"{instruction}\n\n{turn}" if i == 0 else turn
-        dialog += [{"role": "user", "content": content}, {"role": "assistant", "content": ans}]
-    return dialog
+    """One dialog built turn by turn (sample_dialogs with one dialog; `answer(dialog)`)."""
+    return sample_dialogs(lambda ds, k: [answer(d) for d in ds], [instruction], [user_turns])[0]
 
 
 def training_example(tokenizer: Tokenizer, dialog: list[dict]) -> tuple[list[int], list[bool]]:
@@ -90,16 +108,28 @@ def training_example(tokenizer: Tokenizer, dialog: list[dict]) -> tuple[list[int
     return encode_last_answer(tokenizer, dialog)
 
 
+def adherence_by_turns(
+    answer: Answers, instructions: Sequence[Instruction], user_turns: Sequence[Sequence[str]]
+) -> list[list[bool]]:
+    """Give each dialog's instruction once, in its first turn, and check every answer
+    against it; turn k of every dialog answered in one call `answer(dialogs, k)`."""
+    dialogs: list[list[dict]] = [[] for _ in user_turns]
+    honoured: list[list[bool]] = [[] for _ in user_turns]
+    for k in range(max(map(len, user_turns), default=0)):
+        live = [i for i, turns in enumerate(user_turns) if k < len(turns)]
+        for i in live:
+            turn = user_turns[i][k]
+            content = f"{instructions[i].text}\n\n{turn}" if k == 0 else turn
+            dialogs[i].append({"role": "user", "content": content})
+        for i, reply in zip(live, answer([dialogs[i] for i in live], k), strict=True):
+            honoured[i].append(instructions[i].check(reply))
+            dialogs[i].append({"role": "assistant", "content": reply})
+    return honoured
+
+
 def adherence_by_turn(
     answer: Callable[[list[dict]], str], instruction: Instruction, user_turns: Sequence[str]
 ) -> list[bool]:
     """Give the instruction once, in the first turn, and check every answer against it."""
-    dialog: list[dict] = []
-    honoured = []
-    for i, turn in enumerate(user_turns):
-        content = f"{instruction.text}\n\n{turn}" if i == 0 else turn
-        dialog.append({"role": "user", "content": content})
-        reply = answer(dialog)
-        honoured.append(instruction.check(reply))
-        dialog.append({"role": "assistant", "content": reply})
-    return honoured
+    batch = adherence_by_turns(lambda ds, k: [answer(d) for d in ds], [instruction], [user_turns])
+    return batch[0]

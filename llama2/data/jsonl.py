@@ -41,3 +41,14 @@ def parse_prompt(record: object, where: str) -> list[dict]:
     except DialogError as e:
         raise DialogError(f"{where}: prompt: {e}") from e
     return prompt
+
+
+def read_flag(record: dict, field: str, where: str) -> bool:
+    """An optional JSON true/false field (absent or null: false). Anything else is an error:
+    bool() of the text "no" or "false" would be True, flipping a safety prompt silently."""
+    value = record.get(field)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise DialogError(f"{where}: field '{field}' must be true or false, not {value!r}")
+    return value

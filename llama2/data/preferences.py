@@ -1,6 +1,6 @@
 """Preference pairs (JSONL): `prompt` (text or a message list), `chosen`, `rejected`, and a
 `rating` (significantly_better, better, slightly_better, negligibly_better) or a numeric
-`margin`; optional `is_safety`. Validated up front, errors as file:line: field."""
+`margin`; optional `is_safety` (JSON true/false). Validated up front, errors as file:line: field."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats import DialogError, reserved_tags_in
-from .jsonl import parse_prompt, read_jsonl
+from .jsonl import parse_prompt, read_flag, read_jsonl
 
 # the annotators' ratings of how much better the chosen answer is (Llama 2, section 3.2.2)
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -48,11 +48,8 @@ def _read_one(path: Path) -> list[Preference]:
         messages = [*prompt, {"role": "assistant", "content": r["chosen"] + r["rejected"]}]
         if reserved_tags_in(messages):
             raise DialogError(f"{where}: a reserved chat tag appears in the text")
-        out.append(
-            Preference(
-                prompt, r["chosen"], r["rejected"], rating, margin, bool(r.get("is_safety", False))
-            )
-        )
+        is_safety = read_flag(r, "is_safety", where)
+        out.append(Preference(prompt, r["chosen"], r["rejected"], rating, margin, is_safety))
     if not out:
         raise DialogError(f"{path}: no preference pairs")
     return out

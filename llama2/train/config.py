@@ -162,9 +162,10 @@ class RejectionConfig(SFTConfig):
     temperature: float = 1.0
     max_new_tokens: int = 128
     previous: str | None = None  # best.jsonl of earlier rounds: their best samples compete too
+    sample_rows: int = 64  # rows per generation batch (prompts x samples_per_prompt)
 
     def _at_least_one(self) -> tuple[str, ...]:
-        return (*super()._at_least_one(), "samples_per_prompt", "max_new_tokens")
+        return (*super()._at_least_one(), "samples_per_prompt", "max_new_tokens", "sample_rows")
 
 
 @dataclass
@@ -175,9 +176,10 @@ class GattConfig(SFTConfig):
 
     temperature: float = 1.0
     max_new_tokens: int = 128
+    sample_rows: int = 64  # dialogs per generation batch (each turn, then the adherence check)
 
     def _at_least_one(self) -> tuple[str, ...]:
-        return (*super()._at_least_one(), "max_new_tokens")
+        return (*super()._at_least_one(), "max_new_tokens", "sample_rows")
 
 
 @dataclass

@@ -47,6 +47,13 @@ def truncate_pair(
     return out[0], out[1]
 
 
+def real_tokens(batch) -> int:
+    """The tokens of a padded DPO batch without its padding: each row ends with its answer,
+    so its length is one past its last loss token."""
+    mask = batch[1]
+    return int((mask.shape[1] - mask.flip(-1).argmax(-1)).sum())
+
+
 def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
     if not cfg.init_from or not cfg.data:
         raise ValueError(
@@ -117,7 +124,9 @@ def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
         save_model=save_model,
         val_batches=val_batches if held else None,
         val_metrics=val_metrics if held else None,
-        tokens_per_step=cfg.batch_size * 2 * cfg.seq_len,
+        batch_tokens=real_tokens,
+        loss_label="DPO loss",
+        perplexity=False,  # a loss over pairs, not per token
     )
 
 

@@ -1,28 +1,37 @@
 """`llama2 gatt`: Ghost Attention (Llama 2, section 3.3) end to end. For each dialog of user
 turns, an instruction (one of data/gatt.py's, drawn from the seed) is attached to every user
 turn to sample the answers with the current chat model; the dialogs are then fine-tuned on
-with the instruction in the first turn only and the loss on the last answer only. Finally
-the tuned model's adherence is measured turn by turn, the instruction given once.
+with the instruction in the first turn only and the loss on the last answer only (`epochs`
+sets the fine-tuning's steps, as in sft). Finally the tuned model's adherence is measured
+turn by turn, the instruction given once.
+
+Sampling and evaluation are batched across dialogs: turn 1 of every dialog in one chat
+call (`sample_rows` dialogs a batch), then turn 2, and so on. Batch b of turn k is seeded
+with derive_seed(seed, "answers", k, b), its row j drawing from that seed + j.
 
 `data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
+The run directory holds config.yaml, gatt.jsonl (the sampled dialogs), sft/ (the fine-tuning
+run), model -> sft/model and adherence.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data.gatt import INSTRUCTIONS, adherence_by_turn, sample_dialog, training_example
+from ..data.gatt import INSTRUCTIONS, adherence_by_turns, sample_dialogs, training_example
 from ..data.jsonl import read_jsonl
 from ..data.split import derive_seed
 from ..formats import DialogError
 from ..io import write_atomic
-from ..llm import load
+from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
 from .loop import pick_device
+from .rejection import link_model
 from .rundir import latest_checkpoint, open_run, write_config, write_jsonl
 from .sft import sft
 
@@ -42,6 +51,26 @@ def read_turns(path: str | Path) -> list[dict]:
     return out
 
 
+def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool):
+    """An `answer(dialogs, k)` for data/gatt.py: the dialogs' next answers, `sample_rows`
+    dialogs per chat call; seeded per turn k and batch (see the module's docstring)."""
+
+    def answer(dialogs: list[list[dict]], k: int) -> list[str]:
+        out: list[str] = []
+        for b, i in enumerate(range(0, len(dialogs), cfg.sample_rows)):
+            seed = derive_seed(cfg.seed, "answers", k, b) if seeded else None
+            outs = chat.chat(
+                dialogs[i : i + cfg.sample_rows],
+                temperature=temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=seed,
+            )
+            out += [o.text for o in outs]
+        return out
+
+    return answer
+
+
 def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
@@ -54,40 +83,33 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     chosen = [
         by_text[r["instruction"]] if r["instruction"] else rng.choice(INSTRUCTIONS) for r in records
     ]
+    turns = [r["turns"] for r in records]
     data = out / "gatt.jsonl"
     if not (resume and data.exists()):
         chat = load(cfg.init_from, device=pick_device(cfg))
-        rows = []
-        for n, (r, ins) in enumerate(
-            zip(tqdm(records, desc="sampling dialogs", unit="dialog"), chosen, strict=True)
-        ):
+        bar = tqdm(total=max(map(len, turns)), desc="sampling turns", unit="turn")
+        sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True)
 
-            def answer(dialog, n=n):  # a seed per dialog and turn
-                seed = derive_seed(cfg.seed, "answers", n, len(dialog))
-                return chat.chat(
-                    dialog,
-                    temperature=cfg.temperature,
-                    max_new_tokens=cfg.max_new_tokens,
-                    seed=seed,
-                ).text
+        def answer(dialogs, k):
+            replies = sampler(dialogs, k)
+            bar.update()
+            return replies
 
-            rows.append({"messages": sample_dialog(answer, ins.text, r["turns"])})
-        write_jsonl(data, rows)
+        with bar:
+            dialogs = sample_dialogs(answer, [ins.text for ins in chosen], turns)
+        write_jsonl(data, [{"messages": d} for d in dialogs])
     tuned_cfg = stage_config(cfg, SFTConfig, data=str(data))
     resume_sft = resume and latest_checkpoint(out / "sft") is not None
-    sft(tuned_cfg, out / "sft", resume_sft, encode=training_example)
-    tuned = load(out / "sft" / "model", device=pick_device(cfg))
-
-    def greedy(dialog):
-        return tuned.chat(dialog, temperature=0, max_new_tokens=cfg.max_new_tokens).text
-
-    turns = max(len(r["turns"]) for r in records)
-    honoured = [[] for _ in range(turns)]
-    for r, ins in zip(records, chosen, strict=True):
-        for k, ok in enumerate(adherence_by_turn(greedy, ins, r["turns"])):
-            honoured[k].append(ok)
+    rows = sft(tuned_cfg, out / "sft", resume_sft, encode=training_example)
+    if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record
+        write_config(out, dataclasses.replace(cfg, steps=max(r["step"] for r in rows)))
+    link_model(out)
+    tuned = load(out / "model", device=pick_device(cfg))
+    greedy = batched_chat(tuned, cfg, 0.0, seeded=False)
+    honoured = adherence_by_turns(greedy, chosen, turns)
+    by_turn = [[h[k] for h in honoured if k < len(h)] for k in range(max(map(len, turns)))]
     report = {
-        "adherence_by_turn": [sum(h) / len(h) for h in honoured if h],
+        "adherence_by_turn": [sum(h) / len(h) for h in by_turn if h],
         "dialogs": len(records),
     }
     write_atomic(out / "adherence.json", json.dumps(report, indent=2))

@@ -58,9 +58,16 @@ class Stage:
     loss: Callable[[nn.Module, Batch], torch.Tensor]  # mean loss of a batch
     save_model: Callable[[dict, Path], None]  # full state dict -> HF directory
     val_batches: Callable[[int, int], Iterable[Batch]] | None = None  # (rank, world) -> batches
-    tokens_per_step: int = 0
+    tokens_per_step: int = 0  # tokens of a step's batch, when every batch has as many
+    # the real (unpadded) tokens of one batch, when they vary (padded pairs); else
+    # tokens_per_step is the count
+    batch_tokens: Callable[[Batch], int] | None = None
     val_metrics: Callable[[nn.Module], dict] | None = None  # more held-out numbers (all ranks)
     steps: int | None = None  # the run's length when the data sets it (SFT's epochs)
+    # what the loss is, for the loss plot; and whether it is a token cross-entropy, whose
+    # exponential (perplexity) means something (not for a ranking or DPO loss)
+    loss_label: str = "cross-entropy (nats/token)"
+    perplexity: bool = True
 
 
 @dataclass
@@ -232,6 +239,8 @@ def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
     if total[1] == 0:
         return extra
     val_loss = float(total[0] / total[1])
+    if not stage.perplexity:
+        return {"val_loss": val_loss} | extra
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))} | extra
 
 
@@ -281,12 +290,19 @@ def train(
         return nullcontext()
 
     model.train()
+    if start == 0 and stage.val_batches is not None:
+        # the starting point of every validation curve: a row of step 0 (a resumed run keeps
+        # the one it logged, Metrics keeping the rows up to its checkpoint)
+        first = evaluate(stage, forward_model, d, autocast)
+        if d.main and first:
+            metrics.append({"step": 0} | first)
     bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not d.main, unit="step")
     t_start = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             total = 0.0
+            tokens = 0
             parts = cfg.grad_accum * d.world  # the global batch, cut for accumulation and ranks
             for micro in range(cfg.grad_accum):
                 batch = stage.batch(step, micro * d.world + d.rank, parts)
@@ -295,6 +311,8 @@ def train(
                     loss = stage.loss(forward_model, batch) / cfg.grad_accum
                 loss.backward()
                 total += loss.item()
+                if stage.batch_tokens is not None:
+                    tokens += stage.batch_tokens(batch)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
@@ -302,17 +320,21 @@ def train(
             optim.zero_grad(set_to_none=True)
             lr = optim.param_groups[0]["lr"]
             sched.step()
+            if stage.batch_tokens is None:
+                tokens = stage.tokens_per_step
             if d.world > 1:
-                t = torch.tensor([total], dtype=torch.float64)
+                t = torch.tensor([total, tokens], dtype=torch.float64)
                 dist.all_reduce(t)
-                total = float(t) / d.world
+                total = float(t[0]) / d.world
+                if stage.batch_tokens is not None:  # each rank counted its own slices
+                    tokens = int(t[1])
             dt = time.perf_counter() - t0
             row = {
                 "step": step + 1,
                 "loss": total,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
-                "tokens_per_s": stage.tokens_per_step / dt,
+                "tokens_per_s": tokens / dt,
                 "elapsed_s": time.perf_counter() - t_start,
             }
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -326,7 +348,7 @@ def train(
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(out, step + 1, model, optim, sched, stage, cfg, d)
                 if d.main:
-                    plot_metrics(metrics.rows, out / "loss.png")
+                    plot_metrics(metrics.rows, out / "loss.png", ylabel=stage.loss_label)
     finally:
         bar.close()
         if metrics is not None:

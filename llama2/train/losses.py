@@ -40,8 +40,19 @@ def dpo_loss(
 
 
 def per_token_kl(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """The sampled-token estimate of KL(policy || reference) per token: log pi - log pi_ref."""
+    """The sampled-token estimate of KL(policy || reference) per token: log pi - log pi_ref
+    (Schulman's k1). Unbiased, but any one token's (and a short answer's sum) can be negative.
+    It is the penalty of the reward, as in the paper (section 3.2.3, after Stiennon et al. 2020
+    and Ouyang et al. 2022: -beta * log(pi / pi_0) per token)."""
     return logp_policy - logp_ref
+
+
+def per_token_kl_k3(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(policy || reference) per sampled token:
+    exp(r) - r - 1 with r = log pi_ref - log pi. Unbiased like k1, and never negative
+    (e^r >= 1 + r), with a lower variance: the KL that is logged."""
+    r = logp_ref - logp_policy
+    return torch.exp(r) - r - 1
 
 
 def combined_reward(

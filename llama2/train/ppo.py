@@ -7,15 +7,19 @@ the reward model's raw logit and whitened over the batch (unless fewer than two 
 scores: see losses.whiten_scores), on the last token; minus beta * KL(policy || reference) on
 every token. Advantages by GAE from a value model initialised from the reward model; the
 clipped surrogate and clipped value losses over minibatches; a constant learning rate.
-Per iteration, metrics.jsonl gets reward (the mean raw R_c), KL, entropy, response length
-and clip fraction; every `eval_every`, the mean reward of greedy answers to held-out
-prompts, which stops the run after `patience` evaluations without improvement. Checkpoints
+Per iteration, metrics.jsonl gets reward (the mean raw R_c), kl (the k3 estimate, never
+negative; kl_logratio: the k1 sum the penalty uses), entropy, response length and clip
+fraction; at iteration 0 (a row of step 0, the starting point) and every `eval_every`, the
+greedy answers to held-out prompts give held_out_reward (their mean R_c, which stops the run
+after `patience` evaluations without improvement) and, for prompts with a `check`, the mean
+of each number the grader gives (held_out_task_accuracy, ...). Checkpoints
 (policy, value model, optimizer, RNG, iteration) are atomic and a killed run resumes to the
 same metrics.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -33,11 +37,12 @@ from .loop import make_optimizer, pick_device
 from .losses import (
     gae,
     per_token_kl,
+    per_token_kl_k3,
     ppo_policy_loss,
     ppo_rewards,
     ppo_value_loss,
 )
-from .rejection import read_prompts, score
+from .rejection import Grade, grader, held_out_quality, read_prompts, score
 
 
 def token_logprobs(
@@ -56,10 +61,14 @@ def token_logprobs(
 
 
 class PPO:
-    def __init__(self, cfg: PPOConfig, device: torch.device | str = "cpu"):
+    def __init__(
+        self, cfg: PPOConfig, device: torch.device | str = "cpu", grade: Grade | None = None
+    ):
         if not (cfg.init_from and cfg.data and cfg.reward_model):
             raise ValueError("ppo needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
         self.cfg, self.device = cfg, torch.device(device)
+        prompts = read_prompts(cfg.data)  # checked before any model is loaded
+        self.grade = grader(prompts, grade)
 
         def fp32(path):
             return load(path, dtype=torch.float32, device=device)
@@ -73,7 +82,6 @@ class PPO:
         value = fp32(cfg.reward_model)  # the value model starts as the RM
         self.value = value.model
         self.value_config = value.config
-        prompts = read_prompts(cfg.data)
         self.prompts, self.held_out = split_held_out(prompts)
         self.both = nn.ModuleDict({"policy": self.policy.model, "value": self.value})
         self.optim = make_optimizer(self.both, cfg)
@@ -109,7 +117,10 @@ class PPO:
         ref = token_logprobs(self.reference, on, cfg.temperature)[0].cpu()
         values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
         r_c = score(self.helpful, self.safety, batch, [o.text for o in outs])
+        # the penalty: k1 = log pi - log pi_ref per token, the paper's (losses.per_token_kl);
+        # the KL logged: k3, never negative (losses.per_token_kl_k3)
         kl = per_token_kl(logp, ref) * mask
+        kl_k3 = per_token_kl_k3(logp, ref) * mask
         rewards = ppo_rewards(r_c, kl, mask, self.cfg.kl_beta)
         adv, returns = gae(rewards, values, mask, gamma=1.0, lam=self.cfg.gae_lambda)
         flat = adv[mask.bool()]
@@ -124,6 +135,7 @@ class PPO:
             "r_c": r_c,
             "rewards": rewards,
             "kl": kl,
+            "kl_k3": kl_k3,
         }
 
     _UPDATE_KEYS = ("tokens", "mask", "logp", "adv", "values", "returns")
@@ -156,12 +168,17 @@ class PPO:
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     @torch.no_grad()
-    def held_out_reward(self) -> float:
-        if not self.held_out:
-            return float("nan")
-        dialogs = [p["prompt"] for p in self.held_out]
-        outs = self.policy.chat(dialogs, temperature=0, max_new_tokens=self.cfg.max_new_tokens)
-        return float(score(self.helpful, self.safety, self.held_out, [o.text for o in outs]).mean())
+    def evaluate(self) -> dict[str, float]:
+        """held_out_reward and held_out_<graded key>s of greedy answers to the held-out
+        prompts ({} without any)."""
+        return held_out_quality(
+            self.policy,
+            self.helpful,
+            self.safety,
+            self.held_out,
+            self.cfg.max_new_tokens,
+            grade=self.grade,
+        )
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -190,14 +207,18 @@ def _on_cpu(model: nn.Module) -> dict:
     return {k: v.cpu() for k, v in model.state_dict().items()}
 
 
-def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
+def ppo(
+    cfg: PPOConfig, out: str | Path, resume: bool = False, grade: Grade | None = None
+) -> list[dict]:
+    """Run (or resume) PPO into `out`; `grade(check, answer)` judges held-out answers
+    (llama2.eval.judges.grade by default, used only for prompts with a check)."""
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rundir.open_run(out, resume)
     ckpt = rundir.resume_from(out) if resume else None
     torch.manual_seed(cfg.seed)
-    run = PPO(cfg, pick_device(cfg))
+    run = PPO(cfg, pick_device(cfg), grade)
     start, best, bad = 0, float("-inf"), 0
     if ckpt is not None:
         state = run.restore(ckpt)
@@ -205,6 +226,10 @@ def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
         print(f"resuming from {ckpt} (iteration {start})", flush=True)
     metrics = rundir.Metrics(out, start)
     rundir.write_config(out, cfg)
+    if start == 0:  # the starting point of the held-out curves (not counted for patience)
+        first = run.evaluate()
+        if first:
+            metrics.append({"step": 0} | first)
     stopped = any(m.get("early_stop") for m in metrics.rows)
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="iter")
     try:
@@ -215,14 +240,16 @@ def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
             row = {
                 "step": it + 1,
                 "reward": float(ro["r_c"].mean()),
-                "kl": float(ro["kl"].sum(-1).mean()),
+                "kl": float(ro["kl_k3"].sum(-1).mean()),
+                "kl_logratio": float(ro["kl"].sum(-1).mean()),
                 "response_length": float(ro["mask"].sum(-1).mean()),
             }
             row |= run.update(ro, it)
             if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.steps:
-                row["held_out_reward"] = run.held_out_reward()
-                if row["held_out_reward"] > best:
-                    best, bad = row["held_out_reward"], 0
+                row |= run.evaluate()
+                held = row.get("held_out_reward", math.nan)
+                if held > best:
+                    best, bad = held, 0
                 else:
                     bad += 1
                 if cfg.patience and bad >= cfg.patience:
@@ -235,7 +262,10 @@ def ppo(cfg: PPOConfig, out: str | Path, resume: bool = False) -> list[dict]:
                 curves = {
                     "reward": "reward (R_c)",
                     "held_out_reward": "held-out reward",
-                    "kl": "KL to the reference",
+                    "kl": "KL to the reference (k3)",
+                    "held_out_task_accuracy": "held-out task accuracy",
+                    "held_out_safety_violation": "held-out safety violations",
+                    "held_out_false_refusal": "held-out false refusals",
                 }
                 rundir.plot_metrics(metrics.rows, out / "reward.png", curves, ylabel="")
     finally:

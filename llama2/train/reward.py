@@ -64,6 +64,7 @@ def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
             encode(p, p.rejected),
             p.margin if p.margin is not None else margins.get(p.rating, 0.0),
             p.rating,
+            p.is_safety,
         )
         for p in pairs
     ]
@@ -72,7 +73,7 @@ def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
 
     def collate(items):
         tokens, lengths = pad([c for c, *_ in items] + [r for _, r, *_ in items])
-        margin = torch.tensor([m for *_, m, _ in items], dtype=torch.float32)
+        margin = torch.tensor([m for _, _, m, *_ in items], dtype=torch.float32)
         return tokens, lengths, margin
 
     def batch(step: int, part: int, parts: int):
@@ -89,22 +90,29 @@ def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
             yield collate([held[i] for i in chunk])
 
     def val_metrics(m) -> dict:
-        """Held-out accuracy: how often the chosen answer scores higher, overall and by rating."""
+        """Held-out accuracy: how often the chosen answer scores higher, overall, by rating,
+        and by kind (safety / helpfulness pairs, as the paper's table 7 reports them) where
+        the held-out pairs hold both kinds."""
         right: dict[str, list[bool]] = {}
+        kinds: dict[str, list[bool]] = {}
         for i in range(0, len(held), cfg.batch_size):
             items = held[i : i + cfg.batch_size]
             tokens, lengths, _ = collate(items)
             s = scores(m, tokens.to(device), lengths.to(device))
-            for (*_, rating), ok in zip(
+            for (*_, rating, is_safety), ok in zip(
                 items, (s[: len(items)] > s[len(items) :]).tolist(), strict=True
             ):
                 right.setdefault(rating or "unrated", []).append(ok)
+                kinds.setdefault("safety" if is_safety else "helpful", []).append(ok)
         out = {
             "val_accuracy": sum(map(sum, right.values())) / max(1, sum(map(len, right.values())))
         }
         for rating in (*RATINGS, "unrated"):
             if rating in right:
                 out[f"val_accuracy_{rating}"] = sum(right[rating]) / len(right[rating])
+        if len(kinds) == 2:
+            for kind, oks in kinds.items():
+                out[f"val_accuracy_{kind}"] = sum(oks) / len(oks)
         return out
 
     def save_model(state_dict: dict, path: Path) -> None:
@@ -117,7 +125,10 @@ def build_reward(cfg: RewardConfig, device: torch.device, d: Dist) -> Stage:
         save_model=save_model,
         val_batches=val_batches if held else None,
         val_metrics=val_metrics if held else None,
-        tokens_per_step=cfg.batch_size * 2 * cfg.seq_len,
+        # the pairs are padded to their longest answer: count the real tokens
+        batch_tokens=lambda b: int(b[1].sum()),
+        loss_label="ranking loss",
+        perplexity=False,  # exp of a ranking loss is no perplexity
     )
 
 

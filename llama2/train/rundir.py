@@ -123,11 +123,12 @@ def plot_metrics(
     import matplotlib.pyplot as plt
 
     curves = curves or {"loss": "train loss", "val_loss": "validation loss"}
+    steps = sum(1 for m in metrics if m["step"] > 0)  # (step 0: the evaluation before training)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in curves.items():
         points = [(m["step"], m[key]) for m in metrics if key in m]
         if points:
-            sparse = len(points) < len(metrics)
+            sparse = len(points) < steps
             ax.plot(*zip(*points, strict=True), "o-" if sparse else "-", label=label, linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
