@@ -271,6 +271,22 @@ def test_preference_pairs_follow_the_annotator(world_dir):
     assert any(r["is_safety"] for r in _rows(out / "pairs_safety.jsonl"))
 
 
+def test_shipped_recipe_configs_load_and_refuse_unknown_settings():
+    from llama2.recipe.run import apply_overrides, default_config
+
+    for smoke in (False, True):
+        cfg = default_config(smoke)
+        assert cfg["pretrain"]["steps"] > 0
+    cfg = apply_overrides(default_config(), ["pretrain.model_args.dim=288", "sft.autocast=none"])
+    assert cfg["pretrain"]["model_args"]["dim"] == 288
+    with pytest.raises(ValueError, match="sft has no setting 'kl_beta'"):
+        apply_overrides(default_config(), ["sft.kl_beta=0.1"])
+    with pytest.raises(ValueError, match="world has no setting 'peeple'"):
+        apply_overrides(default_config(), ["world.peeple=3"])
+    with pytest.raises(ValueError, match="unknown recipe setting 'stepz'"):
+        apply_overrides(default_config(), ["stepz=3"])
+
+
 # --- the whole recipe, smoke size -------------------------------------------------------------
 
 

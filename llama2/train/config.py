@@ -236,6 +236,8 @@ def _typed(key: str, value, hint):
     """A setting's value (from YAML or the command line) as its field's type."""
     allows_none = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     kind = next(t for t in typing.get_args(hint) if t is not type(None)) if allows_none else hint
+    if kind is str and isinstance(value, str) and not allows_none:
+        return value  # a text setting whose values include "none" (autocast=none)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if allows_none:
             return None
