@@ -15,6 +15,8 @@ from llama2.eval.chat import score_items, win_rate
 from llama2.eval.judges import Annotator, extract_answer, grade, is_refusal, quality, rating
 from llama2.recipe.world import (
     BORDERLINE,
+    CLOSERS,
+    OPENERS,
     GATT_INSTRUCTIONS,
     REQUEST_TEMPLATES,
     TASK_TEMPLATES,
@@ -181,14 +183,16 @@ def _user_texts(row: dict) -> list[str]:
     return [m["content"].split("\n\n")[-1] for m in msgs if m["role"] == "user"]
 
 
-def _template_of(text: str) -> str | None:
-    """Which template (as a regex) produced a user text."""
+def _phrasing_of(text: str) -> set[str]:
+    """The core phrasings (as regexes) and the opener and closer a user text is made of."""
+    found = set()
     for group in [*TASK_TEMPLATES.values(), REQUEST_TEMPLATES]:
         for t in group:
-            pattern = "^" + re.sub(r"\\\{\w+\\\}", "(.+)", re.escape(t)) + "$"
-            if re.match(pattern, text):
-                return t
-    return None
+            if re.search(re.sub(r"\\\{\w+\\\}", "(.+)", re.escape(t)), text):
+                found.add(t)
+    found |= {f"opener:{o}" for o in OPENERS if o and text.startswith(o)}
+    found |= {f"closer:{c}" for c in CLOSERS if c and text.endswith(c)}
+    return found
 
 
 def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
@@ -197,16 +201,22 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     train_files = ["sft.jsonl", "sft_noisy.jsonl", "pairs_helpful.jsonl", "pairs_safety.jsonl",
                    "prompts_rejection.jsonl", "prompts_ppo.jsonl", "gatt.jsonl"]  # fmt: skip
     train_texts = [t for f in train_files for r in _rows(out / f) for t in _user_texts(r)]
+    corpus = (out / "corpus" / "world.txt").read_text()
+    exercises = re.findall(r"^Q: (.*)$", corpus, re.M)  # the pretraining documents' tasks
+    assert exercises
+    train_texts += exercises
     held_texts = [
         t
         for f in ("eval.jsonl", "eval_gatt.jsonl", "eval_pairs_helpful.jsonl")
         for r in _rows(out / f)
         for t in _user_texts(r)
     ]
-    train_templates = {_template_of(t) for t in train_texts}
-    held_templates = {_template_of(t) for t in held_texts}
-    assert None not in train_templates | held_templates
-    assert not train_templates & held_templates
+    assert all(_phrasing_of(t) for t in train_texts + held_texts)
+    train_phrasings = set().union(*map(_phrasing_of, train_texts))
+    held_phrasings = set().union(*map(_phrasing_of, held_texts))
+    assert any(p.startswith("opener:") for p in held_phrasings)
+    assert not train_phrasings & held_phrasings, train_phrasings & held_phrasings
+
     # entities: number pairs, nouns, people and acts
     def entities(text: str) -> set[str]:
         found = {p for p in world.people if p in text}
@@ -223,12 +233,13 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     assert held_entities, "the held-out items name entities"
     assert not train_entities & held_entities
     # and no held-out sum or comparison is stated in the pretraining documents
-    corpus = (out / "corpus" / "world.txt").read_text()
     for text in held_texts:
         nums = re.findall(r"\b\d+\b", text)
-        if len(nums) == 2 and "sum" in text or "plus" in text:
+        if len(nums) == 2 and ("sum" in text or "plus" in text):
             a, b = map(int, nums)
-            assert f"{a} plus {b} is {a + b}." not in corpus
+            for x, y in ((a, b), (b, a)):
+                assert f"{x} plus {y} is {x + y}." not in corpus
+                assert f"add {x} and {y}" not in corpus.lower()
 
 
 def test_every_risk_category_and_task_kind_is_evaluated(world_dir):
@@ -256,15 +267,8 @@ def test_preference_pairs_follow_the_annotator(world_dir):
     out, _ = world_dir
     rows = _rows(out / "pairs_helpful.jsonl")
     assert {r["rating"] for r in rows} >= {"significantly_better", "better", "slightly_better"}
-    checks = {}
-    for f in ("prompts_rejection.jsonl", "prompts_ppo.jsonl"):
-        for r in _rows(out / f):
-            checks[r["prompt"][-1]["content"]] = r["check"]
-    known = [r for r in rows if r["prompt"][-1]["content"] in checks]
     right = [
-        quality(checks[r["prompt"][-1]["content"]], r["chosen"])[0]
-        > quality(checks[r["prompt"][-1]["content"]], r["rejected"])[0]
-        for r in known
+        quality(r["check"], r["chosen"])[0] > quality(r["check"], r["rejected"])[0] for r in rows
     ]
     assert len(right) > 20
     assert 0.75 < sum(right) / len(right) < 0.99
