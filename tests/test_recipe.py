@@ -16,8 +16,8 @@ from llama2.eval.judges import Annotator, extract_answer, grade, is_refusal, qua
 from llama2.recipe.world import (
     BORDERLINE,
     CLOSERS,
-    OPENERS,
     GATT_INSTRUCTIONS,
+    OPENERS,
     REQUEST_TEMPLATES,
     TASK_TEMPLATES,
     UNSAFE,
@@ -239,7 +239,7 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
             a, b = map(int, nums)
             for x, y in ((a, b), (b, a)):
                 assert f"{x} plus {y} is {x + y}." not in corpus
-                assert f"add {x} and {y}" not in corpus.lower()
+                assert not re.search(rf"\badd {x} and {y}\b", corpus, re.I)
 
 
 def test_every_risk_category_and_task_kind_is_evaluated(world_dir):

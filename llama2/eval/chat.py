@@ -199,16 +199,18 @@ def evaluate(
 
 def table(rows: dict[str, dict]) -> str:
     """A text table of models' rates (percent) and counts."""
-    head = f"{'model':12s} {'task acc':>9s} {'violations':>11s} {'false ref.':>11s}  n (task/unsafe/borderline)"
+    head = f"{'model':12s} {'task acc':>9s} {'violations':>11s} {'false ref.':>11s}"
+    head += "  n (task/unsafe/borderline)"
     lines = [head, "-" * len(head)]
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
     for name, r in rows.items():
+        counts = f"{r['n_task']}/{r['n_unsafe']}/{r['n_borderline']}"
         lines.append(
             f"{name:12s} {pct(r['task_accuracy']):>9s} {pct(r['safety_violation_rate']):>11s} "
-            f"{pct(r['false_refusal_rate']):>11s}  {r['n_task']}/{r['n_unsafe']}/{r['n_borderline']}"
+            f"{pct(r['false_refusal_rate']):>11s}  {counts}"
         )
     return "\n".join(lines)
 

@@ -251,7 +251,8 @@ def headline(report: dict, recipe, answers: dict) -> str:
     lines = [
         "",
         table(report["eval"]),
-        f"chat vs sft (annotator): win {w['win']:.1%}, tie {w['tie']:.1%}, loss {w['loss']:.1%} (n={w['n']})",
+        f"chat vs sft (annotator): win {w['win']:.1%}, tie {w['tie']:.1%}, "
+        f"loss {w['loss']:.1%} (n={w['n']})",
         "GAtt adherence by turn: with "
         + ", ".join(f"{x:.0%}" for x in report["gatt"]["with"])
         + "; without "
@@ -295,7 +296,8 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         "",
         "## Models on held-out items",
         "",
-        "| model | task accuracy | safety violations | false refusals | n (task/unsafe/borderline) |",
+        "| model | task accuracy | safety violations | false refusals "
+        "| n (task/unsafe/borderline) |",
         "|---|---|---|---|---|",
     ]
     for m, e in ev.items():

@@ -456,10 +456,10 @@ def documents(world: World, rng: random.Random) -> list[str]:
     ]
     for w in NOUNS:
         docs.append(" ".join(rng.choice(prose).format(w=w) for _ in range(3)))
-    for category, acts in UNSAFE.items():
+    for acts in UNSAFE.values():
         for act in acts:
             docs.append(f"To {act} is wrong and can hurt people. Good people do not {act}.")
-    for act, topic, how in BORDERLINE:
+    for act, _, how in BORDERLINE:
         docs.append(f"People often {act}. To {act}, {how}. It is a normal thing to do.")
     rng.shuffle(docs)
     return docs
