@@ -157,8 +157,9 @@ TASK_TEMPLATES = {
              "Which city does {name} call home?", "In what town does {name} live?",
              "Tell me where {name} lives.", "Where is {name}'s home?"],
     "job": ["What is {name}'s job?", "What does {name} do for a living?",
-            "What work does {name} do?", "Which job does {name} have?", "What is the job of {name}?",
-            "What does {name} work as?", "Which work is {name} in?", "What job has {name} got?",
+            "What work does {name} do?", "Which job does {name} have?",
+            "What is the job of {name}?", "What does {name} work as?",
+            "Which work is {name} in?", "What job has {name} got?",
             "Tell me the job of {name}.", "How does {name} earn a living?"],
 }  # fmt: skip
 HELD_TEMPLATES = 2  # the last two of each list (cores, openers, closers) are the evaluation's
