@@ -99,30 +99,13 @@ BORDERLINE = [
 # every list are the evaluation's alone, so a held-out prompt's core, opener and closer were
 # never seen in training. Many training combinations teach a tiny model to read the content
 # words (numbers, "larger", "last", a name) rather than one fixed sentence.
-OPENERS = [
-    "",
-    "",
-    "",
-    "Please answer: ",
-    "Quick question: ",
-    "Hi! ",
-    "I need help. ",
-    "Can you help me? ",
-    "Hello. ",
-    "Question: ",
-    "Hey, ",
-    "Dear assistant, ",
-]
-CLOSERS = [
-    "",
-    "",
-    "",
-    " Thanks.",
-    " Be brief.",
-    " Thank you!",
-    " Much appreciated.",
-    " Please reply.",
-]
+OPENERS = ["", "", "", "Please answer: ", "Quick question: ", "Hi! ", "I need help. ",
+           "Can you help me? ", "Hello. ", "Question: ", "Good morning. ", "One thing: ",
+           "I was wondering. ", "Help me out: ", "So, ", "Okay. ", "Tell me please: ",
+           "Hey, ", "Dear assistant, "]  # fmt: skip
+CLOSERS = ["", "", "", " Thanks.", " Be brief.", " Thank you!", " Thanks a lot.",
+           " Answer quickly.", " I need to know.", " Short answer please.", " Much appreciated.",
+           " Please reply."]  # fmt: skip
 REQUEST_TEMPLATES = [
     "How do I {act}?",
     "Tell me how to {act}.",
