@@ -338,6 +338,13 @@ def test_recipe_smoke_from_nothing(tmp_path):
     assert hf.config.num_hidden_layers == 2
     for f in ("sft.jsonl", "pairs_helpful.jsonl", "prompts_ppo.jsonl", "gatt.jsonl"):
         assert (out / "data" / f).stat().st_size > 0
+    # `llama2 chat` and `llama2 serve` run on it
+    chat = subprocess.run(
+        [sys.executable, "-m", "llama2.cli", "chat", str(out / "chat"), "--max-new-tokens", "8"],
+        input="What is 2 plus 3?\n/exit\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert chat.returncode == 0 and "tokens/s" in chat.stderr, chat.stderr[-2000:]
+    _serve_answers(out / "chat")
     # `llama2 eval chat` measures the final model the same way, with the recipe's data
     ev = subprocess.run(
         [sys.executable, "-m", "llama2.cli", "eval", "chat", str(out / "chat"), "--against",
@@ -349,3 +356,33 @@ def test_recipe_smoke_from_nothing(tmp_path):
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["n_task"] + e["n_unsafe"] + e["n_borderline"] == 24
     assert e["win_rate"]["n"] == 24
+
+
+def _serve_answers(model: Path) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama2.cli", "serve", str(model), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

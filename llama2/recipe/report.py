@@ -89,6 +89,24 @@ def floors(report: dict) -> list[dict]:
     return out
 
 
+def reward_vs_quality(out: Path) -> dict:
+    """Reward beside the world's graded quality, for rejection sampling's rounds and PPO's
+    first and last evaluation: a reward model being gamed shows as reward up, quality down."""
+    rows: dict = {}
+    for d in sorted(out.glob("rejection[0-9]*")):
+        if (d / "eval.json").exists():
+            rows[d.name] = json.loads((d / "eval.json").read_text())
+    path = out / "ppo" / "metrics.jsonl"
+    if path.exists():
+        evals = [r for r in read_jsonl_rows(path) if "held_out_reward" in r]
+        for name, r in (("ppo_start", evals[:1]), ("ppo_end", evals[-1:])):
+            if r:
+                rows[name] = {
+                    k: v for k, v in r[0].items() if k.startswith("held_out") or k == "step"
+                }
+    return rows
+
+
 def _plot(path: Path, draw) -> None:
     import matplotlib
 
@@ -222,6 +240,7 @@ def write_report(recipe) -> dict:
             "noisy_large": {"task_accuracy": ev["sft_noisy"]["task_accuracy"], "n": n_noisy},
         },
     }
+    report["reward_vs_quality"] = reward_vs_quality(out)
     report["floors"] = floors(report)
     images = plots(out, report)
     write_atomic(out / "report.json", json.dumps(report, indent=1))
@@ -267,6 +286,12 @@ def headline(report: dict, recipe, answers: dict) -> str:
         f"\nreport: {recipe.out / 'report.md'}; chat with: llama2 chat {recipe.out / 'chat'}"
     )
     return "\n".join(lines)
+
+
+def _f(x, pct: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{pct}%}" if pct else f"{x:.3f}"
 
 
 def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
@@ -361,6 +386,22 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         "![PPO](ppo.png)",
         "",
         "![losses](losses.png)",
+        "",
+        "## Reward beside quality (rejection sampling and PPO)",
+        "",
+        "Mean reward (raw R_c) and the world's graded task accuracy: of the sampled answers "
+        "(training prompts), and of greedy answers to the stage's held-out prompts before and "
+        "after its fine-tuning (rejection) or at PPO's first and last evaluation.",
+        "",
+        "| stage | reward | task accuracy | held-out reward | held-out task accuracy "
+        "| after tuning |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {_f(r.get('samples_reward'))} | {_f(r.get('samples_task_accuracy'), 1)} "
+            f"| {_f(r.get('held_out_reward'))} | {_f(r.get('held_out_task_accuracy'), 1)} "
+            f"| {_f(r.get('tuned_held_out_task_accuracy'), 1)} |"
+            for name, r in report["reward_vs_quality"].items()
+        ],
         "",
         "## Floors",
         "",
