@@ -509,15 +509,18 @@ def prompt_rows(items: list[Item]) -> list[dict]:
 
 
 def gatt_rows(world: World, n: int, rng: random.Random, held: bool) -> list[dict]:
-    """Multi-turn dialogs of tasks, each with a system instruction (section 3.3). Training
-    dialogs have 2 to gatt_turns turns (GAtt's loss is on the last answer only, so every turn
-    position gets taught); the evaluation's have gatt_turns."""
+    """Multi-turn dialogs, each with a system instruction (section 3.3). Training dialogs have
+    2 to gatt_turns turns (GAtt's loss is on the last answer only, so every turn position gets
+    taught) drawn from the world's whole mix: fine-tuned on tasks alone, a model forgets to
+    refuse (measured: violations 35% -> 98% on held-out unsafe requests). The evaluation's
+    dialogs are gatt_turns tasks."""
     rows = []
     for _ in range(n):
         turns = world.cfg.gatt_turns if held else rng.randint(2, world.cfg.gatt_turns)
+        draw = world.task if held else world.prompt
         rows.append(
             {
-                "turns": [world.task(rng, held).prompt for _ in range(turns)],
+                "turns": [draw(rng, held).prompt for _ in range(turns)],
                 "instruction": rng.choice(GATT_INSTRUCTIONS),
             }
         )
