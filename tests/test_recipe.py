@@ -283,6 +283,10 @@ def test_shipped_recipe_configs_load_and_refuse_unknown_settings():
         assert cfg["pretrain"]["steps"] > 0
     cfg = apply_overrides(default_config(), ["pretrain.model_args.dim=288", "sft.autocast=none"])
     assert cfg["pretrain"]["model_args"]["dim"] == 288
+    # a text setting whose value is "none" is that text, not a missing value
+    from llama2.train.config import load_train_config
+
+    assert load_train_config(None, ["autocast=none"], stage="sft").autocast == "none"
     with pytest.raises(ValueError, match="sft has no setting 'kl_beta'"):
         apply_overrides(default_config(), ["sft.kl_beta=0.1"])
     with pytest.raises(ValueError, match="world has no setting 'peeple'"):
