@@ -13,8 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..formats import DialogError
 from ..tokenizer import Tokenizer
+from .jsonl import read_jsonl
 from .sft import encode_last_answer
 
 
@@ -133,3 +136,20 @@ def adherence_by_turn(
     """Give the instruction once, in the first turn, and check every answer against it."""
     batch = adherence_by_turns(lambda ds, k: [answer(d) for d in ds], [instruction], [user_turns])
     return batch[0]
+
+
+def read_turns(path: str | Path) -> list[dict]:
+    """GAtt dialogs (JSONL): {"turns": [user texts], "instruction": optional, one of
+    INSTRUCTIONS' texts}."""
+    out = []
+    for where, r in read_jsonl(path):
+        turns = r.get("turns") if isinstance(r, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise DialogError(f"{where}: field 'turns' must be a non-empty list of texts")
+        text = r.get("instruction")
+        if text is not None and text not in {i.text for i in INSTRUCTIONS}:
+            raise DialogError(f"{where}: unknown instruction {text!r}")
+        out.append({"turns": turns, "instruction": text})
+    if not out:
+        raise DialogError(f"{path}: no dialogs")
+    return out

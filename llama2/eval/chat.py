@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..data.gatt import read_turns
 from ..data.jsonl import parse_prompt, read_jsonl
 from ..formats import DialogError
 from ..llm import Llama
@@ -48,21 +49,11 @@ def read_items(path: str | Path) -> list[dict]:
 
 
 def read_dialogs(path: str | Path) -> list[dict]:
-    """GAtt evaluation dialogs: {"turns": [user texts], "instruction": text}."""
-    out = []
-    for where, r in read_jsonl(path):
-        turns = r.get("turns") if isinstance(r, dict) else None
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise DialogError(f"{where}: field 'turns' must be a non-empty list of texts")
-        if not isinstance(r.get("instruction"), str):
-            raise DialogError(f"{where}: field 'instruction' must be text")
-        try:
-            follows_instruction({"instruction": r["instruction"]}, "")
-        except KeyError:
-            raise DialogError(f"{where}: unknown instruction {r['instruction']!r}") from None
-        out.append({"turns": turns, "instruction": r["instruction"]})
-    if not out:
-        raise DialogError(f"{path}: no dialogs")
+    """GAtt evaluation dialogs: data/gatt.py's format, the instruction required."""
+    out = read_turns(path)
+    for n, d in enumerate(out, 1):
+        if d["instruction"] is None:
+            raise DialogError(f"{path}: dialog {n}: field 'instruction' must be text")
     return out
 
 

@@ -25,6 +25,7 @@ from ..eval.judges import Annotator, quality
 from ..io import write_atomic
 from ..llm import load as load_model
 from ..train.rejection import score_answers
+from .world import WorldConfig
 
 MODELS = ("base", "sft", "rejection", "ppo", "chat")
 
@@ -60,21 +61,16 @@ def rm_agreement(chat, helpful, safety, items, seed: int, max_new_tokens: int) -
             k for k, i in enumerate(items) if (i["check"]["kind"] == "unsafe") == (kind == "safety")
         ]
         aspect = 1 if kind == "safety" else 0
-        judged = [
-            k
-            for k in idx
-            if quality(items[k]["check"], a[k])[aspect] != quality(items[k]["check"], b[k])[aspect]
-        ]
+        qa = {k: quality(items[k]["check"], a[k])[aspect] for k in idx}
+        qb = {k: quality(items[k]["check"], b[k])[aspect] for k in idx}
+        judged = [k for k in idx if qa[k] != qb[k]]
         if not judged:
             continue
         ps = [dialogs[k] for k in judged]
         sa = score_answers(rm, ps, [a[k] for k in judged])
         sb = score_answers(rm, ps, [b[k] for k in judged])
         for k, x, y in zip(judged, sa, sb, strict=True):
-            annot = (
-                quality(items[k]["check"], a[k])[aspect] > quality(items[k]["check"], b[k])[aspect]
-            )
-            counts[kind][0] += int((x > y) == annot)
+            counts[kind][0] += int((x > y) == (qa[k] > qb[k]))
             counts[kind][1] += 1
     return {k: {"agreement": (c / n if n else None), "n": n} for k, (c, n) in counts.items()}
 
@@ -129,7 +125,7 @@ def evaluate_recipe(recipe) -> dict:
             results["answers"]["chat"],
             results["answers"]["sft"],
             Annotator(
-                recipe.cfg["world"].get("mistake_rate", 0.1) if recipe.cfg.get("world") else 0.1,
+                (recipe.cfg.get("world") or {}).get("mistake_rate", WorldConfig.mistake_rate),
                 seed=seed + 1,
             ),
         )

@@ -75,12 +75,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     """A recipe config (YAML): top-level settings (TOP), `world:` (WorldConfig's fields) and a
     section per stage holding that stage's settings; `key=value` overrides, dotted for
     sections (`pretrain.steps=100`, `world.people=50`). Unknown keys are errors."""
-    try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read the recipe config: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a mapping")
+    from ..train.config import read_yaml_mapping
+
+    cfg = read_yaml_mapping(path, "the recipe config")
     return apply_overrides(cfg, overrides, where=f"{path}: ")
 
 
@@ -280,7 +277,6 @@ class Recipe:
             cfg = self.stage_config("rejection", name, **settings)
             if not (run / "model").exists() or not self.resume:
                 rejection(cfg, run, resume=self.resumable(run, ("best.jsonl",)))
-                _model_link(run)
             policy, previous = run / "model", run / "best.jsonl"
         (self.out / "rejection").mkdir(exist_ok=True)
         point_link(self.out / "rejection" / "model", policy)
@@ -307,7 +303,6 @@ class Recipe:
             "gatt", "gatt", init_from=str(self.model("ppo")), data=str(self.data / "gatt.jsonl")
         )
         gatt(cfg, run, resume=self.resumable(run, ("gatt.jsonl",)))
-        _model_link(run)
         point_link(self.out / "chat", self.model("gatt"))
 
     def _eval(self) -> None:
@@ -319,12 +314,6 @@ class Recipe:
         from .report import write_report
 
         write_report(self)
-
-
-def _model_link(run: Path) -> None:
-    """RUN/model of a stage that fine-tunes in RUN/sft (rejection sampling, GAtt)."""
-    if not (run / "model").exists():
-        point_link(run / "model", run / "sft" / "model")
 
 
 def run_recipe(

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from ..data.gatt import INSTRUCTIONS
 from ..eval.judges import Annotator
+from ..io import write_atomic
+from ..train.rundir import write_jsonl
 
 # --- the world's vocabulary --------------------------------------------------------------------
 
@@ -543,12 +545,6 @@ def eval_rows(world: World, n: int, rng: random.Random) -> list[dict]:
     return prompt_rows(items)
 
 
-def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
-    from ..io import write_atomic
-
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def write_world(cfg: WorldConfig, out: Path) -> dict:
     """Generate the world and write what each stage reads into `out` (OUT/data); returns the
     manifest (also world.json): file names and counts."""
@@ -580,12 +576,10 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         ),
     }
     for name, rows in files.items():
-        write_jsonl_rows(out / name, rows)
+        write_jsonl(out / name, rows)
     corpus = out / "corpus"
     corpus.mkdir(exist_ok=True)
     docs = documents(world, rng("docs"))
-    from ..io import write_atomic
-
     write_atomic(corpus / "world.txt", "\n\n".join(docs) + "\n")
     manifest = {
         "config": asdict(cfg),

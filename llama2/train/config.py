@@ -280,6 +280,17 @@ def _names(kind: type[TrainConfig]) -> set[str]:
     return {f.name for f in dataclasses.fields(kind)}
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file holding a mapping (settings), with errors naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read {what}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return data
+
+
 def load_train_config(
     path: str | Path | None, overrides: Sequence[str] = (), stage: str = "pretrain"
 ) -> TrainConfig:
@@ -292,12 +303,7 @@ def load_train_config(
     data: dict = {}
     where = f"{path}: " if path is not None else ""
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read the config: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings")
+        data = read_yaml_mapping(path, "the config")
     names = _names(base)
     for key in data:
         if key not in names:

@@ -23,10 +23,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data.gatt import INSTRUCTIONS, adherence_by_turns, sample_dialogs, training_example
-from ..data.jsonl import read_jsonl
+from ..data.gatt import (
+    INSTRUCTIONS,
+    adherence_by_turns,
+    read_turns,
+    sample_dialogs,
+    training_example,
+)
 from ..data.split import derive_seed
-from ..formats import DialogError
 from ..io import write_atomic
 from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
@@ -34,21 +38,6 @@ from .loop import pick_device
 from .rejection import link_model
 from .rundir import latest_checkpoint, open_run, write_config, write_jsonl
 from .sft import sft
-
-
-def read_turns(path: str | Path) -> list[dict]:
-    out = []
-    for where, r in read_jsonl(path):
-        turns = r.get("turns") if isinstance(r, dict) else None
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise DialogError(f"{where}: field 'turns' must be a non-empty list of texts")
-        text = r.get("instruction")
-        if text is not None and text not in {i.text for i in INSTRUCTIONS}:
-            raise DialogError(f"{where}: unknown instruction {text!r}")
-        out.append({"turns": turns, "instruction": text})
-    if not out:
-        raise DialogError(f"{path}: no dialogs")
-    return out
 
 
 def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool):
