@@ -17,7 +17,8 @@ from llama2.train.loop import lr_factor
 from llama2.train.rundir import checkpoint_dirs
 
 ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a native crash in a child (a rank of torchrun) prints its Python stack
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,16 @@ def _pretrain(out, args, resume=False, procs=1, wait=True):
     if not wait:
         return p
     output, _ = p.communicate(timeout=1200)  # a guard against a hang, not a speed check
-    assert p.returncode == 0, output[-3000:]
+    assert p.returncode == 0, _failure(output)
     return output
+
+
+def _failure(output: str) -> str:
+    """The end of a failed run's output, and first any native crash's Python stack (a rank's
+    'Fatal Python error', which torchrun's summary would push out of view)."""
+    crash = output.find("Fatal Python error")
+    head = output[crash : crash + 4000] + "\n...\n" if crash >= 0 else ""
+    return head + output[-3000:]
 
 
 def _metrics(out):
