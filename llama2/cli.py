@@ -470,7 +470,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Under torchrun: leave the process group in order (gloo's teardown at interpreter exit
+    is not)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
