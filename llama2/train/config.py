@@ -179,9 +179,22 @@ class GattConfig(SFTConfig):
     temperature: float = 1.0
     max_new_tokens: int = 128
     sample_rows: int = 64  # dialogs per generation batch (each turn, then the adherence check)
+    # train only on sampled dialogs whose every answer honours the instruction (the samples
+    # are the model's own: unfiltered, they teach its failures too)
+    keep_adherent: bool = True
+    # chat examples (messages JSONL, e.g. the SFT data) fine-tuned on beside the dialogs, so
+    # that what they taught (refusals) is not unlearned; replay_rows of them (0: all)
+    replay: str | None = None
+    replay_rows: int = 0
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "max_new_tokens", "sample_rows")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.replay_rows < 0:
+            out.append("replay_rows must be >= 0")
+        return out
 
 
 @dataclass
