@@ -15,6 +15,7 @@ Candidates:
 - "onednn": oneDNN's inner product; under autograd its two backward products too.
 - "split": one row of fp32: MKL's single-row sgemv runs on one thread, so the weight's rows
   are split into one `bmm` batch entry per thread (free views).
+- "mv": one row as `torch.mv` (its bf16 GEMV streamed 1.3-1.8x F.linear's on an Intel Xeon).
 - fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): "gemv16" (x
   rounded to fp16, PyTorch's fp16 GEMV accumulates in fp32) and "gemm32" (the weight
   converted, an fp32 product).
@@ -86,6 +87,10 @@ def _split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def _mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mv(w, x.reshape(-1)).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _gemv16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(torch.float16), w).to(x.dtype)
 
@@ -98,6 +103,7 @@ PRODUCTS: dict[str, Product] = {
     "linear": F.linear,
     "onednn": _onednn_product,
     "split": _split,
+    "mv": _mv,
     "gemv16": _gemv16,
     "gemm32": _gemm32,
 }
@@ -115,8 +121,10 @@ def candidates(x: torch.Tensor, w: torch.Tensor) -> list[str]:
         out.append("onednn")
     parts = torch.get_num_threads()
     splittable = parts > 1 and w.shape[0] % parts == 0 and w.is_contiguous()
-    if rows == 1 and x.dtype == torch.float32 and splittable:
-        out.append("split")
+    if rows == 1:
+        out.append("mv")
+        if x.dtype == torch.float32 and splittable:
+            out.append("split")
     return out
 
 
