@@ -56,6 +56,12 @@ def cmd_convert(args) -> None:
     t0 = time.perf_counter()
     print(f"reading {args.src} ...", file=sys.stderr)
     ckpt = read_checkpoint(args.src)
+    if args.add_infill_tokens:
+        from .checkpoint.extend import add_infill_tokens
+
+        ckpt = add_infill_tokens(ckpt, args.src)
+        pre = ckpt.tokenizer.piece_to_id("▁<PRE>")
+        print(f"vocabulary grown to {ckpt.config.vocab_size} (▁<PRE> = {pre})", file=sys.stderr)
     if ckpt.head != "lm" and args.to != "hf":
         raise ValueError(f"{args.src} is a reward model: it converts to hf only")
     print(f"writing {args.to} checkpoint to {args.dst} ...", file=sys.stderr)
@@ -97,7 +103,7 @@ def cmd_tokenizer_train(args) -> None:
     from .tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(args.files, args.vocab_size, args.out)
+    tok = train_tokenizer(args.files, args.vocab_size, args.out, infill_pieces=args.infill_pieces)
     print(
         f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}"
     )
@@ -348,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=1, help="model-parallel shards (Meta)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (HF, Meta)")
     s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16")
+    s.add_argument(
+        "--add-infill-tokens",
+        action="store_true",
+        help="append Code Llama's 16 infilling pieces (▁<PRE>=32007 ... on Llama 2's vocabulary) "
+        "and grow the embeddings and output head by their mean row",
+    )
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
@@ -407,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="+")
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--out", required=True, help="path of the tokenizer.model to write")
+    t.add_argument(
+        "--infill-pieces",
+        action="store_true",
+        help="reserve the last 16 ids for Code Llama's infilling pieces (▁<PRE>, ▁<SUF>, ...)",
+    )
     t.set_defaults(func=cmd_tokenizer_train)
 
     def sampling_options(s):
