@@ -380,7 +380,9 @@ def cmd_eval_code(args) -> None:
     if modes[args.infilling]:
         tasks = code.infill_tasks(problems)
         for mode in modes[args.infilling]:
-            lines = code.sample_infills(llm, tasks, mode == "spm", batch_size=args.batch_size)
+            # one line: --max-new-tokens, at most 64
+            n_new = min(args.max_new_tokens, 64)
+            lines = code.sample_infills(llm, tasks, mode == "spm", n_new, args.batch_size)
             r = code.score_infills(tasks, lines, limits, args.workers)
             if out:
                 write_jsonl(out / f"infilling_{mode}.jsonl", r.pop("results"))
