@@ -344,6 +344,8 @@ def cmd_eval_code(args) -> None:
     if args.samples < 1:
         raise ValueError(f"--samples must be at least 1, got {args.samples}")
     ks = _ks(args.k)
+    if args.temperature is None:  # Code Llama's: greedy for pass@1, T 0.8 for pass@10, @100
+        args.temperature = 0.0 if args.samples == 1 else 0.8
     limits = Limits(args.timeout, args.memory_mb << 20)
     problems = code.read_problems(args.problems)[: args.limit]
     out = Path(args.out) if args.out else None
@@ -557,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, default=None, help="only the first N problems")
     t.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
     t.add_argument("--k", default="1,10,100", help="pass@k for these k (those <= n)")
-    t.add_argument("--temperature", type=float, default=0.2, help="0: greedy")
+    t.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0: greedy (default: 0 for one sample, 0.8 for more, as Code Llama)",
+    )
     t.add_argument("--top-p", type=float, default=0.95)
     t.add_argument("--max-new-tokens", type=int, default=512)
     t.add_argument("--batch-size", type=int, default=16)

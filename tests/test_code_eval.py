@@ -279,13 +279,14 @@ def test_eval_code_cli_with_a_model(problems, code_model, tmp_path, capsys):
     args = ["eval", "code", str(path), "--limit", "2", "--samples", "2", "--k", "1,2,10"]
     args += ["--problems", str(tmp_path / "two.jsonl")]
     args += ["--max-new-tokens", "8", "--infilling", "both", "--out", str(out)]
-    args += ["--json", str(tmp_path / "r.json"), "--temperature", "0.8"]
+    args += ["--json", str(tmp_path / "r.json")]
     assert cli(args) == 0
     table = capsys.readouterr().out
     assert "pass@1" in table and "pass@2" in table and "pass@10" not in table
     assert "infilling PSM" in table and "infilling SPM" in table
     report = json.loads((tmp_path / "r.json").read_text())
     h = report["humaneval"]
+    assert report["settings"]["temperature"] == 0.8  # Code Llama's for n > 1
     assert (h["problems"], h["samples"]) == (2, 4) and set(h["pass@k"]) == {"pass@1", "pass@2"}
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["task_id"] for s in samples] == [two[0].task_id] * 2 + [two[1].task_id] * 2

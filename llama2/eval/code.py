@@ -187,7 +187,7 @@ def sample_completions(
     llm,
     problems: Sequence[Problem],
     n: int,
-    temperature: float = 0.2,
+    temperature: float = 0.8,
     top_p: float = 0.95,
     max_new_tokens: int = 512,
     batch_size: int = 16,
