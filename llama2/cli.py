@@ -341,8 +341,10 @@ def cmd_eval_code(args) -> None:
         raise ValueError("give a MODEL to sample from, or --completions FILE, not both")
     if args.completions and args.infilling != "none":
         raise ValueError("--infilling samples from a model: it needs MODEL, not --completions")
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    for name in ("samples", "limit", "batch_size", "max_new_tokens", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     ks = _ks(args.k)
     if args.temperature is None:  # Code Llama's: greedy for pass@1, T 0.8 for pass@10, @100
         args.temperature = 0.0 if args.samples == 1 else 0.8

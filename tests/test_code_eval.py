@@ -318,6 +318,8 @@ def test_eval_code_cli_scores_completions(problems, tmp_path, capsys):
         (["--completions", "{f}", "--problems", "{bad}"], "{bad}:2: field 'test' must be text"),
         (["--completions", "{missing}"], "{missing}: cannot read"),
         (["--completions", "{f}", "--infilling", "psm"], "--infilling samples from a model"),
+        (["--completions", "{f}", "--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--completions", "{f}", "--timeout", "0"], "timeout must be positive, got 0.0"),
     ],
 )
 def test_eval_code_errors_are_one_line(problems, tmp_path, capsys, args, message):
