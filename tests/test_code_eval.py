@@ -116,6 +116,11 @@ def test_humaneval_is_read_from_the_package(problems):
     assert problems[0].entry_point == "has_close_elements"
 
 
+# The timeout is wall-clock: on a loaded machine a correct program (HumanEval/75's triple loop
+# takes 0.35 s of CPU) can wait seconds for a core. Passing programs end long before it.
+PATIENT = Limits(timeout=60)
+
+
 def _canonical_and_broken(problems):
     canonical = [{"task_id": p.task_id, "completion": p.canonical_solution} for p in problems]
     # broken: the canonical body, then the function replaced by one answering a fresh object
@@ -133,7 +138,7 @@ def _canonical_and_broken(problems):
 def test_canonical_pass_and_broken_fail_on_a_sample(problems):
     subset = problems[::8]  # 21 problems spread over the set; all 164: the slow test below
     canonical, broken = _canonical_and_broken(subset)
-    r = code.score(subset, canonical + broken, ks=(1,), limits=Limits(timeout=10))
+    r = code.score(subset, canonical + broken, ks=(1,), limits=PATIENT)
     passed = [x["passed"] for x in r["results"]]
     assert passed == [True] * len(subset) + [False] * len(subset)
 
@@ -141,9 +146,9 @@ def test_canonical_pass_and_broken_fail_on_a_sample(problems):
 @pytest.mark.slow
 def test_all_canonical_solutions_pass_and_broken_ones_fail(problems):
     canonical, broken = _canonical_and_broken(problems)
-    good = code.score(problems, canonical, ks=(1,), limits=Limits(timeout=10))
+    good = code.score(problems, canonical, ks=(1,), limits=PATIENT)
     assert good["passed"] == 164 and good["pass@k"]["pass@1"] == 1.0
-    bad = code.score(problems, broken, ks=(1,), limits=Limits(timeout=10))
+    bad = code.score(problems, broken, ks=(1,), limits=PATIENT)
     assert bad["passed"] == 0 and bad["pass@k"]["pass@1"] == 0.0
 
 
@@ -218,7 +223,7 @@ def test_infill_tasks_rebuild_the_solution(problems):
         assert t.prefix + t.middle + t.suffix == t.problem.prompt + t.problem.canonical_solution
     # the canonical line fills every blank: a sample of them, run
     picked = tasks[::40]
-    r = code.score_infills(picked, [t.middle for t in picked], Limits(timeout=10))
+    r = code.score_infills(picked, [t.middle for t in picked], PATIENT)
     assert r["pass@1"] == 1.0 and r["exact_match"] == 1.0
 
 
