@@ -7,6 +7,7 @@ removed and the destination is left as it was. The one place for these in the pa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -96,3 +97,31 @@ def point_link(link: Path, target: Path) -> None:
     tmp.symlink_to(os.path.relpath(target, link.parent))
     os.replace(tmp, link)
     fsync(link.parent)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: str):
+    """json.loads without Python's extensions NaN, Infinity and -Infinity (not JSON: a NaN
+    margin or learning rate would poison a model silently)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def read_json(path: str | Path, what: str = "JSON"):
+    """A JSON file's value, every failure (unreadable, not UTF-8, not JSON) as a ValueError
+    naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}") from e
+    try:
+        return parse_json(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno})") from e
+    except (ValueError, RecursionError) as e:  # NaN; arrays nested past Python's stack
+        raise ValueError(f"{path}: invalid JSON: {e}") from e

@@ -44,6 +44,8 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
     elif "messages" in record:
         messages = record["messages"]
     elif "conversations" in record:
+        if not isinstance(record["conversations"], list):
+            raise DialogError(f"{where}: field 'conversations' must be a list of turns")
         messages = []
         for i, turn in enumerate(record["conversations"]):
             role = _SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None

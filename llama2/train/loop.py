@@ -38,8 +38,9 @@ from ..data.split import derive_seed
 from .config import LoopConfig, TrainConfig
 from .rundir import (
     Metrics,
+    check_run,
     checkpoint_tmp,
-    open_run,
+    new_run,
     plot_metrics,
     publish_checkpoint,
     resume_from,
@@ -97,11 +98,18 @@ def setup_distributed(device: torch.device) -> Dist:
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
+    """The device of `cfg.device` (auto: cuda if there is one, else cpu), checked to be there."""
     if cfg.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # (torch without CUDA asserts)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device={cfg.device} is not available here ({first})") from e
+    return device
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -261,32 +269,36 @@ def train(
     """Run (or resume) a training stage into the run directory `out`; return its metrics."""
     out = Path(out)
     device = pick_device(cfg)
+    check_run(out, resume)  # (each process: it only reads)
+    ckpt = resume_from(out) if resume else None
     d = setup_distributed(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if d.main:
-        open_run(out, resume)
-    d.barrier()
-    ckpt = resume_from(out) if resume else None
-    torch.manual_seed(cfg.seed)
-    stage = build(device, d)
-    if stage.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=stage.steps)
-    model = stage.model.to(device)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(blocks(model))
-    if d.world > 1:
-        shard_model(model, blocks(model))
-    optim = make_optimizer(model, cfg, fused=d.world == 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optim, sched)
+    # the stage's data and model are read and checked before the run directory is made (or,
+    # for the embedded corpus, it is removed again if they fail)
+    with new_run(out) if d.main else nullcontext():
+        torch.manual_seed(cfg.seed)
+        stage = build(device, d)
+        if stage.steps is not None:
+            cfg = dataclasses.replace(cfg, steps=stage.steps)
+        model = stage.model.to(device)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(blocks(model))
+        if d.world > 1:
+            shard_model(model, blocks(model))
+        optim = make_optimizer(model, cfg, fused=d.world == 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
+        start = 0
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model, optim, sched)
+            if d.main:
+                print(f"resuming from {ckpt} (step {start})", flush=True)
         if d.main:
-            print(f"resuming from {ckpt} (step {start})", flush=True)
-    metrics = Metrics(out, start) if d.main else None
-    if d.main:
-        write_config(out, cfg)
+            out.mkdir(parents=True, exist_ok=True)
+            metrics = Metrics(out, start)
+            write_config(out, cfg)
+        else:
+            metrics = None
     forward_model = torch.compile(model) if cfg.compile else model
     amp_dtype = autocast_dtype(cfg.autocast, device)
 

@@ -213,19 +213,22 @@ def ppo(
     """Run (or resume) PPO into `out`; `grade(check, answer)` judges held-out answers
     (llama2.eval.judges.grade by default, used only for prompts with a check)."""
     out = Path(out)
+    device = pick_device(cfg)
+    rundir.check_run(out, resume)
+    ckpt = rundir.resume_from(out) if resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rundir.open_run(out, resume)
-    ckpt = rundir.resume_from(out) if resume else None
-    torch.manual_seed(cfg.seed)
-    run = PPO(cfg, pick_device(cfg), grade)
-    start, best, bad = 0, float("-inf"), 0
-    if ckpt is not None:
-        state = run.restore(ckpt)
-        start, best, bad = state["step"], state["best"], state["bad"]
-        print(f"resuming from {ckpt} (iteration {start})", flush=True)
-    metrics = rundir.Metrics(out, start)
-    rundir.write_config(out, cfg)
+    with rundir.new_run(out):  # the prompts and models checked before the run directory
+        torch.manual_seed(cfg.seed)
+        run = PPO(cfg, device, grade)
+        start, best, bad = 0, float("-inf"), 0
+        if ckpt is not None:
+            state = run.restore(ckpt)
+            start, best, bad = state["step"], state["best"], state["bad"]
+            print(f"resuming from {ckpt} (iteration {start})", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = rundir.Metrics(out, start)
+        rundir.write_config(out, cfg)
     if start == 0:  # the starting point of the held-out curves (not counted for patience)
         first = run.evaluate()
         if first:

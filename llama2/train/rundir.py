@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..io import atomic_file, fsync, fsync_tree, point_link, write_atomic
@@ -37,12 +38,35 @@ def latest_checkpoint(out: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def open_run(out: Path, resume: bool, products: Iterable[str] = ()) -> None:
-    """Create the run directory, refusing one that already holds a run (checkpoints, or one of
-    the stage's `products`) unless the run resumes."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (checkpoint_dirs(out) or any((out / p).exists() for p in products)):
+def check_run(out: Path, resume: bool, products: Iterable[str] = ()) -> None:
+    """Refuse, before anything is read or written, an `out` that cannot take this run: a
+    file; one that already holds a run (checkpoints, or one of the stage's `products`) unless
+    the run resumes; a missing one when it does."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
+    if resume:
+        if not out.is_dir():
+            raise ValueError(f"{out}: --resume, but there is no such run directory")
+    elif checkpoint_dirs(out) or any((out / p).exists() for p in products):
         raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+
+
+@contextmanager
+def new_run(out: Path) -> Iterator[None]:
+    """Around a stage's setup (its settings, data and models checked and loaded, up to its
+    first product): if the setup fails, a run directory it made (with any parents) is removed
+    again, so that a refused run leaves nothing behind."""
+    top = None
+    for p in (out, *out.parents):  # the outermost directory that is not there yet
+        if p.exists() or p.is_symlink():
+            break
+        top = p
+    try:
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def resume_from(out: Path) -> Path:
