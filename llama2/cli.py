@@ -460,12 +460,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _message(e: Exception) -> str:
+    """One line for the user: ours as they are; the system's (a full disk, a permission)
+    with the file they concern."""
+    import errno
+
+    from .io import DiskFullError, device_of
+
+    if isinstance(e, DiskFullError) or not isinstance(e, OSError):
+        return str(e)
+    if e.errno == errno.ENOSPC:
+        where = e.filename or "."
+        return f"no space left on {device_of(where)}" + (
+            f" writing {e.filename}" if e.filename else ""
+        )
+    if e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"llama2 {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"llama2 {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -114,6 +114,7 @@ class ModelConfig:
         def get(key, kind=int, default=REQUIRED):
             return number(params, key, kind, source, default)
 
+        dim, n_layers, n_heads = get("dim"), get("n_layers"), get("n_heads")
         vocab = get("vocab_size", int, -1)
         if vocab is None or vocab <= 0:
             if vocab_size is None:
@@ -121,9 +122,9 @@ class ModelConfig:
             vocab = vocab_size
         theta = get("rope_theta", float, 10000.0)
         args = dict(
-            dim=get("dim"),
-            n_layers=get("n_layers"),
-            n_heads=get("n_heads"),
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
             n_kv_heads=get("n_kv_heads", int, None),
             vocab_size=vocab,
             multiple_of=get("multiple_of", int, 256),

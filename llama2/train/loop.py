@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm import tqdm
 
 from ..data.split import derive_seed
+from ..io import removed_on_error
 from .config import LoopConfig, TrainConfig
 from .rundir import (
     Metrics,
@@ -194,25 +195,27 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
     tmp = checkpoint_tmp(out, step, fresh=d.main)  # the main process empties it
     d.barrier()
     model_sd, optim_sd = get_state_dict(model, optim)
-    with warnings.catch_warnings():  # (one process: DCP says it assumes so)
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
     final = None
-    if d.main:
-        stage.save_model(full, tmp / "model")
-        torch.save(
-            {
-                "step": step,
-                "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(),
-                "config": json.loads(json.dumps(cfg.__dict__)),
-            },
-            tmp / "trainer.pt",
+    # a failed write (a full disk) leaves no temporary behind, and the last checkpoint whole
+    with removed_on_error(tmp, tmp.with_name(f"step_{step:07d}")):
+        with warnings.catch_warnings():  # (one process: DCP says it assumes so)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+        full = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        final = publish_checkpoint(out, tmp, step, cfg.keep_last)
+        if d.main:
+            stage.save_model(full, tmp / "model")
+            torch.save(
+                {
+                    "step": step,
+                    "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "config": json.loads(json.dumps(cfg.__dict__)),
+                },
+                tmp / "trainer.pt",
+            )
+            final = publish_checkpoint(out, tmp, step, cfg.keep_last)
     d.barrier()
     return final
 
@@ -231,6 +234,22 @@ def load_checkpoint(path: Path, model, optim, sched) -> int:
 
 
 # --- the loop ------------------------------------------------------------------------------
+
+
+class NonFiniteError(ValueError):
+    """A loss or gradient norm that is NaN or infinite: training stops before the update."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float, what: str = "step") -> None:
+    """Stop before a NaN or infinite loss or gradient reaches the weights (a step taken with
+    it would make every later checkpoint a model of NaNs): the checkpoints written so far are
+    the run's last good state."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(
+            f"{what} {step}: loss {loss}, gradient norm {grad_norm}: not finite, so training "
+            "stops before this update (lower lr, check the data; --resume continues from the "
+            "last checkpoint)"
+        )
 
 
 def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
@@ -334,10 +353,6 @@ def train(
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-            lr = optim.param_groups[0]["lr"]
-            sched.step()
             if stage.batch_tokens is None:
                 tokens = stage.tokens_per_step
             if d.world > 1:
@@ -346,6 +361,11 @@ def train(
                 total = float(t[0]) / d.world
                 if stage.batch_tokens is not None:  # each rank counted its own slices
                     tokens = int(t[1])
+            check_finite(step + 1, total, float(grad_norm))  # (every rank: the same numbers)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            lr = optim.param_groups[0]["lr"]
+            sched.step()
             dt = time.perf_counter() - t0
             row = {
                 "step": step + 1,

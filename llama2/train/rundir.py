@@ -20,7 +20,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..io import atomic_file, fsync, fsync_tree, point_link, write_atomic
+from ..io import (
+    DiskFullError,
+    atomic_file,
+    disk_full,
+    fsync,
+    fsync_tree,
+    point_link,
+    write_atomic,
+)
 from .config import config_to_yaml
 
 
@@ -86,9 +94,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file this package wrote; a last line without its newline (cut by a
+    kill or a full disk mid-write) is not a row."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")[:-1]  # (the piece after the last newline)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 class Metrics:
@@ -103,8 +114,13 @@ class Metrics:
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        self._log.write(json.dumps(row) + "\n")
-        self._log.flush()
+        try:
+            self._log.write(json.dumps(row) + "\n")
+            self._log.flush()
+        except OSError as e:
+            if disk_full(self.path, e):
+                raise DiskFullError(self.path) from e
+            raise
 
     def close(self) -> None:
         self._log.close()
