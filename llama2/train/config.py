@@ -135,8 +135,12 @@ class PretrainConfig(LoopConfig):
         if unknown:
             out.append(f"model_args: unknown {unknown} (fields: {', '.join(sorted(fields))})")
             return out
+        try:
+            preset = get_preset(self.model)
+        except ValueError as e:
+            return [*out, f"model: {e}"]
         try:  # the model these make (its vocabulary is the tokenizer's, known later)
-            get_preset(self.model).replace(**self.model_args)
+            preset.replace(**self.model_args)
         except ValueError as e:
             out.append(f"model_args: {e}".replace("invalid ModelConfig: ", ""))
         return out
@@ -393,10 +397,9 @@ def load_train_config(
         data[key] = value
     hints = typing.get_type_hints(base)
     try:
-        data = {key: _typed(key, value, hints[key]) for key, value in data.items()}
+        return base(**{key: _typed(key, value, hints[key]) for key, value in data.items()})
     except ValueError as e:
         raise ValueError(f"{where}{e}") from e
-    return base(**data)
 
 
 def config_to_yaml(cfg) -> str:
