@@ -53,7 +53,10 @@ def describe(path: Path) -> tuple[ModelConfig, list[tuple[str, tuple]], Tokenize
     """The config, (dtype name, shape) of every stored tensor, and the tokenizer; tensors are
     read from the safetensors headers only."""
     file = path / "config.json"
-    config = ModelConfig.from_hf_config(read_json(file), str(file))
+    hf = read_json(file)
+    _quantization(hf, file)  # (checked as read() checks them)
+    _head(hf, file)
+    config = ModelConfig.from_hf_config(hf, str(file))
     stored = []
     for weights in _weight_files(path):
         if weights.suffix != ".safetensors":
