@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .io import read_json
 
+MAX_PARAMS = 2**50  # a bound far above any real model (70B is 2**36), far below int64's
+
 
 @dataclass
 class ModelConfig:
@@ -54,6 +56,8 @@ class ModelConfig:
         for name in ("rope_scaling", "ffn_dim_multiplier"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not problems and self.num_params() > MAX_PARAMS:  # (torch's sizes would overflow)
+            problems.append(f"{self.num_params():.3g} parameters: dimensions beyond any model")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
