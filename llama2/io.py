@@ -57,8 +57,8 @@ def disk_full(path: str | Path, error: BaseException) -> bool:
     chain says so; torch's writers drop the errno ("unexpected pos 704 vs 598"), so a failed
     write on a filesystem left with under 1 MiB free counts too (asked before the partial
     files are removed)."""
-    if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
-        return False
+    if isinstance(error, KeyboardInterrupt | SystemExit | GeneratorExit):
+        return False  # (not Exception: torch's CheckpointException is a BaseException too)
     e: BaseException | None = error
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
