@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,17 @@ def cmd_tokenizer_train(args) -> None:
     print(
         f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}"
     )
+
+
+def _finite(text: str) -> float:
+    """argparse's type of a number option: nan and inf are no sampling settings."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite.__name__ = "finite number"  # argparse: "invalid finite number value: 'nan'"
 
 
 def _sampling(args):
@@ -411,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling_options(s):
         s.add_argument("--max-new-tokens", type=int, default=256)
-        s.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
-        s.add_argument("--top-p", type=float, default=0.9)
+        s.add_argument("--temperature", type=_finite, default=0.6, help="0: greedy")
+        s.add_argument("--top-p", type=_finite, default=0.9)
         s.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
         s.add_argument("--seed", type=int, default=None)
         s.add_argument("--stop", action="append", help="a stop string (repeatable)")
