@@ -76,6 +76,7 @@ CASES = [
     ("rejection", ["reward_model=null"], "rejection needs init_from"),
     ("gatt", ["temperature=-0.5"], "temperature must be >= 0"),
     ("gatt", ["max_new_tokens=0"], "max_new_tokens must be >= 1"),
+    ("gatt", ["replay_rows=-1"], "replay_rows must be >= 0"),
     ("ppo", ["temperature=0"], "temperature must be > 0"),
     ("ppo", ["gae_lambda=2"], "gae_lambda must be in [0, 1]"),
     ("ppo", ["kl_beta=-1"], "kl_beta must be >= 0"),
@@ -99,9 +100,12 @@ def test_bad_settings_are_refused_naming_the_setting(
         ("rejection", "reward_model={model}", "is not a reward model"),
         ("ppo", "reward_model={model}", "is not a reward model"),
         ("rejection", "safety_model={dir}/nowhere", "no such checkpoint directory"),
+        ("gatt", "replay={dir}/nowhere.jsonl", "nowhere.jsonl: cannot read"),
     ],
 )
-def test_bad_model_paths_are_refused(stage, setting, names, stage_inputs, tmp_path, refused):
+def test_bad_model_and_data_paths_are_refused(
+    stage, setting, names, stage_inputs, tmp_path, refused
+):
     setting = setting.format(dir=tmp_path, model=stage_inputs.model)
     argv = [*stage_argv(stage, stage_inputs, tmp_path / "run"), setting]
     refused(argv, names, watch=tmp_path)
