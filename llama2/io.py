@@ -66,6 +66,8 @@ def disk_full(path: str | Path, error: BaseException) -> bool:
         if "No space left on device" in str(e) or "os error 28" in str(e):  # safetensors
             return True
         e = e.__cause__ or e.__context__
+    if isinstance(error, ValueError):  # ours: a refusal, whatever the space
+        return False
     try:
         return free_bytes(path) < 2**20
     except OSError:
@@ -84,7 +86,7 @@ def removed_on_error(tmp: Path, dst: str | Path) -> Iterator[None]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-        if full and not isinstance(e, DiskFullError):
+        if full:  # named by what was being written (not a temporary inside it)
             raise DiskFullError(dst) from e
         raise
 
