@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,17 @@ def cmd_tokenizer_train(args) -> None:
     print(
         f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}"
     )
+
+
+def _finite(text: str) -> float:
+    """argparse's type of a number option: nan and inf are no sampling settings."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite.__name__ = "finite number"  # argparse: "invalid finite number value: 'nan'"
 
 
 def _sampling(args):
@@ -505,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling_options(s):
         s.add_argument("--max-new-tokens", type=int, default=256)
-        s.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
-        s.add_argument("--top-p", type=float, default=0.9)
+        s.add_argument("--temperature", type=_finite, default=0.6, help="0: greedy")
+        s.add_argument("--top-p", type=_finite, default=0.9)
         s.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
         s.add_argument("--seed", type=int, default=None)
         s.add_argument("--stop", action="append", help="a stop string (repeatable)")
@@ -586,12 +598,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _message(e: Exception) -> str:
+    """One line for the user: ours as they are; the system's (a full disk, a permission)
+    with the file they concern."""
+    import errno
+
+    from .io import DiskFullError, device_of
+
+    if isinstance(e, DiskFullError) or not isinstance(e, OSError):
+        return str(e)
+    if e.errno == errno.ENOSPC:
+        where = e.filename or "."
+        return f"no space left on {device_of(where)}" + (
+            f" writing {e.filename}" if e.filename else ""
+        )
+    if e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"llama2 {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"llama2 {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io import read_json
+
+MAX_PARAMS = 2**50  # a bound far above any real model (70B is 2**36), far below int64's
 
 
 @dataclass
@@ -28,12 +33,15 @@ class ModelConfig:
     max_seq_len: int = 4096
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         problems = []
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
+        positive += ("multiple_of", "hidden_dim", "norm_eps", "rope_theta")
+        for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not problems:
@@ -45,8 +53,11 @@ class ModelConfig:
                 )
             elif (self.dim // self.n_heads) % 2:
                 problems.append(f"head_dim {self.dim // self.n_heads} must be even for RoPE")
-        if self.rope_scaling is not None and self.rope_scaling <= 0:
-            problems.append(f"rope_scaling must be positive, got {self.rope_scaling}")
+        for name in ("rope_scaling", "ffn_dim_multiplier"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not problems and self.num_params() > MAX_PARAMS:  # (torch's sizes would overflow)
+            problems.append(f"{self.num_params():.3g} parameters: dimensions beyond any model")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -94,6 +105,8 @@ class ModelConfig:
     ) -> ModelConfig:
         """Read Meta's params.json. Llama 2 ships `vocab_size: -1`: the caller passes the real
         size (the embedding's rows) as `vocab_size`."""
+        if not isinstance(params, dict):
+            raise ValueError(f"{source}: expected a JSON object, not {type(params).__name__}")
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"}
         known |= {"ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "use_scaled_rope"}
         unknown = set(params) - known
@@ -101,28 +114,31 @@ class ModelConfig:
             raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}")
         if params.get("use_scaled_rope"):
             raise ValueError(f"{source}: use_scaled_rope (Llama 3.1 RoPE) is not Llama 2's")
-        for field in ("dim", "n_layers", "n_heads"):
-            if field not in params:
-                raise ValueError(f"{source}: missing required field '{field}'")
-        vocab = params.get("vocab_size", -1)
+
+        def get(key, kind=int, default=REQUIRED):
+            return number(params, key, kind, source, default)
+
+        dim, n_layers, n_heads = get("dim"), get("n_layers"), get("n_heads")
+        vocab = get("vocab_size", int, -1)
         if vocab is None or vocab <= 0:
             if vocab_size is None:
                 raise ValueError(f"{source}: vocab_size is {vocab} and no embedding to infer it")
             vocab = vocab_size
-        theta = float(params.get("rope_theta", 10000.0))
-        return cls(
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads"),
+        theta = get("rope_theta", float, 10000.0)
+        args = dict(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=get("n_kv_heads", int, None),
             vocab_size=vocab,
-            multiple_of=params.get("multiple_of", 256),
-            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            norm_eps=params.get("norm_eps", 1e-5),
+            multiple_of=get("multiple_of", int, 256),
+            ffn_dim_multiplier=get("ffn_dim_multiplier", float, None),
+            norm_eps=get("norm_eps", float, 1e-5),
             rope_theta=theta,
             # params.json does not record the context; Code Llama (theta 1e6) was trained at 16k.
-            max_seq_len=params.get("max_seq_len", 16384 if theta >= 1e6 else 4096),
+            max_seq_len=get("max_seq_len", int, 16384 if theta >= 1e6 else 4096),
         )
+        return _build(cls, args, source)
 
     # --- Hugging Face config.json -------------------------------------------------------------
 
@@ -165,11 +181,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
+        """Read HF's config.json; every error names `source` and the field."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object, not {type(cfg).__name__}")
         if cfg.get("model_type", "llama") != "llama":
             raise ValueError(f"{source}: model_type is {cfg['model_type']!r}, expected 'llama'")
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if field not in cfg:
-                raise ValueError(f"{source}: missing required field '{field}'")
         for field, expected in (("hidden_act", "silu"), ("attention_bias", False)):
             if cfg.get(field, expected) != expected:
                 raise ValueError(f"{source}: {field}={cfg[field]!r} is not supported")
@@ -177,32 +193,88 @@ class ModelConfig:
             raise ValueError(f"{source}: tied embeddings are not a Llama 2 model")
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or rope
+        for key, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: '{key}' must be an object or null, not {value!r}")
         kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
         if kind not in ("default", "linear"):
             raise ValueError(f"{source}: RoPE scaling type {kind!r} is not supported")
-        head_dim = cfg.get("head_dim")
-        if head_dim is not None and head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+
+        def get(key, kind=int, default=REQUIRED):
+            return number(cfg, key, kind, source, default)
+
+        dim, heads = get("hidden_size"), get("num_attention_heads")
+        head_dim = get("head_dim", int, None)
+        if head_dim is not None and head_dim * heads != dim:
             raise ValueError(f"{source}: head_dim {head_dim} * heads != hidden_size")
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads"),
-            vocab_size=cfg["vocab_size"],
-            multiple_of=cfg.get("multiple_of", 256),
-            ffn_dim_multiplier=cfg.get("ffn_dim_multiplier"),
-            hidden_dim=cfg.get("intermediate_size"),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        theta = number(rope, "rope_theta", float, f"{source}: rope_parameters", 10000.0)
+        args = dict(
+            dim=dim,
+            n_layers=get("num_hidden_layers"),
+            n_heads=heads,
+            n_kv_heads=get("num_key_value_heads", int, None),
+            vocab_size=get("vocab_size"),
+            multiple_of=get("multiple_of", int, 256),
+            ffn_dim_multiplier=get("ffn_dim_multiplier", float, None),
+            hidden_dim=get("intermediate_size", int, None),
+            norm_eps=get("rms_norm_eps", float, 1e-6),
+            rope_theta=get("rope_theta", float, theta),
             rope_scaling=_linear_factor(scaling, source) if kind == "linear" else None,
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            max_seq_len=get("max_position_embeddings", int, 4096),
         )
+        return _build(cls, args, source)
 
 
 def _linear_factor(scaling: dict, source: str) -> float:
     if "factor" not in scaling:
         raise ValueError(f"{source}: linear RoPE scaling without a 'factor'")
-    return float(scaling["factor"])
+    return number(scaling, "factor", float, f"{source}: rope_scaling")
+
+
+def _build(cls, args: dict, source: str) -> ModelConfig:
+    """The config from a file's values; a value out of range names the file to fix."""
+    try:
+        return cls(**args)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+_OPTIONAL = {"n_kv_heads", "ffn_dim_multiplier", "hidden_dim", "rope_scaling"}
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Each field an int or a finite float as declared (None only where allowed), so that a
+    value from a file (a text "288", a 6.5, a null) fails here, named, not deep in the model."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.name in _OPTIONAL:
+            continue
+        kind = int if f.type.startswith("int") else float
+        setattr(cfg, f.name, number({f.name: value}, f.name, kind, "invalid ModelConfig"))
+
+
+REQUIRED = object()  # number()'s default: the key must be there
+
+
+def number(data: dict, key: str, kind: type, where: str, default=REQUIRED):
+    """data[key] as an int (a JSON integer) or a float (any finite JSON number), or `default`
+    when the key is absent (or null, where the default is None); else an error naming
+    `where` and the key. bool is not a number here, though Python says it is one."""
+    value = data.get(key, default)
+    if value is REQUIRED:
+        raise ValueError(f"{where}: missing required field '{key}'")
+    if value is None and default is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = isinstance(value, int)
+    elif ok:
+        ok = math.isfinite(value)
+        value = float(value) if ok else value
+    if not ok:
+        what = "an integer" if kind is int else "a finite number"
+        raise ValueError(f"{where}: '{key}' must be {what}, not {json.dumps(value, default=repr)}")
+    return value
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -264,10 +336,7 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 def load_config_file(path: str | Path) -> ModelConfig:
     """A config.json (Hugging Face) or params.json (Meta) file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON: {e}") from e
-    if "hidden_size" in data:
+    data = read_json(path)
+    if isinstance(data, dict) and "hidden_size" in data:
         return ModelConfig.from_hf_config(data, source=str(path))
     return ModelConfig.from_meta_params(data, source=str(path))

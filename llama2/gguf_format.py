@@ -3,6 +3,7 @@ tensors. Plain `struct` + numpy, so the `gguf` package is needed only by the tes
 
 from __future__ import annotations
 
+import math
 import struct
 from enum import IntEnum
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 from .io import atomic_file
 
 MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 8  # arrays of arrays: llama.cpp writes none deeper than 2
 VERSION = 3
 ALIGNMENT = 32
 
@@ -68,7 +71,11 @@ def read_gguf(path: str | Path) -> tuple[dict, dict]:
     """Return (metadata {key: value}, tensors {name: (shape, GGMLType, absolute offset)}).
     Shapes are in PyTorch order (GGUF stores them innermost first)."""
     path = Path(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        size = path.stat().st_size
+        data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot read: {e.strerror}") from e
     buf = memoryview(data)
     pos = 0
 
@@ -90,24 +97,32 @@ def read_gguf(path: str | Path) -> tuple[dict, dict]:
         pos += n
         return s
 
-    def value(vtype):
+    def value(vtype, depth=0):
         nonlocal pos
         vtype = T(vtype)
         if vtype == T.STRING:
             return string()
         if vtype == T.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(
+                    f"{path}: arrays nested deeper than {MAX_ARRAY_DEPTH} at byte {pos}"
+                )
             etype, n = T(take("<I")), take("<Q")
+            if n > len(buf) - pos:  # every element takes at least a byte
+                raise GGUFError(f"{path}: truncated array of {n} elements at byte {pos}")
             if etype == T.STRING:
                 return [string() for _ in range(n)]
             if etype == T.ARRAY:
-                return [value(T.ARRAY) for _ in range(n)]
-            fmt = _SCALAR[etype]
-            arr = np.frombuffer(buf, dtype=np.dtype(fmt), count=n, offset=pos)
+                return [value(T.ARRAY, depth + 1) for _ in range(n)]
+            fmt = np.dtype(_SCALAR[etype])
+            if pos + n * fmt.itemsize > len(buf):
+                raise GGUFError(f"{path}: truncated array of {n} elements at byte {pos}")
+            arr = np.frombuffer(buf, dtype=fmt, count=n, offset=pos)
             pos += arr.nbytes
             return arr.tolist()
         return take(_SCALAR[vtype])
 
-    if bytes(buf[:4]) != MAGIC:
+    if len(buf) < 4 or bytes(buf[:4]) != MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r})")
     pos = 4
     version = take("<I")
@@ -122,16 +137,28 @@ def read_gguf(path: str | Path) -> tuple[dict, dict]:
         infos = []
         for _ in range(n_tensors):
             name = string()
-            dims = [take("<Q") for _ in range(take("<I"))]
+            n_dims = take("<I")
+            if n_dims > MAX_DIMS:
+                raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions (at most 4)")
+            dims = [take("<Q") for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), GGMLType(take("<I")), take("<Q")))
+    except GGUFError:
+        raise
     except ValueError as e:  # unknown enum value
         raise GGUFError(f"{path}: unsupported GGUF content: {e}") from e
     align = meta.get("general.alignment", ALIGNMENT)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise GGUFError(f"{path}: general.alignment must be a power of two, not {align!r}")
     start = pos + (-pos % align)
     tensors = {name: (shape, gtype, start + off) for name, shape, gtype, off in infos}
     for name, (shape, gtype, offset) in tensors.items():
         block_bytes, block_elems = GGML_BLOCK[gtype]
-        if offset + int(np.prod(shape)) // block_elems * block_bytes > len(buf):
+        n = math.prod(shape)  # Python integers: a product of huge dims does not wrap around
+        if n % block_elems:
+            raise GGUFError(
+                f"{path}: tensor {name} of shape {shape} is not whole {gtype.name} blocks"
+            )
+        if offset + n // block_elems * block_bytes > len(buf):
             raise GGUFError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
     return meta, tensors
 

@@ -108,6 +108,15 @@ class Tokenizer:
                 raise GGUFError(f"{path}: missing {key}")
         tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
         types = meta["tokenizer.ggml.token_type"]
+        for key, value, kind, what in (
+            ("tokens", tokens, str, "strings"),
+            ("scores", scores, float | int, "numbers"),
+            ("token_type", types, int, "integers"),
+        ):
+            if not isinstance(value, list) or not all(
+                isinstance(v, kind) and not isinstance(v, bool) for v in value
+            ):
+                raise GGUFError(f"{path}: tokenizer.ggml.{key} must be an array of {what}")
         if not len(tokens) == len(scores) == len(types):
             raise GGUFError(f"{path}: tokens, scores and token_type differ in length")
         special = {
@@ -116,7 +125,7 @@ class Tokenizer:
             "eos": meta.get("tokenizer.ggml.eos_token_id", 2),
         }
         for name, i in special.items():
-            if not 0 <= i < len(tokens):
+            if not isinstance(i, int) or not 0 <= i < len(tokens):
                 raise GGUFError(
                     f"{path}: {name} token id {i} is outside the {len(tokens)}-piece vocabulary"
                 )

@@ -90,3 +90,89 @@ def trained(small_tokenizer):
         loss.backward()
         opt.step()
     return model.eval(), held_out
+
+
+@pytest.fixture(scope="session")
+def stage_inputs(small_tokenizer, tmp_path_factory):
+    """What the training verbs need, tiny: a micro model with the small tokenizer, a reward
+    model made from it, and a few rows of each stage's data (SFT dialogs, preference pairs,
+    prompts, GAtt dialogs)."""
+    import json
+    from types import SimpleNamespace
+
+    from llama2 import Transformer, get_preset, save_hf
+
+    d = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    model = save_hf(d / "model", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    rm_model = Transformer(cfg)
+    rm_model.output = torch.nn.Linear(cfg.dim, 1, bias=False)
+    rm = save_hf(d / "rm", cfg, rm_model.state_dict(), small_tokenizer, head="score")
+
+    def jsonl(name, rows):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d / name
+
+    chat = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        for i in range(12)
+    ]
+    return SimpleNamespace(
+        dir=d,
+        model=model,
+        rm=rm,
+        sft=jsonl("sft.jsonl", [{"messages": m} for m in chat]),
+        pairs=jsonl(
+            "pairs.jsonl",
+            [
+                {"prompt": f"p{i}", "chosen": "yes", "rejected": "no", "rating": "better"}
+                for i in range(12)
+            ],
+        ),
+        prompts=jsonl("prompts.jsonl", [{"prompt": f"p{i}"} for i in range(12)]),
+        gatt=jsonl("gatt.jsonl", [{"turns": [f"t{i}", "u"]} for i in range(6)]),
+        # fast settings for every loop stage
+        quick=[
+            "threads=1",
+            "steps=2",
+            "batch_size=2",
+            "seq_len=32",
+            "warmup_steps=0",
+            "eval_every=1",
+            "ckpt_every=1",
+        ],
+    )
+
+
+def files_under(root) -> set[str]:
+    """Every file, directory and link under `root` (relative paths)."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def refused(capsys):
+    """`refused(argv, *parts, watch=DIR)`: run the CLI in-process on input it must refuse and
+    check the standard: exit status 1, one error line naming what is wrong (each of `parts`
+    appears in it), no traceback, and nothing new (nor anything gone) under `watch`. Returns
+    the error line."""
+    from llama2.cli import main
+
+    def check(argv, *parts, watch):
+        before = files_under(watch)
+        capsys.readouterr()
+        code = main([str(a) for a in argv])  # any exception but SystemExit fails the test
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if ": error: " in line]
+        assert code == 1, (code, err[-2000:])
+        assert "Traceback" not in err
+        assert len(lines) == 1, err[-2000:]
+        for part in parts:
+            assert str(part) in lines[0], (part, lines[0])
+        assert files_under(watch) == before, sorted(files_under(watch) ^ before)
+        return lines[0]
+
+    return check

@@ -219,7 +219,7 @@ def test_bf16_autocast_on_cpu_follows_the_fp32_loss_curve(shards, tmp_path):
 
 def test_config_values_are_typed_and_named(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("lr: 3e-4\neps: 1e-5\nsteps: 10\nmodel_args: {dim: 64}\n")
+    f.write_text("lr: 3e-4\neps: 1e-5\nsteps: 10\nmodel_args: {dim: 96}\n")
     cfg = load_train_config(f, ["compile=true", "warmup_steps=2"])
     assert cfg.lr == 3e-4 and cfg.eps == 1e-5 and cfg.compile is True and cfg.warmup_steps == 2
     for bad, message in [

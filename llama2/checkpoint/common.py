@@ -3,7 +3,6 @@ layout detection, the state-dict check against the config, and safe loading of `
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..io import read_json as read_json_file
 from ..kernels import Linear
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -210,10 +210,11 @@ def empty_model(
 
 
 def read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON: {e}") from e
+    """A JSON file holding an object (config.json, params.json, an index)."""
+    data = read_json_file(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, not {type(data).__name__}")
+    return data
 
 
 def read_tokenizer(path: Path) -> Tokenizer | None:

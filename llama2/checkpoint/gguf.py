@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import REQUIRED, ModelConfig, number
 from ..gguf_format import GGMLType, GGUFError, T, quantize_q8_0, read_gguf, read_tensor, write_gguf
 from ..tokenizer import Tokenizer
 from .common import (
@@ -55,11 +55,8 @@ def _config(path: Path, meta: dict, tensors: dict) -> ModelConfig:
     if arch != "llama":
         raise GGUFError(f"{path}: general.architecture is {arch!r}, expected 'llama'")
 
-    def get(key, default=None):
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise GGUFError(f"{path}: missing llama.{key}")
-        return value
+    def get(key, kind=int, default=REQUIRED):
+        return number(meta, f"llama.{key}", kind, str(path), default)
 
     dim, n_heads = get("embedding_length"), get("attention.head_count")
     # as llama.cpp reads it: the type defaults to linear; older files use rope.scale_linear
@@ -67,21 +64,38 @@ def _config(path: Path, meta: dict, tensors: dict) -> ModelConfig:
     kind = meta.get("llama.rope.scaling.type", "linear")
     if kind not in ("none", "linear"):
         raise GGUFError(f"{path}: RoPE scaling type {kind!r} is not supported")
-    scaling = float(factor) if kind == "linear" and factor not in (None, 0.0, 1.0) else None
-    return ModelConfig(
+    if factor is not None:
+        factor = number(
+            {"llama.rope.scaling.factor": factor}, "llama.rope.scaling.factor", float, str(path)
+        )
+    scaling = factor if kind == "linear" and factor not in (None, 0.0, 1.0) else None
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        if not isinstance(tokens, list):
+            raise GGUFError(f"{path}: tokenizer.ggml.tokens must be an array of strings")
+        vocab = len(tokens)
+    elif "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"][0][0]
+    else:
+        raise GGUFError(
+            f"{path}: neither tokenizer.ggml.tokens nor token_embd.weight to size the vocabulary"
+        )
+    args = dict(
         dim=dim,
         n_layers=get("block_count"),
         n_heads=n_heads,
-        n_kv_heads=get("attention.head_count_kv", n_heads),
-        vocab_size=len(meta["tokenizer.ggml.tokens"])
-        if "tokenizer.ggml.tokens" in meta
-        else tensors["token_embd.weight"][0][0],
+        n_kv_heads=get("attention.head_count_kv", int, n_heads),
+        vocab_size=vocab,
         hidden_dim=get("feed_forward_length"),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=get("attention.layer_norm_rms_epsilon", float),
+        rope_theta=get("rope.freq_base", float, 10000.0),
         rope_scaling=scaling,
         max_seq_len=get("context_length"),
     )
+    try:
+        return ModelConfig(**args)
+    except ValueError as e:
+        raise GGUFError(f"{path}: {e}") from e
 
 
 def save_gguf(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,13 +54,16 @@ def describe(path: Path) -> tuple[ModelConfig, list[tuple[str, tuple]], Tokenize
     """The config, (dtype name, shape) of every stored tensor, and the tokenizer; tensors are
     read from the safetensors headers only."""
     file = path / "config.json"
-    config = ModelConfig.from_hf_config(read_json(file), str(file))
+    hf = read_json(file)
+    _quantization(hf, file)  # (checked as read() checks them)
+    _head(hf, file)
+    config = ModelConfig.from_hf_config(hf, str(file))
     stored = []
     for weights in _weight_files(path):
         if weights.suffix != ".safetensors":
             stored += [(dtype_name(t.dtype), t.shape) for t in safe_torch_load(weights).values()]
             continue
-        with safe_open(weights, framework="pt") as f:
+        with _safetensors_errors(weights), safe_open(weights, framework="pt") as f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 dtype = sl.get_dtype()
@@ -67,8 +71,21 @@ def describe(path: Path) -> tuple[ModelConfig, list[tuple[str, tuple]], Tokenize
     return config, stored, read_tokenizer(path)
 
 
+@contextmanager
+def _safetensors_errors(file: Path) -> Iterator[None]:
+    """safetensors' own errors (a truncated or empty file, a bad header) named by file."""
+    try:
+        yield
+    except Exception as e:  # safetensors raises its own error types
+        if isinstance(e, ValueError) and str(file) in str(e):
+            raise
+        raise ValueError(f"{file}: cannot read safetensors: {e}") from e
+
+
 def _head(hf: dict, file: Path) -> str:
     architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ValueError(f"{file}: 'architectures' must be a list of names")
     if architectures[0] == "LlamaForSequenceClassification":
         return "score"
     if architectures[0] != "LlamaForCausalLM":
@@ -82,6 +99,8 @@ def _quantization(hf: dict, file: Path) -> dict | None:
         return None
     from ..quantize import MODES
 
+    if not isinstance(quant, dict):
+        raise ValueError(f"{file}: 'quantization_config' must be an object")
     if quant.get("quant_method") != "llama2" or quant.get("mode") not in MODES:
         raise ValueError(f"{file}: unsupported quantization_config {quant}")
     return quant
@@ -91,8 +110,10 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and "/" not in f for f in weight_map.values()
+        ):
+            raise ValueError(f"{index}: no 'weight_map' object of file names")
         return [path / f for f in sorted(set(weight_map.values()))]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
@@ -104,14 +125,9 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if file.suffix == ".safetensors":
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types
-            if isinstance(e, ValueError) and str(file) in str(e):
-                raise
-            raise ValueError(f"{file}: cannot read safetensors: {e}") from e
+        with _safetensors_errors(file), safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
     else:
         yield from safe_torch_load(file).items()
 

@@ -106,8 +106,10 @@ def save_meta(
         raise ValueError(
             "Meta's params.json has no field for RoPE scaling; keep this model in HF form"
         )
+    if shards < 1:
+        raise ValueError(f"--shards must be >= 1, not {shards}")
     bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
-    if shards < 1 or bad:
+    if bad:
         raise ValueError(
             f"cannot split into {shards} model-parallel shards: {', '.join(bad)} not divisible"
         )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..formats import DialogError, check_dialog
+from ..io import parse_json
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
@@ -24,9 +26,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            yield f"{path}:{n}", json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError as e:
-            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+            raise DialogError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError as e:
+            raise DialogError(f"{path}:{n}: invalid JSON: nested too deeply") from e
+        except ValueError as e:  # NaN, Infinity: name the field that holds it
+            field = _non_finite(json.loads(line))
+            raise DialogError(f"{path}:{n}: field '{field}': {e}") from e
+        yield f"{path}:{n}", record
 
 
 def parse_prompt(record: object, where: str) -> list[dict]:
@@ -52,3 +60,23 @@ def read_flag(record: dict, field: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise DialogError(f"{where}: field '{field}' must be true or false, not {value!r}")
     return value
+
+
+def _non_finite(value, where: str = "") -> str | None:
+    """The path (a.b[2]) of the first NaN or infinity in a parsed JSON value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(the record)"
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, v in items:
+        found = _non_finite(
+            v, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip(".")
+        )
+        if found:
+            return found
+    return None

@@ -43,8 +43,10 @@ def _read_one(path: Path) -> list[Preference]:
         rating, margin = r.get("rating"), r.get("margin")
         if rating is not None and rating not in RATINGS:
             raise DialogError(f"{where}: field 'rating' must be one of {', '.join(RATINGS)}")
-        if margin is not None and not isinstance(margin, int | float):
-            raise DialogError(f"{where}: field 'margin' must be a number")
+        if margin is not None and (
+            isinstance(margin, bool) or not isinstance(margin, int | float) or abs(margin) > 1e6
+        ):  # (1e999 reads as inf: a NaN loss, and a NaN model saved)
+            raise DialogError(f"{where}: field 'margin' must be a number of at most 1e6")
         messages = [*prompt, {"role": "assistant", "content": r["chosen"] + r["rejected"]}]
         if reserved_tags_in(messages):
             raise DialogError(f"{where}: a reserved chat tag appears in the text")

@@ -35,15 +35,21 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
             if not isinstance(record.get(field), str):
                 raise DialogError(f"{where}: field '{field}' must be text")
         prompt = record["instruction"]
+        if record.get("input") is not None and not isinstance(record["input"], str):
+            raise DialogError(f"{where}: field 'input' must be text")
         if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
+            prompt += "\n\n" + record["input"]
         messages = [
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": record["output"]},
         ]
     elif "messages" in record:
         messages = record["messages"]
+        if not isinstance(messages, list):
+            raise DialogError(f"{where}: field 'messages' must be a list of messages")
     elif "conversations" in record:
+        if not isinstance(record["conversations"], list):
+            raise DialogError(f"{where}: field 'conversations' must be a list of turns")
         messages = []
         for i, turn in enumerate(record["conversations"]):
             role = _SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None

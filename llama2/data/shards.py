@@ -4,12 +4,12 @@ processes together draw the same global batch as one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..io import read_json
 from .split import derive_seed
 
 
@@ -19,15 +19,24 @@ class PackedShards:
         manifest_path = self.directory / "manifest.json"
         if not manifest_path.is_file():
             raise ValueError(f"{self.directory}: no manifest.json (run `llama2 data prepare`)")
-        self.manifest = json.loads(manifest_path.read_text())
-        dtype = np.dtype(self.manifest["dtype"])
+        self.manifest = read_json(manifest_path)
         self.splits = {}
-        for split in ("train", "val"):
-            parts = [
-                np.memmap(self.directory / s["file"], dtype=dtype, mode="r")
-                for s in self.manifest[split]["shards"]
-            ]
-            self.splits[split] = parts
+        try:  # a manifest not written by prepare_corpus (edited, cut) or a shard gone
+            dtype = np.dtype(self.manifest["dtype"])
+            if not isinstance(self.manifest["tokenizer_sha256"], str):
+                raise TypeError("tokenizer_sha256 is not text")
+            for split in ("train", "val"):
+                self.splits[split] = [
+                    np.memmap(self.directory / s["file"], dtype=dtype, mode="r")
+                    if (self.directory / s["file"]).stat().st_size
+                    else np.zeros(0, dtype)
+                    for s in self.manifest[split]["shards"]
+                ]
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ValueError(
+                f"{manifest_path}: not a manifest of `llama2 data prepare` or a shard is "
+                f"missing ({type(e).__name__}: {e})"
+            ) from e
 
     def tokens(self, split: str) -> int:
         return sum(len(p) for p in self.splits[split])

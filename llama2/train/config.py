@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -49,12 +50,37 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = [f"{name} must be >= 1" for name in self._at_least_one() if getattr(self, name) < 1]
-        if self.lr <= 0:
-            out.append("lr must be > 0")
+        out += [f"{name} must be > 0" for name in self._positive() if not getattr(self, name) > 0]
+        out += [f"{name} must be >= 0" for name in self._at_least_zero() if getattr(self, name) < 0]
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"{name} must be in [0, 1)")
+        if not _is_device(self.device):
+            out.append(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
         return out
 
     def _at_least_one(self) -> tuple[str, ...]:
         return ("steps", "batch_size", "keep_last", "eval_every", "ckpt_every")
+
+    def _positive(self) -> tuple[str, ...]:
+        return ("lr", "eps", "grad_clip")
+
+    def _at_least_zero(self) -> tuple[str, ...]:
+        return ("weight_decay", "threads")
+
+
+def _is_device(name: str) -> bool:
+    """auto or a device torch names (cpu, cuda, cuda:1, mps...); whether it is there is
+    checked when the run starts (loop.pick_device)."""
+    if name == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
@@ -102,12 +128,21 @@ class PretrainConfig(LoopConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        from ..config import ModelConfig
+        from ..config import ModelConfig, get_preset
 
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.model_args) - fields)
         if unknown:
             out.append(f"model_args: unknown {unknown} (fields: {', '.join(sorted(fields))})")
+            return out
+        try:
+            preset = get_preset(self.model)
+        except ValueError as e:
+            return [*out, f"model: {e}"]
+        try:  # the model these make (its vocabulary is the tokenizer's, known later)
+            preset.replace(**self.model_args)
+        except ValueError as e:
+            out.append(f"model_args: {e}".replace("invalid ModelConfig: ", ""))
         return out
 
     def _at_least_one(self) -> tuple[str, ...]:
@@ -128,6 +163,15 @@ class SFTConfig(LoopConfig):
         out = super().problems()
         if self.epochs < 0:
             out.append("epochs must be >= 0")
+        if self.lora_rank < 0:
+            out.append("lora_rank must be >= 0 (0: no LoRA)")
+        if self.lora_alpha <= 0:
+            out.append("lora_alpha must be > 0")
+        from ..lora import TARGETS
+
+        unknown = [t for t in self.lora_targets.split(",") if t not in TARGETS]
+        if self.lora_rank and unknown:
+            out.append(f"lora_targets: unknown {unknown} (targets: {', '.join(TARGETS)})")
         return out
 
 
@@ -150,6 +194,9 @@ class DPOConfig(LoopConfig):
 
     beta: float = 0.1  # the strength of the implicit KL constraint
 
+    def _positive(self) -> tuple[str, ...]:
+        return (*super()._positive(), "beta")
+
 
 @dataclass
 class RejectionConfig(SFTConfig):
@@ -168,6 +215,9 @@ class RejectionConfig(SFTConfig):
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "samples_per_prompt", "max_new_tokens", "sample_rows")
+
+    def _at_least_zero(self) -> tuple[str, ...]:
+        return (*super()._at_least_zero(), "temperature")
 
 
 @dataclass
@@ -190,11 +240,8 @@ class GattConfig(SFTConfig):
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "max_new_tokens", "sample_rows")
 
-    def problems(self) -> list[str]:
-        out = super().problems()
-        if self.replay_rows < 0:
-            out.append("replay_rows must be >= 0")
-        return out
+    def _at_least_zero(self) -> tuple[str, ...]:
+        return (*super()._at_least_zero(), "temperature", "replay_rows")
 
 
 @dataclass
@@ -220,7 +267,15 @@ class PPOConfig(TrainConfig):
         out = super().problems()
         if self.temperature <= 0:  # greedy answers have no log-probabilities to ratio
             out.append("temperature must be > 0 (PPO samples from the policy)")
+        if not 0 <= self.gae_lambda <= 1:
+            out.append("gae_lambda must be in [0, 1]")
         return out
+
+    def _positive(self) -> tuple[str, ...]:
+        return (*super()._positive(), "clip")
+
+    def _at_least_zero(self) -> tuple[str, ...]:
+        return (*super()._at_least_zero(), "kl_beta", "value_coef", "patience")
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "max_new_tokens", "ppo_epochs", "minibatch")
@@ -273,14 +328,19 @@ def _typed(key: str, value, hint):
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # (YAML reads 3e-4, without a dot, as text)
+            number = float(value)  # (YAML reads 3e-4, without a dot, as text)
+            if not math.isfinite(number):  # nan, inf: a model of NaNs, silently
+                raise ValueError(f"setting '{key}': {value!r} is not a finite number")
+            return number
         if kind is dict:
             value = yaml.safe_load(value) if isinstance(value, str) else value
             if not isinstance(value, dict):
                 raise ValueError
             return value
         return str(value)
-    except ValueError:
+    except (ValueError, OverflowError, TypeError) as e:
+        if str(e).startswith("setting"):
+            raise
         raise ValueError(f"setting '{key}': {value!r} is not a {kind.__name__}") from None
 
 
@@ -337,10 +397,9 @@ def load_train_config(
         data[key] = value
     hints = typing.get_type_hints(base)
     try:
-        data = {key: _typed(key, value, hints[key]) for key, value in data.items()}
+        return base(**{key: _typed(key, value, hints[key]) for key, value in data.items()})
     except ValueError as e:
         raise ValueError(f"{where}{e}") from e
-    return base(**data)
 
 
 def config_to_yaml(cfg) -> str:

@@ -41,7 +41,7 @@ from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
 from .loop import pick_device
 from .rejection import link_model
-from .rundir import latest_checkpoint, open_run, write_config, write_jsonl
+from .rundir import check_run, latest_checkpoint, new_run, write_config, write_jsonl
 from .sft import sft
 
 
@@ -94,9 +94,11 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
     out = Path(out)
-    open_run(out, resume, products=("gatt.jsonl",))
-    write_config(out, cfg)
+    device = pick_device(cfg)
+    check_run(out, resume, products=("gatt.jsonl",))
     records = read_turns(cfg.data)
+    if cfg.replay:  # checked now, not after the sampling (training_rows reads it then)
+        read_sft_jsonl(cfg.replay)
     rng = random.Random(derive_seed(cfg.seed, "instructions"))
     by_text = {i.text: i for i in INSTRUCTIONS}
     chosen = [
@@ -105,18 +107,24 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     turns = [r["turns"] for r in records]
     data = out / "gatt.jsonl"
     if not (resume and data.exists()):
-        chat = load(cfg.init_from, device=pick_device(cfg))
-        bar = tqdm(total=max(map(len, turns)), desc="sampling turns", unit="turn")
-        sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True)
+        # a failure before the dialogs are written (the model, the sampling) leaves no run
+        with new_run(out):
+            chat = load(cfg.init_from, device=device)
+            out.mkdir(parents=True, exist_ok=True)
+            write_config(out, cfg)
+            bar = tqdm(total=max(map(len, turns)), desc="sampling turns", unit="turn")
+            sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True)
 
-        def answer(dialogs, k):
-            replies = sampler(dialogs, k)
-            bar.update()
-            return replies
+            def answer(dialogs, k):
+                replies = sampler(dialogs, k)
+                bar.update()
+                return replies
 
-        with bar:
-            dialogs = sample_dialogs(answer, [ins.text for ins in chosen], turns)
-        write_jsonl(data, [{"messages": d} for d in dialogs])
+            with bar:
+                dialogs = sample_dialogs(answer, [ins.text for ins in chosen], turns)
+            write_jsonl(data, [{"messages": d} for d in dialogs])
+    else:
+        write_config(out, cfg)
     train_data = out / "train.jsonl"
     if not (resume and train_data.exists()):
         write_jsonl(train_data, training_rows(cfg, read_sft_jsonl(data), chosen))
@@ -126,7 +134,7 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record
         write_config(out, dataclasses.replace(cfg, steps=max(r["step"] for r in rows)))
     link_model(out)
-    tuned = load(out / "model", device=pick_device(cfg))
+    tuned = load(out / "model", device=device)
     greedy = batched_chat(tuned, cfg, 0.0, seeded=False)
     honoured = adherence_by_turns(greedy, chosen, turns)
     by_turn = [[h[k] for h in honoured if k < len(h)] for k in range(max(map(len, turns)))]

@@ -35,11 +35,13 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm import tqdm
 
 from ..data.split import derive_seed
+from ..io import removed_on_error
 from .config import LoopConfig, TrainConfig
 from .rundir import (
     Metrics,
+    check_run,
     checkpoint_tmp,
-    open_run,
+    new_run,
     plot_metrics,
     publish_checkpoint,
     resume_from,
@@ -97,11 +99,18 @@ def setup_distributed(device: torch.device) -> Dist:
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
+    """The device of `cfg.device` (auto: cuda if there is one, else cpu), checked to be there."""
     if cfg.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # (torch without CUDA asserts)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device={cfg.device} is not available here ({first})") from e
+    return device
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -186,25 +195,27 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
     tmp = checkpoint_tmp(out, step, fresh=d.main)  # the main process empties it
     d.barrier()
     model_sd, optim_sd = get_state_dict(model, optim)
-    with warnings.catch_warnings():  # (one process: DCP says it assumes so)
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
     final = None
-    if d.main:
-        stage.save_model(full, tmp / "model")
-        torch.save(
-            {
-                "step": step,
-                "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(),
-                "config": json.loads(json.dumps(cfg.__dict__)),
-            },
-            tmp / "trainer.pt",
+    # a failed write (a full disk) leaves no temporary behind, and the last checkpoint whole
+    with removed_on_error(tmp, tmp.with_name(f"step_{step:07d}")):
+        with warnings.catch_warnings():  # (one process: DCP says it assumes so)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+        full = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        final = publish_checkpoint(out, tmp, step, cfg.keep_last)
+        if d.main:
+            stage.save_model(full, tmp / "model")
+            torch.save(
+                {
+                    "step": step,
+                    "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "config": json.loads(json.dumps(cfg.__dict__)),
+                },
+                tmp / "trainer.pt",
+            )
+            final = publish_checkpoint(out, tmp, step, cfg.keep_last)
     d.barrier()
     return final
 
@@ -223,6 +234,22 @@ def load_checkpoint(path: Path, model, optim, sched) -> int:
 
 
 # --- the loop ------------------------------------------------------------------------------
+
+
+class NonFiniteError(ValueError):
+    """A loss or gradient norm that is NaN or infinite: training stops before the update."""
+
+
+def check_finite(step: int, loss: float, grad_norm: float, what: str = "step") -> None:
+    """Stop before a NaN or infinite loss or gradient reaches the weights (a step taken with
+    it would make every later checkpoint a model of NaNs): the checkpoints written so far are
+    the run's last good state."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(
+            f"{what} {step}: loss {loss}, gradient norm {grad_norm}: not finite, so training "
+            "stops before this update (lower lr, check the data; --resume continues from the "
+            "last checkpoint)"
+        )
 
 
 def evaluate(stage: Stage, model: nn.Module, d: Dist, autocast) -> dict:
@@ -261,32 +288,36 @@ def train(
     """Run (or resume) a training stage into the run directory `out`; return its metrics."""
     out = Path(out)
     device = pick_device(cfg)
+    check_run(out, resume)  # (each process: it only reads)
+    ckpt = resume_from(out) if resume else None
     d = setup_distributed(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if d.main:
-        open_run(out, resume)
-    d.barrier()
-    ckpt = resume_from(out) if resume else None
-    torch.manual_seed(cfg.seed)
-    stage = build(device, d)
-    if stage.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=stage.steps)
-    model = stage.model.to(device)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(blocks(model))
-    if d.world > 1:
-        shard_model(model, blocks(model))
-    optim = make_optimizer(model, cfg, fused=d.world == 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optim, sched)
+    # the stage's data and model are read and checked before the run directory is made (or,
+    # for the embedded corpus, it is removed again if they fail)
+    with new_run(out) if d.main else nullcontext():
+        torch.manual_seed(cfg.seed)
+        stage = build(device, d)
+        if stage.steps is not None:
+            cfg = dataclasses.replace(cfg, steps=stage.steps)
+        model = stage.model.to(device)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(blocks(model))
+        if d.world > 1:
+            shard_model(model, blocks(model))
+        optim = make_optimizer(model, cfg, fused=d.world == 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
+        start = 0
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model, optim, sched)
+            if d.main:
+                print(f"resuming from {ckpt} (step {start})", flush=True)
         if d.main:
-            print(f"resuming from {ckpt} (step {start})", flush=True)
-    metrics = Metrics(out, start) if d.main else None
-    if d.main:
-        write_config(out, cfg)
+            out.mkdir(parents=True, exist_ok=True)
+            metrics = Metrics(out, start)
+            write_config(out, cfg)
+        else:
+            metrics = None
     forward_model = torch.compile(model) if cfg.compile else model
     amp_dtype = autocast_dtype(cfg.autocast, device)
 
@@ -322,10 +353,6 @@ def train(
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-            lr = optim.param_groups[0]["lr"]
-            sched.step()
             if stage.batch_tokens is None:
                 tokens = stage.tokens_per_step
             if d.world > 1:
@@ -334,6 +361,11 @@ def train(
                 total = float(t[0]) / d.world
                 if stage.batch_tokens is not None:  # each rank counted its own slices
                     tokens = int(t[1])
+            check_finite(step + 1, total, float(grad_norm))  # (every rank: the same numbers)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            lr = optim.param_groups[0]["lr"]
+            sched.step()
             dt = time.perf_counter() - t0
             row = {
                 "step": step + 1,

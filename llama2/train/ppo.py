@@ -30,10 +30,11 @@ from tqdm import tqdm
 from ..checkpoint import save_hf
 from ..data.split import derive_seed, split_held_out
 from ..formats import encode_chat
+from ..io import removed_on_error
 from ..llm import Llama, load
 from . import rundir
 from .config import PPOConfig
-from .loop import make_optimizer, pick_device
+from .loop import check_finite, make_optimizer, pick_device
 from .losses import (
     gae,
     per_token_kl,
@@ -153,8 +154,10 @@ class PPO:
                 pl, frac = ppo_policy_loss(logp, part["logp"], part["adv"], m, cfg.clip)
                 values = self.value(part["tokens"][:, :-1])[..., 0].float()
                 vl = ppo_value_loss(values, part["values"], part["returns"], m, cfg.clip)
-                (pl + cfg.value_coef * vl).backward()
-                nn.utils.clip_grad_norm_(self.both.parameters(), cfg.grad_clip)
+                loss = pl + cfg.value_coef * vl
+                loss.backward()
+                norm = nn.utils.clip_grad_norm_(self.both.parameters(), cfg.grad_clip)
+                check_finite(it + 1, float(loss), float(norm), "iteration")
                 self.optim.step()
                 self.optim.zero_grad(set_to_none=True)
                 ent = (entropy * m).sum() / m.sum().clamp(min=1)
@@ -185,13 +188,12 @@ class PPO:
     def save(self, out: Path, it: int, extra: dict) -> None:
         tmp = rundir.checkpoint_tmp(out, it)
         tok = self.policy.tokenizer
-        save_hf(tmp / "model", self.policy.config, _on_cpu(self.policy.model), tok)
-        save_hf(tmp / "value", self.value_config, _on_cpu(self.value), tok, head="score")
-        torch.save(
-            {"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state(), **extra},
-            tmp / "trainer.pt",
-        )
-        rundir.publish_checkpoint(out, tmp, it, self.cfg.keep_last)
+        with removed_on_error(tmp, tmp.with_name(f"step_{it:07d}")):  # (a full disk)
+            save_hf(tmp / "model", self.policy.config, _on_cpu(self.policy.model), tok)
+            save_hf(tmp / "value", self.value_config, _on_cpu(self.value), tok, head="score")
+            state = {"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state()}
+            torch.save(state | extra, tmp / "trainer.pt")
+            rundir.publish_checkpoint(out, tmp, it, self.cfg.keep_last)
 
     def restore(self, ckpt: Path) -> dict:
         policy = load(ckpt / "model", dtype=torch.float32).model.state_dict()
@@ -213,19 +215,22 @@ def ppo(
     """Run (or resume) PPO into `out`; `grade(check, answer)` judges held-out answers
     (llama2.eval.judges.grade by default, used only for prompts with a check)."""
     out = Path(out)
+    device = pick_device(cfg)
+    rundir.check_run(out, resume)
+    ckpt = rundir.resume_from(out) if resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rundir.open_run(out, resume)
-    ckpt = rundir.resume_from(out) if resume else None
-    torch.manual_seed(cfg.seed)
-    run = PPO(cfg, pick_device(cfg), grade)
-    start, best, bad = 0, float("-inf"), 0
-    if ckpt is not None:
-        state = run.restore(ckpt)
-        start, best, bad = state["step"], state["best"], state["bad"]
-        print(f"resuming from {ckpt} (iteration {start})", flush=True)
-    metrics = rundir.Metrics(out, start)
-    rundir.write_config(out, cfg)
+    with rundir.new_run(out):  # the prompts and models checked before the run directory
+        torch.manual_seed(cfg.seed)
+        run = PPO(cfg, device, grade)
+        start, best, bad = 0, float("-inf"), 0
+        if ckpt is not None:
+            state = run.restore(ckpt)
+            start, best, bad = state["step"], state["best"], state["bad"]
+            print(f"resuming from {ckpt} (iteration {start})", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = rundir.Metrics(out, start)
+        rundir.write_config(out, cfg)
     if start == 0:  # the starting point of the held-out curves (not counted for patience)
         first = run.evaluate()
         if first:

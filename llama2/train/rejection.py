@@ -34,7 +34,14 @@ from .config import RejectionConfig, SFTConfig, stage_config
 from .loop import pick_device
 from .losses import combined_reward
 from .reward import pad, scores
-from .rundir import latest_checkpoint, open_run, read_jsonl_rows, write_config, write_jsonl
+from .rundir import (
+    check_run,
+    latest_checkpoint,
+    new_run,
+    read_jsonl_rows,
+    write_config,
+    write_jsonl,
+)
 from .sft import sft
 
 Grade = Callable[[dict, str], dict[str, float]]  # llama2.eval.judges.grade's signature
@@ -287,11 +294,16 @@ def rejection(
     """Sample and select (once: sampling is seeded, a resumed run reuses best.jsonl), then
     fine-tune on the winners in out/sft; out/model is the tuned model."""
     out = Path(out)
-    open_run(out, resume, products=("best.jsonl",))
-    write_config(out, cfg)
+    pick_device(cfg)  # there, before anything is read
+    check_run(out, resume, products=("best.jsonl",))
     if not (resume and (out / "best.jsonl").exists()):
-        best = sample_and_select(cfg, out, grade)
+        # a failure before the samples are written (bad prompts, models...) leaves no run
+        with new_run(out):
+            out.mkdir(parents=True, exist_ok=True)
+            write_config(out, cfg)
+            best = sample_and_select(cfg, out, grade)
     else:
+        write_config(out, cfg)
         best = read_jsonl_rows(out / "best.jsonl")
     data = [
         {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]} for b in best

@@ -16,10 +16,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..io import atomic_file, fsync, fsync_tree, point_link, write_atomic
+from ..io import (
+    DiskFullError,
+    atomic_file,
+    disk_full,
+    fsync,
+    fsync_tree,
+    point_link,
+    write_atomic,
+)
 from .config import config_to_yaml
 
 
@@ -37,12 +46,35 @@ def latest_checkpoint(out: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def open_run(out: Path, resume: bool, products: Iterable[str] = ()) -> None:
-    """Create the run directory, refusing one that already holds a run (checkpoints, or one of
-    the stage's `products`) unless the run resumes."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (checkpoint_dirs(out) or any((out / p).exists() for p in products)):
+def check_run(out: Path, resume: bool, products: Iterable[str] = ()) -> None:
+    """Refuse, before anything is read or written, an `out` that cannot take this run: a
+    file; one that already holds a run (checkpoints, or one of the stage's `products`) unless
+    the run resumes; a missing one when it does."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
+    if resume:
+        if not out.is_dir():
+            raise ValueError(f"{out}: --resume, but there is no such run directory")
+    elif checkpoint_dirs(out) or any((out / p).exists() for p in products):
         raise ValueError(f"{out} already holds a run: pass --resume, or choose another --out")
+
+
+@contextmanager
+def new_run(out: Path) -> Iterator[None]:
+    """Around a stage's setup (its settings, data and models checked and loaded, up to its
+    first product): if the setup fails, a run directory it made (with any parents) is removed
+    again, so that a refused run leaves nothing behind."""
+    top = None
+    for p in (out, *out.parents):  # the outermost directory that is not there yet
+        if p.exists() or p.is_symlink():
+            break
+        top = p
+    try:
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def resume_from(out: Path) -> Path:
@@ -62,9 +94,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file this package wrote; a last line without its newline (cut by a
+    kill or a full disk mid-write) is not a row."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")[:-1]  # (the piece after the last newline)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 class Metrics:
@@ -79,8 +114,13 @@ class Metrics:
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        self._log.write(json.dumps(row) + "\n")
-        self._log.flush()
+        try:
+            self._log.write(json.dumps(row) + "\n")
+            self._log.flush()
+        except OSError as e:
+            if disk_full(self.path, e):
+                raise DiskFullError(self.path) from e
+            raise
 
     def close(self) -> None:
         self._log.close()
