@@ -222,8 +222,11 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server):
         timeout=30,
     )
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
-    ids = httpx.post(base + "/tokenize", json={"prompt": "def x"}).json()["tokens"]
-    assert httpx.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"] == "def x"
+    for path in ("/tokenize", "/detokenize"):  # the key guards them too
+        assert httpx.post(base + path, json={"prompt": "x", "tokens": [1]}).status_code == 401
+    ids = httpx.post(base + "/tokenize", json={"prompt": "def x"}, headers=auth).json()["tokens"]
+    back = httpx.post(base + "/detokenize", json={"tokens": ids}, headers=auth).json()
+    assert back["prompt"] == "def x"
     assert httpx.get(base + "/health").json()["status"] == "ok"
     assert json.loads(json.dumps(httpx.get(base + "/v1/models", headers=auth).json()))["data"]
 
