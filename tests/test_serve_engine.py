@@ -205,3 +205,16 @@ def test_histogram_buckets_are_cumulative_and_bounded():
     ]
     assert lines[-1] == "x_count 4000" and len(h.counts) == 3
     assert h.quantile(0.5) == 0.1 and h.quantile(0.75) == 1.0 and h.quantile(1.0) == float("inf")
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer):
+    """--compile: the engine decodes through torch.compile over every slot (idle ones write
+    past what they hold) and samples what the eager engine samples. (Compiling takes ~50 s on
+    a loaded 2-core machine.)"""
+    ps = prompts(3)
+    eager = run_all(engine(model, small_tokenizer), [request(p, seed=i) for i, p in enumerate(ps)])
+    eng = engine(model, small_tokenizer, compile=True)
+    compiled = run_all(eng, [request(p, seed=i) for i, p in enumerate(ps)])
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    model.clear_cache()
