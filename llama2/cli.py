@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None, help="the model's name in the API (default: dir name)")
     s.add_argument("--dtype", default=None)
     s.add_argument(
-        "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step"
+        "--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step"
     )
     s.add_argument(
         "--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes"

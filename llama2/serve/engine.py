@@ -147,7 +147,7 @@ class Engine:
         tokenizer: Tokenizer,
         max_batch: int = 8,
         max_queue: int = 64,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 256,
         prefix_cache: bool = True,
         compile: bool = False,
     ):
