@@ -57,6 +57,14 @@ def main() -> None:
     llm = Llama(Transformer(cfg).eval(), Tokenizer.from_file(VOCAB), cfg)
     tok = llm.tokenizer
     tok.eos_id = -1  # never stop early: fixed-length answers
+    # the library alone, for one stream's reference (before the server takes the model's cache)
+    llm.compile = args.compile
+    ids = tok.encode("Tell me a story 0.0", bos=True)
+    for _ in range(2):  # (the first warms up, or compiles)
+        t0 = time.perf_counter()
+        llm.generate("Tell me a story 0.0", max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
+        lib_tps = args.max_tokens / (time.perf_counter() - t0)
+    print(f"library llm.generate ({len(ids)}-token prompt): {lib_tps:.1f} tok/s", flush=True)
     options = {"max_batch": 16, "max_queue": 64}
     if args.compile:
         options["compile"] = True
@@ -123,6 +131,7 @@ def main() -> None:
                 f"TTFT p50 {p50 * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms",
                 flush=True,
             )
+        print(f"one client: {rows[0][1] / lib_tps:.2f}x the library's {lib_tps:.1f} tok/s")
 
     if "prefix" in args.only:
         # a system prompt of ~400 tokens, then requests one after another that share it
