@@ -248,7 +248,8 @@ def create_app(
         except Unavailable as e:
             raise APIError(503, str(e), code="unavailable") from None
         except ValueError as e:
-            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+            param = "prompt" if continuation else "messages"
+            raise APIError(400, str(e), param, "context_length_exceeded") from None
         return queue, reqs
 
     def logprob_entry(info: TokenLogprob) -> dict:

@@ -7,9 +7,10 @@ One thread owns the model and a KV cache of `max_batch` slots. Each iteration it
    some slot holds (every chat request of an application starts with the same system prompt)
    takes them over instead of recomputing them: from a free slot as it is, from a busy one by
    copying those positions (prefix caching; positions depend only on the tokens before them);
-2. prefills up to `prefill_chunk` prompt tokens of the admitted requests in one batched forward:
-   requests that arrive together share it, and a long prompt is spread over several
-   iterations (chunked prefill) so that the running streams keep decoding between its chunks;
+2. prefills up to `prefill_chunk` prompt tokens of the admitted requests in one batched forward
+   (shortest first): requests that arrive together share it, and a long prompt is spread over
+   several iterations (chunked prefill) so that the running streams keep decoding between its
+   chunks;
 3. samples one token for every running request and advances them all in one batched forward
    (each row at its own position, in its own slot).
 
@@ -221,6 +222,18 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # stopping, or (a BaseException) dying: nobody is left waiting forever
+            unavailable = Failure(503, "the server is shutting down", "shutting_down")
+            with self.cond:
+                waiting, self.waiting = list(self.waiting), deque()
+            for req in waiting:
+                self._emit_failure(req, unavailable)
+            for s in self.prefilling + self.running:
+                self._fail(s, unavailable)
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cond:
@@ -232,9 +245,13 @@ class Engine:
                     admit = []
                     while self.waiting and len(admit) < len(self.free):
                         admit.append(self.waiting.popleft())
-                try:
-                    for req in admit:
+                for req in admit:
+                    try:
                         self._admit(req)
+                    except Exception as e:
+                        self._record(e)
+                        self._emit_failure(req, _internal(e))
+                try:
                     if self.prefilling:
                         self._prefill_step()
                     if self.running:
@@ -243,13 +260,6 @@ class Engine:
                     self._record(e)
                     for s in self.prefilling + self.running:
                         self._fail(s, e)
-            unavailable = Failure(503, "the server is shutting down", "shutting_down")
-            with self.cond:
-                waiting, self.waiting = list(self.waiting), deque()
-            for req in waiting:
-                self._emit_failure(req, unavailable)
-            for s in self.prefilling + self.running:
-                self._fail(s, unavailable)
 
     def _drop_abandoned(self) -> None:
         """(with self.cond) Drop waiting requests whose client went away or whose time is up."""
@@ -289,6 +299,7 @@ class Engine:
                 # a busy slot holds more: copy it into the free slot that holds the least
                 slot = min(self.free, key=lambda s: self._common(s, prompt))
                 reuse = self._common(source, prompt)
+                self.slot_tokens[slot] = []  # (until the copy is complete)
                 for cache in self.caches:
                     cache.k[slot, :, :reuse] = cache.k[source, :, :reuse]
                     cache.v[slot, :, :reuse] = cache.v[source, :, :reuse]
@@ -299,18 +310,22 @@ class Engine:
         self.prefilling.append(_Seq(req, slot, reuse))
 
     def _prefill_step(self) -> None:
-        """Up to prefill_chunk prompt tokens, in the order requests arrived, in one forward (a
-        row whose padding would run past the cache goes in a forward of its own)."""
+        """Up to prefill_chunk prompt tokens in one forward (a row whose padding would run past
+        the cache goes in a forward of its own). The prompts with the least left go first: a
+        short prompt is not held behind a long one, and a long one waits for at most the
+        max_batch - 1 others that hold slots."""
         now, budget, batch = time.perf_counter(), self.prefill_chunk, []
         for s in list(self.prefilling):
             if s.req.cancelled.is_set():
                 self._release(s)
             elif _expired(s.req, now):
                 self._fail(s, _timeout(s.req))
-            elif budget > 0:
-                n = min(len(s.req.prompt) - s.pos, budget)
-                batch.append((s, n))
-                budget -= n
+        for s in sorted(self.prefilling, key=lambda s: len(s.req.prompt) - s.pos):
+            if budget <= 0:
+                break
+            n = min(len(s.req.prompt) - s.pos, budget)
+            batch.append((s, n))
+            budget -= n
         if not batch:
             return
         width = max(n for _, n in batch)
