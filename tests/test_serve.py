@@ -598,3 +598,24 @@ def test_sigterm_finishes_running_requests_and_exits_0(small_tokenizer, tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_n_beyond_the_queue_is_400_and_a_stopped_engine_is_503(small_tokenizer):
+    """n larger than the queue can ever hold is the request's fault (400, not "busy"); n that
+    fits is served on an idle server; once the engine has stopped, /health and requests say
+    so with 503 instead of hanging."""
+    llm, app, srv, thread, base = _own_server(small_tokenizer, max_batch=2, max_queue=4)
+    msgs = [{"role": "user", "content": "hi"}]
+    url = base + "/v1/chat/completions"
+    try:
+        r = httpx.post(url, json={"messages": msgs, "n": 5, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = httpx.post(url, json={"messages": msgs, "n": 4, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+        app.state.engine.shutdown()
+        health = httpx.get(base + "/health", timeout=60)
+        assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+        r = httpx.post(url, json={"messages": msgs, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    finally:
+        _stop(srv, thread)

@@ -38,8 +38,8 @@ class Collect:
             self.end = value
             self.done.set()
 
-    def wait(self):
-        assert self.done.wait(timeout=60), "the engine never ended the request"
+    def wait(self, timeout: float = 60):
+        assert self.done.wait(timeout=timeout), "the engine never ended the request"
         return self.end
 
 
@@ -58,7 +58,7 @@ def prompts(n, shared=60, seed=0):
     return [prefix + torch.randint(3, 512, (5 + 3 * i,), generator=g).tolist() for i in range(n)]
 
 
-def run_all(eng, reqs, together=True):
+def run_all(eng, reqs, together=True, timeout=60):
     """Completions of the requests: submitted at once, or each after the previous ended."""
     try:
         if together:
@@ -67,7 +67,7 @@ def run_all(eng, reqs, together=True):
         for r in reqs:
             if not together:
                 eng.submit([r])
-            out.append(r.emit.wait())
+            out.append(r.emit.wait(timeout))
         return out
     finally:
         eng.shutdown()
@@ -215,6 +215,6 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer)
     ps = prompts(3)
     eager = run_all(engine(model, small_tokenizer), [request(p, seed=i) for i, p in enumerate(ps)])
     eng = engine(model, small_tokenizer, compile=True)
-    compiled = run_all(eng, [request(p, seed=i) for i, p in enumerate(ps)])
+    compiled = run_all(eng, [request(p, seed=i) for i, p in enumerate(ps)], timeout=900)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     model.clear_cache()
