@@ -326,12 +326,21 @@ class Engine:
             n = min(len(s.req.prompt) - s.pos, budget)
             batch.append((s, n))
             budget -= n
-        if not batch:
-            return
-        width = max(n for _, n in batch)
-        together = [(s, n) for s, n in batch if s.pos + width <= self.context]
-        alone = [[b] for b in batch if b[0].pos + width > self.context]
-        for group in ([together] if together else []) + alone:
+        # rows in one forward are padded to the widest: rows of similar widths go together
+        # (at most half of a forward is padding), a row whose padding would run past the cache
+        # goes alone
+        groups: list[list[tuple[_Seq, int]]] = []
+        for s, n in batch:  # (widths ascending)
+            group = groups[-1] if groups else None
+            if (
+                group is None
+                or n * (len(group) + 1) > 2 * (sum(m for _, m in group) + n)
+                or any(x.pos + n > self.context for x, _ in group + [(s, n)])
+            ):
+                groups.append([(s, n)])
+            else:
+                group.append((s, n))
+        for group in groups:
             self._prefill(group)
 
     def _prefill(self, group: list[tuple[_Seq, int]]) -> None:
