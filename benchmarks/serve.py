@@ -1,22 +1,28 @@
-"""Serving throughput on loopback: aggregate generated tokens/s for 1, 4, 8 and 16 concurrent
-streaming clients (the official openai client), with p50/p99 time to first token.
+"""Serving on loopback: throughput for 1, 4, 8 and 16 concurrent streaming clients, time to first
+token with a shared 400-token system prompt (prefix caching), and TTFT / inter-token latency
+with a mix of long and short prompts (batched and chunked prefill).
 
-    python benchmarks/serve.py [--preset tiny-110m] [--max-tokens 64] [--requests 2]
+    python benchmarks/serve.py [--preset tiny-110m] [--max-tokens 64] [--requests 2] [--compile]
+                               [--only throughput prefix mixed]
 
 A random-weight model of the preset (the real Llama 2 vocabulary) is served by our server on
-127.0.0.1 with --max-batch 16; each client sends `--requests` chat requests one after the
-other, EOS ignored (a stop-free, fixed-length answer), so every level generates the same
-number of tokens per client. Bounded: the run ends by itself.
+127.0.0.1 with --max-batch 16; clients are the official openai package, streaming chat
+completions with EOS ignored (stop-free, fixed-length answers), so every level generates the
+same number of tokens per client. Bounded: the run ends by itself. The server's options that
+an older llama2 lacks are left out, so the same script measures a checkout from before them
+(`PYTHONPATH=/path/to/old/checkout python benchmarks/serve.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import socket
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -26,12 +32,19 @@ from llama2 import Llama, Tokenizer, Transformer, get_preset
 VOCAB = Path(__file__).parent.parent / "tests" / "fixtures" / "ggml-vocab-llama-spm.gguf"
 
 
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny-110m")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="the engine's compiled decode step")
+    p.add_argument("--only", nargs="+", default=["throughput", "prefix", "mixed"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import uvicorn
@@ -42,8 +55,23 @@ def main() -> None:
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
     llm = Llama(Transformer(cfg).eval(), Tokenizer.from_file(VOCAB), cfg)
-    llm.tokenizer.eos_id = -1  # never stop early: fixed-length answers
-    app = create_app(llm, args.preset, max_batch=16, max_queue=64)
+    tok = llm.tokenizer
+    tok.eos_id = -1  # never stop early: fixed-length answers
+    # the library alone, for one stream's reference (before the server takes the model's cache)
+    llm.compile = args.compile
+    ids = tok.encode("Tell me a story 0.0", bos=True)
+    for _ in range(2):  # (the first warms up, or compiles)
+        t0 = time.perf_counter()
+        llm.generate("Tell me a story 0.0", max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
+        lib_tps = args.max_tokens / (time.perf_counter() - t0)
+    print(f"library llm.generate ({len(ids)}-token prompt): {lib_tps:.1f} tok/s", flush=True)
+    options = {"max_batch": 16, "max_queue": 64}
+    if args.compile:
+        options["compile"] = True
+    known = inspect.signature(create_app).parameters
+    if any(k not in known for k in options):
+        raise SystemExit(f"this llama2's server lacks {[k for k in options if k not in known]}")
+    app = create_app(llm, args.preset, **options)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,58 +79,111 @@ def main() -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=900)
+
+    def ask(messages, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
+        """One streamed request: (TTFT, gaps between pieces, completion tokens)."""
+        t0 = time.perf_counter()
+        stamps, n = [], 0
+        stream = client.chat.completions.create(
+            model=args.preset,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0.8,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for ch in stream:
+            if ch.choices and ch.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+            if ch.usage:
+                n = ch.usage.completion_tokens
+        ttft = stamps[0] - t0 if stamps else float("nan")
+        return ttft, [b - a for a, b in pairwise(stamps)], n
 
     def one_client(i: int) -> list[tuple[float, int]]:
         out = []
         for j in range(args.requests):
-            t0 = time.perf_counter()
-            first, n = None, 0
             messages = [{"role": "user", "content": f"Tell me a story {i}.{j}"}]
-            stream = client.chat.completions.create(
-                model=args.preset,
-                messages=messages,
-                max_tokens=args.max_tokens,
-                temperature=0.8,
-                seed=i * 100 + j,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            for ch in stream:
-                if ch.choices and ch.choices[0].delta.content and first is None:
-                    first = time.perf_counter() - t0
-                if ch.usage:
-                    n = ch.usage.completion_tokens
-            out.append((first if first is not None else float("nan"), n))
+            ttft, _, n = ask(messages, args.max_tokens, i * 100 + j)
+            out.append((ttft, n))
         return out
 
-    one_client(0)  # warm-up
-    rows = []
-    for clients in (1, 4, 8, 16):
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
-        dt = time.perf_counter() - t0
-        tokens = sum(n for _, n in results)
-        ttft = sorted(t for t, _ in results)
-        p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
-        rows.append((clients, tokens / dt, statistics.median(ttft), p99))
+    print(f"{args.preset}, {args.threads} threads, compile={args.compile}", flush=True)
+    one_client(0)  # warm-up (and the compile, with --compile)
+
+    if "throughput" in args.only:
+        rows = []
+        for clients in (1, 4, 8, 16):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
+            dt = time.perf_counter() - t0
+            tokens = sum(n for _, n in results)
+            ttft = [t for t, _ in results]
+            rows.append((clients, tokens / dt, statistics.median(ttft), pct(ttft, 0.99)))
+            print(f"{clients:3d} clients: {tokens / dt:8.1f} tokens/s", flush=True)
+        print(f"\nthroughput: {args.max_tokens} tokens x {args.requests} requests per client")
+        for clients, tps, p50, p99 in rows:
+            print(
+                f"{clients:3d} clients  {tps:8.1f} tok/s  {tps / rows[0][1]:5.2f}x one client   "
+                f"TTFT p50 {p50 * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms",
+                flush=True,
+            )
+        print(f"one client: {rows[0][1] / lib_tps:.2f}x the library's {lib_tps:.1f} tok/s")
+
+    if "prefix" in args.only:
+        # a system prompt of ~400 tokens, then requests one after another that share it
+        words = "You are a careful assistant who answers briefly and cites the rules. "
+        system = ""
+        while len(tok.encode(system)) < 400:
+            system += words
+        ttfts = []
+        for j in range(5):
+            msgs = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Question number {j}: what is {j} + {j}?"},
+            ]
+            ttfts.append(ask(msgs, 4, j)[0])
+        prompt_len = len(tok.encode(system))
+        later = statistics.median(ttfts[1:])
         print(
-            f"{clients:3d} clients: {tokens / dt:8.1f} tokens/s  TTFT p50 {rows[-1][2]:.3f}s "
-            f"p99 {p99:.3f}s",
+            f"\nprefix: {prompt_len}-token shared system prompt, 5 requests one after another: "
+            f"TTFT first {ttfts[0] * 1000:.0f} ms, later (median) {later * 1000:.0f} ms, "
+            f"{ttfts[0] / later:.1f}x lower",
             flush=True,
         )
+
+    if "mixed" in args.only:
+        # 6 clients with short prompts stream while 2 send ~800-token prompts
+        long_text = "The quick brown fox jumps over the lazy dog. " * 80
+
+        def mixed_client(i: int) -> tuple[str, list[tuple[float, list[float], int]]]:
+            kind = "long" if i % 4 == 3 else "short"
+            out = []
+            for j in range(args.requests):
+                text = (long_text if kind == "long" else "") + f"Tell me a story {i}.{j}"
+                out.append(ask([{"role": "user", "content": text}], args.max_tokens, i + j))
+            return kind, out
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(mixed_client, range(8)))
+        dt = time.perf_counter() - t0
+        tokens = sum(n for _, rs in results for _, _, n in rs)
+        print(f"\nmixed: 6 short-prompt and 2 long-prompt clients, {tokens / dt:.1f} tok/s")
+        for kind in ("short", "long"):
+            rs = [r for k, rs in results if k == kind for r in rs]
+            ttft = [t for t, _, _ in rs]
+            itl = [g for _, gaps, _ in rs for g in gaps]
+            print(
+                f"  {kind:5s} prompts: TTFT p50 {pct(ttft, 0.5) * 1000:6.0f} ms  "
+                f"p99 {pct(ttft, 0.99) * 1000:6.0f} ms   ITL p50 {pct(itl, 0.5) * 1000:5.0f} ms  "
+                f"p99 {pct(itl, 0.99) * 1000:5.0f} ms",
+                flush=True,
+            )
     server.should_exit = True
-    base = rows[0][1]
-    print(
-        f"\n{args.preset}, {args.threads} threads, {args.max_tokens} tokens x {args.requests} "
-        f"requests per client"
-    )
-    for clients, tps, p50, p99 in rows:
-        print(
-            f"{clients:3d} clients  {tps:8.1f} tok/s  {tps / base:5.2f}x one client   "
-            f"TTFT p50 {p50 * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms"
-        )
 
 
 if __name__ == "__main__":

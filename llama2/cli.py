@@ -293,7 +293,20 @@ def cmd_serve(args) -> None:
     path = Path(args.model).absolute()
     # a run's `model` link or a checkpoint's model/: name it after the run instead
     name = args.name or (path.parent.name if path.name == "model" else path.name)
-    serve(llm, args.host, args.port, name, args.api_key, args.max_batch, args.max_queue)
+    serve(
+        llm,
+        args.host,
+        args.port,
+        name,
+        args.api_key,
+        args.max_batch,
+        args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache=not args.no_prefix_cache,
+        compile=args.compile,
+        request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
 
 
 def cmd_recipe(args) -> None:
@@ -460,7 +473,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     s.add_argument("--name", default=None, help="the model's name in the API (default: dir name)")
     s.add_argument("--dtype", default=None)
-    s.set_defaults(func=cmd_serve, compile=False)
+    s.add_argument(
+        "--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step"
+    )
+    s.add_argument(
+        "--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes"
+    )
+    s.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (compiles first)"
+    )
+    s.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds before a request is ended"
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests get to finish",
+    )
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("quantize", help="weight-only int8 / int4 quantization")
     s.add_argument("model")

@@ -222,8 +222,11 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server):
         timeout=30,
     )
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
-    ids = httpx.post(base + "/tokenize", json={"prompt": "def x"}).json()["tokens"]
-    assert httpx.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"] == "def x"
+    for path in ("/tokenize", "/detokenize"):  # the key guards them too
+        assert httpx.post(base + path, json={"prompt": "x", "tokens": [1]}).status_code == 401
+    ids = httpx.post(base + "/tokenize", json={"prompt": "def x"}, headers=auth).json()["tokens"]
+    back = httpx.post(base + "/detokenize", json={"tokens": ids}, headers=auth).json()
+    assert back["prompt"] == "def x"
     assert httpx.get(base + "/health").json()["status"] == "ok"
     assert json.loads(json.dumps(httpx.get(base + "/v1/models", headers=auth).json()))["data"]
 
@@ -267,3 +270,352 @@ def test_a_full_queue_answers_503(small_tokenizer):
         hook.remove()
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def _own_server(small_tokenizer, **kw):
+    """A server of its own (a fresh micro model) for tests that hook its model."""
+    from llama2.serve.api import create_app
+
+    cfg = get_preset("micro")
+    torch.manual_seed(0)
+    llm = Llama(Transformer(cfg).eval(), small_tokenizer, cfg)
+    app = create_app(llm, "micro", **{"max_batch": 4, "max_queue": 8} | kw)
+    srv, thread, base = _start(app)
+    return llm, app, srv, thread, base
+
+
+def _stop(srv, thread):
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_every_field_is_checked_before_the_engine(server):
+    """Bad types and ranges (64-bit seeds, stream_options, n, ...) answer 400 in OpenAI's
+    shape and never reach the engine; the edges of the ranges are served."""
+    base, app = server[0], server[1]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = {"model": "micro", "messages": msgs, "max_tokens": 2}
+    bad_chat = [
+        {"seed": 2**64},
+        {"seed": -(2**63) - 1},
+        {"seed": "7"},
+        {"seed": 1.5},
+        {"stream_options": "x", "stream": True},
+        {"stream_options": {"include_usage": "yes"}, "stream": True},
+        {"stream_options": {"include_usage": True}},  # without stream
+        {"stream": "yes"},
+        {"n": 0},
+        {"n": 5000},
+        {"n": True},
+        {"max_tokens": 0},
+        {"max_tokens": 2.5},
+        {"temperature": "hot"},
+        {"temperature": 3},
+        {"top_p": 0},
+        {"stop": 5},
+        {"stop": [""]},
+        {"logprobs": "yes"},
+        {"logprobs": True, "top_logprobs": 30},
+        {"top_logprobs": 2},  # without logprobs
+        {"presence_penalty": 1.0},
+        {"logit_bias": {"5": 10}},
+        {"tools": [{"type": "function"}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "bot", "content": "x"}]},
+        {"messages": []},
+        {"messages": "hi"},
+    ]
+    bad_completion = [
+        {"prompt": ["a", "b"]},
+        {"prompt": "x", "echo": "yes"},
+        {"prompt": "x", "suffix": 3},
+        {"prompt": "x", "logprobs": 21},
+        {"prompt": "x", "best_of": 3},
+    ]
+    requests_before = app.state.engine.stats.requests
+    with httpx.Client(timeout=30, headers=auth) as http:
+        for path, cases, good in [
+            ("/v1/chat/completions", bad_chat, chat),
+            ("/v1/completions", bad_completion, {"model": "micro", "max_tokens": 2}),
+        ]:
+            for bad in cases:
+                r = http.post(base + path, json=good | bad)
+                assert r.status_code == 400, (bad, r.text)
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"}, bad
+                assert err["type"] == "invalid_request_error" and err["message"], bad
+        assert app.state.engine.stats.requests == requests_before  # none reached the engine
+        # the edges are served: the largest and smallest seeds (choice seeds wrap at 2**64),
+        # n up to 16, content as text parts, stream_options with stream
+        for ok in [
+            {"seed": 2**64 - 1, "n": 2},
+            {"seed": -(2**63)},
+            {"n": 16, "max_tokens": 1},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+            {"stream": True, "stream_options": {"include_usage": True}},
+        ]:
+            r = http.post(base + "/v1/chat/completions", json=chat | ok)
+            assert r.status_code == 200, (ok, r.text)
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    # the largest seed is the library's too
+    lib = server[2].chat(msgs, max_new_tokens=6, temperature=0.9, seed=2**64 - 1)
+    c = client(server)
+    got = c.chat.completions.create(
+        model="micro", messages=msgs, max_tokens=6, temperature=0.9, seed=2**64 - 1
+    )
+    assert got.choices[0].message.content == lib.text
+
+
+def test_an_engine_exception_fails_only_the_requests_it_touches(small_tokenizer):
+    """A bad sample (NaN logits in one row) fails that request only, with a 500 in OpenAI's
+    shape, while the request batched with it finishes; an exception in a batched forward fails
+    a stream with an error event; the engine goes on serving and /health counts both."""
+    import openai
+
+    llm, app, srv, thread, base = _own_server(small_tokenizer)
+    c = OpenAI_client(base)
+    engine = app.state.engine
+    state = {"hold_prefill": True, "poison": False, "raise": False}
+    let_go = threading.Event()
+
+    def pre(_, args):
+        if args[0].shape[1] > 1 and state["hold_prefill"]:  # the first prefill waits
+            state["hold_prefill"] = False
+            assert let_go.wait(timeout=60)
+        if args[0].shape[1] == 1 and state["raise"]:
+            state["raise"] = False
+            raise RuntimeError("injected failure")
+
+    def post(_, args, out):
+        if args[0].shape == (2, 1) and state["poison"]:  # first decode step of both
+            state["poison"] = False
+            out[0] = float("nan")  # the first-running request's row
+            return out
+
+    hooks = [llm.model.register_forward_pre_hook(pre), llm.model.register_forward_hook(post)]
+    msgs = [{"role": "user", "content": "go"}]
+    kw = dict(model="micro", messages=msgs, max_tokens=10, temperature=0.9)
+    try:
+        state["poison"] = True
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.chat.completions.create, **kw, seed=1)
+            deadline = time.time() + 30  # the first is held in its prefill: queue the second
+            while engine.num_running < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            second = pool.submit(c.chat.completions.create, **kw, seed=2)
+            while engine.stats.requests < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            let_go.set()
+            with pytest.raises(openai.InternalServerError) as failed:
+                first.result(timeout=60)
+            ok = second.result(timeout=60)
+        err = failed.value.response.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "internal"
+        assert "probability" in err["message"]  # the sampling's own error, reported
+        assert ok.choices[0].message.content == (
+            c.chat.completions.create(**kw, seed=2).choices[0].message.content
+        )  # its batch-mate's failure changed nothing for it
+
+        state["raise"] = True
+        with pytest.raises(openai.APIError, match="injected failure"):
+            for _ in c.chat.completions.create(**kw, seed=3, stream=True):
+                pass
+        health = httpx.get(base + "/health").json()
+        assert health["status"] == "ok" and health["engine_errors"] == 2
+        assert "injected failure" in health["last_error"]
+        assert health["running"] == 0 and len(engine.free) == 4
+        assert c.chat.completions.create(**kw, seed=3).choices[0].finish_reason
+    finally:
+        for h in hooks:
+            h.remove()
+        let_go.set()
+        _stop(srv, thread)
+
+
+def OpenAI_client(base):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=60)
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot_at_once(small_tokenizer):
+    """A whole-answer request whose client closes the connection while its decode steps are
+    held: once the server has noticed, the next step frees the slot (not 100 tokens later)."""
+    llm, app, srv, thread, base = _own_server(small_tokenizer)
+    engine = app.state.engine
+    release = threading.Event()
+    hook = llm.model.register_forward_pre_hook(
+        lambda _, args: None if args[0].shape[1] > 1 else release.wait(timeout=60) and None
+    )
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 100, "temperature": 1}
+    ).encode()
+    host, port = base.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            deadline = time.time() + 30
+            while not engine.running and time.time() < deadline:
+                time.sleep(0.01)
+            seq = engine.running[0]
+        # hung up: the server cancels the request when it sees the disconnect
+        while not seq.req.cancelled.is_set() and time.time() < deadline:
+            time.sleep(0.01)
+        assert seq.req.cancelled.is_set()
+        release.set()
+        while engine.num_running and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.num_running == 0 and len(engine.free) == 4
+        assert len(seq.decoder.stream.ids) <= 2
+    finally:
+        release.set()
+        hook.remove()
+        _stop(srv, thread)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_soak_mixed_requests_keep_memory_bounded(small_tokenizer):
+    """400 short requests from 8 clients on loopback: whole and streamed answers, clients that
+    hang up midway, invalid requests, n=2 with logprobs. Every one gets its answer, nothing is
+    left running or waiting, and resident memory after the last is within 5% of where it was
+    after the first 200 (the warm-up: allocator arenas, connection pools, first-shape
+    kernels). (~70 s on a loaded 2-core machine.)"""
+    llm, app, srv, thread, base = _own_server(small_tokenizer, max_batch=4, max_queue=64)
+    engine = app.state.engine
+    system = {"role": "system", "content": "Be terse."}
+    clients: dict[int, httpx.Client] = {}  # one per client thread, connections kept alive
+
+    def one(i: int) -> str:
+        http = clients.setdefault(threading.get_ident(), httpx.Client(timeout=60))
+        body = {"messages": [system, {"role": "user", "content": f"q{i}"}], "max_tokens": 6}
+        body |= {"seed": i, "temperature": 0.9}
+        url = base + "/v1/chat/completions"
+        kind = i % 5
+        if kind == 0:
+            r = http.post(url, json=body)
+            return "ok" if r.status_code == 200 and r.json()["choices"] else r.text
+        if kind in (1, 2):  # streamed; kind 2 hangs up after the first piece
+            with http.stream("POST", url, json=body | {"stream": True}) as r:
+                for line in r.iter_lines():
+                    if kind == 2 and '"content": "' in line and '"role"' not in line:
+                        return "gone"
+                    if line == "data: [DONE]":
+                        return "ok"
+            return "no [DONE]"
+        if kind == 3:
+            r = http.post(url, json=body | {"seed": 2**64, "stream_options": "x"})
+            return "ok" if r.status_code == 400 else r.text
+        r = http.post(
+            base + "/v1/completions",
+            json={"prompt": f"def f{i}", "max_tokens": 4, "n": 2, "logprobs": 1, "seed": i},
+        )
+        return "ok" if r.status_code == 200 and len(r.json()["choices"]) == 2 else r.text
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(one, range(200)))
+            rss_warm = _rss_kib()
+            outcomes += list(pool.map(one, range(200, 400)))
+        rss_end = _rss_kib()
+        assert all(o in ("ok", "gone") for o in outcomes), [o for o in outcomes if o != "ok"][:3]
+        assert outcomes.count("gone") == 80
+        deadline = time.time() + 30
+        while engine.num_running and time.time() < deadline:  # (the last hang-ups)
+            time.sleep(0.01)
+        assert engine.num_running == engine.num_waiting == 0 and len(engine.free) == 4
+        assert engine.stats.engine_errors == 0
+        metrics = httpx.get(base + "/metrics").text
+        assert 'llama2_time_to_first_token_seconds_bucket{le="+Inf"}' in metrics
+        assert rss_end <= 1.05 * rss_warm, (rss_warm, rss_end)
+    finally:
+        for http in clients.values():
+            http.close()
+        _stop(srv, thread)
+
+
+SERVER_SCRIPT = """
+import sys, torch
+from llama2 import Llama, Tokenizer, Transformer, get_preset
+from llama2.serve.api import serve
+cfg = get_preset("micro")
+torch.manual_seed(0)
+llm = Llama(Transformer(cfg).eval(), Tokenizer.from_file(sys.argv[1]), cfg)
+serve(llm, "127.0.0.1", int(sys.argv[2]), "micro", shutdown_timeout=120)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_running_requests_and_exits_0(small_tokenizer, tmp_path):
+    """`serve` in a process of its own: SIGTERM while a stream runs lets it finish ([DONE]),
+    refuses new connections, and the process exits with status 0. (Slow: a process of its own
+    imports torch and FastAPI; 10-40 s on a loaded 2-core machine.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    small_tokenizer.save(tmp_path / "tokenizer.model")
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path / "tokenizer.model"), str(port)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 20}
+        body |= {"stream": True, "temperature": 1.0}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "' in "".join(rest)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+        with pytest.raises(httpx.TransportError):  # gone
+            httpx.get(base + "/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_n_beyond_the_queue_is_400_and_a_stopped_engine_is_503(small_tokenizer):
+    """n larger than the queue can ever hold is the request's fault (400, not "busy"); n that
+    fits is served on an idle server; once the engine has stopped, /health and requests say
+    so with 503 instead of hanging."""
+    llm, app, srv, thread, base = _own_server(small_tokenizer, max_batch=2, max_queue=4)
+    msgs = [{"role": "user", "content": "hi"}]
+    url = base + "/v1/chat/completions"
+    try:
+        r = httpx.post(url, json={"messages": msgs, "n": 5, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = httpx.post(url, json={"messages": msgs, "n": 4, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+        app.state.engine.shutdown()
+        health = httpx.get(base + "/health", timeout=60)
+        assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+        r = httpx.post(url, json={"messages": msgs, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    finally:
+        _stop(srv, thread)

@@ -2,16 +2,22 @@
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events in OpenAI's
 chunk format, ending with `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus),
-POST /tokenize and /detokenize. Errors have OpenAI's shape {"error": {message, type, param,
-code}}: 401 without the key when one is set, 400 for a bad field or a too-long prompt, 404
-for an unknown model, 503 when the queue is full.
+POST /tokenize and /detokenize. Every field is checked here, before a request reaches the
+engine. Errors have OpenAI's shape {"error": {message, type, param, code}}: 401 without the
+key when one is set (every path but /health and /metrics), 400 for a bad field or a too-long
+prompt, 404 for an unknown model, 500 when the engine failed on the request, 503 when the queue
+is full or the server is shutting down, 504 past the request's deadline. A streamed request
+that fails midway ends with an `error` event instead of `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import math
+import signal
 import time
 import uuid
 
@@ -21,8 +27,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..formats import DialogError, encode_chat, encode_infill, infill_ids
 from ..generation import Completion, SamplingParams, TokenLogprob
 from ..llm import Llama
-from .engine import Engine, QueueFull
+from .engine import Engine, Failure, QueueFull, Unavailable
 from .engine import Request as EngineRequest
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
 
 
 class APIError(Exception):
@@ -33,27 +42,51 @@ class APIError(Exception):
 
 
 def _error(status: int, message: str, param=None, code=None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param, code), status_code=status)
+
+
+def _error_body(status: int, message: str, param=None, code=None) -> dict:
     kind = {
         400: "invalid_request_error",
         401: "authentication_error",
         404: "not_found_error",
         503: "server_overloaded",
+        504: "timeout_error",
     }.get(status, "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _field(body: dict, name: str, kind, default, check=None, what=""):
+    """body[name] checked: of type `kind` (an int passes as a float; a bool is no number), and
+    `check` holds; null or absent gives `default`."""
     value = body.get(name, default)
     if value is None:
         return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise APIError(400, f"'{name}' must be {kind.__name__}", name)
+        names = {float: "a number", int: "an integer", bool: "a boolean", str: "a string"}
+        raise APIError(400, f"'{name}' must be {names.get(kind, kind.__name__)}", name)
+    if kind is float and not math.isfinite(value):
+        raise APIError(400, f"'{name}' must be a finite number", name)
     if check is not None and not check(value):
         raise APIError(400, f"'{name}' {what}", name)
     return value
+
+
+def _unsupported(body: dict) -> None:
+    """Fields of OpenAI's API this server does not implement: 400 unless left at no effect."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _field(body, name, float, 0.0, lambda v: -2 <= v <= 2, "must be in [-2, 2]"):
+            raise APIError(400, f"'{name}' is not supported (only 0)", name)
+    if _field(body, "logit_bias", dict, None):
+        raise APIError(400, "'logit_bias' is not supported", "logit_bias")
+    if _field(body, "best_of", int, 1, lambda v: v >= 1, "must be >= 1") != 1:
+        raise APIError(400, "'best_of' is not supported (only 1)", "best_of")
+    for name in ("tools", "functions", "tool_choice", "function_call", "response_format"):
+        if body.get(name) is not None:
+            raise APIError(400, f"'{name}' is not supported", name)
+    _field(body, "user", str, None)
 
 
 def _sampling(body: dict, max_default: int, logprobs: int | None) -> SamplingParams:
@@ -61,30 +94,109 @@ def _sampling(body: dict, max_default: int, logprobs: int | None) -> SamplingPar
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (
-        not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
+        not isinstance(stop, list)
+        or not 1 <= len(stop) <= 16
+        or not all(isinstance(s, str) and s for s in stop)
     ):
-        raise APIError(400, "'stop' must be a string or a list of non-empty strings", "stop")
+        raise APIError(400, "'stop' must be a string or a list of 1-16 non-empty strings", "stop")
+    max_tokens = _field(body, "max_tokens", int, None, lambda v: v >= 1, "must be >= 1")
+    if max_tokens is None:  # (the newer name, in chat)
+        max_tokens = _field(
+            body, "max_completion_tokens", int, max_default, lambda v: v >= 1, "must be >= 1"
+        )
+    lo, hi = SEED_RANGE
     return SamplingParams(
-        max_new_tokens=_field(
-            body, "max_tokens", int, max_default, lambda v: v >= 1, "must be >= 1"
-        ),
+        max_new_tokens=max_tokens,
         temperature=_field(
             body, "temperature", float, 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]"
         ),
         top_p=_field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        seed=_field(body, "seed", int, None),
+        seed=_field(body, "seed", int, None, lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]"),
         stop=tuple(stop or ()),
         logprobs=logprobs,
     )
 
 
+def _choice_seed(seed: int | None, i: int) -> int | None:
+    """Choice i's seed: the request's + i (the library's rows), wrapped into the 64-bit range."""
+    if seed is None:
+        return None
+    seed += i
+    return seed - 2**64 if seed > SEED_RANGE[1] else seed
+
+
+def _messages(body: dict) -> list[dict]:
+    """The chat messages, each {'role', 'content': str}; content given as a list of text parts
+    (OpenAI's other form) is joined."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of messages", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise APIError(
+                400, f"messages[{i}] must have a role: system, user or assistant", "messages"
+            )
+        content = m.get("content")
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class _Auth:
+    """Bearer-key check before anything else (a plain ASGI middleware: it leaves the client's
+    disconnect visible to the routes)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                msg = "missing or wrong API key (Authorization: Bearer ...)"
+                await _error(401, msg, code="invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client hangs up (the body is read already: the next message the server
+    gets is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(
-    llm: Llama, model_name: str, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64
+    llm: Llama,
+    model_name: str,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    prefill_chunk: int = 256,
+    prefix_cache: bool = True,
+    compile: bool = False,
+    request_timeout: float | None = None,
 ) -> FastAPI:
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer")
     tok = llm.tokenizer
-    engine = Engine(llm.model, tok, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(
+        llm.model,
+        tok,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+        prefix_cache=prefix_cache,
+        compile=compile,
+    )
+    max_n = min(16, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -93,22 +205,17 @@ def create_app(
 
     app = FastAPI(title="llama2", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
+    if api_key:
+        app.add_middleware(_Auth, api_key=api_key)
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
         return _error(e.status, e.message, e.param, e.code)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer ...)",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}", code="internal")
 
     async def body_of(request: Request) -> dict:
         try:
@@ -122,7 +229,7 @@ def create_app(
             raise APIError(404, f"the model '{model}' does not exist", "model", "model_not_found")
         return body
 
-    def run(prompts: list[list[int]], params: list[SamplingParams], stop_ids, continuation: bool):
+    def run(prompts, params, stop_ids, continuation: bool, stream: bool):
         """Submit one engine request per choice; return an asyncio queue of (index, kind, x)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -130,20 +237,19 @@ def create_app(
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
 
             def emit(kind, value, i=i):
-                loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
+                if stream or kind != "token":  # (a whole answer needs only its end)
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
 
-            reqs.append(EngineRequest(ids, p, stop_ids, emit, continuation))
+            reqs.append(EngineRequest(ids, p, stop_ids, emit, continuation, request_timeout))
         try:
-            for r in reqs:
-                engine.submit(r)
+            engine.submit(reqs)
         except QueueFull as e:
-            for r in reqs:
-                r.cancelled.set()
             raise APIError(503, f"the server is busy: {e}", code="queue_full") from None
+        except Unavailable as e:
+            raise APIError(503, str(e), code="unavailable") from None
         except ValueError as e:
-            for r in reqs:
-                r.cancelled.set()
-            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+            param = "prompt" if continuation else "messages"
+            raise APIError(400, str(e), param, "context_length_exceeded") from None
         return queue, reqs
 
     def logprob_entry(info: TokenLogprob) -> dict:
@@ -156,17 +262,29 @@ def create_app(
         }
 
     def choices_params(body: dict, max_default: int, logprobs: int | None) -> list[SamplingParams]:
-        n = _field(body, "n", int, 1, lambda v: 1 <= v <= 16, "must be between 1 and 16")
+        n = _field(body, "n", int, 1, lambda v: 1 <= v <= max_n, f"must be between 1 and {max_n}")
         base = _sampling(body, max_default, logprobs)
-        seeds = [None if base.seed is None else base.seed + i for i in range(n)]
-        return [SamplingParams(**{**vars(base), "seed": seed}) for seed in seeds]
+        return [
+            SamplingParams(**{**vars(base), "seed": _choice_seed(base.seed, i)}) for i in range(n)
+        ]
 
-    async def respond(body, prompts, params, stop_ids, continuation, kind: str):
-        queue, reqs = run(prompts, params, stop_ids, continuation)
+    def stream_flags(body: dict) -> tuple[bool, bool]:
+        """(stream, include_usage), checked."""
+        stream = _field(body, "stream", bool, False)
+        options = _field(body, "stream_options", dict, None)
+        if options is not None and not stream:
+            raise APIError(400, "'stream_options' needs 'stream': true", "stream_options")
+        usage = _field(options or {}, "include_usage", bool, False)
+        return stream, usage
+
+    async def respond(request, body, prompts, params, stop_ids, continuation, kind: str):
+        stream, include_usage = stream_flags(body)
+        queue, reqs = run(prompts, params, stop_ids, continuation, stream)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         n = len(params)
         prompt_tokens = sum(len(p) for p in prompts)
+        echo = body.get("prompt") if body.get("echo") else ""
 
         def usage(done: list[Completion]) -> dict:
             gen = sum(len(c.token_ids) for c in done)
@@ -176,17 +294,25 @@ def create_app(
                 "total_tokens": prompt_tokens + gen,
             }
 
-        if not body.get("stream"):
+        if not stream:
             done: list[Completion | None] = [None] * n
+            gone = asyncio.ensure_future(_client_gone(request))
             try:
                 while any(d is None for d in done):
-                    i, what, value = await queue.get()
+                    get = asyncio.ensure_future(queue.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():  # the client hung up: free its slots now
+                        get.cancel()
+                        return PlainTextResponse("", status_code=499)
+                    i, what, value = get.result()
+                    if what == "error":
+                        return _error(value.status, value.message, code=value.code)
                     if what == "done":
                         done[i] = value
-            except asyncio.CancelledError:
-                for r in reqs:
+            finally:
+                gone.cancel()
+                for r in reqs:  # (each is done by now, or is to stop)
                     r.cancelled.set()
-                raise
             choices = []
             for i, c in enumerate(done):
                 lp = None
@@ -214,9 +340,13 @@ def create_app(
                         }
                     )
                 else:
-                    text = (body.get("prompt") if body.get("echo") else "") + c.text
                     choices.append(
-                        {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
+                        {
+                            "index": i,
+                            "text": echo + c.text,
+                            "logprobs": lp,
+                            "finish_reason": c.finish_reason,
+                        }
                     )
             return JSONResponse(
                 {
@@ -228,8 +358,6 @@ def create_app(
                     "usage": usage(done),
                 }
             )
-
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(choices: list[dict], usage_: dict | None = None) -> str:
             data = {
@@ -246,32 +374,21 @@ def create_app(
         async def events():
             done: list[Completion | None] = [None] * n
             try:
-                if kind == "chat":
-                    for i in range(n):
-                        yield chunk(
-                            [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                elif body.get("echo"):
-                    for i in range(n):
-                        yield chunk(
-                            [
-                                {
-                                    "index": i,
-                                    "text": body.get("prompt"),
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
+                for i in range(n):
+                    if kind == "chat":
+                        first = {"delta": {"role": "assistant", "content": ""}}
+                    elif echo:
+                        first = {"text": echo}
+                    else:
+                        continue
+                    yield chunk([{"index": i, **first, "logprobs": None, "finish_reason": None}])
                 while any(d is None for d in done):
                     i, what, value = await queue.get()
+                    if what == "error":  # OpenAI's way: an error event, and no [DONE]
+                        f: Failure = value
+                        error = _error_body(f.status, f.message, None, f.code)
+                        yield f"data: {json.dumps(error)}\n\n"
+                        return
                     if what == "done":
                         done[i] = value
                         last = {"index": i, "logprobs": None, "finish_reason": value.finish_reason}
@@ -296,31 +413,33 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise APIError(400, "'messages' must be a list of messages", "messages")
+        _unsupported(body)
+        messages = _messages(body)
         try:
             ids = encode_chat(tok, messages)
         except DialogError as e:
             raise APIError(400, str(e), "messages") from None
         logprobs = None
-        if body.get("logprobs"):
+        if _field(body, "logprobs", bool, False):
             logprobs = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20, "must be 0..20")
+        elif body.get("top_logprobs") is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         params = choices_params(body, llm.config.max_seq_len, logprobs)
-        return await respond(body, [ids] * len(params), params, (tok.eos_id,), False, "chat")
+        ids_n = [ids] * len(params)
+        return await respond(request, body, ids_n, params, (tok.eos_id,), False, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
+        _unsupported(body)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise APIError(400, "'prompt' must be a string", "prompt")
         logprobs = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "must be 0..20")
-        suffix = body.get("suffix")
+        _field(body, "echo", bool, False)
+        suffix = _field(body, "suffix", str, None)
         stop_ids: tuple[int, ...] = (tok.eos_id,)
         if suffix is not None:
-            if not isinstance(suffix, str):
-                raise APIError(400, "'suffix' must be a string", "suffix")
             try:
                 ids = encode_infill(tok, prompt, suffix)
                 stop_ids += (infill_ids(tok)["eot"],)
@@ -329,7 +448,8 @@ def create_app(
         else:
             ids = tok.encode(prompt, bos=True)
         params = choices_params(body, 16, logprobs)
-        return await respond(body, [ids] * len(params), params, stop_ids, True, "text")
+        ids_n = [ids] * len(params)
+        return await respond(request, body, ids_n, params, stop_ids, True, "text")
 
     @app.get("/v1/models")
     async def models():
@@ -342,7 +462,19 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+        s = engine.stats
+        with s.lock:
+            errors, last = s.engine_errors, s.last_error
+        ok = engine.alive and not engine.stopping
+        state = "ok" if ok else ("shutting_down" if engine.stopping else "engine_dead")
+        body = {
+            "status": state,
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+            "engine_errors": errors,  # exceptions the engine caught and survived
+            "last_error": last,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -350,7 +482,7 @@ def create_app(
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             raise APIError(400, "'prompt' must be a string", "prompt")
-        ids = tok.encode(text, bos=bool(body.get("add_special_tokens", True)))
+        ids = tok.encode(text, bos=_field(body, "add_special_tokens", bool, True))
         return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.max_seq_len}
 
     @app.post("/detokenize")
@@ -358,7 +490,7 @@ def create_app(
         body = await body_of(request)
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(
-            isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size for i in ids
         ):
             raise APIError(400, "'tokens' must be a list of token ids", "tokens")
         return {"prompt": tok.decode(ids)}
@@ -377,24 +509,29 @@ def create_app(
                 ]
             )
 
-        def summary(name: str, help_: str, values: list[float]) -> None:
-            lines.extend([f"# HELP llama2_{name} {help_}", f"# TYPE llama2_{name} summary"])
-            ordered = sorted(values)
-            for q in (0.5, 0.9, 0.99):
-                v = (
-                    ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-                    if ordered
-                    else float("nan")
-                )
-                lines.append(f'llama2_{name}{{quantile="{q}"}} {v}')
-            lines.extend([f"llama2_{name}_sum {sum(values)}", f"llama2_{name}_count {len(values)}"])
+        def histogram(name: str, help_: str, h) -> None:
+            lines.extend([f"# HELP llama2_{name} {help_}", f"# TYPE llama2_{name} histogram"])
+            lines.extend(h.render(f"llama2_{name}"))
 
         with s.lock:
             metric("requests_total", "counter", "Requests received.", s.requests)
             metric("prompt_tokens_total", "counter", "Prompt tokens.", s.prompt_tokens)
+            metric(
+                "prefix_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens taken from the prefix cache.",
+                s.cached_prompt_tokens,
+            )
             metric("generation_tokens_total", "counter", "Generated tokens.", s.generated_tokens)
-            summary("time_to_first_token_seconds", "Time to the first token.", list(s.ttft))
-            summary("inter_token_latency_seconds", "Time between tokens.", list(s.itl))
+            metric(
+                "failed_requests_total", "counter", "Requests ended by an error.", s.failed_requests
+            )
+            metric(
+                "engine_errors_total", "counter", "Exceptions inside the engine.", s.engine_errors
+            )
+            histogram("time_to_first_token_seconds", "Time to the first token.", s.ttft)
+            histogram("inter_token_latency_seconds", "Time between tokens.", s.itl)
+            histogram("request_latency_seconds", "Time from submission to the end.", s.e2e)
         metric("running_requests", "gauge", "Requests in the running batch.", engine.num_running)
         metric("waiting_requests", "gauge", "Requests waiting for a slot.", engine.num_waiting)
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
@@ -410,8 +547,35 @@ def serve(
     api_key: str | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
+    prefill_chunk: int = 256,
+    prefix_cache: bool = True,
+    compile: bool = False,
+    request_timeout: float | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> None:
+    """Serve until SIGTERM or Ctrl-C: then stop accepting connections, let running requests
+    finish for up to `shutdown_timeout` seconds, fail what is left, and return (exit 0)."""
     import uvicorn
 
-    app = create_app(llm, model_name, api_key, max_batch, max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(
+        llm,
+        model_name,
+        api_key,
+        max_batch,
+        max_queue,
+        prefill_chunk,
+        prefix_cache,
+        compile,
+        request_timeout,
+    )
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down: handled here, so
+    # that a graceful stop returns (exit status 0) instead of dying of the signal
+    stopped = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, _: stopped.append(sig))
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,25 +1,40 @@
 """Continuous batching: requests join and leave the running batch at token boundaries.
 
-One thread owns the model and a KV cache of `max_batch` slots. Each iteration it admits
-waiting requests into free slots (a prefill each), then advances every running request by
-one token in a single batched forward (each row at its own position, in its own slot).
-A request that finishes, or whose client went away, frees its slot at once. Each request
-decodes through generation.py's RowDecoder (sampling, stop ids and strings, logprobs, text),
-as the library's rows do, so its output is the library's and does not depend on what it was
-batched with.
+One thread owns the model and a KV cache of `max_batch` slots. Each iteration it
+
+1. admits waiting requests into free slots. A slot keeps the keys and values of the last
+   request it held after that request ends, so a new request whose prompt starts with tokens
+   some slot holds (every chat request of an application starts with the same system prompt)
+   takes them over instead of recomputing them: from a free slot as it is, from a busy one by
+   copying those positions (prefix caching; positions depend only on the tokens before them);
+2. prefills up to `prefill_chunk` prompt tokens of the admitted requests in one batched forward
+   (shortest first): requests that arrive together share it, and a long prompt is spread over
+   several iterations (chunked prefill) so that the running streams keep decoding between its
+   chunks;
+3. samples one token for every running request and advances them all in one batched forward
+   (each row at its own position, in its own slot).
+
+Each request decodes through generation.py's RowDecoder (sampling, stop ids and strings,
+logprobs, text), as the library's rows do, so its output is the library's and does not depend
+on what it was batched with. A request that finishes, whose client went away or whose deadline
+passed frees its slot at once. An exception fails only the requests it touches (a forward's
+rows, or the one request whose sampling raised) with a 500; the engine goes on serving and
+counts it for /health.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
+import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import RowDecoder, SamplingParams
+from ..generation import RowDecoder, SamplingParams, compiled_forward, setup_static_cache
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -28,55 +43,132 @@ class QueueFull(Exception):
     pass
 
 
+class Unavailable(Exception):
+    """The engine is shutting down or its thread has died: nothing more can be served."""
+
+
 @dataclass
 class Request:
     prompt: list[int]
     params: SamplingParams
     stop_ids: Sequence[int]
     # emit("token", (text, TokenLogprob | None)) for each piece, then emit("done", Completion)
+    # or emit("error", Failure) when the request could not be completed
     emit: Callable[[str, object], None]
     continuation: bool = True
+    timeout: float | None = None  # seconds from submission; past it the request is ended
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
-class _Running:
+class Failure:
+    status: int  # the HTTP status it maps to
+    message: str
+    code: str
+
+
+@dataclass
+class _Seq:
     req: Request
     slot: int
-    pos: int
-    logits: torch.Tensor
-    decoder: RowDecoder
+    pos: int  # cache positions of this slot written for it (prompt, then fed tokens)
+    decoder: RowDecoder | None = None  # set when the prompt is prefilled
+    logits: torch.Tensor | None = None  # [V]: the next token's, while decoding
     last_token_time: float = 0.0
+
+    @property
+    def prefilled(self) -> bool:
+        return self.decoder is not None
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, a sum and a count (memory does not grow
+    with the observations)."""
+
+    def __init__(self, buckets: Iterable[float]):
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one: above every bound (+Inf)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bucket holding the q-quantile (inf past the last bound)."""
+        if not self.count:
+            return float("nan")
+        seen = 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            seen += n
+            if seen >= q * self.count:
+                return bound
+        return float("inf")
+
+    def render(self, name: str) -> list[str]:
+        lines, seen = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            seen += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{le="{le}"}} {seen}')
+        return lines + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Stats:
-    """Counters for /metrics (Prometheus)."""
+    """Counters and histograms for /metrics (Prometheus); bounded memory."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = 0
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0  # prompt tokens taken from the prefix cache
         self.generated_tokens = 0
-        self.ttft: list[float] = []
-        self.itl: list[float] = []
+        self.failed_requests = 0
+        self.engine_errors = 0  # exceptions caught inside the engine
+        self.last_error: str | None = None
+        self.ttft = Histogram(LATENCY_BUCKETS)
+        self.itl = Histogram(TOKEN_BUCKETS)
+        self.e2e = Histogram(LATENCY_BUCKETS)
 
     def observe(self, name: str, value: float) -> None:
         with self.lock:
-            getattr(self, name).append(value)
+            getattr(self, name).observe(value)
 
 
 class Engine:
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        prefix_cache: bool = True,
+        compile: bool = False,
     ):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk, self.prefix_cache, self.compile = prefill_chunk, prefix_cache, compile
         self.context = model.config.max_seq_len
         self.device = model.tok_embeddings.weight.device
-        model.setup_cache(max_batch, self.context)
-        self.free = list(range(max_batch))
-        self.running: list[_Running] = []
+        if compile:  # the compiled decode step reads the cache rows of every slot
+            setup_static_cache(model, max_batch, self.context)
+            self._compiled = compiled_forward(model)
+        else:
+            model.setup_cache(max_batch, self.context)
+        self.caches = model.kv_caches
+        self.free = deque(range(max_batch))  # least recently used first
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # valid cache rows
+        self.prefilling: list[_Seq] = []
+        self.running: list[_Seq] = []
         self.waiting: deque[Request] = deque()
         self.stats = Stats()
         self.cond = threading.Condition()
@@ -86,101 +178,319 @@ class Engine:
 
     # --- public ----------------------------------------------------------------------------
 
-    def submit(self, req: Request) -> None:
-        if len(req.prompt) >= self.context:
-            raise ValueError(
-                f"the prompt has {len(req.prompt)} tokens; the context is {self.context}"
-            )
+    def submit(self, reqs: Sequence[Request]) -> None:
+        """Queue requests, all or none (the choices of one API request go together)."""
+        for req in reqs:
+            if not req.prompt:
+                raise ValueError("the prompt is empty")
+            if len(req.prompt) >= self.context:
+                raise ValueError(
+                    f"the prompt has {len(req.prompt)} tokens; the context is {self.context}"
+                )
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if self.stopping or not self.thread.is_alive():
+                raise Unavailable("the server is shutting down" if self.stopping else "no engine")
+            self._drop_abandoned()
+            if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            self.waiting.append(req)
+            self.waiting.extend(reqs)
             with self.stats.lock:
-                self.stats.requests += 1
-                self.stats.prompt_tokens += len(req.prompt)
+                self.stats.requests += len(reqs)
+                self.stats.prompt_tokens += sum(len(r.prompt) for r in reqs)
             self.cond.notify()
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.prefilling)
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def shutdown(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop: waiting requests fail at once (503), running ones are failed too (the HTTP
+        server drains them before it calls this), then the thread ends."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
 
     # --- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # stopping, or (a BaseException) dying: nobody is left waiting forever
+            unavailable = Failure(503, "the server is shutting down", "shutting_down")
+            with self.cond:
+                waiting, self.waiting = list(self.waiting), deque()
+            for req in waiting:
+                self._emit_failure(req, unavailable)
+            for s in self.prefilling + self.running:
+                self._fail(s, unavailable)
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.stopping and not self.waiting and not self.running:
+                    while not self.stopping and not self.waiting and not self.num_running:
                         self.cond.wait()
                     if self.stopping:
-                        return
+                        break
+                    self._drop_abandoned()
                     admit = []
-                    while self.waiting and self.free:
-                        req = self.waiting.popleft()
-                        if not req.cancelled.is_set():
-                            admit.append((req, self.free.pop()))
-                for req, slot in admit:
-                    self._prefill(req, slot)
-                if self.running:
-                    self._step()
+                    while self.waiting and len(admit) < len(self.free):
+                        admit.append(self.waiting.popleft())
+                for req in admit:
+                    try:
+                        self._admit(req)
+                    except Exception as e:
+                        self._record(e)
+                        self._emit_failure(req, _internal(e))
+                try:
+                    if self.prefilling:
+                        self._prefill_step()
+                    if self.running:
+                        self._decode_step()
+                except Exception as e:  # a bug outside the guarded parts: fail what runs
+                    self._record(e)
+                    for s in self.prefilling + self.running:
+                        self._fail(s, e)
 
-    def _prefill(self, req: Request, slot: int) -> None:
-        tokens = torch.tensor([req.prompt], device=self.device)
-        logits = self.model(tokens, start_pos=0, slots=[slot])[0, -1]
-        decoder = RowDecoder(
-            self.tokenizer,
-            req.params,
-            req.stop_ids,
-            req.continuation,
-            budget=min(req.params.max_new_tokens, self.context - len(req.prompt)),
-            seed=req.params.seed,
-            device=self.device,
-        )
-        self.running.append(_Running(req, slot, len(req.prompt), logits, decoder))
-
-    def _release(self, r: _Running) -> None:
-        self.running.remove(r)
-        with self.cond:
-            self.free.append(r.slot)
-
-    def _step(self) -> None:
+    def _drop_abandoned(self) -> None:
+        """(with self.cond) Drop waiting requests whose client went away or whose time is up."""
         now = time.perf_counter()
-        for r in list(self.running):
-            if r.req.cancelled.is_set():  # the client went away: free the slot now
-                self._release(r)
+        keep = deque()
+        for req in self.waiting:
+            if req.cancelled.is_set():
                 continue
-            out = r.decoder.step(r.logits)
-            if out.token_id is not None:
-                if len(r.decoder.stream.ids) == 1:
-                    self.stats.observe("ttft", now - r.req.submitted)
-                else:
-                    self.stats.observe("itl", now - r.last_token_time)
-                r.last_token_time = now
-                with self.stats.lock:
-                    self.stats.generated_tokens += 1
-            if out.text or out.logprob is not None:
-                r.req.emit("token", (out.text, out.logprob))
-            if out.finished:
-                r.req.emit("done", r.decoder.completion(len(r.req.prompt)))
-                self._release(r)
+            if _expired(req, now):
+                self._emit_failure(req, _timeout(req))
+                continue
+            keep.append(req)
+        self.waiting = keep
+
+    # --- admission and prefix caching ----------------------------------------------------------
+
+    def _common(self, slot: int, prompt: list[int]) -> int:
+        """How many leading prompt tokens the slot's cache holds (at most all but the last: the
+        last one's forward gives the first token's logits)."""
+        cached = self.slot_tokens[slot]
+        n, limit = 0, min(len(cached), len(prompt) - 1)
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n
+
+    def _admit(self, req: Request) -> None:
+        prompt, reuse = req.prompt, 0
+        if not self.prefix_cache:
+            slot = self.free.popleft()
+        else:
+            # the free slot holding the longest prefix (ties: the least recently used)
+            slot = max(self.free, key=lambda s: self._common(s, prompt))
+            reuse = self._common(slot, prompt)
+            busy = [s.slot for s in self.prefilling + self.running]
+            source = max(busy, key=lambda s: self._common(s, prompt), default=None)
+            if source is not None and self._common(source, prompt) > reuse:
+                # a busy slot holds more: copy it into the free slot that holds the least
+                slot = min(self.free, key=lambda s: self._common(s, prompt))
+                reuse = self._common(source, prompt)
+                self.slot_tokens[slot] = []  # (until the copy is complete)
+                for cache in self.caches:
+                    cache.k[slot, :, :reuse] = cache.k[source, :, :reuse]
+                    cache.v[slot, :, :reuse] = cache.v[source, :, :reuse]
+            self.free.remove(slot)
+        self.slot_tokens[slot] = prompt[:reuse]
+        with self.stats.lock:
+            self.stats.cached_prompt_tokens += reuse
+        self.prefilling.append(_Seq(req, slot, reuse))
+
+    def _prefill_step(self) -> None:
+        """Up to prefill_chunk prompt tokens in one forward (a row whose padding would run past
+        the cache goes in a forward of its own). The prompts with the least left go first: a
+        short prompt is not held behind a long one, and a long one waits for at most the
+        max_batch - 1 others that hold slots."""
+        now, budget, batch = time.perf_counter(), self.prefill_chunk, []
+        for s in list(self.prefilling):
+            if s.req.cancelled.is_set():
+                self._release(s)
+            elif _expired(s.req, now):
+                self._fail(s, _timeout(s.req))
+        for s in sorted(self.prefilling, key=lambda s: len(s.req.prompt) - s.pos):
+            if budget <= 0:
+                break
+            n = min(len(s.req.prompt) - s.pos, budget)
+            batch.append((s, n))
+            budget -= n
+        # rows in one forward are padded to the widest: rows of similar widths go together
+        # (at most half of a forward is padding), a row whose padding would run past the cache
+        # goes alone
+        groups: list[list[tuple[_Seq, int]]] = []
+        for s, n in batch:  # (widths ascending)
+            group = groups[-1] if groups else None
+            if (
+                group is None
+                or n * (len(group) + 1) > 2 * (sum(m for _, m in group) + n)
+                or any(x.pos + n > self.context for x, _ in group + [(s, n)])
+            ):
+                groups.append([(s, n)])
+            else:
+                group.append((s, n))
+        for group in groups:
+            self._prefill(group)
+
+    def _prefill(self, group: list[tuple[_Seq, int]]) -> None:
+        width = max(n for _, n in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for i, (s, n) in enumerate(group):
+            tokens[i, :n] = torch.tensor(s.req.prompt[s.pos : s.pos + n])
+        starts = [s.pos for s, _ in group]
+        try:
+            logits = self.model(
+                tokens.to(self.device),
+                # all from 0: plain causal attention over the fresh keys (the library's prefill)
+                start_pos=0 if not any(starts) else torch.tensor(starts, device=self.device),
+                slots=[s.slot for s, _ in group],
+                output_index=torch.tensor([n - 1 for _, n in group], device=self.device),
+            )[:, 0]
+        except Exception as e:
+            self._record(e)
+            for s, _ in group:
+                self._fail(s, e)
+            return
+        for i, (s, n) in enumerate(group):
+            self.slot_tokens[s.slot].extend(s.req.prompt[s.pos : s.pos + n])
+            s.pos += n
+            if s.pos < len(s.req.prompt):
+                continue
+            try:
+                p = s.req.params
+                s.decoder = RowDecoder(
+                    self.tokenizer,
+                    p,
+                    s.req.stop_ids,
+                    s.req.continuation,
+                    budget=min(p.max_new_tokens, self.context - len(s.req.prompt)),
+                    seed=p.seed,
+                    device=self.device,
+                )
+            except Exception as e:
+                self._record(e)
+                self._fail(s, e)
+                continue
+            s.logits = logits[i]
+            self.prefilling.remove(s)
+            self.running.append(s)
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        now = time.perf_counter()
+        for s in list(self.running):
+            if s.req.cancelled.is_set():  # the client went away: free the slot now
+                self._release(s)
+                continue
+            if _expired(s.req, now):
+                self._fail(s, _timeout(s.req))
+                continue
+            try:
+                out = s.decoder.step(s.logits)
+                if out.token_id is not None:
+                    first = len(s.decoder.stream.ids) == 1
+                    if first:
+                        self.stats.observe("ttft", now - s.req.submitted)
+                    else:
+                        self.stats.observe("itl", now - s.last_token_time)
+                    s.last_token_time = now
+                    with self.stats.lock:
+                        self.stats.generated_tokens += 1
+                if out.text or out.logprob is not None:
+                    s.req.emit("token", (out.text, out.logprob))
+                if out.finished:
+                    s.req.emit("done", s.decoder.completion(len(s.req.prompt)))
+                    self.stats.observe("e2e", time.perf_counter() - s.req.submitted)
+                    self._release(s)
+            except Exception as e:  # this request's sampling or its client's queue
+                self._record(e)
+                self._fail(s, e)
         if not self.running:
             return
-        tokens = torch.tensor([[r.decoder.last_token] for r in self.running], device=self.device)
-        logits = self.model(
-            tokens,
-            start_pos=torch.tensor([r.pos for r in self.running]),
-            slots=[r.slot for r in self.running],
-        )
-        for i, r in enumerate(self.running):
-            r.logits = logits[i, -1]
-            r.pos += 1
+        fed = [s.decoder.last_token for s in self.running]
+        try:
+            logits = self._forward_decode(fed)
+        except Exception as e:
+            self._record(e)
+            for s in list(self.running):
+                self._fail(s, e)
+            return
+        for i, s in enumerate(self.running):
+            s.logits = logits[i]
+            self.slot_tokens[s.slot].append(fed[i])
+            s.pos += 1
+
+    def _forward_decode(self, fed: list[int]) -> torch.Tensor:
+        """One token per running request -> next-token logits [B, V]."""
+        rows = self.running
+        if not self.compile:
+            tokens = torch.tensor(fed, device=self.device)[:, None]
+            start = torch.tensor([s.pos for s in rows], device=self.device)
+            return self.model(tokens, start_pos=start, slots=[s.slot for s in rows])[:, 0]
+        # The compiled step runs every slot (one graph, whatever the batch): an idle slot
+        # feeds a token at the first position past what it holds, which nothing reads.
+        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
+        start = torch.zeros(self.max_batch, dtype=torch.long)
+        for slot in range(self.max_batch):
+            held = self.slot_tokens[slot]
+            if len(held) >= self.context:  # no position past it: give up its last one
+                del held[-1]
+            start[slot] = len(held)
+        for s, token in zip(rows, fed, strict=True):
+            tokens[s.slot, 0], start[s.slot] = token, s.pos
+        kv_len = max(s.pos for s in rows) + 1
+        kv_len = max(kv_len, int(start.max()) + 1)
+        logits = self._compiled(tokens.to(self.device), start.to(self.device), kv_len)[:, 0]
+        return logits[torch.tensor([s.slot for s in rows], device=self.device)]
+
+    # --- endings -------------------------------------------------------------------------------
+
+    def _release(self, s: _Seq) -> None:
+        (self.running if s.prefilled else self.prefilling).remove(s)
+        self.free.append(s.slot)
+
+    def _fail(self, s: _Seq, error: Exception | Failure) -> None:
+        """End a request with an error; its slot's cache is not trusted any more."""
+        if s in self.running or s in self.prefilling:
+            self._release(s)
+        self.slot_tokens[s.slot] = []
+        failure = error if isinstance(error, Failure) else _internal(error)
+        self._emit_failure(s.req, failure)
+
+    def _emit_failure(self, req: Request, failure: Failure) -> None:
+        with self.stats.lock:
+            self.stats.failed_requests += 1
+        try:
+            req.emit("error", failure)
+        except Exception:  # the client's side is gone (its event loop closed): nobody to tell
+            pass
+
+    def _record(self, e: Exception) -> None:
+        traceback.print_exception(e)
+        with self.stats.lock:
+            self.stats.engine_errors += 1
+            self.stats.last_error = f"{type(e).__name__}: {e}"
+
+
+def _expired(req: Request, now: float) -> bool:
+    return req.timeout is not None and now - req.submitted > req.timeout
+
+
+def _timeout(req: Request) -> Failure:
+    return Failure(504, f"the request ran past its deadline of {req.timeout:g} s", "timeout")
+
+
+def _internal(e: Exception) -> Failure:
+    return Failure(500, f"the engine failed on this request: {type(e).__name__}: {e}", "internal")
