@@ -181,7 +181,7 @@ def val_loss(run: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/fim")
-    p.add_argument("--config", default=str(ROOT / "configs" / "fim-tiny.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "codellama-fim.yaml"))
     p.add_argument("--corpus-bytes", type=int, default=3_000_000)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--chunk-chars", type=int, default=600)
