@@ -225,3 +225,32 @@ def test_killed_fim_run_resumes_bit_for_bit(fim_shards, tmp_path):
     _pretrain(tmp_path / "plain", plain)
     assert _metrics(tmp_path / "plain")[0]["val_loss"] == ref[0]["val_loss"]
     assert _metrics(tmp_path / "plain")[1]["loss"] != ref[1]["loss"]
+
+
+@pytest.mark.slow
+def test_fim_under_fsdp_two_processes_matches_one(fim_shards, tmp_path):
+    args = [
+        f"data={fim_shards}",
+        "model=micro",
+        "model_args={dim: 64, n_layers: 2, n_heads: 4}",
+        "steps=4",
+        "batch_size=8",
+        "seq_len=64",
+        "warmup_steps=2",
+        "ckpt_every=4",
+        "eval_every=4",
+        "eval_batches=4",
+        "threads=1",
+        "fim_rate=0.9",
+    ]
+    _pretrain(tmp_path / "one", args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "llama2.cli", "pretrain", "--out", str(tmp_path / "two"), *args]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == list(range(5))
+    for a, b in zip(two[1:], one[1:], strict=True):
+        # each process built its rows of the same global batch; only summation order differs
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * b["loss"], (a, b)
+    assert abs(two[-1]["val_loss"] - one[-1]["val_loss"]) < 1e-4 * one[-1]["val_loss"]
