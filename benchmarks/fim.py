@@ -112,8 +112,11 @@ def run_pretraining(out: Path, runs: dict[str, float], args) -> float:
     return time.time() - t0
 
 
-def infill_cases(held: list[str], n: int, chunk_chars: int, seed: int) -> list[dict]:
-    """n (file, chunk) lines drawn with `seed`: prefix and suffix from the line's chunk."""
+def infill_cases(
+    held: list[str], n: int, chunk_chars: int, seed: int, tok: Tokenizer, max_prompt: int
+) -> list[dict]:
+    """n (file, chunk) lines drawn with `seed`: prefix and suffix from the line's chunk, whose
+    infilling prompt has at most max_prompt tokens (a few dense chunks have more)."""
     rng = random.Random(seed)
     cases = []
     while len(cases) < n:
@@ -123,7 +126,8 @@ def infill_cases(held: list[str], n: int, chunk_chars: int, seed: int) -> list[d
         lines = pieces[c].splitlines(keepends=True)
         k = rng.randrange(len(lines))
         line = lines[k].rstrip("\n")
-        if not line.strip():
+        prefix, suffix = "".join(lines[:k]), "\n" + "".join(lines[k + 1 :])
+        if not line.strip() or len(encode_infill(tok, prefix, suffix)) > max_prompt:
             continue
         before = "".join(pieces[:c]) + "".join(lines[:k])
         after = "".join(lines[k + 1 :]) + "".join(pieces[c + 1 :])
@@ -131,8 +135,8 @@ def infill_cases(held: list[str], n: int, chunk_chars: int, seed: int) -> list[d
             {
                 "file": f,
                 "line": line,
-                "prefix": "".join(lines[:k]),
-                "suffix": "\n" + "".join(lines[k + 1 :]),  # the masked line's own newline
+                "prefix": prefix,
+                "suffix": suffix,  # (from the masked line's own newline)
                 "before": before,
                 "after": "\n" + after,
             }
@@ -168,7 +172,7 @@ def score(llm, cases: list[dict], mode: str, batch: int = 32) -> dict:
         "exact_match": exact / len(cases),
         "compiles": ok / len(cases),
         "examples": [
-            {"line": c["line"], "generated": t} for t, c in zip(texts[:8], cases, strict=True)
+            {"line": c["line"], "generated": t} for t, c in zip(texts[:8], cases[:8], strict=True)
         ],
     }
 
@@ -198,7 +202,9 @@ def main() -> None:
     if not args.eval_only:
         seconds = run_pretraining(out, {"fim": 0.9, "plain": 0.0}, args)
     held = json.loads((out / "held_out.json").read_text())
-    cases = infill_cases(held, args.lines, args.chunk_chars, args.seed)
+    tok = Tokenizer.from_file(out / "data" / "tokenizer.model")
+    context = load(out / "plain" / "model").config.max_seq_len
+    cases = infill_cases(held, args.lines, args.chunk_chars, args.seed, tok, context - 48)
     assert all(compiles(c["before"] + c["line"] + c["after"]) for c in cases)
     results = {"lines": len(cases), "train_wall_seconds": seconds, "models": {}}
     for name in ("fim", "plain"):
