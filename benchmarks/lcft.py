@@ -32,7 +32,9 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "codellama-lcft.yaml"))
     p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="as benchmarks/fim.py")
     p.add_argument("--lengths", default="256,512,1024,2048,4096")
-    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--depths", default="0,0.5,1")
+    p.add_argument("--trials", type=int, default=4, help="keys per length and depth")
+    p.add_argument("--rows", type=int, default=4, help="windows for the loss by position")
     p.add_argument("overrides", nargs="*", help="key=value settings for both runs")
     args = p.parse_args()
     fim, out = Path(args.fim), Path(args.out)
@@ -66,7 +68,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "llama2.cli", "eval", "longctx", str(base)]
     cmd += [str(out / "theta1e4" / "model"), str(out / "theta1e6" / "model")]
     cmd += ["--data", str(out / "held_out"), "--out", str(out / "eval")]
-    cmd += ["--lengths", args.lengths, "--trials", str(args.trials)]
+    cmd += ["--lengths", args.lengths, "--depths", args.depths]
+    cmd += ["--trials", str(args.trials), "--rows", str(args.rows)]
     t0 = time.time()
     subprocess.run(cmd, check=True)
     print(f"evaluation: {time.time() - t0:.0f}s wall", flush=True)

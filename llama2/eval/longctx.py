@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..io import atomic_file, write_atomic
 from ..model import Transformer
@@ -108,11 +109,15 @@ def key_retrieval(
     depths: Sequence[float],
     trials: int,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Accuracy (greedy, the whole key) by length and depth: {str(length): {str(depth): acc}}.
     The same examples for every model evaluated with the same seed."""
     widened(model, max(lengths))
     out: dict[str, dict[str, float]] = {}
+    bar = tqdm(
+        total=len(lengths) * len(depths) * trials, desc="key retrieval", disable=not progress
+    )
     for length in lengths:
         out[str(length)] = {}
         for depth in depths:
@@ -123,7 +128,9 @@ def key_retrieval(
                 ids = torch.tensor([prompt + answer[:-1]])
                 guess = model(ids)[0, len(prompt) - 1 :].argmax(-1)
                 right += guess.tolist() == answer
+                bar.update()
             out[str(length)][str(depth)] = right / trials
+    bar.close()
     return out
 
 
@@ -165,7 +172,9 @@ def evaluate_long_context(
         r["loss_by_position"] = binned(pos["loss"], s.bin_width)
         r["peak_memory_mb"] = pos["peak_memory_mb"]
         r["loss_up_to"] = {str(n): sum(pos["loss"][:n]) / n for n in s.lengths}
-        r["key_retrieval"] = key_retrieval(model, tok, lines, s.lengths, s.depths, s.trials, s.seed)
+        r["key_retrieval"] = key_retrieval(
+            model, tok, lines, s.lengths, s.depths, s.trials, s.seed, progress
+        )
         r["key_retrieval_by_length"] = {
             n: sum(by.values()) / len(by) for n, by in r["key_retrieval"].items()
         }
