@@ -207,10 +207,16 @@ def main() -> None:
     cases = infill_cases(held, args.lines, args.chunk_chars, args.seed, tok, context - 48)
     assert all(compiles(c["before"] + c["line"] + c["after"]) for c in cases)
     results = {"lines": len(cases), "train_wall_seconds": seconds, "models": {}}
+    partial = out / f"scores_seed{args.seed}_n{args.lines}.json"  # kept across kills
+    done = json.loads(partial.read_text()) if partial.exists() else {}
     for name in ("fim", "plain"):
         llm = load(out / name / "model")
-        modes = ("psm", "spm") if name == "fim" else ("psm", "l2r")
-        r = {m: score(llm, cases, m) for m in modes}
+        for mode in ("psm", "spm") if name == "fim" else ("psm", "l2r"):
+            if f"{name}/{mode}" not in done:
+                done[f"{name}/{mode}"] = score(llm, cases, mode)
+                partial.write_text(json.dumps(done))
+            print(f"{name} {mode}: {done[f'{name}/{mode}']['exact_match']:.1%}", flush=True)
+        r = {k.split("/")[1]: v for k, v in done.items() if k.startswith(name + "/")}
         r["val_loss"] = val_loss(out / name)
         results["models"][name] = r
     results["eval_wall_seconds"] = time.time() - t0 - seconds
