@@ -220,6 +220,7 @@ def plot_long_context(results: dict, out: Path) -> None:
         ax.set_xlabel("context length (tokens)")
         ax.set_title(f"{name} (theta {r['rope_theta']:g})", fontsize=9)
     axes[0][0].set_ylabel("depth of the key")
+    fig.subplots_adjust(bottom=0.25, wspace=0.35)
     fig.colorbar(im, ax=axes[0].tolist(), label="retrieval accuracy")
     with atomic_file(out / "key_retrieval.png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
