@@ -151,20 +151,20 @@ def test_fim_batches_are_drawn_from_seed_and_step(tok, fim_shards):
     assert all((x == y).all() for x, y in zip(plain, same, strict=True))
 
 
-def test_a_tokenizer_without_infilling_pieces_is_refused(small_tokenizer, tmp_path):
+def test_a_tokenizer_without_infilling_pieces_is_refused(small_tokenizer, tmp_path, capsys):
+    from llama2.cli import main
+
     with pytest.raises(ValueError, match="needs Code Llama's infilling pieces"):
         FimTransform(small_tokenizer, 0.9)
     data = tmp_path / "shards"
     prepare_corpus(["def f():\n    pass\n"] * 50, small_tokenizer, data, val_every=0, workers=1)
-    cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--out", str(tmp_path / "run")]
-    cmd += [f"data={data}", "model=micro", "steps=1", "seq_len=16", "fim_rate=0.9"]
-    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "needs Code Llama's infilling pieces" in p.stderr.strip().splitlines()[-1]
-    p = subprocess.run(
-        [*cmd[:-1], "fim_rate=1.5"], env=ENV, capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode != 0 and "fim_rate must be in [0, 1]" in p.stderr
+    argv = ["pretrain", "--out", str(tmp_path / "run"), f"data={data}", "model=micro"]
+    argv += ["steps=1", "seq_len=16", "threads=1"]
+    assert main([*argv, "fim_rate=0.9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "needs Code Llama's infilling pieces" in err[-1] and "Traceback" not in "".join(err)
+    assert main([*argv, "fim_rate=1.5"]) == 1
+    assert "fim_rate must be in [0, 1]" in capsys.readouterr().err
 
 
 def _pretrain(out, args, resume=False, wait=True):
@@ -220,11 +220,28 @@ def test_killed_fim_run_resumes_bit_for_bit(fim_shards, tmp_path):
     for a, b in zip(after, ref, strict=True):
         for key in ("loss", "lr", "grad_norm", "val_loss"):
             assert a.get(key) == b.get(key), (a["step"], key)  # bit for bit
-    # FIM changes training batches only: validation is the same left-to-right text
-    plain = [a for a in args if not a.startswith("fim_")] + ["steps=6"]
-    _pretrain(tmp_path / "plain", plain)
-    assert _metrics(tmp_path / "plain")[0]["val_loss"] == ref[0]["val_loss"]
-    assert _metrics(tmp_path / "plain")[1]["loss"] != ref[1]["loss"]
+
+
+def test_fim_changes_training_batches_only(fim_shards, tmp_path):
+    """Validation stays the same left-to-right text; training rows are transformed."""
+    import dataclasses
+
+    import torch
+
+    from llama2.train import load_train_config
+    from llama2.train.loop import Dist
+    from llama2.train.pretrain import build_pretraining
+
+    args = [f"data={fim_shards}", "model=micro", "seq_len=64", "batch_size=8"]
+    args += ["eval_batches=4", "fim_rate=0.9"]
+    cfg = load_train_config(None, args)
+    cpu = torch.device("cpu")
+    fim = build_pretraining(cfg, tmp_path, cpu, Dist())
+    plain = build_pretraining(dataclasses.replace(cfg, fim_rate=0.0), tmp_path, cpu, Dist())
+    pairs = list(zip(fim.val_batches(0, 1), plain.val_batches(0, 1), strict=True))
+    assert len(pairs) == 4
+    assert all((x == y).all() for a, b in pairs for x, y in zip(a, b, strict=True))
+    assert not (fim.batch(0, 0, 1)[0] == plain.batch(0, 0, 1)[0]).all()
 
 
 @pytest.mark.slow
