@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import bandwidth_gbs, describe
 
 from llama2 import Tokenizer, Transformer, get_preset, save_gguf, save_hf
 from llama2.generation import SamplingParams, generate
@@ -142,6 +143,19 @@ def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
     return dst
 
 
+# bytes per weight of each format (q8_0 and q4_0: 32 weights and an fp16 scale per block;
+# ours: int8 with one scale per row, int4 with a scale and a zero per group of 32 or more)
+BYTES_PER_WEIGHT = {"fp32": 4, "f32": 4, "bf16": 2, "fp16": 2, "f16": 2}
+BYTES_PER_WEIGHT |= {"int8": 1, "q8_0": 34 / 32, "int4": 0.5, "q4_0": 18 / 32}
+
+
+def streamed_bytes(cfg, fmt: str) -> float:
+    """Bytes of weights one decoded token reads: every matrix but the embedding table (one
+    row of it)."""
+    base = fmt.removesuffix("+compile")
+    return (cfg.num_params() - cfg.vocab_size * cfg.dim) * BYTES_PER_WEIGHT[base]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny-15m", "tiny-110m"])
@@ -156,6 +170,8 @@ def main() -> None:
         help="our weight formats to run (peers run their matching formats)",
     )
     args = p.parse_args()
+    print(describe(args.threads), flush=True)
+    bandwidth = bandwidth_gbs(args.threads)
     torch.set_num_threads(args.threads)
     try:
         import llama_cpp  # noqa: F401
@@ -174,14 +190,15 @@ def main() -> None:
         base = Transformer(cfg).eval()
         print(f"== {preset}: {cfg.num_params() / 1e6:.0f}M parameters", flush=True)
 
-        def record(engine, fmt, run, preset=preset, measured=None):
+        def record(engine, fmt, run, preset=preset, cfg=cfg, measured=None):
             if measured is None:
                 measured = rates(run, args.repeats)
             pre, dec = measured
-            rows.append((preset, engine, fmt, pre, dec))
+            gbs = dec * streamed_bytes(cfg, fmt) / 1e9
+            rows.append((preset, engine, fmt, pre, dec, gbs))
             print(
                 f"{preset:10s} {engine:13s} {fmt:12s} prefill {pre:8.0f} tok/s  "
-                f"decode {dec:7.1f} tok/s",
+                f"decode {dec:7.1f} tok/s ({gbs:.1f} GB/s of weights)",
                 flush=True,
             )
 
@@ -221,11 +238,16 @@ def main() -> None:
                         record("llama.cpp", fmt, None, measured=measured)
         del base
     print(f"\nthreads {args.threads}; torch {torch.__version__}; best of {args.repeats}")
+    print(f"decode streams every weight once a token; measured copy bandwidth {bandwidth:.1f} GB/s")
     print(
         f"{'preset':10s} {'engine':13s} {'format':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
+        f" {'weights GB/s':>13s}"
     )
     for r in rows:
-        print(f"{r[0]:10s} {r[1]:13s} {r[2]:12s} {r[3]:14.0f} {r[4]:13.1f}")
+        print(
+            f"{r[0]:10s} {r[1]:13s} {r[2]:12s} {r[3]:14.0f} {r[4]:13.1f} "
+            f"{r[5]:6.1f} ({r[5] / bandwidth:4.0%})"
+        )
     print("\nratios (ours / peer):")
     get = {(r[0], r[1], r[2]): r for r in rows}
     classes = [

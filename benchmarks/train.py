@@ -1,6 +1,7 @@
 """Training throughput on a CPU: our loop vs a plain transformers + torch AdamW loop.
 
     python benchmarks/train.py [--preset tiny-15m] [--batch 8] [--seq 256] [--steps 8] [--threads 2]
+        [--bf16] [--compile]
 
 The same model shapes, random batches, batch size, sequence length and threads; tokens/s
 is measured over the steps after a warm-up step. Model FLOPs utilisation uses 6 * N * tokens
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 ROOT = Path(__file__).parent.parent
 VOCAB = 32000  # the presets' (and Llama 2's) vocabulary
@@ -41,7 +43,9 @@ def peak_flops(threads: int) -> float:
     return best
 
 
-def hf_loop(preset: str, batch: int, seq: int, steps: int, threads: int) -> float:
+def hf_loop(
+    preset: str, batch: int, seq: int, steps: int, threads: int, bf16: bool = False
+) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama2 import get_preset
@@ -55,7 +59,8 @@ def hf_loop(preset: str, batch: int, seq: int, steps: int, threads: int) -> floa
     for _ in range(steps + 1):
         x = torch.randint(0, VOCAB, (batch, seq + 1), generator=g)
         t = time.perf_counter()
-        loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -65,7 +70,13 @@ def hf_loop(preset: str, batch: int, seq: int, steps: int, threads: int) -> floa
 
 
 def ours(
-    preset: str, batch: int, seq: int, steps: int, threads: int, compile: bool = False
+    preset: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    threads: int,
+    compile: bool = False,
+    bf16: bool = False,
 ) -> float:
     """Our `llama2 pretrain` on random-token shards, its own tokens_per_s from metrics.jsonl."""
     import numpy as np
@@ -106,6 +117,7 @@ def ours(
             "eval_every=100000",
             "ckpt_every=100000",
             f"compile={compile}",
+            f"autocast={'bfloat16' if bf16 else 'none'}",
         ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
         rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -123,7 +135,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="alternating runs; the best counts")
     p.add_argument("--compile", action="store_true", help="also time ours with compile=true")
+    p.add_argument("--bf16", action="store_true", help="also time both with bf16 autocast")
     args = p.parse_args()
+    print(describe(args.threads), flush=True)
     from llama2 import get_preset
 
     cfg = get_preset(args.preset)
@@ -131,26 +145,38 @@ def main() -> None:
     attn = 6 * cfg.n_layers * args.seq * cfg.dim  # per token: QK^T and AV, forward + backward
     flops_per_token = 6 * n + attn
     peak = peak_flops(args.threads)
-    runs = {"ours": [], "ours+compile": [], "hf": []}
+    runs = {"ours": [], "ours+compile": [], "hf": [], "ours bf16": [], "hf bf16": []}
     shape = (args.preset, args.batch, args.seq, args.steps, args.threads)
     for _ in range(args.repeats):  # alternate, so that a noisy moment hits all alike
         runs["ours"].append(ours(*shape))
         if args.compile:
             runs["ours+compile"].append(ours(*shape, compile=True))
         runs["hf"].append(hf_loop(*shape))
+        if args.bf16:
+            runs["ours bf16"].append(ours(*shape, bf16=True))
+            runs["hf bf16"].append(hf_loop(*shape, bf16=True))
         print("  " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items() if v), flush=True)
-    b = max(runs["hf"])
     print(
         f"{args.preset}, batch {args.batch} x {args.seq}, {args.threads} threads; "
         f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; best of {args.repeats}"
     )
-    names = {"ours": "llama2", "ours+compile": "llama2 compile=true", "hf": "transformers+AdamW"}
+    names = {
+        "ours": "llama2",
+        "ours+compile": "llama2 compile=true",
+        "hf": "transformers+AdamW",
+        "ours bf16": "llama2 bf16 autocast",
+        "hf bf16": "transformers bf16",
+    }
     for key, values in runs.items():
         if values:
             tps = max(values)
+            peer = max(runs["hf bf16" if "bf16" in key else "hf"])
+            ratios = f"   {tps / peer:.2f}x transformers"
+            if key == "ours bf16":
+                ratios += f", {tps / max(runs['ours']):.2f}x our fp32"
             print(
-                f"{names[key]:20s} {tps:8.0f} tokens/s   MFU {tps * flops_per_token / peak:5.1%}"
-                f"   {tps / b:.2f}x transformers"
+                f"{names[key]:22s} {tps:8.0f} tokens/s   MFU {tps * flops_per_token / peak:5.1%}"
+                + ratios
             )
 
 

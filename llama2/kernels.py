@@ -1,29 +1,49 @@
-"""Matrix products picked by shape and dtype on a CPU (each choice measured with
-benchmarks/generate.py and benchmarks/train.py, numbers in benchmarks/README.md; on other
-devices they are plain F.linear).
+"""Matrix products on a CPU, each chosen by measurement on the CPU at hand.
 
-- fp32, one row (decoding): MKL's single-row sgemm runs on one thread. Splitting the weight's
-  rows into one batch entry per thread (`bmm` over free views) streams it on all threads;
-  oneDNN's inner product does better still on wide weights (more outputs than inputs), worse
-  on the others.
-- fp32, more rows (prefill, batched decoding, training): oneDNN's inner product, measured
-  faster than MKL's sgemm (it uses AVX-512 where MKL did not, on the AMD CPU it was tuned on).
-  Under autograd its two backward products are oneDNN's too.
-- fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): a single row
-  goes through the fp16 GEMV (fp32 accumulation); more rows through an fp32 GEMM on the
-  converted weight, since fp16 GEMMs without native fp16 arithmetic are slow.
-- Under torch.compile, a single row is a multiply-and-sum that inductor turns into one fused
-  reduction over the weight, in any float dtype; more rows are one matrix product.
+Which product is fastest depends on the CPU, not only on the shape: on an AMD EPYC, MKL's
+fp32 GEMM does not use AVX-512 and oneDNN's inner product beats it 2x; on an Intel Xeon with
+AVX-512 they are even, and bf16 runs on AMX. So, as `torch.backends.cudnn.benchmark` does, the
+first product of each kind (dtypes, weight shape, class of row count, autograd or not,
+threads) times its candidates on the real operands and keeps the fastest, for the process
+and in a JSON file per CPU model and PyTorch version (`LLAMA2_KERNEL_CACHE` names the file;
+"off" keeps choices in memory only). `F.linear` is always a candidate, so no product is
+slower than plain PyTorch, measurement noise aside. The file also keeps training exact on
+resume: a resumed run reads the choices (and so the rounding) of the run it continues.
+
+Candidates:
+- "linear": F.linear (MKL's sgemm and sgemv, PyTorch's own half-precision kernels).
+- "onednn": oneDNN's inner product; under autograd its two backward products too.
+- "split": one row of fp32: MKL's single-row sgemv runs on one thread, so the weight's rows
+  are split into one `bmm` batch entry per thread (free views).
+- "mv": one row as `torch.mv` (its bf16 GEMV streamed 1.3-1.8x F.linear's on an Intel Xeon).
+- fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): "gemv16" (x
+  rounded to fp16, PyTorch's fp16 GEMV accumulates in fp32) and "gemm32" (the weight
+  converted, an fp32 product).
+Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a single
+row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP16_GEMV_MAX_ROWS = 4
+from .io import write_atomic
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+MEASURE_ROWS = 512  # larger products are timed on their first rows: the ranking holds
+REPEATS = 3  # timed runs per candidate after a warm-up; the fastest counts
+
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -54,32 +74,169 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _onednn_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _OneDNNLinear.apply(x, w)
+    return _onednn(x.contiguous(), w)
+
+
+def _split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    parts = torch.get_num_threads()
+    xs = x.reshape(1, 1, -1).expand(parts, 1, x.shape[-1])
+    out = torch.bmm(xs, w.view(parts, -1, w.shape[1]).transpose(1, 2))
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mv(w, x.reshape(-1)).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _gemv16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.to(torch.float16), w).to(x.dtype)
+
+
+def _gemm32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w.to(x.dtype))
+
+
+PRODUCTS: dict[str, Product] = {
+    "linear": F.linear,
+    "onednn": _onednn_product,
+    "split": _split,
+    "mv": _mv,
+    "gemv16": _gemv16,
+    "gemm32": _gemm32,
+}
+
+
+def candidates(x: torch.Tensor, w: torch.Tensor) -> list[str]:
+    """The products that compute x @ w.T for these operands (the first is the fallback)."""
+    rows = x.numel() // x.shape[-1]
+    if w.dtype == torch.float16 and x.dtype != torch.float16:
+        return ["gemm32", "gemv16"] if rows <= 16 else ["gemm32"]
+    if w.dtype != x.dtype:
+        return ["linear"]
+    out = ["linear"]
+    if ONEDNN and w.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
+        out.append("onednn")
+    parts = torch.get_num_threads()
+    splittable = parts > 1 and w.shape[0] % parts == 0 and w.is_contiguous()
+    if rows == 1:
+        out.append("mv")
+        if x.dtype == torch.float32 and splittable:
+            out.append("split")
+    return out
+
+
+def _key(x: torch.Tensor, w: torch.Tensor, grad: bool) -> str:
+    rows = x.numel() // x.shape[-1]
+    rows_class = min(rows.bit_length(), MEASURE_ROWS.bit_length())  # 1, 2-3, 4-7, ..., 512+
+    shape = "x".join(map(str, w.shape))
+    return f"{x.dtype}|{w.dtype}|{shape}|rows{rows_class}|{'grad' if grad else 'nograd'}|" + (
+        f"t{torch.get_num_threads()}"
+    )
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cache_file() -> Path | None:
+    setting = os.environ.get("LLAMA2_KERNEL_CACHE")
+    if setting is not None:
+        return None if setting in ("", "off") else Path(setting)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{cpu_name()}-torch{torch.__version__}").strip("-")
+    return Path.home() / ".cache" / "llama2" / "kernels" / f"{slug}.json"
+
+
+_chosen: dict[str, str] = {}
+_loaded_from: Path | None = None
+
+
+def _load_choices() -> None:
+    global _loaded_from
+    path = cache_file()
+    if path is None or path == _loaded_from:
+        return
+    _loaded_from = path
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no file yet, or an unreadable one: measure afresh
+    if isinstance(stored, dict):
+        _chosen.update({k: v for k, v in stored.items() if v in PRODUCTS})
+
+
+def _store_choices() -> None:
+    path = cache_file()
+    if path is None:
+        return
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        merged = (stored if isinstance(stored, dict) else {}) | _chosen
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(merged, indent=1, sort_keys=True))
+    except (OSError, ValueError):
+        pass  # a read-only home: the choices still hold for this process
+
+
+def _seconds(product: Product, x: torch.Tensor, w: torch.Tensor, grad: bool) -> float:
+    if grad:  # forward and backward, on leaves of their own (the caller's graph untouched)
+        x = x.detach().requires_grad_()
+        w = w.detach().requires_grad_()
+    best = float("inf")
+    with torch.enable_grad() if grad else torch.no_grad():
+        for i in range(REPEATS + 1):
+            t = time.perf_counter()
+            out = product(x, w)
+            if grad:
+                out.backward(torch.ones_like(out))
+            if i:  # the first run warms caches and allocators
+                best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(x: torch.Tensor, w: torch.Tensor, grad: bool) -> dict[str, float]:
+    """Seconds per product of each candidate on these operands."""
+    x = x.reshape(-1, x.shape[-1])[:MEASURE_ROWS].detach()
+    return {name: _seconds(PRODUCTS[name], x, w.detach(), grad) for name in candidates(x, w)}
+
+
+def choose(x: torch.Tensor, w: torch.Tensor) -> str:
+    """The product used for these operands: measured on first use, then remembered."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    key = _key(x, w, grad)
+    name = _chosen.get(key)
+    if name is None:
+        _load_choices()
+        name = _chosen.get(key)
+    if name is None or name not in candidates(x, w):
+        times = measure(x, w, grad)
+        name = min(times, key=times.get)
+        _chosen[key] = name
+        _store_choices()
+    return name
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.linear(x, w)
-    rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
-        if rows == 1:
+        if x.numel() == x.shape[-1]:
             # written as a reduction, inductor fuses it into one pass over the weight on all
             # threads, converting half-precision weights on the fly
             return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
-        return F.linear(x, w.to(x.dtype))  # (no graph break for the thread count below)
-    if w.dtype == torch.float16 and x.dtype != torch.float16:
-        if rows <= FP16_GEMV_MAX_ROWS:
-            return F.linear(x.to(torch.float16), w).to(x.dtype)
-        w = w.to(x.dtype)
-    if w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous():
+        return F.linear(x, w.to(x.dtype))  # (no graph break for the measurement below)
+    if torch.is_autocast_enabled("cpu"):
         return F.linear(x, w)
-    no_grad = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-    if rows == 1 and not (ONEDNN and no_grad and w.shape[0] > w.shape[1]):
-        parts = torch.get_num_threads()
-        if parts > 1 and w.shape[0] % parts == 0:
-            xs = x.reshape(1, 1, -1).expand(parts, 1, x.shape[-1])
-            out = torch.bmm(xs, w.view(parts, -1, w.shape[1]).transpose(1, 2))
-            return out.reshape(*x.shape[:-1], w.shape[0])
-    elif ONEDNN:
-        return _onednn(x.contiguous(), w) if no_grad else _OneDNNLinear.apply(x, w)
-    return F.linear(x, w)
+    return PRODUCTS[choose(x, w)](x, w)
 
 
 class Linear(nn.Linear):

@@ -45,6 +45,25 @@ LLAMA2_TRAINER = dict(
 )
 
 
+# Code Llama's vocabulary is Llama 2's 32000 pieces plus these 16, in this order (ids
+# 32000-32015 of the released tokenizer): BPE merges that spell the infilling markers, so that
+# `▁<PRE>`=32007, `▁<SUF>`=32008, `▁<MID>`=32009, `▁<EOT>`=32010.
+CODE_LLAMA_PIECES = (
+    "▁<SU",
+    "▁<SUF",
+    "▁<PRE",
+    "▁<M",
+    "▁<MID",
+    "▁<E",
+    "▁<EOT",
+    "▁<PRE>",
+    "▁<SUF>",
+    "▁<MID>",
+    "▁<EOT>",
+    *("▁" + "<EOT>" * n for n in range(2, 7)),
+)
+
+
 class Tokenizer:
     """encode/decode with Llama 2's conventions: BOS 1 and EOS 2 added only on request."""
 
@@ -156,14 +175,22 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    files: list[str | Path], vocab_size: int, out: str | Path, max_sentences: int = 2_000_000
+    files: list[str | Path],
+    vocab_size: int,
+    out: str | Path,
+    max_sentences: int = 2_000_000,
+    infill_pieces: bool = False,
 ) -> Tokenizer:
-    """Train a BPE tokenizer with Llama 2's settings on text files; write it to `out`."""
+    """Train a BPE tokenizer with Llama 2's settings on text files; write it to `out`.
+    `infill_pieces` reserves the last 16 ids for Code Llama's pieces (as `add_infill_pieces`
+    lays them out), so the vocabulary is still `vocab_size` pieces."""
     files = [str(f) for f in files]
     for f in files:
         if not os.path.isfile(f):
             raise ValueError(f"training text {f} does not exist")
     out = Path(out)
+    if infill_pieces:
+        vocab_size -= len(CODE_LLAMA_PIECES)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             spm.SentencePieceTrainer.train(
@@ -180,8 +207,32 @@ def train_tokenizer(
         except RuntimeError as e:
             raise ValueError(f"tokenizer training failed: {e}") from e
         tok = Tokenizer(Path(tmp, "tok.model").read_bytes(), source=str(out))
+    if infill_pieces:
+        tok = add_infill_pieces(tok)
+        tok.source = str(out)
     tok.save(out)
     return tok
+
+
+def add_infill_pieces(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with Code Llama's 16 pieces appended (ids vocab_size ... vocab_size+15; on
+    Llama 2's vocabulary exactly Code Llama's ids). They are ordinary BPE pieces, as in the
+    released tokenizer, scored below every existing merge so that no other text encodes
+    differently; everything else in the model file (trainer and normalizer specs) is kept."""
+    have = [p for p in CODE_LLAMA_PIECES if tokenizer.piece_to_id(p) != tokenizer.unk_id]
+    if have:
+        raise ValueError(f"{tokenizer.source}: already has the infilling piece {have[0]!r}")
+    lowest = min(score for _, score, kind in tokenizer.pieces() if kind == NORMAL)
+    new = b"".join(
+        _field(1, _field(1, piece) + _field(2, float(lowest - 1 - i)) + _field(3, NORMAL))
+        for i, piece in enumerate(CODE_LLAMA_PIECES)
+    )
+    proto = tokenizer.model_proto
+    end = _end_of_pieces(proto)
+    size = tokenizer.vocab_size + len(CODE_LLAMA_PIECES)
+    # a later trainer_spec merges into the first (protobuf): it overrides vocab_size alone
+    proto = proto[:end] + new + proto[end:] + _field(2, _field(4, size))
+    return Tokenizer(proto, source=tokenizer.source)
 
 
 # --- the SentencePiece model file (a protobuf ModelProto), by hand --------------------------
@@ -262,6 +313,20 @@ def _messages(buf: bytes):
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield number, wire, value
+
+
+def _end_of_pieces(buf: bytes) -> int:
+    """Offset just past the last piece (field 1) of a serialized ModelProto."""
+    end = pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        if key & 7 != 2:  # ModelProto's top-level fields are all messages
+            raise ValueError(f"unexpected wire type {key & 7} in a SentencePiece model")
+        n, pos = _read_varint(buf, pos)
+        pos += n
+        if key >> 3 == 1:
+            end = pos
+    return end
 
 
 def parse_pieces(model_proto: bytes) -> list[tuple[str, float, int]]:

@@ -1,3 +1,5 @@
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA2_GGUF = FIXTURES / "ggml-vocab-llama-spm.gguf"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# the kernels' measured choices: one file for the whole run and the processes it starts
+# (so a resumed run rounds as the run it continues), not the user's cache
+os.environ.setdefault("LLAMA2_KERNEL_CACHE", str(Path(tempfile.mkdtemp()) / "kernels.json"))
 
 
 def hf_model(config, state_dict):

@@ -99,9 +99,12 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
         "threads=1",
         "max_new_tokens=5",
         "temperature=0.8",
+        "keep_adherent=false",  # a random model honours nothing; the filter: the next test
     ]
     cfg = load_train_config(None, overrides, stage="gatt")
     report = gatt(cfg, tmp_path / "run")
+    train_rows = (tmp_path / "run" / "train.jsonl").read_text().splitlines()
+    assert train_rows == (tmp_path / "run" / "gatt.jsonl").read_text().splitlines()
     # epochs sets the fine-tuning's steps, as in sft: 2 passes over the training rows
     from llama2.data.sft import pack
     from llama2.data.split import split_held_out
@@ -140,6 +143,42 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
             verdicts[k].append(ok)
     assert [len(v) for v in verdicts] == [6, 6, 3] and report["dialogs"] == 6
     assert report["adherence_by_turn"] == [sum(v) / len(v) for v in verdicts]
+
+
+def test_training_keeps_the_adherent_dialogs_and_replays_demonstrations(tmp_path):
+    import json
+
+    from llama2.train import load_train_config
+    from llama2.train.gatt import training_rows
+
+    over = next(i for i in INSTRUCTIONS if i.text == RULE)
+    short = next(i for i in INSTRUCTIONS if i.text == "Answer in at most 10 words")
+
+    def dialog(*answers):
+        out = []
+        for k, a in enumerate(answers):
+            out += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": a}]
+        return out
+
+    dialogs = [
+        dialog("Yes. Over.", "No. Over."),  # honoured throughout
+        dialog("Yes. Over.", "No."),  # not in its second answer
+        dialog("a short answer", "another short one"),
+        dialog("one two three four five six seven eight nine ten eleven"),
+    ]
+    rules = [over, over, short, short]
+    demos = tmp_path / "sft.jsonl"
+    demos.write_text(
+        "\n".join(json.dumps({"messages": dialog(f"demo {i}")}) for i in range(5)) + "\n"
+    )
+    cfg = load_train_config(None, [f"replay={demos}", "replay_rows=3"], stage="gatt")
+    rows = [r["messages"] for r in training_rows(cfg, dialogs, rules)]
+    assert rows[:2] == [dialogs[0], dialogs[2]]
+    replayed = [r[1]["content"] for r in rows[2:]]
+    assert len(replayed) == 3 == len(set(replayed)) and all(r.startswith("demo") for r in replayed)
+    assert training_rows(cfg, dialogs, rules) == training_rows(cfg, dialogs, rules)  # seeded
+    everything = load_train_config(None, ["keep_adherent=false"], stage="gatt")
+    assert [r["messages"] for r in training_rows(everything, dialogs, rules)] == dialogs
 
 
 def test_gatt_samples_each_turn_of_all_dialogs_in_one_batch_with_its_own_seed(

@@ -1,52 +1,135 @@
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama2 import kernels
-from llama2.kernels import linear
+from llama2.kernels import candidates, linear
+
+
+def _operands(rows, dtype, shape):
+    torch.manual_seed(0)
+    n_out, n_in = shape
+    buf = torch.randn(n_out * n_in + 2)
+    w = buf[2:].view(n_out, n_in).to(dtype)  # fp32: 8 bytes past a 64-byte boundary
+    return torch.randn(1, rows, n_in), w
 
 
 @pytest.mark.parametrize("shape", [(96, 80), (64, 160)])  # wide and narrow
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cpu_products_equal_float64(rows, dtype, shape):
-    """Every path of `linear` (split single-row bmm, fp16 GEMV, oneDNN with and without
-    autograd) computes x @ w.T, and its gradients, to fp32 accuracy, on a weight that is
-    only 8-byte aligned like a memory-mapped safetensors tensor."""
-    torch.manual_seed(0)
-    n_out, n_in = shape
-    buf = torch.randn(n_out * n_in + 2)
-    w = buf[2:].view(n_out, n_in).to(dtype)  # fp32: 8 bytes past a 64-byte boundary
-    x = torch.randn(1, rows, n_in)
+def test_every_candidate_equals_float64(rows, dtype, shape, monkeypatch):
+    """Every product `linear` may choose (split single-row bmm, fp16 GEMV, oneDNN with and
+    without autograd, F.linear) computes x @ w.T, and its gradients, to fp32 accuracy, on a
+    weight that is only 8-byte aligned like a memory-mapped safetensors tensor."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the split needs threads to split for
+    x, w = _operands(rows, dtype, shape)
     exact = x.double() @ w.double().T
-    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16 GEMV rounds x to fp16
+    names = candidates(x, w)
+    assert names[0] in ("linear", "gemm32")  # plain PyTorch is always among them
+    if dtype == torch.float32 and rows == 1 and kernels.ONEDNN:
+        assert {"onednn", "split", "mv"} <= set(names)
+    for name in names:
+        product = kernels.PRODUCTS[name]
+        tol = 2e-3 if name == "gemv16" else 1e-5  # the fp16 GEMV rounds x to fp16
+        with torch.no_grad():
+            out = product(x, w)
+        assert out.shape == (1, rows, shape[0]) and out.dtype == torch.float32, name
+        assert (out.double() - exact).norm() / exact.norm() < tol, name
+        if dtype != torch.float32:
+            continue
+        # under autograd (training): the products of the backward pass as well
+        wg, xg = w.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(1, rows, shape[0])
+        (product(xg, wg) * g).sum().backward()
+        gd = g.double().reshape(rows, shape[0])
+        exact_w = gd.T @ x.double().reshape(rows, shape[1])
+        exact_x = (gd @ w.double()).reshape(1, rows, shape[1])
+        assert (wg.grad.double() - exact_w).norm() / exact_w.norm() < 1e-5, name
+        assert (xg.grad.double() - exact_x).norm() / exact_x.norm() < 1e-5, name
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """An empty memory and an empty cache file of choices."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("LLAMA2_KERNEL_CACHE", str(path))
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_loaded_from", None)
+    return path
+
+
+def test_the_fastest_measured_product_is_used_and_remembered(fresh_choices, monkeypatch):
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    timed, calls = [], []
+    seconds = {"linear": 2.0, "onednn": 1.0}  # as if oneDNN were twice as fast here
+    monkeypatch.setattr(kernels, "_seconds", lambda p, *a: timed.append(p) or seconds[_name(p)])
+    if not kernels.ONEDNN:
+        seconds["linear"] = 0.5  # without oneDNN, F.linear is the only candidate
+    real = kernels.PRODUCTS.copy()
+    for name in real:
+        monkeypatch.setitem(kernels.PRODUCTS, name, _spy(name, real[name], calls))
     with torch.no_grad():
         out = linear(x, w)
-    assert out.shape == (1, rows, n_out) and out.dtype == torch.float32
-    assert (out.double() - exact).norm() / exact.norm() < tol
-    # under autograd (training): the products of the backward pass as well
-    wg, xg = w.float().clone().requires_grad_(), x.clone().requires_grad_()
-    g = torch.randn(1, rows, n_out)
-    (linear(xg, wg) * g).sum().backward()
-    gd = g.double().reshape(rows, n_out)
-    exact_w = gd.T @ x.double().reshape(rows, n_in)
-    exact_x = (gd @ w.double()).reshape(1, rows, n_in)
-    assert (wg.grad.double() - exact_w).norm() / exact_w.norm() < 1e-5
-    assert (xg.grad.double() - exact_x).norm() / exact_x.norm() < tol
-
-
-def test_onednn_is_used_for_many_rows_without_grad(monkeypatch):
-    if not kernels.ONEDNN:
-        pytest.skip("this PyTorch has no oneDNN")
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(
-        torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a)
-    )
-    x, w = torch.randn(2, 5, 16), torch.randn(8, 16)  # many rows; and one row of a wide weight
+        linear(x[:3], w)  # 3 rows: another row class, measured again
+        linear(x[:4], w)  # 4 rows: the first class (4-7) again, remembered
+    want = "onednn" if kernels.ONEDNN else "linear"
+    assert calls == [want, want, want]
+    assert len(timed) == 2 * len(candidates(x, w))
+    torch.testing.assert_close(out, F.linear(x, w))
+    # the choice is on disk: a new process (here: an emptied memory) uses it unmeasured
+    stored = json.loads(fresh_choices.read_text())
+    assert sorted(set(stored.values())) == [want] and len(stored) == 2
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_loaded_from", None)
+    monkeypatch.setattr(kernels, "_seconds", lambda *a: pytest.fail("measured again"))
     with torch.no_grad():
         linear(x, w)
-        assert len(calls) == 1
-        linear(x[:1, :1], torch.randn(32, 16))
-        assert len(calls) == 2
-        linear(x[:1, :1], w)  # one row of a narrow weight: the split bmm
-    assert len(calls) == 2
+    assert calls[-1] == want
+
+
+def test_a_slower_special_kernel_is_not_chosen(fresh_choices, monkeypatch):
+    """Where a special kernel loses to F.linear (oneDNN's on an Intel Xeon, say), plain
+    PyTorch runs: no product is slower than F.linear by construction."""
+    monkeypatch.setattr(kernels, "_seconds", lambda p, *a: {"linear": 1.0}.get(_name(p), 3.0))
+    x, w = torch.randn(1, 16), torch.randn(8, 16)
+    with torch.no_grad():
+        linear(x, w)
+    assert set(json.loads(fresh_choices.read_text()).values()) == {"linear"}
+
+
+def test_real_measurement_and_cache_off(monkeypatch):
+    monkeypatch.setenv("LLAMA2_KERNEL_CACHE", "off")
+    monkeypatch.setattr(kernels, "_chosen", {})
+    x, w = torch.randn(3, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
+    times = kernels.measure(x, w, grad=True)
+    assert set(times) == set(candidates(x, w)) and all(t > 0 for t in times.values())
+    out = linear(x, w)
+    out.sum().backward()  # the measurement left the caller's graph alone
+    torch.testing.assert_close(w.grad, x.detach().sum(0).expand(16, 32))
+    assert kernels.cache_file() is None and len(kernels._chosen) == 1
+
+
+def test_cpu_autocast_runs_bf16_products():
+    x, w = torch.randn(4, 32), torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w)
+    assert out.dtype == torch.bfloat16
+    exact = x.bfloat16().double() @ w.bfloat16().double().T  # the operands rounded to bf16
+    assert ((out.double() - exact).norm() / exact.norm()) < 1e-2
+
+
+def _name(product):
+    return getattr(product, "kernel_name", None) or next(
+        k for k, v in kernels.PRODUCTS.items() if v is product
+    )
+
+
+def _spy(name, product, calls):
+    def spy(x, w):
+        calls.append(name)
+        return product(x, w)
+
+    spy.kernel_name = name
+    return spy

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..formats import INFILL_PIECES
 from ..io import atomic_dir
 from ..tokenizer import Tokenizer
 from .common import (
@@ -200,5 +201,11 @@ def _write_tokenizer(d: Path, tokenizer: Tokenizer, config: ModelConfig) -> None
         "model_max_length": config.max_seq_len,
         "sp_model_kwargs": {},
     }
+    if all(tokenizer.piece_to_id(p) != tokenizer.unk_id for p in INFILL_PIECES.values()):
+        # as Code Llama ships it: transformers' CodeLlamaTokenizer lays out infilling prompts
+        # (`tok(prefix, suffix=...)`) and keeps the pieces whole
+        cfg["tokenizer_class"] = "CodeLlamaTokenizer"
+        cfg |= {f"{name}_token": piece for name, piece in INFILL_PIECES.items()}
+        cfg["fill_token"] = "<FILL_ME>"
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2))

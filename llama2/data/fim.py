@@ -47,8 +47,9 @@ class FimTransform:
             pieces = ", ".join(INFILL_PIECES.values())
             raise ValueError(
                 f"fim_rate {self.rate} needs Code Llama's infilling pieces ({pieces}) in the "
-                f"tokenizer, and {self.tokenizer.source} has none of them: extend the model "
-                "(llama2 convert --add-infill-tokens) or use a tokenizer trained with them"
+                f"tokenizer, and {self.tokenizer.source} lacks them: extend the model "
+                "(llama2 convert --add-infill-tokens) or train a tokenizer with "
+                "--infill-pieces"
             ) from None
 
     def __call__(self, doc: np.ndarray, rng: np.random.Generator) -> np.ndarray:

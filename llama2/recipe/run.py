@@ -299,8 +299,19 @@ class Recipe:
         from ..train.gatt import gatt
 
         run = self.out / "gatt"
+        # the SFT demonstrations replayed beside the dialogs (unless the config says otherwise):
+        # fine-tuned on tasks and instructions alone, the model forgot to refuse
+        replay = (
+            {}
+            if "replay" in (self.cfg.get("gatt") or {})
+            else {"replay": str(self.data / "sft.jsonl")}
+        )
         cfg = self.stage_config(
-            "gatt", "gatt", init_from=str(self.model("ppo")), data=str(self.data / "gatt.jsonl")
+            "gatt",
+            "gatt",
+            init_from=str(self.model("ppo")),
+            data=str(self.data / "gatt.jsonl"),
+            **replay,
         )
         gatt(cfg, run, resume=self.resumable(run, ("gatt.jsonl",)))
         point_link(self.out / "chat", self.model("gatt"))

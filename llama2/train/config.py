@@ -66,7 +66,9 @@ class LoopConfig(TrainConfig):
     grad_accum: int = 1
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
-    autocast: str = "bfloat16"  # on CUDA; "none" to train in fp32
+    # mixed precision (fp32 master weights and optimizer state): "auto" is bfloat16 on CUDA and
+    # none (fp32) on a CPU; "bfloat16" on a CPU with AMX or AVX512-BF16 runs its products there
+    autocast: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
 
@@ -78,8 +80,8 @@ class LoopConfig(TrainConfig):
             out.append(f"batch_size {self.batch_size} is not a multiple of grad_accum")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append("min_lr_ratio must be in [0, 1]")
-        if self.autocast not in ("bfloat16", "float16", "none"):
-            out.append(f"autocast must be bfloat16, float16 or none, not {self.autocast!r}")
+        if self.autocast not in ("auto", "bfloat16", "float16", "none"):
+            out.append(f"autocast must be auto, bfloat16, float16 or none, not {self.autocast!r}")
         return out
 
     def _at_least_one(self) -> tuple[str, ...]:
@@ -188,9 +190,22 @@ class GattConfig(SFTConfig):
     temperature: float = 1.0
     max_new_tokens: int = 128
     sample_rows: int = 64  # dialogs per generation batch (each turn, then the adherence check)
+    # train only on sampled dialogs whose every answer honours the instruction (the samples
+    # are the model's own: unfiltered, they teach its failures too)
+    keep_adherent: bool = True
+    # chat examples (messages JSONL, e.g. the SFT data) fine-tuned on beside the dialogs, so
+    # that what they taught (refusals) is not unlearned; replay_rows of them (0: all)
+    replay: str | None = None
+    replay_rows: int = 0
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "max_new_tokens", "sample_rows")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.replay_rows < 0:
+            out.append("replay_rows must be >= 0")
+        return out
 
 
 @dataclass

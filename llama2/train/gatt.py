@@ -10,8 +10,11 @@ call (`sample_rows` dialogs a batch), then turn 2, and so on. Batch b of turn k 
 with derive_seed(seed, "answers", k, b), its row j drawing from that seed + j.
 
 `data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
-The run directory holds config.yaml, gatt.jsonl (the sampled dialogs), sft/ (the fine-tuning
-run), model -> sft/model and adherence.json.
+`keep_adherent` keeps only the dialogs whose every sampled answer honours the instruction;
+`replay` adds chat examples (the SFT data) to the fine-tuning, so that the model does not
+unlearn what they taught. The run directory holds config.yaml, gatt.jsonl (the sampled
+dialogs), train.jsonl (what is fine-tuned on), sft/ (the fine-tuning run), model -> sft/model
+and adherence.json.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from tqdm import tqdm
 
 from ..data.gatt import (
     INSTRUCTIONS,
+    Instruction,
     adherence_by_turns,
     read_turns,
     sample_dialogs,
     training_example,
 )
+from ..data.sft import read_sft_jsonl
 from ..data.split import derive_seed
 from ..io import write_atomic
 from ..llm import Llama, load
@@ -60,6 +65,31 @@ def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool)
     return answer
 
 
+def training_rows(
+    cfg: GattConfig, dialogs: list[list[dict]], instructions: list[Instruction]
+) -> list[dict]:
+    """The fine-tuning's examples: the sampled dialogs (those whose every answer honours the
+    instruction, with keep_adherent) and the replayed chat examples."""
+    if cfg.keep_adherent:
+        kept = [
+            d
+            for d, ins in zip(dialogs, instructions, strict=True)
+            if all(ins.check(m["content"]) for m in d if m["role"] == "assistant")
+        ]
+        print(f"{len(kept)} of {len(dialogs)} sampled dialogs honour their instruction throughout")
+        if not kept:
+            raise ValueError("no sampled dialog honours its instruction: nothing to train on")
+        dialogs = kept
+    rows = [{"messages": d} for d in dialogs]
+    if cfg.replay:
+        replay = read_sft_jsonl(cfg.replay)
+        if cfg.replay_rows:
+            rng = random.Random(derive_seed(cfg.seed, "replay"))
+            replay = rng.sample(replay, min(cfg.replay_rows, len(replay)))
+        rows += [{"messages": d} for d in replay]
+    return rows
+
+
 def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
@@ -87,7 +117,10 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
         with bar:
             dialogs = sample_dialogs(answer, [ins.text for ins in chosen], turns)
         write_jsonl(data, [{"messages": d} for d in dialogs])
-    tuned_cfg = stage_config(cfg, SFTConfig, data=str(data))
+    train_data = out / "train.jsonl"
+    if not (resume and train_data.exists()):
+        write_jsonl(train_data, training_rows(cfg, read_sft_jsonl(data), chosen))
+    tuned_cfg = stage_config(cfg, SFTConfig, data=str(train_data))
     resume_sft = resume and latest_checkpoint(out / "sft") is not None
     rows = sft(tuned_cfg, out / "sft", resume_sft, encode=training_example)
     if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record

@@ -106,6 +106,13 @@ def pick_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a setting on a device (None: fp32 throughout)."""
+    if setting == "none" or (setting == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if setting == "float16" else torch.bfloat16
+
+
 def lr_factor(step: int, cfg: LoopConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio of the peak (Llama 2, section 2.2)."""
     if step < cfg.warmup_steps:
@@ -309,11 +316,10 @@ def train(
     if d.main:
         write_config(out, cfg)
     forward_model = torch.compile(model) if cfg.compile else model
-    use_autocast = device.type == "cuda" and cfg.autocast != "none"
-    amp_dtype = torch.bfloat16 if cfg.autocast == "bfloat16" else torch.float16
+    amp_dtype = autocast_dtype(cfg.autocast, device)
 
     def autocast():
-        if use_autocast:
+        if amp_dtype is not None:
             return torch.autocast(device.type, dtype=amp_dtype)
         return nullcontext()
 
