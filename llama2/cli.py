@@ -346,6 +346,42 @@ def cmd_eval_chat(args) -> None:
         write_atomic(Path(args.json), to_json(r))
 
 
+def cmd_eval_longctx(args) -> None:
+    from .data import iter_documents
+    from .eval.longctx import LongContextSettings, evaluate_long_context
+    from .llm import load
+
+    settings = LongContextSettings(
+        lengths=_numbers(args.lengths, int, "--lengths"),
+        depths=_numbers(args.depths, float, "--depths"),
+        trials=args.trials,
+        rows=args.rows,
+        seed=args.seed,
+    )
+    if any(n < 16 for n in settings.lengths) or not all(0 <= d <= 1 for d in settings.depths):
+        raise ValueError("--lengths must be at least 16 tokens and --depths within [0, 1]")
+    documents = list(iter_documents(args.data))
+    models = {}
+    for path in args.models:
+        llm = load(path, dtype="float32")
+        p = Path(path).absolute()  # a run's `model` link: name it after the run
+        models[p.parent.name if p.name == "model" else p.name] = (llm.model, llm.tokenizer)
+    r = evaluate_long_context(models, documents, args.out, settings)
+    print("| model | theta | " + " | ".join(f"{n}" for n in settings.lengths) + " |")
+    print("|---|---|" + "---|" * len(settings.lengths))
+    for name, m in r["models"].items():
+        accs = " | ".join(f"{a:.0%}" for a in m["key_retrieval_by_length"].values())
+        print(f"| {name} | {m['rope_theta']:g} | {accs} |")
+    print(f"key retrieval by context length; results, plots: {args.out}")
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
+
+
 def _ks(text: str) -> list[int]:
     try:
         ks = [int(k) for k in text.split(",")]
@@ -626,6 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="write samples.jsonl, results and results.json")
     t.add_argument("--json", default=None, help="write the numbers to this file")
     t.set_defaults(func=cmd_eval_code)
+    t = esub.add_parser(
+        "longctx", help="loss by token position and key retrieval by context length and depth"
+    )
+    t.add_argument("models", nargs="+", help="model directories, compared side by side")
+    t.add_argument("--data", nargs="+", required=True, help="held-out text: files, dirs, JSONL")
+    t.add_argument("--out", required=True, help="directory for results.json and the plots")
+    t.add_argument("--lengths", default="256,512,1024,2048,4096", help="context lengths")
+    t.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits (0-1)")
+    t.add_argument("--trials", type=int, default=10, help="keys per length and depth")
+    t.add_argument("--rows", type=int, default=8, help="windows for the loss by position")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_eval_longctx)
     return p
 
 

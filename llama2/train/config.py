@@ -125,9 +125,20 @@ class PretrainConfig(LoopConfig):
     tokenizer: str | None = None  # for the embedded corpus: none = train one
     vocab_size: int = 4096  # of a tokenizer trained for the embedded corpus
     eval_batches: int = 16
+    # Code Llama (section 2.3): the share of training documents laid out for infilling, and
+    # the share of those in suffix-prefix-middle order (the paper: 0.9 and 0.5)
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+    # long-context fine-tuning (section 2.4): a new RoPE base for init_from's model (1e6)
+    rope_theta: float | None = None
 
     def problems(self) -> list[str]:
         out = super().problems()
+        for name in ("fim_rate", "fim_spm_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append(f"{name} must be in [0, 1]")
+        if self.rope_theta is not None and self.rope_theta <= 0:
+            out.append("rope_theta must be > 0")
         from ..config import ModelConfig, get_preset
 
         fields = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import resource
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -186,6 +188,32 @@ def enable_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = wrapped
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak resident
+    set (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # (then the peak is the process's since it started)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory since reset_peak_memory: CUDA's allocated bytes once CUDA is in use, else
+    the process's peak resident set (weights, optimizer, activations, the interpreter)."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 
@@ -338,6 +366,7 @@ def train(
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
+            reset_peak_memory()
             total = 0.0
             tokens = 0
             parts = cfg.grad_accum * d.world  # the global batch, cut for accumulation and ranks
@@ -373,6 +402,7 @@ def train(
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens / dt,
+                "peak_mem_mb": peak_memory_mb(),  # of this step (this process)
                 "elapsed_s": time.perf_counter() - t_start,
             }
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

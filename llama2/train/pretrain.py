@@ -2,6 +2,10 @@
 
 With no data given, the embedded corpus is used: a tokenizer is trained on this Python's
 standard library sources and the shards are prepared into the run directory.
+
+Code Llama's stages are this one with settings: `fim_rate` lays training documents out for
+infilling (data/fim.py; validation stays left to right), and `init_from` with `rope_theta`
+and a longer `seq_len` is its long-context fine-tuning (the model's context grows to it).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from ..checkpoint import save_hf
 from ..config import get_preset
 from ..data import PackedShards, prepare_corpus, stdlib_documents
+from ..data.fim import FimTransform
 from ..llm import load
 from ..model import Transformer
 from ..tokenizer import Tokenizer, train_tokenizer
@@ -55,12 +60,19 @@ def build_pretraining(cfg: PretrainConfig, out: Path, device: torch.device, d: D
         model, config = base.model, base.config
         if config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"{cfg.init_from}: vocabulary smaller than the data's tokenizer")
+        # RoPE is computed from the config at every forward: a new base and a longer context
+        # are a new config
+        theta = cfg.rope_theta or config.rope_theta
+        config = config.replace(rope_theta=theta, max_seq_len=max(cfg.seq_len, config.max_seq_len))
+        model.config = config
     else:
         preset = get_preset(cfg.model)
         args = {
             "vocab_size": tokenizer.vocab_size,
             "max_seq_len": max(cfg.seq_len, preset.max_seq_len),
         }
+        if cfg.rope_theta is not None:
+            args["rope_theta"] = cfg.rope_theta
         config = preset.replace(**(args | cfg.model_args))
         with torch.device(device):
             model = Transformer(config)
@@ -70,7 +82,13 @@ def build_pretraining(cfg: PretrainConfig, out: Path, device: torch.device, d: D
     if micro % d.world:
         raise ValueError(f"micro-batch {micro} does not split over {d.world} processes")
 
+    fim = FimTransform(tokenizer, cfg.fim_rate, cfg.fim_spm_rate) if cfg.fim_rate > 0 else None
+
     def batch(step: int, part: int, parts: int):
+        if fim is not None:
+            return shards.transformed_batch(
+                step, cfg.batch_size, cfg.seq_len, fim, cfg.seed, part, parts
+            )
         return shards.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, part, parts)
 
     def val_batches(rank: int, world: int):
