@@ -56,6 +56,7 @@ def fresh_choices(tmp_path, monkeypatch):
     path = tmp_path / "kernels.json"
     monkeypatch.setenv("LLAMA2_KERNEL_CACHE", str(path))
     monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_memo", {})
     monkeypatch.setattr(kernels, "_loaded_from", None)
     return path
 
@@ -82,6 +83,7 @@ def test_the_fastest_measured_product_is_used_and_remembered(fresh_choices, monk
     stored = json.loads(fresh_choices.read_text())
     assert sorted(set(stored.values())) == [want] and len(stored) == 2
     monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_memo", {})
     monkeypatch.setattr(kernels, "_loaded_from", None)
     monkeypatch.setattr(kernels, "_seconds", lambda *a: pytest.fail("measured again"))
     with torch.no_grad():
@@ -102,6 +104,7 @@ def test_a_slower_special_kernel_is_not_chosen(fresh_choices, monkeypatch):
 def test_real_measurement_and_cache_off(monkeypatch):
     monkeypatch.setenv("LLAMA2_KERNEL_CACHE", "off")
     monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_memo", {})
     x, w = torch.randn(3, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
     times = kernels.measure(x, w, grad=True)
     assert set(times) == set(candidates(x, w)) and all(t > 0 for t in times.values())
