@@ -190,8 +190,7 @@ def _phrasing_of(text: str) -> set[str]:
         for t in group:
             if re.search(re.sub(r"\\\{\w+\\\}", "(.+)", re.escape(t)), text):
                 found.add(t)
-    found |= {f"opener:{o}" for o in OPENERS if o and text.startswith(o)}
-    found |= {f"closer:{c}" for c in CLOSERS if c and text.endswith(c)}
+    found |= {f"filler:{p}" for group in [*OPENERS, *CLOSERS] for p in group if p and p in text}
     return found
 
 
@@ -214,7 +213,7 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     assert all(_phrasing_of(t) for t in train_texts + held_texts)
     train_phrasings = set().union(*map(_phrasing_of, train_texts))
     held_phrasings = set().union(*map(_phrasing_of, held_texts))
-    assert any(p.startswith("opener:") for p in held_phrasings)
+    assert any(p.startswith("filler:") for p in held_phrasings)
     assert not train_phrasings & held_phrasings, train_phrasings & held_phrasings
 
     # entities: number pairs, nouns, people and acts
@@ -232,14 +231,17 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     held_entities = set().union(*map(entities, held_texts))
     assert held_entities, "the held-out items name entities"
     assert not train_entities & held_entities
-    # and no held-out sum or comparison is stated in the pretraining documents
-    for text in held_texts:
-        nums = re.findall(r"\b\d+\b", text)
-        if len(nums) == 2 and ("sum" in text or "plus" in text):
-            a, b = map(int, nums)
-            for x, y in ((a, b), (b, a)):
-                assert f"{x} plus {y} is {x + y}." not in corpus
-                assert not re.search(rf"\badd {x} and {y}\b", corpus, re.I)
+    # the addition table is world knowledge (every sum is stated, as every person's facts
+    # are), but which of a held-out pair is larger is never stated: that is worked out
+    assert (
+        "3 plus 4 is 7." in corpus or "The sum of 3 and 4 is 7." in corpus or "3 + 4 = 7" in corpus
+    )
+    for row in _rows(out / "eval.jsonl"):
+        if row["check"].get("task") == "compare":
+            a, b = map(int, re.findall(r"\b\d+\b", _user_texts(row)[0]))
+            x, y = max(a, b), min(a, b)
+            said = rf"\b({x} is \w+ than {y}|{y} is \w+ than {x}|Of {y} and {x}, the)\b"
+            assert not re.search(said, corpus), (x, y)
 
 
 def test_every_risk_category_and_task_kind_is_evaluated(world_dir):
