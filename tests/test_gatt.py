@@ -173,8 +173,9 @@ def test_training_keeps_the_adherent_dialogs_and_replays_demonstrations(tmp_path
     )
     cfg = load_train_config(None, [f"replay={demos}", "replay_rows=3"], stage="gatt")
     rows = [r["messages"] for r in training_rows(cfg, dialogs, rules)]
-    assert rows[:2] == [dialogs[0], dialogs[2]]
-    replayed = [r[1]["content"] for r in rows[2:]]
+    # each dialog up to its first broken answer; one broken at once is dropped
+    assert rows[:3] == [dialogs[0], dialogs[1][:2], dialogs[2]]
+    replayed = [r[1]["content"] for r in rows[3:]]
     assert len(replayed) == 3 == len(set(replayed)) and all(r.startswith("demo") for r in replayed)
     assert training_rows(cfg, dialogs, rules) == training_rows(cfg, dialogs, rules)  # seeded
     everything = load_train_config(None, ["keep_adherent=false"], stage="gatt")

@@ -215,6 +215,17 @@ def _names(rng: random.Random, n: int) -> list[str]:
     return sorted(out)
 
 
+def _invented(rng: random.Random, n: int) -> list[str]:
+    """n distinct invented three-syllable words ("bakotu"), none an English word used here."""
+    taken = set(NOUNS) | {w.lower() for t in TASK_TEMPLATES.values() for s in t for w in s.split()}
+    out: set[str] = set()
+    while len(out) < n:
+        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))
+        if w not in taken:
+            out.add(w)
+    return sorted(out)
+
+
 # --- items -----------------------------------------------------------------------------------
 
 
@@ -238,6 +249,7 @@ class WorldConfig:
     people: int = 80
     held_share: float = 0.15  # of entities: numbers pairs, nouns, people, acts
     max_add: int = 12  # operands of additions: 0..max_add
+    invented_words: int = 240  # beside the nouns, for last-word lists
     table_passes: int = 12  # times the pretraining documents state the whole addition table
     sft_items: int = 1500  # the clean, small SFT set
     sft_noisy_items: int = 2500  # the larger one with noisy answers
@@ -255,7 +267,7 @@ class WorldConfig:
     exercises: int = 12000  # tasks answered in plain text in the pretraining documents
     mistake_rate: float = 0.1  # the simulated annotator's
     unsafe_share: float = 0.15  # of prompts that are unsafe requests (and as many borderline)
-    instruction_share: float = 0.12  # of SFT examples with a system instruction
+    instruction_share: float = 0.25  # of SFT examples with a system instruction
 
 
 @dataclass
@@ -263,6 +275,9 @@ class World:
     cfg: WorldConfig
     people: dict[str, tuple[str, str]]  # name -> (city, job)
     held: dict[str, set] = field(default_factory=dict)  # entity kind -> held-out entities
+    # the words of last-word lists: the nouns and invented words, too many to memorise as
+    # answers, so that the task is copying (held-out ones were never an answer)
+    words: list[str] = field(default_factory=lambda: list(NOUNS))
 
     # every draw takes `held`: True for the evaluation's items, False for training's
     def task(self, rng: random.Random, held: bool, kind: str | None = None) -> Item:
@@ -277,7 +292,7 @@ class World:
                 phrase(rng, held, cores, a=a, b=b), "compare", str(max(a, b)), numeric=True
             )
         if kind == "last_word":
-            pool = [w for w in NOUNS if (w in self.held["nouns"]) == held]
+            pool = [w for w in self.words if (w in self.held["nouns"]) == held]
             words = rng.sample(pool, rng.randint(3, 4))
             text = phrase(rng, held, cores, words=", ".join(words))
             return _task(text, "last_word", words[-1], options=words)
@@ -367,9 +382,9 @@ def make_world(cfg: WorldConfig) -> World:
     rng = random.Random(cfg.seed)
     names = _names(rng, cfg.people)
     people = {n: (rng.choice(CITIES), rng.choice(JOBS)) for n in names}
-    world = World(cfg, people)
+    world = World(cfg, people, words=NOUNS + _invented(rng, cfg.invented_words))
     world.held["people"] = _held_set(names, cfg.seed, cfg.held_share, "person")
-    world.held["nouns"] = _held_set(NOUNS, cfg.seed, cfg.held_share, "noun")
+    world.held["nouns"] = _held_set(world.words, cfg.seed, cfg.held_share, "noun")
     # a quarter of the acts of every risk category, and of the borderline ones
     world.held["acts"] = set()
     for group in [*UNSAFE.values(), [b[0] for b in BORDERLINE]]:
@@ -496,15 +511,25 @@ def documents(world: World, rng: random.Random) -> list[str]:
         "At the end of {l} comes {w}.",
     ]
     for _ in range(cfg.people * 4):  # lists of nouns (any noun) and their last word
-        words = rng.sample(NOUNS, rng.randint(3, 4))
+        words = rng.sample(world.words, rng.randint(3, 4))
         docs.append(rng.choice(ends).format(l=", ".join(words), w=words[-1]))
     for _ in range(cfg.people * 8):  # repeated lists: they teach copying from the context
-        words = rng.sample(NOUNS, rng.randint(3, 6))
+        words = rng.sample(world.words, rng.randint(3, 6))
         nums = [str(rng.randint(1, 99)) for _ in range(rng.randint(2, 4))]
         docs.append(
             f"{', '.join(words)}. Once more: {', '.join(words)}. "
             f"The numbers {' and '.join(nums)}. Again: {' and '.join(nums)}."
         )
+    # everyday talk quoted in stories: every greeting and thanks a prompt may carry (held-out
+    # ones too) is a known phrase, as it is to a model pretrained on the web, though no
+    # request to an assistant was ever phrased with the held-out ones
+    talk = [p for group in [*OPENERS, *CLOSERS] for p in group if p]
+    said = ['{n} said: "{p}"', '"{p}" wrote {n} in a letter.', 'In {c} people often say "{p}"']
+    names = list(world.people)
+    for _ in range(cfg.people * 6):
+        n, (c, _) = rng.choice(names), world.people[rng.choice(names)]
+        lines = [rng.choice(said).format(n=n, c=c, p=p) for p in rng.sample(talk, 3)]
+        docs.append(" ".join(lines))
     prose = [
         "I saw a {w} near the river.",
         "A {w} can be found in many homes.",

@@ -10,7 +10,7 @@ call (`sample_rows` dialogs a batch), then turn 2, and so on. Batch b of turn k 
 with derive_seed(seed, "answers", k, b), its row j drawing from that seed + j.
 
 `data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
-`keep_adherent` keeps only the dialogs whose every sampled answer honours the instruction;
+`keep_adherent` keeps each dialog up to its first sampled answer that breaks the instruction;
 `replay` adds chat examples (the SFT data) to the fine-tuning, so that the model does not
 unlearn what they taught. The run directory holds config.yaml, gatt.jsonl (the sampled
 dialogs), train.jsonl (what is fine-tuned on), sft/ (the fine-tuning run), model -> sft/model
@@ -65,18 +65,30 @@ def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool)
     return answer
 
 
+def adherent_prefix(dialog: list[dict], instruction: Instruction) -> list[dict]:
+    """The dialog up to (not including) the turn of its first answer that breaks the
+    instruction: the loss is on the last answer, so every kept dialog teaches an honoured
+    answer at its own turn (whole dialogs only, at a 4M model's 50-70% a turn, kept almost
+    none past turn 3)."""
+    for k, m in enumerate(dialog):
+        if m["role"] == "assistant" and not instruction.check(m["content"]):
+            return dialog[: k - 1]
+    return dialog
+
+
 def training_rows(
     cfg: GattConfig, dialogs: list[list[dict]], instructions: list[Instruction]
 ) -> list[dict]:
     """The fine-tuning's examples: the sampled dialogs (those whose every answer honours the
     instruction, with keep_adherent) and the replayed chat examples."""
     if cfg.keep_adherent:
-        kept = [
-            d
-            for d, ins in zip(dialogs, instructions, strict=True)
-            if all(ins.check(m["content"]) for m in d if m["role"] == "assistant")
-        ]
-        print(f"{len(kept)} of {len(dialogs)} sampled dialogs honour their instruction throughout")
+        prefixes = list(map(adherent_prefix, dialogs, instructions))
+        kept = [p for p in prefixes if p]
+        whole = sum(len(p) == len(d) for p, d in zip(prefixes, dialogs, strict=True))
+        print(
+            f"{len(kept)} of {len(dialogs)} sampled dialogs honour their instruction in their "
+            f"first answer ({whole} throughout); each is kept up to its first broken answer"
+        )
         if not kept:
             raise ValueError("no sampled dialog honours its instruction: nothing to train on")
         dialogs = kept
