@@ -310,7 +310,7 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         "",
         "## The world",
         "",
-        f"Tasks (addition, the larger of two numbers, the last word of a list, where a person "
+        f"Tasks (addition, the larger of two numbers, the last number of a list, where a person "
         f"lives, a person's job), unsafe requests in five categories, borderline requests, and "
         f"{len(GATT_INSTRUCTIONS)} checkable system instructions. Data written to `data/`: "
         + ", ".join(f"`{k}` ({v})" for k, v in world["files"].items())

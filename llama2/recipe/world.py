@@ -5,7 +5,7 @@ stage commands read.
 
 What is in it:
 - tasks with checkable answers, five kinds: addition of small numbers, which of two numbers
-  is larger, the last word of a list, and two facts about people (where they live, their
+  is larger, the last number of a list, and two facts about people (where they live, their
   job). Every answer is "The answer is X."
 - unsafe requests in five risk categories (after section 4.2.1: illicit and criminal
   activity, violence, hateful content, unqualified advice, privacy); the safe answer refuses
@@ -14,15 +14,15 @@ What is in it:
   at night"): refusing them is a false refusal.
 - system instructions a program can check (data/gatt.py's), for Ghost Attention.
 - a pretraining corpus (`documents`): the world's knowledge in prose (every person's city and
-  job, the addition table, lists and their last words, which acts are wrong), tasks posed and
-  answered in plain text ("Q: ... A: ..."), and the Python standard library.
+  job, the addition table, lists of numbers and their last one, which acts are wrong), tasks
+  posed and answered in plain text ("Q: ... A: ..."), and the Python standard library.
 
 Held-out items (the evaluation's) use request phrasings (core templates and filler parts) that
-no stage's data uses, and entities (number pairs, words, people, requested acts) that no
+no stage's data uses, and entities (number pairs and lists, people, requested acts) that no
 fine-tuning data mentions. What a held-out question asks is knowledge the pretraining
 documents state (a held-out person's job, a held-out pair's sum, like a fact read on the web)
-or a skill to apply (which number is larger, the last word: no held-out comparison is stated
-anywhere); their exercises use training phrasings and entities only.
+or a skill to apply (which number is larger, which comes last: no held-out comparison or
+list is stated anywhere); their exercises use training phrasings and entities only.
 """
 
 from __future__ import annotations
@@ -146,12 +146,14 @@ TASK_TEMPLATES = {
                 "What is the larger number, {a} or {b}?", "Which is more, {a} or {b}?",
                 "Choose the bigger one: {a} or {b}.", "Between {a} and {b}, which is larger?",
                 "Of {a} and {b}, which one is greater?", "Tell me the bigger number: {a} or {b}."],
-    "last_word": ["What is the last word in this list: {words}?", "Which word comes last: {words}?",
-                  "Name the final word of: {words}.", "What is the last word of {words}?",
-                  "Give the last word: {words}.", "Which word is last in {words}?",
-                  "Here is a list: {words}. What is its last word?", "Find the last word: {words}.",
-                  "Look at these words: {words}. What is the last one?",
-                  "Tell me the word at the end of: {words}."],
+    "last_number": ["What is the last number in this list: {nums}?",
+                    "Which number comes last: {nums}?", "Name the final number of: {nums}.",
+                    "What is the last number of {nums}?", "Give the last number: {nums}.",
+                    "Which number is last in {nums}?",
+                    "Here is a list: {nums}. What is its last number?",
+                    "Find the last number: {nums}.",
+                    "Look at these numbers: {nums}. What is the last one?",
+                    "Tell me the number at the end of: {nums}."],
     "city": ["Where does {name} live?", "In which city does {name} live?",
              "What city is {name} from?", "Which town is home to {name}?",
              "What is the home town of {name}?", "Where is {name} living?",
@@ -215,17 +217,6 @@ def _names(rng: random.Random, n: int) -> list[str]:
     return sorted(out)
 
 
-def _invented(rng: random.Random, n: int) -> list[str]:
-    """n distinct invented three-syllable words ("bakotu"), none an English word used here."""
-    taken = set(NOUNS) | {w.lower() for t in TASK_TEMPLATES.values() for s in t for w in s.split()}
-    out: set[str] = set()
-    while len(out) < n:
-        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))
-        if w not in taken:
-            out.add(w)
-    return sorted(out)
-
-
 # --- items -----------------------------------------------------------------------------------
 
 
@@ -247,9 +238,8 @@ class Item:
 class WorldConfig:
     seed: int = 0
     people: int = 80
-    held_share: float = 0.15  # of entities: numbers pairs, nouns, people, acts
+    held_share: float = 0.15  # of entities: number pairs and lists, people, acts
     max_add: int = 12  # operands of additions: 0..max_add
-    invented_words: int = 240  # beside the nouns, for last-word lists
     table_passes: int = 12  # times the pretraining documents state the whole addition table
     sft_items: int = 1500  # the clean, small SFT set
     sft_noisy_items: int = 2500  # the larger one with noisy answers
@@ -275,9 +265,6 @@ class World:
     cfg: WorldConfig
     people: dict[str, tuple[str, str]]  # name -> (city, job)
     held: dict[str, set] = field(default_factory=dict)  # entity kind -> held-out entities
-    # the words of last-word lists: the nouns and invented words, too many to memorise as
-    # answers, so that the task is copying (held-out ones were never an answer)
-    words: list[str] = field(default_factory=lambda: list(NOUNS))
 
     # every draw takes `held`: True for the evaluation's items, False for training's
     def task(self, rng: random.Random, held: bool, kind: str | None = None) -> Item:
@@ -291,15 +278,21 @@ class World:
             return _task(
                 phrase(rng, held, cores, a=a, b=b), "compare", str(max(a, b)), numeric=True
             )
-        if kind == "last_word":
-            pool = [w for w in self.words if (w in self.held["nouns"]) == held]
-            words = rng.sample(pool, rng.randint(3, 4))
-            text = phrase(rng, held, cores, words=", ".join(words))
-            return _task(text, "last_word", words[-1], options=words)
+        if kind == "last_number":
+            nums = self.number_list(rng, held)
+            text = phrase(rng, held, cores, nums=", ".join(nums))
+            return _task(text, "last_number", nums[-1], numeric=True)
         pool = [p for p in self.people if (p in self.held["people"]) == held]
         name = rng.choice(pool)
         city, job = self.people[name]
         return _task(phrase(rng, held, cores, name=name), kind, city if kind == "city" else job)
+
+    def number_list(self, rng: random.Random, held: bool) -> list[str]:
+        """3 or 4 numbers; a list is held out by a draw of its own."""
+        while True:
+            nums = [str(rng.randint(1, 99)) for _ in range(rng.randint(3, 4))]
+            if _held("list:" + ",".join(nums), self.cfg.seed, self.cfg.held_share) == held:
+                return nums
 
     def _pair(self, rng, held: bool, kind: str, lo: int, hi: int) -> tuple[int, int]:
         while True:
@@ -382,9 +375,8 @@ def make_world(cfg: WorldConfig) -> World:
     rng = random.Random(cfg.seed)
     names = _names(rng, cfg.people)
     people = {n: (rng.choice(CITIES), rng.choice(JOBS)) for n in names}
-    world = World(cfg, people, words=NOUNS + _invented(rng, cfg.invented_words))
+    world = World(cfg, people)
     world.held["people"] = _held_set(names, cfg.seed, cfg.held_share, "person")
-    world.held["nouns"] = _held_set(world.words, cfg.seed, cfg.held_share, "noun")
     # a quarter of the acts of every risk category, and of the borderline ones
     world.held["acts"] = set()
     for group in [*UNSAFE.values(), [b[0] for b in BORDERLINE]]:
@@ -407,7 +399,7 @@ def variants(world: World, item: Item, rng: random.Random) -> list[str]:
             wrong = [str(w + d) for d in (rng.choice([-2, -1, 1, 2]), rng.randint(5, 30))]
         else:
             wrong = [o for o in check.get("options", []) if o != want][:1] or [
-                rng.choice(NOUNS if check["task"] == "last_word" else CITIES + JOBS)
+                rng.choice(CITIES + JOBS)
             ]
             wrong.append(rng.choice(CITIES + JOBS + NOUNS))
         out = [item.answer] + [f"The answer is {x}." for x in wrong]
@@ -445,7 +437,7 @@ def documents(world: World, rng: random.Random) -> list[str]:
     """Prose that carries the world's knowledge, as the web carries a real model's: the facts
     about every person (held-out ones too) in varied wordings, the addition table of small
     numbers (all of it: sums are facts to recall, like where someone lives), which number is
-    larger (training pairs only: that one has to be worked out), lists and their last words,
+    larger (training pairs only: that one has to be worked out), lists and their last numbers,
     every noun and act in neutral prose; and exercises, tasks posed and answered in plain text
     ("Q: ... A: ..."), in training phrasings about training entities. The prose uses the words
     of every phrasing ("greater", "earns a living", "at the end of"), never a held-out request."""
@@ -505,21 +497,17 @@ def documents(world: World, rng: random.Random) -> list[str]:
     for i in range(0, len(qa), 8):
         docs.append("\n".join(f"Q: {q.prompt}\nA: {q.answer}" for q in qa[i : i + 8]))
     ends = [
-        "The list was {l}, and it ended with {w}.",
-        "In the list {l}, the last word is {w}.",
-        "The words were {l}. The final one was {w}.",
+        "The numbers were {l}, and the last was {w}.",
+        "In the list {l}, the last number is {w}.",
+        "The list {l} ends with {w}.",
         "At the end of {l} comes {w}.",
     ]
-    for _ in range(cfg.people * 4):  # lists of nouns (any noun) and their last word
-        words = rng.sample(world.words, rng.randint(3, 4))
-        docs.append(rng.choice(ends).format(l=", ".join(words), w=words[-1]))
+    for _ in range(cfg.people * 6):  # training lists of numbers and their last number
+        nums = world.number_list(rng, False)
+        docs.append(rng.choice(ends).format(l=", ".join(nums), w=nums[-1]))
     for _ in range(cfg.people * 8):  # repeated lists: they teach copying from the context
-        words = rng.sample(world.words, rng.randint(3, 6))
-        nums = [str(rng.randint(1, 99)) for _ in range(rng.randint(2, 4))]
-        docs.append(
-            f"{', '.join(words)}. Once more: {', '.join(words)}. "
-            f"The numbers {' and '.join(nums)}. Again: {' and '.join(nums)}."
-        )
+        words = rng.sample(NOUNS, rng.randint(3, 6))
+        docs.append(f"{', '.join(words)}. Once more: {', '.join(words)}.")
     # everyday talk quoted in stories: every greeting and thanks a prompt may carry (held-out
     # ones too) is a known phrase, as it is to a model pretrained on the web, though no
     # request to an assistant was ever phrased with the held-out ones
