@@ -74,6 +74,36 @@ def _field(body: dict, name: str, kind, default, check=None, what=""):
     return value
 
 
+# The request fields each path knows (OpenAI's documented ones that this server implements or
+# checks, plus `model`); any other field is refused, so that a misspelt or unsupported option
+# is not silently ignored. The openai client sends only the fields its caller gives.
+_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream"}
+_SAMPLING_FIELDS |= {"stream_options", "stop", "seed", "user"}
+_SAMPLING_FIELDS |= {"presence_penalty", "frequency_penalty", "logit_bias"}
+KNOWN_FIELDS = {
+    "/v1/chat/completions": _SAMPLING_FIELDS
+    | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+    | {"tools", "functions", "tool_choice", "function_call", "response_format"},
+    "/v1/completions": _SAMPLING_FIELDS | {"prompt", "suffix", "echo", "logprobs", "best_of"},
+    "/tokenize": {"model", "prompt", "text", "add_special_tokens"},
+    "/detokenize": {"model", "tokens"},
+}
+
+
+def _known_fields(body: dict, path: str) -> None:
+    """400 naming the first field the path does not know."""
+    known = KNOWN_FIELDS[path]
+    for name in body:
+        if name not in known:
+            raise APIError(
+                400,
+                f"unrecognized request argument supplied: '{name}' ({path} takes "
+                f"{', '.join(sorted(known))})",
+                name,
+                "unknown_field",
+            )
+
+
 def _unsupported(body: dict) -> None:
     """Fields of OpenAI's API this server does not implement: 400 unless left at no effect."""
     for name in ("presence_penalty", "frequency_penalty"):
@@ -217,13 +247,15 @@ def create_app(
     async def internal_error(_: Request, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}: {e}", code="internal")
 
-    async def body_of(request: Request) -> dict:
+    async def body_of(request: Request, path: str) -> dict:
+        """The request's JSON object, its fields known to the path and its model ours."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
+        _known_fields(body, path)
         model = body.get("model")
         if model is not None and model != model_name:
             raise APIError(404, f"the model '{model}' does not exist", "model", "model_not_found")
@@ -272,6 +304,10 @@ def create_app(
         """(stream, include_usage), checked."""
         stream = _field(body, "stream", bool, False)
         options = _field(body, "stream_options", dict, None)
+        for name in options or {}:
+            if name != "include_usage":
+                msg = f"unrecognized field of 'stream_options': '{name}' (it takes include_usage)"
+                raise APIError(400, msg, "stream_options", "unknown_field")
         if options is not None and not stream:
             raise APIError(400, "'stream_options' needs 'stream': true", "stream_options")
         usage = _field(options or {}, "include_usage", bool, False)
@@ -412,7 +448,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/v1/chat/completions")
         _unsupported(body)
         messages = _messages(body)
         try:
@@ -430,7 +466,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/v1/completions")
         _unsupported(body)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -478,7 +514,7 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/tokenize")
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             raise APIError(400, "'prompt' must be a string", "prompt")
@@ -487,7 +523,7 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/detokenize")
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size for i in ids
