@@ -213,6 +213,7 @@ def create_app(
     prefix_cache: bool = True,
     compile: bool = False,
     request_timeout: float | None = None,
+    prefix_pool_blocks: int | None = None,
 ) -> FastAPI:
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer")
@@ -225,6 +226,7 @@ def create_app(
         prefill_chunk=prefill_chunk,
         prefix_cache=prefix_cache,
         compile=compile,
+        prefix_pool_blocks=prefix_pool_blocks,
     )
     max_n = min(16, max_queue)
 
@@ -558,6 +560,13 @@ def create_app(
                 "Prompt tokens taken from the prefix cache.",
                 s.cached_prompt_tokens,
             )
+            if engine.pool is not None:
+                metric(
+                    "prefix_pool_evictions_total",
+                    "counter",
+                    "Blocks evicted from the prefix pool.",
+                    engine.pool.evictions,
+                )
             metric("generation_tokens_total", "counter", "Generated tokens.", s.generated_tokens)
             metric(
                 "failed_requests_total", "counter", "Requests ended by an error.", s.failed_requests
@@ -588,6 +597,7 @@ def serve(
     compile: bool = False,
     request_timeout: float | None = None,
     shutdown_timeout: float = 30.0,
+    prefix_pool_blocks: int | None = None,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C: then stop accepting connections, let running requests
     finish for up to `shutdown_timeout` seconds, fail what is left, and return (exit 0)."""
@@ -603,6 +613,7 @@ def serve(
         prefix_cache,
         compile,
         request_timeout,
+        prefix_pool_blocks,
     )
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout
