@@ -4,7 +4,11 @@ with a mix of long and short prompts (batched and chunked prefill); on request a
 short requests of every kind, resident memory after the first 100 and at the end).
 
     python benchmarks/serve.py [--preset tiny-110m] [--max-tokens 64] [--requests 2] [--compile]
-                               [--only throughput prefix mixed soak] [--soak-requests 2000]
+                               [--only engine throughput prefix mixed soak] [--soak-requests 2000]
+
+`engine` (first, before the server takes the model) times one stream through the engine itself
+(no HTTP) against `llm.generate` for the same prompt and settings, alternating, best of three
+each; with --compile, eager and compiled both (the compiled decode speed against eager).
 
 A random-weight model of the preset (the real Llama 2 vocabulary) is served by our server on
 127.0.0.1 with --max-batch 16; clients are the official openai package, streaming chat
@@ -45,7 +49,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="the engine's compiled decode step")
-    p.add_argument("--only", nargs="+", default=["throughput", "prefix", "mixed"])
+    p.add_argument("--only", nargs="+", default=["engine", "throughput", "prefix", "mixed"])
     p.add_argument("--soak-requests", type=int, default=2000)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,6 +72,9 @@ def main() -> None:
         llm.generate("Tell me a story 0.0", max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
         lib_tps = args.max_tokens / (time.perf_counter() - t0)
     print(f"library llm.generate ({len(ids)}-token prompt): {lib_tps:.1f} tok/s", flush=True)
+    if "engine" in args.only:
+        engine_vs_library(llm, args)
+        llm.compile = args.compile
     options = {"max_batch": 16, "max_queue": 64}
     if args.compile:
         options["compile"] = True
@@ -189,6 +196,56 @@ def main() -> None:
     if "soak" in args.only:
         soak(f"http://127.0.0.1:{port}", app.state.engine, args.soak_requests)
     server.should_exit = True
+
+
+def engine_vs_library(llm: Llama, args) -> None:
+    """One stream: the engine (its own thread, 8 slots as `llama2 serve` has by default) against
+    llm.generate, same prompt, max_tokens, temperature and seed; eager, then compiled."""
+    from llama2.generation import SamplingParams
+    from llama2.serve.engine import Engine, Request
+
+    tok, prompt = llm.tokenizer, "Tell me a story 0.0"
+    ids = tok.encode(prompt, bos=True)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
+    rates = {}
+    for compiled in (False, True) if args.compile else (False,):
+        llm.compile = compiled
+        llm.generate(prompt, max_new_tokens=args.max_tokens, temperature=0.8, seed=0)  # warm
+        options = {"compile": True} if compiled else {}
+        engine = Engine(llm.model, tok, max_batch=8, **options)
+
+        def through_engine(engine: Engine = engine) -> None:
+            done = threading.Event()
+            engine.submit(
+                [Request(ids, params, (), lambda kind, _: kind != "token" and done.set())]
+            )
+            assert done.wait(timeout=900)
+
+        through_engine()  # warm (or compile)
+        lib, eng = [], []
+        for _ in range(3):  # alternating: the machine's load moves
+            t0 = time.perf_counter()
+            llm.generate(prompt, max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
+            lib.append(args.max_tokens / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            through_engine()
+            eng.append(args.max_tokens / (time.perf_counter() - t0))
+        engine.shutdown()
+        rates[compiled] = max(lib), max(eng)
+        print(
+            f"one stream, {'compiled' if compiled else 'eager'}: llm.generate {max(lib):.1f} "
+            f"tok/s, engine {max(eng):.1f} tok/s: {max(eng) / max(lib):.2f}x the library "
+            f"(runs: library {', '.join(f'{r:.1f}' for r in lib)}; "
+            f"engine {', '.join(f'{r:.1f}' for r in eng)})",
+            flush=True,
+        )
+    if args.compile:
+        print(
+            f"compiled vs eager: llm.generate {rates[True][0] / rates[False][0]:.2f}x, "
+            f"engine {rates[True][1] / rates[False][1]:.2f}x",
+            flush=True,
+        )
+    llm.model.clear_cache()
 
 
 def _rss_mib() -> float:
