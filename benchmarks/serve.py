@@ -21,6 +21,7 @@ an older llama2 lacks are left out, so the same script measures a checkout from 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import socket
 import statistics
@@ -204,6 +205,9 @@ def engine_vs_library(llm: Llama, args) -> None:
     from llama2.generation import SamplingParams
     from llama2.serve.engine import Engine, Request
 
+    # the library on a copy of the model: its generate sets up (and drops) the model's own
+    # cache, which the engine's thread must keep
+    engine_model, llm = llm.model, Llama(copy.deepcopy(llm.model), llm.tokenizer, llm.config)
     tok, prompt = llm.tokenizer, "Tell me a story 0.0"
     ids = tok.encode(prompt, bos=True)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
@@ -212,14 +216,18 @@ def engine_vs_library(llm: Llama, args) -> None:
         llm.compile = compiled
         llm.generate(prompt, max_new_tokens=args.max_tokens, temperature=0.8, seed=0)  # warm
         options = {"compile": True} if compiled else {}
-        engine = Engine(llm.model, tok, max_batch=8, **options)
+        engine = Engine(engine_model, tok, max_batch=8, **options)
 
         def through_engine(engine: Engine = engine) -> None:
-            done = threading.Event()
-            engine.submit(
-                [Request(ids, params, (), lambda kind, _: kind != "token" and done.set())]
-            )
-            assert done.wait(timeout=900)
+            done, end = threading.Event(), []
+
+            def emit(kind: str, value) -> None:
+                if kind != "token":
+                    end.append((kind, value))
+                    done.set()
+
+            engine.submit([Request(ids, params, (), emit)])
+            assert done.wait(timeout=900) and end[0][0] == "done", end
 
         through_engine()  # warm (or compile)
         lib, eng = [], []
@@ -245,7 +253,7 @@ def engine_vs_library(llm: Llama, args) -> None:
             f"engine {rates[True][1] / rates[False][1]:.2f}x",
             flush=True,
         )
-    llm.model.clear_cache()
+    engine_model.clear_cache()
 
 
 def _rss_mib() -> float:

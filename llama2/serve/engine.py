@@ -395,13 +395,16 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         prompt, reuse = req.prompt, 0
+        # ties between free slots: the least recently used (eager), or the lowest (compiled:
+        # its step runs the slots below the highest one running, see _forward_decode)
+        order = (lambda s: s) if self.compile else (lambda s: 0)
         if not self.prefix_cache:
-            slot = self.free.popleft()
+            slot = min(self.free, key=order)
+            self.free.remove(slot)
         else:
-            # where the longest computed prefix is: a free slot (taken as it is; ties: the
-            # least recently used), a busy slot or the pool (copied into the free slot that
-            # holds the least)
-            slot = max(self.free, key=lambda s: self._common(s, prompt))
+            # where the longest computed prefix is: a free slot (taken as it is), a busy slot
+            # or the pool (copied into the free slot that holds the least)
+            slot = max(self.free, key=lambda s: (self._common(s, prompt), -order(s)))
             reuse = self._common(slot, prompt)
             busy = [s.slot for s in self.prefilling + self.running]
             source = max(busy, key=lambda s: self._common(s, prompt), default=None)
@@ -409,7 +412,7 @@ class Engine:
             blocks = [] if self.pool is None else self.pool.lookup(prompt, len(prompt) - 1)
             from_pool = len(blocks) * PREFIX_BLOCK
             if max(from_busy, from_pool) > reuse:
-                slot = min(self.free, key=lambda s: self._common(s, prompt))
+                slot = min(self.free, key=lambda s: (self._common(s, prompt), order(s)))
                 self.slot_tokens[slot] = []  # (until the copy is complete)
                 if from_pool >= from_busy:
                     self.pool.load(self.caches, slot, blocks)
@@ -560,11 +563,17 @@ class Engine:
             tokens = torch.tensor(fed, device=self.device)[:, None]
             start = torch.tensor([s.pos for s in rows], device=self.device)
             return self.model(tokens, start_pos=start, slots=[s.slot for s in rows])[:, 0]
-        # The compiled step runs every slot (one graph, whatever the batch): an idle slot
-        # feeds a token at the first position past what it holds, which nothing reads.
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        start = torch.zeros(self.max_batch, dtype=torch.long)
-        for slot in range(self.max_batch):
+        # The compiled step runs the first `width` slots, a power of two (few graphs) that
+        # covers every running slot (slots are taken lowest first): one stream runs one row,
+        # not max_batch. An idle slot among them feeds a token at the first position past
+        # what it holds, which nothing reads.
+        width = 1
+        while width <= max(s.slot for s in rows):
+            width *= 2
+        width = min(width, self.max_batch)
+        tokens = torch.zeros(width, 1, dtype=torch.long)
+        start = torch.zeros(width, dtype=torch.long)
+        for slot in range(width):
             held = self.slot_tokens[slot]
             if len(held) >= self.context:  # no position past it: give up its last one
                 del held[-1]
