@@ -1,9 +1,14 @@
 """Serving on loopback: throughput for 1, 4, 8 and 16 concurrent streaming clients, time to first
 token with a shared 400-token system prompt (prefix caching), and TTFT / inter-token latency
-with a mix of long and short prompts (batched and chunked prefill).
+with a mix of long and short prompts (batched and chunked prefill); on request a soak (2,000
+short requests of every kind, resident memory after the first 100 and at the end).
 
     python benchmarks/serve.py [--preset tiny-110m] [--max-tokens 64] [--requests 2] [--compile]
-                               [--only throughput prefix mixed]
+                               [--only engine throughput prefix mixed soak] [--soak-requests 2000]
+
+`engine` (first, before the server takes the model) times one stream through the engine itself
+(no HTTP) against `llm.generate` for the same prompt and settings, alternating, best of three
+each; with --compile, eager and compiled both (the compiled decode speed against eager).
 
 A random-weight model of the preset (the real Llama 2 vocabulary) is served by our server on
 127.0.0.1 with --max-batch 16; clients are the official openai package, streaming chat
@@ -16,6 +21,7 @@ an older llama2 lacks are left out, so the same script measures a checkout from 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import socket
 import statistics
@@ -44,7 +50,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="the engine's compiled decode step")
-    p.add_argument("--only", nargs="+", default=["throughput", "prefix", "mixed"])
+    p.add_argument("--only", nargs="+", default=["engine", "throughput", "prefix", "mixed"])
+    p.add_argument("--soak-requests", type=int, default=2000)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import uvicorn
@@ -52,9 +59,10 @@ def main() -> None:
 
     from llama2.serve.api import create_app
 
-    cfg = get_preset(args.preset)
+    tok = Tokenizer.from_file(VOCAB)
+    cfg = get_preset(args.preset, vocab_size=tok.vocab_size)
     torch.manual_seed(0)
-    llm = Llama(Transformer(cfg).eval(), Tokenizer.from_file(VOCAB), cfg)
+    llm = Llama(Transformer(cfg).eval(), tok, cfg)
     tok = llm.tokenizer
     tok.eos_id = -1  # never stop early: fixed-length answers
     # the library alone, for one stream's reference (before the server takes the model's cache)
@@ -65,6 +73,9 @@ def main() -> None:
         llm.generate("Tell me a story 0.0", max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
         lib_tps = args.max_tokens / (time.perf_counter() - t0)
     print(f"library llm.generate ({len(ids)}-token prompt): {lib_tps:.1f} tok/s", flush=True)
+    if "engine" in args.only:
+        engine_vs_library(llm, args)
+        llm.compile = args.compile
     options = {"max_batch": 16, "max_queue": 64}
     if args.compile:
         options["compile"] = True
@@ -183,7 +194,134 @@ def main() -> None:
                 f"p99 {pct(itl, 0.99) * 1000:5.0f} ms",
                 flush=True,
             )
+    if "soak" in args.only:
+        soak(f"http://127.0.0.1:{port}", app.state.engine, args.soak_requests)
     server.should_exit = True
+
+
+def engine_vs_library(llm: Llama, args) -> None:
+    """One stream: the engine (its own thread, 8 slots as `llama2 serve` has by default) against
+    llm.generate, same prompt, max_tokens, temperature and seed; eager, then compiled."""
+    from llama2.generation import SamplingParams
+    from llama2.serve.engine import Engine, Request
+
+    # the library on a copy of the model: its generate sets up (and drops) the model's own
+    # cache, which the engine's thread must keep
+    engine_model, llm = llm.model, Llama(copy.deepcopy(llm.model), llm.tokenizer, llm.config)
+    tok, prompt = llm.tokenizer, "Tell me a story 0.0"
+    ids = tok.encode(prompt, bos=True)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
+    rates = {}
+    for compiled in (False, True) if args.compile else (False,):
+        llm.compile = compiled
+        llm.generate(prompt, max_new_tokens=args.max_tokens, temperature=0.8, seed=0)  # warm
+        options = {"compile": True} if compiled else {}
+        engine = Engine(engine_model, tok, max_batch=8, **options)
+
+        def through_engine(engine: Engine = engine) -> None:
+            done, end = threading.Event(), []
+
+            def emit(kind: str, value) -> None:
+                if kind != "token":
+                    end.append((kind, value))
+                    done.set()
+
+            engine.submit([Request(ids, params, (), emit)])
+            assert done.wait(timeout=900) and end[0][0] == "done", end
+
+        through_engine()  # warm (or compile)
+        lib, eng = [], []
+        for _ in range(3):  # alternating: the machine's load moves
+            t0 = time.perf_counter()
+            llm.generate(prompt, max_new_tokens=args.max_tokens, temperature=0.8, seed=0)
+            lib.append(args.max_tokens / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            through_engine()
+            eng.append(args.max_tokens / (time.perf_counter() - t0))
+        engine.shutdown()
+        rates[compiled] = max(lib), max(eng)
+        print(
+            f"one stream, {'compiled' if compiled else 'eager'}: llm.generate {max(lib):.1f} "
+            f"tok/s, engine {max(eng):.1f} tok/s: {max(eng) / max(lib):.2f}x the library "
+            f"(runs: library {', '.join(f'{r:.1f}' for r in lib)}; "
+            f"engine {', '.join(f'{r:.1f}' for r in eng)})",
+            flush=True,
+        )
+    if args.compile:
+        print(
+            f"compiled vs eager: llm.generate {rates[True][0] / rates[False][0]:.2f}x, "
+            f"engine {rates[True][1] / rates[False][1]:.2f}x",
+            flush=True,
+        )
+    engine_model.clear_cache()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def soak(base: str, engine, total: int) -> None:
+    """`total` short requests from 8 clients, in turn: whole answers, streams, streams that hang
+    up after their first piece, invalid requests (400), completions with n=2 and logprobs.
+    Prints resident memory (server and clients: one process) after the first 100 and at the
+    end; fails if any request went wrong or anything is left running."""
+    import httpx
+
+    clients: dict[int, httpx.Client] = {}
+    system = {"role": "system", "content": "Be terse."}
+
+    def one(i: int) -> str:
+        http = clients.setdefault(threading.get_ident(), httpx.Client(timeout=120))
+        body = {"messages": [system, {"role": "user", "content": f"q{i}"}], "max_tokens": 6}
+        body |= {"seed": i, "temperature": 0.9}
+        url = base + "/v1/chat/completions"
+        kind = i % 5
+        if kind == 0:
+            r = http.post(url, json=body)
+            return "ok" if r.status_code == 200 and r.json()["choices"] else r.text
+        if kind in (1, 2):  # streamed; kind 2 hangs up after the first piece
+            with http.stream("POST", url, json=body | {"stream": True}) as r:
+                for line in r.iter_lines():
+                    if kind == 2 and '"content": "' in line and '"role"' not in line:
+                        return "gone"
+                    if line == "data: [DONE]":
+                        return "ok"
+            return "no [DONE]"
+        if kind == 3:
+            r = http.post(url, json=body | {"seed": 2**64, "stream_options": "x"})
+            return "ok" if r.status_code == 400 else r.text
+        r = http.post(
+            base + "/v1/completions",
+            json={"prompt": f"def f{i}", "max_tokens": 4, "n": 2, "logprobs": 1, "seed": i},
+        )
+        return "ok" if r.status_code == 200 and len(r.json()["choices"]) == 2 else r.text
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(one, range(100)))
+        rss_100 = _rss_mib()
+        print(f"\nsoak: RSS after 100 requests {rss_100:.1f} MiB", flush=True)
+        for start in range(100, total, 500):
+            outcomes += list(pool.map(one, range(start, min(start + 500, total))))
+            print(f"  after {len(outcomes)}: {_rss_mib():.1f} MiB", flush=True)
+    deadline = time.time() + 30
+    while engine.num_running and time.time() < deadline:  # (the last hang-ups)
+        time.sleep(0.01)
+    rss_end = _rss_mib()
+    for http in clients.values():
+        http.close()
+    bad = [o for o in outcomes if o not in ("ok", "gone")]
+    print(
+        f"soak: {len(outcomes)} requests in {time.perf_counter() - t0:.0f} s "
+        f"({outcomes.count('gone')} hung up, {len(bad)} wrong), RSS after 100 {rss_100:.1f} MiB, "
+        f"at the end {rss_end:.1f} MiB ({100 * (rss_end / rss_100 - 1):+.1f}%), left running "
+        f"{engine.num_running}, waiting {engine.num_waiting}, engine errors "
+        f"{engine.stats.engine_errors}",
+        flush=True,
+    )
+    if bad or engine.num_running or rss_end > 1.05 * rss_100:
+        raise SystemExit(f"soak failed: {bad[:3]}")
 
 
 if __name__ == "__main__":

@@ -303,6 +303,7 @@ def cmd_serve(args) -> None:
         args.max_queue,
         prefill_chunk=args.prefill_chunk,
         prefix_cache=not args.no_prefix_cache,
+        prefix_pool_blocks=args.prefix_pool_blocks,
         compile=args.compile,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
@@ -514,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--no-prefix-cache", action="store_true", help="recompute shared prompt prefixes"
+    )
+    s.add_argument(
+        "--prefix-pool-blocks",
+        type=int,
+        default=None,
+        help="16-token blocks of prompt prefixes kept for every slot to reuse (default: two "
+        "contexts' worth; 0: reuse from slots only)",
     )
     s.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (compiles first)"

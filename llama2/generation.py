@@ -156,11 +156,26 @@ def sample(
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # One uniform number per row (from the row's own generator), inverted through the row's
+    # cumulative distribution. (torch.multinomial draws one exponential per vocabulary entry
+    # for a single sample: 32,000 draws, ~1.3 ms a row on a 2-core CPU, most of a batched
+    # server step's sampling.)
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError("invalid probability distribution: the logits hold inf or nan")
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat(
-        [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
-    )
+        u = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)
+    else:
+        u = torch.cat(
+            [
+                torch.rand(1, dtype=torch.float64, device=probs.device, generator=g)
+                for g in generators
+            ]
+        )
+    # the first entry whose cumulative probability passes u * total (one of positive probability)
+    picked = torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(-1)
+    return picked.clamp_(max=probs.shape[-1] - 1)
 
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:

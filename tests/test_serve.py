@@ -367,6 +367,74 @@ def test_every_field_is_checked_before_the_engine(server):
     assert got.choices[0].message.content == lib.text
 
 
+def test_unknown_fields_are_refused_naming_them(server):
+    """A field a path does not know (a typo, an option of another server) is a 400 naming it,
+    not silently ignored; the openai client's own requests (defaults, every documented field
+    we take) pass."""
+    import openai
+
+    base, app = server[0], server[1]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    msgs = [{"role": "user", "content": "hi"}]
+    requests_before = app.state.engine.stats.requests
+    cases = [
+        ("/v1/chat/completions", {"messages": msgs, "max_token": 2}, "max_token"),
+        ("/v1/chat/completions", {"messages": msgs, "top_k": 5}, "top_k"),
+        ("/v1/chat/completions", {"messages": msgs, "store": True}, "store"),
+        ("/v1/completions", {"prompt": "x", "messages": msgs}, "messages"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "temprature": 0}, "temprature"),
+        ("/tokenize", {"prompt": "x", "add_bos": True}, "add_bos"),
+        ("/detokenize", {"tokens": [1], "skip_special": True}, "skip_special"),
+    ]
+    with httpx.Client(timeout=30, headers=auth) as http:
+        for path, body, field in cases:
+            r = http.post(base + path, json=body)
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == field and f"'{field}'" in err["message"], err
+            assert err["type"] == "invalid_request_error" and err["code"] == "unknown_field"
+        r = http.post(
+            base + "/v1/chat/completions",
+            json={
+                "messages": msgs,
+                "stream": True,
+                "stream_options": {"include_usage": True, "x": 1},
+            },
+        )
+        assert r.status_code == 400 and "'x'" in r.json()["error"]["message"]
+    assert app.state.engine.stats.requests == requests_before  # none reached the engine
+
+    c = client(server)
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        c.chat.completions.create(model="micro", messages=msgs, extra_body={"top_k": 5})
+    # the client with its defaults, and with every field this server takes
+    assert c.chat.completions.create(model="micro", messages=msgs).choices[0].finish_reason
+    assert c.completions.create(model="micro", prompt="x").choices[0].finish_reason
+    every = dict(max_tokens=3, temperature=0.5, top_p=0.9, n=1, stop=["\n\n"], seed=3)
+    every |= dict(user="u", presence_penalty=0, frequency_penalty=0, logit_bias={})
+    full = c.chat.completions.create(
+        model="micro",
+        messages=msgs,
+        **every,
+        logprobs=True,
+        top_logprobs=1,
+        max_completion_tokens=3,
+        response_format=None,
+    )
+    assert full.choices[0].logprobs.content
+    streamed = c.completions.create(
+        model="micro",
+        prompt="x",
+        **every,
+        echo=False,
+        logprobs=1,
+        best_of=1,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert [ch.usage for ch in streamed if ch.usage]
+
+
 def test_an_engine_exception_fails_only_the_requests_it_touches(small_tokenizer):
     """A bad sample (NaN logits in one row) fails that request only, with a 500 in OpenAI's
     shape, while the request batched with it finishes; an exception in a batched forward fails
@@ -505,12 +573,14 @@ def test_soak_mixed_requests_keep_memory_bounded(small_tokenizer):
             r = http.post(url, json=body)
             return "ok" if r.status_code == 200 and r.json()["choices"] else r.text
         if kind in (1, 2):  # streamed; kind 2 hangs up after the first piece
+            stopped = False  # (an answer whose first token is EOS has no piece to hang up on)
             with http.stream("POST", url, json=body | {"stream": True}) as r:
                 for line in r.iter_lines():
                     if kind == 2 and '"content": "' in line and '"role"' not in line:
                         return "gone"
+                    stopped |= '"finish_reason": "stop"' in line
                     if line == "data: [DONE]":
-                        return "ok"
+                        return "ended at once" if kind == 2 and stopped else "ok"
             return "no [DONE]"
         if kind == 3:
             r = http.post(url, json=body | {"seed": 2**64, "stream_options": "x"})
@@ -527,8 +597,9 @@ def test_soak_mixed_requests_keep_memory_bounded(small_tokenizer):
             rss_warm = _rss_kib()
             outcomes += list(pool.map(one, range(200, 400)))
         rss_end = _rss_kib()
-        assert all(o in ("ok", "gone") for o in outcomes), [o for o in outcomes if o != "ok"][:3]
-        assert outcomes.count("gone") == 80
+        expected = ("ok", "gone", "ended at once")
+        assert all(o in expected for o in outcomes), [o for o in outcomes if o != "ok"][:3]
+        assert outcomes.count("gone") + outcomes.count("ended at once") == 80
         deadline = time.time() + 30
         while engine.num_running and time.time() < deadline:  # (the last hang-ups)
             time.sleep(0.01)

@@ -109,6 +109,43 @@ def test_prefix_cache_gives_the_tokens_of_a_full_prefill(model, small_tokenizer)
         eng.shutdown()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_the_prefix_pool_serves_alternating_system_prompts_across_slots(
+    model, small_tokenizer, temperature
+):
+    """Three 40-token system prompts A, B, C (in 45-47-token prompts: two whole blocks)
+    alternate as A B A C A B over one slot, so the slot itself never holds the next one's
+    prefix: the pool (4 blocks of 16 tokens: two prompts' whole blocks) gives the 3rd and 5th
+    requests A's 32 tokens, C evicts B and B is computed again. Every output is the one
+    without any prefix cache, for the same seed; likewise with 2 slots and all six arriving
+    together."""
+    systems = [prompts(1, shared=40, seed=10 + k)[0][:40] for k in range(3)]
+    g = torch.Generator().manual_seed(3)
+    order = [0, 1, 0, 2, 0, 1]
+    ps = [
+        systems[k] + torch.randint(3, 512, (5 + i % 3,), generator=g).tolist()
+        for i, k in enumerate(order)
+    ]
+
+    def reqs():
+        return [request(p, seed=i, temperature=temperature) for i, p in enumerate(ps)]
+
+    plain_eng = Engine(model, small_tokenizer, max_batch=1, prefix_cache=False)
+    assert plain_eng.pool is None
+    plain = [c.token_ids for c in run_all(plain_eng, reqs(), together=False)]
+    assert all(len(t) == 12 for t in plain)
+
+    eng = Engine(model, small_tokenizer, max_batch=1, prefix_pool_blocks=4)
+    assert [c.token_ids for c in run_all(eng, reqs(), together=False)] == plain
+    assert eng.pool.hit_tokens == 2 * 32  # the 3rd and 5th requests, from the pool
+    assert eng.pool.evictions >= 2 and len(eng.pool.entries) == 4  # bounded
+    assert eng.stats.cached_prompt_tokens == 2 * 32 + 3  # (+ the BOS the slot held: 2nd, 4th, 6th)
+
+    eng = Engine(model, small_tokenizer, max_batch=2, prefix_pool_blocks=4, prefill_chunk=24)
+    assert [c.token_ids for c in run_all(eng, reqs())] == plain
+    assert eng.pool.evictions > 0 and len(eng.pool.entries) <= 4
+
+
 def test_chunked_and_batched_prefill_give_the_tokens_of_a_whole_prefill(model, small_tokenizer):
     """Long prompts prefilled 7 tokens per iteration, between the decode steps of the others,
     and prompts of different lengths prefilled in one batched forward, sample what the library
@@ -209,12 +246,28 @@ def test_histogram_buckets_are_cumulative_and_bounded():
 
 @pytest.mark.slow
 def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer):
-    """--compile: the engine decodes through torch.compile over every slot (idle ones write
-    past what they hold) and samples what the eager engine samples. (Compiling takes ~50 s on
-    a loaded 2-core machine.)"""
+    """--compile: the engine decodes through torch.compile over the slots up to the highest one
+    running (idle ones among them write past what they hold) and samples what the eager engine
+    samples. (Compiling takes ~50 s a graph on a loaded 2-core machine.)"""
     ps = prompts(3)
     eager = run_all(engine(model, small_tokenizer), [request(p, seed=i) for i, p in enumerate(ps)])
-    eng = engine(model, small_tokenizer, compile=True)
-    compiled = run_all(eng, [request(p, seed=i) for i, p in enumerate(ps)], timeout=900)
-    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-    model.clear_cache()
+    widths = []  # rows of each compiled decode step: the slots up to the highest one running
+
+    def counted(eng):
+        step = eng._compiled
+        eng._compiled = lambda tokens, *rest: widths.append(len(tokens)) or step(tokens, *rest)
+        return eng
+
+    try:
+        eng = counted(engine(model, small_tokenizer, compile=True))
+        compiled = run_all(eng, [request(p, seed=i) for i, p in enumerate(ps)], timeout=900)
+        assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+        assert set(widths) <= {1, 2, 4} and 4 in widths  # three together: slots 0-2
+        widths.clear()  # one at a time: each takes slot 0, and its steps run one row
+        eng = counted(engine(model, small_tokenizer, compile=True))
+        one_by_one = [request(p, seed=i) for i, p in enumerate(ps)]
+        compiled = run_all(eng, one_by_one, together=False, timeout=900)
+        assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+        assert set(widths) == {1}
+    finally:
+        model.clear_cache()

@@ -74,6 +74,36 @@ def _field(body: dict, name: str, kind, default, check=None, what=""):
     return value
 
 
+# The request fields each path knows (OpenAI's documented ones that this server implements or
+# checks, plus `model`); any other field is refused, so that a misspelt or unsupported option
+# is not silently ignored. The openai client sends only the fields its caller gives.
+_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream"}
+_SAMPLING_FIELDS |= {"stream_options", "stop", "seed", "user"}
+_SAMPLING_FIELDS |= {"presence_penalty", "frequency_penalty", "logit_bias"}
+KNOWN_FIELDS = {
+    "/v1/chat/completions": _SAMPLING_FIELDS
+    | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+    | {"tools", "functions", "tool_choice", "function_call", "response_format"},
+    "/v1/completions": _SAMPLING_FIELDS | {"prompt", "suffix", "echo", "logprobs", "best_of"},
+    "/tokenize": {"model", "prompt", "text", "add_special_tokens"},
+    "/detokenize": {"model", "tokens"},
+}
+
+
+def _known_fields(body: dict, path: str) -> None:
+    """400 naming the first field the path does not know."""
+    known = KNOWN_FIELDS[path]
+    for name in body:
+        if name not in known:
+            raise APIError(
+                400,
+                f"unrecognized request argument supplied: '{name}' ({path} takes "
+                f"{', '.join(sorted(known))})",
+                name,
+                "unknown_field",
+            )
+
+
 def _unsupported(body: dict) -> None:
     """Fields of OpenAI's API this server does not implement: 400 unless left at no effect."""
     for name in ("presence_penalty", "frequency_penalty"):
@@ -183,6 +213,7 @@ def create_app(
     prefix_cache: bool = True,
     compile: bool = False,
     request_timeout: float | None = None,
+    prefix_pool_blocks: int | None = None,
 ) -> FastAPI:
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer")
@@ -195,6 +226,7 @@ def create_app(
         prefill_chunk=prefill_chunk,
         prefix_cache=prefix_cache,
         compile=compile,
+        prefix_pool_blocks=prefix_pool_blocks,
     )
     max_n = min(16, max_queue)
 
@@ -217,13 +249,15 @@ def create_app(
     async def internal_error(_: Request, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}: {e}", code="internal")
 
-    async def body_of(request: Request) -> dict:
+    async def body_of(request: Request, path: str) -> dict:
+        """The request's JSON object, its fields known to the path and its model ours."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
+        _known_fields(body, path)
         model = body.get("model")
         if model is not None and model != model_name:
             raise APIError(404, f"the model '{model}' does not exist", "model", "model_not_found")
@@ -272,6 +306,10 @@ def create_app(
         """(stream, include_usage), checked."""
         stream = _field(body, "stream", bool, False)
         options = _field(body, "stream_options", dict, None)
+        for name in options or {}:
+            if name != "include_usage":
+                msg = f"unrecognized field of 'stream_options': '{name}' (it takes include_usage)"
+                raise APIError(400, msg, "stream_options", "unknown_field")
         if options is not None and not stream:
             raise APIError(400, "'stream_options' needs 'stream': true", "stream_options")
         usage = _field(options or {}, "include_usage", bool, False)
@@ -412,7 +450,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/v1/chat/completions")
         _unsupported(body)
         messages = _messages(body)
         try:
@@ -430,7 +468,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/v1/completions")
         _unsupported(body)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -478,7 +516,7 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/tokenize")
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             raise APIError(400, "'prompt' must be a string", "prompt")
@@ -487,7 +525,7 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await body_of(request)
+        body = await body_of(request, "/detokenize")
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size for i in ids
@@ -522,6 +560,13 @@ def create_app(
                 "Prompt tokens taken from the prefix cache.",
                 s.cached_prompt_tokens,
             )
+            if engine.pool is not None:
+                metric(
+                    "prefix_pool_evictions_total",
+                    "counter",
+                    "Blocks evicted from the prefix pool.",
+                    engine.pool.evictions,
+                )
             metric("generation_tokens_total", "counter", "Generated tokens.", s.generated_tokens)
             metric(
                 "failed_requests_total", "counter", "Requests ended by an error.", s.failed_requests
@@ -552,6 +597,7 @@ def serve(
     compile: bool = False,
     request_timeout: float | None = None,
     shutdown_timeout: float = 30.0,
+    prefix_pool_blocks: int | None = None,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C: then stop accepting connections, let running requests
     finish for up to `shutdown_timeout` seconds, fail what is left, and return (exit 0)."""
@@ -567,6 +613,7 @@ def serve(
         prefix_cache,
         compile,
         request_timeout,
+        prefix_pool_blocks,
     )
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout

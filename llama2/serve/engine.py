@@ -2,11 +2,14 @@
 
 One thread owns the model and a KV cache of `max_batch` slots. Each iteration it
 
-1. admits waiting requests into free slots. A slot keeps the keys and values of the last
-   request it held after that request ends, so a new request whose prompt starts with tokens
-   some slot holds (every chat request of an application starts with the same system prompt)
-   takes them over instead of recomputing them: from a free slot as it is, from a busy one by
-   copying those positions (prefix caching; positions depend only on the tokens before them);
+1. admits waiting requests into free slots. A new request whose prompt starts with tokens
+   already computed (every chat request of an application starts with the same system prompt)
+   takes their keys and values instead of recomputing them (prefix caching; positions depend
+   only on the tokens before them), from whichever holds the most of them: a free slot (it
+   keeps the last request it held), a busy slot (copied), or the prefix pool, a bounded store
+   of the prompts' whole 16-token blocks keyed by the hash of all tokens up to the block's
+   end and evicted least recently used first (copied; so that several system prompts that
+   alternate over fewer slots all stay cached);
 2. prefills up to `prefill_chunk` prompt tokens of the admitted requests in one batched forward
    (shortest first): requests that arrive together share it, and a long prompt is spread over
    several iterations (chunked prefill) so that the running streams keep decoding between its
@@ -28,7 +31,7 @@ import bisect
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +83,101 @@ class _Seq:
     @property
     def prefilled(self) -> bool:
         return self.decoder is not None
+
+
+PREFIX_BLOCK = 16  # tokens per block of the prefix pool
+
+
+class PrefixPool:
+    """Keys and values of prompt prefixes in whole blocks of PREFIX_BLOCK tokens, at most
+    `n_blocks` of them (bounded memory), shared by every slot. A block is found by the hash of
+    its tokens and of its parent block's key (so one key stands for all tokens up to the
+    block's end) and checked against both; the least recently used block goes first when
+    the pool is full, and a lookup touches a chain from its end back to its start, so a
+    prefix outlives the blocks that continue it."""
+
+    def __init__(self, caches: Sequence, n_blocks: int, block: int = PREFIX_BLOCK):
+        if n_blocks < 1:
+            raise ValueError(f"the prefix pool needs at least 1 block, got {n_blocks}")
+        _, heads, _, head_dim = caches[0].k.shape
+        like = caches[0].k
+        shape = (n_blocks, heads, block, head_dim)
+        self.k = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in caches]
+        self.v = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in caches]
+        self.block = block
+        # key -> (block index, parent key, the block's tokens), least recently used first
+        self.entries: OrderedDict[int, tuple[int, int, tuple[int, ...]]] = OrderedDict()
+        self.free = list(range(n_blocks))
+        self.evictions = 0
+        self.hit_tokens = 0  # prompt tokens taken from the pool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _chain(self, tokens: Sequence[int], n: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(key, parent key, tokens) of the first n whole blocks."""
+        out, parent, b = [], 0, self.block
+        for i in range(n):
+            t = tuple(tokens[i * b : (i + 1) * b])
+            key = hash((parent, t))
+            out.append((key, parent, t))
+            parent = key
+        return out
+
+    def _held(self, key: int, parent: int, t: tuple[int, ...]) -> bool:
+        e = self.entries.get(key)
+        return e is not None and e[1] == parent and e[2] == t
+
+    def _touch(self, keys: list[int]) -> None:
+        for key in reversed(keys):  # the chain's start ends up the most recently used
+            self.entries.move_to_end(key)
+
+    def lookup(self, tokens: Sequence[int], limit: int) -> list[int]:
+        """Block indices of the longest pooled prefix of tokens[:limit] (whole blocks)."""
+        keys = []
+        for key, parent, t in self._chain(tokens, limit // self.block):
+            if not self._held(key, parent, t):
+                break
+            keys.append(key)
+        self._touch(keys)
+        return [self.entries[k][0] for k in keys]
+
+    def load(self, caches: Sequence, slot: int, blocks: list[int]) -> None:
+        """Copy pooled blocks into positions 0.. of a slot's cache rows."""
+        n, idx = len(blocks) * self.block, torch.tensor(blocks, device=self.k[0].device)
+        for cache, k, v in zip(caches, self.k, self.v, strict=True):
+            # [blocks, H, block, hd] -> [H, blocks * block, hd]
+            cache.k[slot, :, :n] = k[idx].transpose(0, 1).flatten(1, 2)
+            cache.v[slot, :, :n] = v[idx].transpose(0, 1).flatten(1, 2)
+        self.hit_tokens += n
+
+    def store(self, caches: Sequence, slot: int, tokens: Sequence[int]) -> None:
+        """Pool the whole blocks of `tokens`, which the slot's cache rows hold from position 0
+        (those pooled already are only touched)."""
+        chain = self._chain(tokens, len(tokens) // self.block)
+        held = [key for key, parent, t in chain if self._held(key, parent, t)]
+        self._touch(held)  # (so that storing the rest does not evict them)
+        ours = set(held)
+        for i, (key, parent, t) in enumerate(chain):
+            if key in ours:
+                continue
+            if key in self.entries:  # a hash shared with other tokens: keep what is there
+                break
+            if not self.free:
+                lru = next(iter(self.entries))
+                if lru in ours:  # the pool holds nothing but this prompt
+                    break
+                self.free.append(self.entries.pop(lru)[0])
+                self.evictions += 1
+            index = self.free.pop()
+            lo = i * self.block
+            for cache, k, v in zip(caches, self.k, self.v, strict=True):
+                k[index] = cache.k[slot, :, lo : lo + self.block]
+                v[index] = cache.v[slot, :, lo : lo + self.block]
+            self.entries[key] = (index, parent, t)
+            ours.add(key)
+        self._touch([key for key, _, _ in chain if key in ours])
 
 
 class Histogram:
@@ -151,9 +249,14 @@ class Engine:
         prefill_chunk: int = 256,
         prefix_cache: bool = True,
         compile: bool = False,
+        prefix_pool_blocks: int | None = None,
     ):
+        """`prefix_pool_blocks`: the prefix pool's size in blocks of PREFIX_BLOCK tokens
+        (default: two contexts' worth; 0: no pool, prefixes are reused from slots only)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if prefix_pool_blocks is not None and prefix_pool_blocks < 0:
+            raise ValueError(f"prefix_pool_blocks must be >= 0, got {prefix_pool_blocks}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.prefix_cache, self.compile = prefill_chunk, prefix_cache, compile
@@ -165,6 +268,11 @@ class Engine:
         else:
             model.setup_cache(max_batch, self.context)
         self.caches = model.kv_caches
+        if prefix_pool_blocks is None:
+            prefix_pool_blocks = 2 * self.context // PREFIX_BLOCK
+        self.pool = None
+        if prefix_cache and prefix_pool_blocks:
+            self.pool = PrefixPool(self.caches, prefix_pool_blocks)
         self.free = deque(range(max_batch))  # least recently used first
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # valid cache rows
         self.prefilling: list[_Seq] = []
@@ -287,22 +395,33 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         prompt, reuse = req.prompt, 0
+        # ties between free slots: the least recently used (eager), or the lowest (compiled:
+        # its step runs the slots below the highest one running, see _forward_decode)
+        order = (lambda s: s) if self.compile else (lambda s: 0)
         if not self.prefix_cache:
-            slot = self.free.popleft()
+            slot = min(self.free, key=order)
+            self.free.remove(slot)
         else:
-            # the free slot holding the longest prefix (ties: the least recently used)
-            slot = max(self.free, key=lambda s: self._common(s, prompt))
+            # where the longest computed prefix is: a free slot (taken as it is), a busy slot
+            # or the pool (copied into the free slot that holds the least)
+            slot = max(self.free, key=lambda s: (self._common(s, prompt), -order(s)))
             reuse = self._common(slot, prompt)
             busy = [s.slot for s in self.prefilling + self.running]
             source = max(busy, key=lambda s: self._common(s, prompt), default=None)
-            if source is not None and self._common(source, prompt) > reuse:
-                # a busy slot holds more: copy it into the free slot that holds the least
-                slot = min(self.free, key=lambda s: self._common(s, prompt))
-                reuse = self._common(source, prompt)
+            from_busy = 0 if source is None else self._common(source, prompt)
+            blocks = [] if self.pool is None else self.pool.lookup(prompt, len(prompt) - 1)
+            from_pool = len(blocks) * PREFIX_BLOCK
+            if max(from_busy, from_pool) > reuse:
+                slot = min(self.free, key=lambda s: (self._common(s, prompt), order(s)))
                 self.slot_tokens[slot] = []  # (until the copy is complete)
-                for cache in self.caches:
-                    cache.k[slot, :, :reuse] = cache.k[source, :, :reuse]
-                    cache.v[slot, :, :reuse] = cache.v[source, :, :reuse]
+                if from_pool >= from_busy:
+                    self.pool.load(self.caches, slot, blocks)
+                    reuse = from_pool
+                else:
+                    reuse = from_busy
+                    for cache in self.caches:
+                        cache.k[slot, :, :reuse] = cache.k[source, :, :reuse]
+                        cache.v[slot, :, :reuse] = cache.v[source, :, :reuse]
             self.free.remove(slot)
         self.slot_tokens[slot] = prompt[:reuse]
         with self.stats.lock:
@@ -382,6 +501,11 @@ class Engine:
                 self._record(e)
                 self._fail(s, e)
                 continue
+            if self.pool is not None:  # the prompt's blocks, for requests to come
+                try:
+                    self.pool.store(self.caches, s.slot, s.req.prompt)
+                except Exception as e:  # (the request itself is fine)
+                    self._record(e)
             s.logits = logits[i]
             self.prefilling.remove(s)
             self.running.append(s)
@@ -439,11 +563,17 @@ class Engine:
             tokens = torch.tensor(fed, device=self.device)[:, None]
             start = torch.tensor([s.pos for s in rows], device=self.device)
             return self.model(tokens, start_pos=start, slots=[s.slot for s in rows])[:, 0]
-        # The compiled step runs every slot (one graph, whatever the batch): an idle slot
-        # feeds a token at the first position past what it holds, which nothing reads.
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        start = torch.zeros(self.max_batch, dtype=torch.long)
-        for slot in range(self.max_batch):
+        # The compiled step runs the first `width` slots, a power of two (few graphs) that
+        # covers every running slot (slots are taken lowest first): one stream runs one row,
+        # not max_batch. An idle slot among them feeds a token at the first position past
+        # what it holds, which nothing reads.
+        width = 1
+        while width <= max(s.slot for s in rows):
+            width *= 2
+        width = min(width, self.max_batch)
+        tokens = torch.zeros(width, 1, dtype=torch.long)
+        start = torch.zeros(width, dtype=torch.long)
+        for slot in range(width):
             held = self.slot_tokens[slot]
             if len(held) >= self.context:  # no position past it: give up its last one
                 del held[-1]
