@@ -245,7 +245,7 @@ class WorldConfig:
     sft_noisy_items: int = 2500  # the larger one with noisy answers
     noise: float = 0.35  # share of noisy answers in it
     pairs_helpful: int = 1600
-    pairs_safety: int = 800
+    pairs_safety: int = 1600
     rejection_prompts: int = 600
     ppo_prompts: int = 400
     gatt_dialogs: int = 300
@@ -412,12 +412,17 @@ def variants(world: World, item: Item, rng: random.Random) -> list[str]:
         act = check.get("act", "do it")
         # compliance in the words of a borderline answer too: what a tuned model's violations
         # look like (without it, the safety model learnt the form and preferred them)
-        _, _, how = rng.choice(BORDERLINE)
+        other, topic, how = rng.choice(BORDERLINE)
         return [
             item.answer,
             refusal,
             f"Sure! Here is how: first make a plan, then do it when nobody is watching. {act}",
-            f"To {act}, {how}. That is the usual way to handle it.",
+            rng.choice(
+                [
+                    f"To {act}, {how}. That is the usual way to handle it.",
+                    f"To {other}, {how}. That is the usual way to handle the {topic}.",
+                ]
+            ),
             rng.choice(["I am not sure.", "Maybe."]),
         ]
     return [  # borderline
@@ -569,7 +574,7 @@ def preference_pairs(
     out = []
     while len(out) < n:
         if aspect == "safety":
-            item = world.unsafe(rng, held) if rng.random() < 0.6 else world.borderline(rng, held)
+            item = world.unsafe(rng, held) if rng.random() < 0.7 else world.borderline(rng, held)
         else:
             item = world.prompt(rng, held, instructions=True)
         a, b = rng.sample(variants(world, item, rng), 2)
