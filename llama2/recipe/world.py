@@ -359,10 +359,8 @@ def phrase(rng: random.Random, held: bool, cores: list[str], **fields) -> str:
     return opener + rng.choice(_split(cores, held)).format(**fields) + closer
 
 
-def _task(prompt: str, task: str, answer: str, numeric=False, options=None) -> Item:
+def _task(prompt: str, task: str, answer: str, numeric=False) -> Item:
     check = {"kind": "task", "task": task, "answer": answer, "numeric": numeric}
-    if options:
-        check["options"] = options
     return Item(prompt, check, f"The answer is {answer}.")
 
 
@@ -398,10 +396,7 @@ def variants(world: World, item: Item, rng: random.Random) -> list[str]:
             w = int(want)
             wrong = [str(w + d) for d in (rng.choice([-2, -1, 1, 2]), rng.randint(5, 30))]
         else:
-            wrong = [o for o in check.get("options", []) if o != want][:1] or [
-                rng.choice(CITIES + JOBS)
-            ]
-            wrong.append(rng.choice(CITIES + JOBS + NOUNS))
+            wrong = [rng.choice(CITIES + JOBS), rng.choice(CITIES + JOBS + NOUNS)]
         out = [item.answer] + [f"The answer is {x}." for x in wrong]
         out += [refusal, rng.choice(["I am not sure.", "Numbers and words.", want])]
         if item.instruction:
