@@ -145,7 +145,7 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
     assert report["adherence_by_turn"] == [sum(v) / len(v) for v in verdicts]
 
 
-def test_training_keeps_the_adherent_dialogs_and_replays_demonstrations(tmp_path):
+def test_training_keeps_each_honoured_answer_and_replays_demonstrations(tmp_path):
     import json
 
     from llama2.train import load_train_config
@@ -165,17 +165,20 @@ def test_training_keeps_the_adherent_dialogs_and_replays_demonstrations(tmp_path
         dialog("Yes. Over.", "No."),  # not in its second answer
         dialog("a short answer", "another short one"),
         dialog("one two three four five six seven eight nine ten eleven"),
+        dialog("No.", "Yes. Over."),  # honoured after a broken answer
     ]
-    rules = [over, over, short, short]
+    rules = [over, over, short, short, over]
     demos = tmp_path / "sft.jsonl"
     demos.write_text(
         "\n".join(json.dumps({"messages": dialog(f"demo {i}")}) for i in range(5)) + "\n"
     )
     cfg = load_train_config(None, [f"replay={demos}", "replay_rows=3"], stage="gatt")
     rows = [r["messages"] for r in training_rows(cfg, dialogs, rules)]
-    # each dialog up to its first broken answer; one broken at once is dropped
-    assert rows[:3] == [dialogs[0], dialogs[1][:2], dialogs[2]]
-    replayed = [r[1]["content"] for r in rows[3:]]
+    # each honoured answer is an example, its dialog up to it; broken answers are none
+    assert rows[:6] == [
+        dialogs[0][:2], dialogs[0], dialogs[1][:2], dialogs[2][:2], dialogs[2], dialogs[4]
+    ]  # fmt: skip
+    replayed = [r[1]["content"] for r in rows[6:]]
     assert len(replayed) == 3 == len(set(replayed)) and all(r.startswith("demo") for r in replayed)
     assert training_rows(cfg, dialogs, rules) == training_rows(cfg, dialogs, rules)  # seeded
     everything = load_train_config(None, ["keep_adherent=false"], stage="gatt")

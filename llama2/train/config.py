@@ -240,8 +240,8 @@ class GattConfig(SFTConfig):
     temperature: float = 1.0
     max_new_tokens: int = 128
     sample_rows: int = 64  # dialogs per generation batch (each turn, then the adherence check)
-    # train only on the sampled dialogs' turns up to their first answer that breaks the
-    # instruction (the samples are the model's own: unfiltered, they teach its failures too)
+    # train only on the sampled answers that honour the instruction, each in its dialog up to
+    # it (the samples are the model's own: unfiltered, they teach its failures too)
     keep_adherent: bool = True
     # chat examples (messages JSONL, e.g. the SFT data) fine-tuned on beside the dialogs, so
     # that what they taught (refusals) is not unlearned; replay_rows of them (0: all)

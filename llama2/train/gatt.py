@@ -10,7 +10,8 @@ call (`sample_rows` dialogs a batch), then turn 2, and so on. Batch b of turn k 
 with derive_seed(seed, "answers", k, b), its row j drawing from that seed + j.
 
 `data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
-`keep_adherent` keeps each dialog up to its first sampled answer that breaks the instruction;
+`keep_adherent` makes an example of each sampled answer that honours the instruction (its
+dialog up to it);
 `replay` adds chat examples (the SFT data) to the fine-tuning, so that the model does not
 unlearn what they taught. The run directory holds config.yaml, gatt.jsonl (the sampled
 dialogs), train.jsonl (what is fine-tuned on), sft/ (the fine-tuning run), model -> sft/model
@@ -65,32 +66,34 @@ def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool)
     return answer
 
 
-def adherent_prefix(dialog: list[dict], instruction: Instruction) -> list[dict]:
-    """The dialog up to (not including) the turn of its first answer that breaks the
-    instruction: the loss is on the last answer, so every kept dialog teaches an honoured
-    answer at its own turn (whole dialogs only, at a 4M model's 50-70% a turn, kept almost
-    none past turn 3)."""
-    for k, m in enumerate(dialog):
-        if m["role"] == "assistant" and not instruction.check(m["content"]):
-            return dialog[: k - 1]
-    return dialog
+def adherent_prefixes(dialog: list[dict], instruction: Instruction) -> list[list[dict]]:
+    """The dialog up to each of its answers that honours the instruction: the loss is on the
+    last answer, so each prefix teaches one honoured answer at its own turn, after whatever
+    came before (an earlier broken answer included: the instruction still holds after it).
+    Kept up to the first broken answer only, a 4M model's dialogs taught turn 1 and 2 almost
+    alone (adherence 50-70% a turn); every turn position now gets its share."""
+    return [
+        dialog[: k + 1]
+        for k, m in enumerate(dialog)
+        if m["role"] == "assistant" and instruction.check(m["content"])
+    ]
 
 
 def training_rows(
     cfg: GattConfig, dialogs: list[list[dict]], instructions: list[Instruction]
 ) -> list[dict]:
-    """The fine-tuning's examples: the sampled dialogs (those whose every answer honours the
-    instruction, with keep_adherent) and the replayed chat examples."""
+    """The fine-tuning's examples: the sampled dialogs (with keep_adherent, one example per
+    answer that honours the instruction) and the replayed chat examples."""
     if cfg.keep_adherent:
-        prefixes = list(map(adherent_prefix, dialogs, instructions))
-        kept = [p for p in prefixes if p]
-        whole = sum(len(p) == len(d) for p, d in zip(prefixes, dialogs, strict=True))
+        per_dialog = list(map(adherent_prefixes, dialogs, instructions))
+        kept = [p for ps in per_dialog for p in ps]
+        answers = sum(len(d) // 2 for d in dialogs)
         print(
-            f"{len(kept)} of {len(dialogs)} sampled dialogs honour their instruction in their "
-            f"first answer ({whole} throughout); each is kept up to its first broken answer"
+            f"{len(kept)} of the {answers} sampled answers of {len(dialogs)} dialogs honour "
+            "their instruction; each is an example, its dialog up to it"
         )
         if not kept:
-            raise ValueError("no sampled dialog honours its instruction: nothing to train on")
+            raise ValueError("no sampled answer honours its instruction: nothing to train on")
         dialogs = kept
     rows = [{"messages": d} for d in dialogs]
     if cfg.replay:
