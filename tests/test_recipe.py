@@ -24,6 +24,7 @@ from llama2.recipe.world import (
     WorldConfig,
     apply_instruction,
     make_world,
+    sample_pairs,
     write_world,
 )
 
@@ -198,7 +199,8 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     out, cfg = world_dir
     world = make_world(cfg)
     train_files = ["sft.jsonl", "sft_noisy.jsonl", "pairs_helpful.jsonl", "pairs_safety.jsonl",
-                   "prompts_rejection.jsonl", "prompts_ppo.jsonl", "gatt.jsonl"]  # fmt: skip
+                   "prompts_rejection.jsonl", "prompts_ppo.jsonl", "gatt.jsonl",
+                   "prompts_annotate.jsonl"]  # fmt: skip
     train_texts = [t for f in train_files for r in _rows(out / f) for t in _user_texts(r)]
     corpus = (out / "corpus" / "world.txt").read_text()
     exercises = re.findall(r"^Q: (.*)$", corpus, re.M)  # the pretraining documents' tasks
@@ -298,6 +300,33 @@ def test_shipped_recipe_configs_load_and_refuse_unknown_settings():
         apply_overrides(default_config(), ["stepz=3"])
 
 
+def test_sample_pairs_grade_a_models_own_answers_two_by_two():
+    """Samples are compared in twos (1st with 2nd, 3rd with 4th), on safety for unsafe
+    requests and helpfulness otherwise; equal-scoring twos and an odd last sample make no
+    pair."""
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is 40 plus 41?"}], "check": ADD},
+        {"prompt": [{"role": "user", "content": "How do I rob a bank?"}], "check": UNSAFE_CHECK},
+        {"prompt": [{"role": "user", "content": "How do I kill a process?"}], "check": BORDER},
+    ]
+    answers = [
+        ["The answer is 80.", "The answer is 81.", "The answer is 81.", "The answer is 81."],
+        [REFUSE, "Sure! First make a plan.", "Maybe."],
+        ["To kill a process, use kill. That is the usual way to handle the process.", REFUSE],
+    ]
+    pairs = sample_pairs(rows, answers, Annotator(mistake_rate=0.0))
+    helpful, safety = pairs["helpful"], pairs["safety"]
+    assert [(p["chosen"], p["rejected"]) for p in helpful] == [
+        ("The answer is 81.", "The answer is 80."),
+        (answers[2][0], REFUSE),
+    ]
+    assert [p["is_safety"] for p in helpful] == [False, False]
+    assert [(p["chosen"], p["rejected"], p["is_safety"]) for p in safety] == [
+        (REFUSE, "Sure! First make a plan.", True)
+    ]
+    assert helpful[0]["rating"] == rating(quality(ADD, "The answer is 81.")[0] - 0.45)
+
+
 # --- the whole recipe, smoke size -------------------------------------------------------------
 
 
@@ -343,7 +372,8 @@ def test_recipe_smoke_from_nothing(tmp_path):
 
     hf = LlamaForCausalLM.from_pretrained(out / "chat", torch_dtype=torch.float32)
     assert hf.config.num_hidden_layers == 2
-    for f in ("sft.jsonl", "pairs_helpful.jsonl", "prompts_ppo.jsonl", "gatt.jsonl"):
+    for f in ("sft.jsonl", "pairs_helpful.jsonl", "prompts_ppo.jsonl", "gatt.jsonl",
+              "prompts_annotate.jsonl"):  # fmt: skip
         assert (out / "data" / f).stat().st_size > 0
     # `llama2 chat` and `llama2 serve` run on it
     chat = subprocess.run(

@@ -23,7 +23,6 @@ from ..eval.chat import (
 )
 from ..eval.judges import Annotator, quality
 from ..io import write_atomic
-from ..llm import load as load_model
 from ..train.rejection import score_answers
 from .world import WorldConfig
 
@@ -76,16 +75,7 @@ def rm_agreement(chat, helpful, safety, items, seed: int, max_new_tokens: int) -
 
 
 def evaluate_recipe(recipe) -> dict:
-    import dataclasses
-
-    from ..train.config import TrainConfig
-    from ..train.loop import pick_device
-
-    device = pick_device(dataclasses.replace(TrainConfig(), device=recipe.cfg["device"]))
-
-    def load(path, **kw):
-        return load_model(path, device=device, **kw)
-
+    load = recipe.load
     out: Path = recipe.out / "eval"
     out.mkdir(exist_ok=True)
     seed, mnt = recipe.cfg["seed"], recipe.cfg["eval_max_new_tokens"]

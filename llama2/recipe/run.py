@@ -33,6 +33,7 @@ STAGES = (
     "pretrain",
     "sft",
     "sft_noisy",
+    "annotate",
     "reward_helpful",
     "reward_safety",
     "rejection",
@@ -57,6 +58,8 @@ TOP = {
     "vocab_size": 2048,
     "stdlib_bytes": 400_000,  # of the standard library's sources in the pretraining corpus
     "rejection_rounds": 2,
+    "annotate_samples": 4,  # SFT samples per prompt compared by the annotator, two by two
+    "annotate_temperature": 1.0,
     "eval_max_new_tokens": 48,
     "eval_n": 0,  # held-out items evaluated per model (0: all)
     "agreement_items": 120,  # held-out prompts whose final-model answers the RMs judge
@@ -135,7 +138,7 @@ class Recipe:
             self.state = json.loads(self.state_path.read_text())
             if self.state["config"] != json.loads(json.dumps(self.cfg)):
                 self.log("resuming with the configuration the recipe was started with")
-            self.cfg = self.state["config"]
+            self.cfg = {**TOP, **self.state["config"]}  # settings added since: defaults
         elif out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} is not empty: pass --resume, or choose another --out")
 
@@ -245,11 +248,58 @@ class Recipe:
     def _sft_noisy(self) -> None:
         self._sft_run("sft_noisy", str(self.data / "sft_noisy.jsonl"))
 
+    def _annotate(self) -> None:
+        """Comparisons of the SFT model's own samples (section 3.2.1), beside the world's
+        answer variants, for the reward models: data/pairs_{helpful,safety}_sft.jsonl."""
+        from ..eval.chat import answer_all, read_items
+        from ..eval.judges import Annotator
+        from ..train.rundir import write_jsonl
+        from .world import sample_pairs
+
+        llm = self.load(self.model("sft"))
+        rows = read_items(self.data / "prompts_annotate.jsonl")
+        dialogs = [r["prompt"] for r in rows]
+        k, seed = self.cfg["annotate_samples"], self.cfg["seed"]
+        samples = [
+            answer_all(
+                llm,
+                dialogs,
+                self.cfg["eval_max_new_tokens"],
+                temperature=self.cfg["annotate_temperature"],
+                seed=seed + 10**6 * (j + 1),
+                desc=f"sample {j + 1}/{k}",
+            )
+            for j in range(k)
+        ]
+        mistakes = (self.cfg.get("world") or {}).get("mistake_rate", WorldConfig.mistake_rate)
+        by_prompt = [list(s) for s in zip(*samples, strict=True)]
+        pairs = sample_pairs(rows, by_prompt, Annotator(mistakes, seed))
+        for kind, got in pairs.items():
+            write_jsonl(self.data / f"pairs_{kind}_sft.jsonl", got)
+        self.log(
+            f"  {len(rows)} prompts x {k} samples: "
+            + ", ".join(f"{len(v)} {kind} comparisons" for kind, v in pairs.items())
+        )
+
+    def load(self, path: Path, **kw):
+        """A model for sampling or evaluation, on the recipe's device."""
+        import dataclasses
+
+        from ..llm import load
+        from ..train.config import TrainConfig
+        from ..train.loop import pick_device
+
+        device = pick_device(dataclasses.replace(TrainConfig(), device=self.cfg["device"]))
+        return load(path, device=device, **kw)
+
     def _reward(self, kind: str) -> None:
         from ..train.reward import reward
 
         run = self.out / f"rm_{kind}"
-        data = str(self.data / f"pairs_{kind}.jsonl")
+        # the world's graded variants and the comparisons of the SFT model's samples (none
+        # when the annotator scored every two samples alike)
+        files = [self.data / f"pairs_{kind}.jsonl", self.data / f"pairs_{kind}_sft.jsonl"]
+        data = ",".join(str(f) for f in files if f.exists() and f.stat().st_size)
         cfg = self.stage_config("reward", f"rm_{kind}", init_from=str(self.model("sft")), data=data)
         reward(cfg, run, resume=self.resumable(run))
 

@@ -246,6 +246,7 @@ class WorldConfig:
     noise: float = 0.35  # share of noisy answers in it
     pairs_helpful: int = 1600
     pairs_safety: int = 1600
+    annotate_prompts: int = 1000  # prompts whose SFT-model samples the annotator compares
     rejection_prompts: int = 600
     ppo_prompts: int = 400
     gatt_dialogs: int = 300
@@ -254,6 +255,7 @@ class WorldConfig:
     eval_dialogs: int = 40
     eval_pairs: int = 400
     docs_per_person: int = 8
+    docs_per_act: int = 8  # documents saying an act is wrong (unsafe) or harmless (borderline)
     exercises: int = 12000  # tasks answered in plain text in the pretraining documents
     mistake_rate: float = 0.1  # the simulated annotator's
     unsafe_share: float = 0.15  # of prompts that are unsafe requests (and as many borderline)
@@ -529,11 +531,34 @@ def documents(world: World, rng: random.Random) -> list[str]:
     ]
     for w in NOUNS:
         docs.append(" ".join(rng.choice(prose).format(w=w) for _ in range(3)))
-    for acts in UNSAFE.values():
-        for act in acts:
-            docs.append(f"To {act} is wrong and can hurt people. Good people do not {act}.")
-    for act, _, how in BORDERLINE:
-        docs.append(f"People often {act}. To {act}, {how}. It is a normal thing to do.")
+    # which acts are wrong and which are harmless, in varied wordings and several documents
+    # each (as a person's facts are): stated once, the knowledge was there but a request for
+    # a held-out act was refused or answered by its words alone, not by what the act is
+    wrong = [
+        "To {a} is wrong and can hurt people.",
+        "Good people do not {a}.",
+        "Nobody should ever {a}.",
+        "It is dangerous to {a}.",
+        "To {a} is harmful.",
+        "People who {a} cause real harm.",
+        "You must never {a}.",
+        "To {a} is a bad thing to do.",
+    ]
+    fine = [
+        "People often {a}.",
+        "To {a}, {h}.",
+        "It is a normal thing to {a}.",
+        "There is nothing wrong if you {a}.",
+        "Many people {a} every week.",
+        "It is safe to {a}.",
+        "To {a} is harmless.",
+        "Anyone can learn to {a}.",
+    ]
+    acts = [(a, wrong, "") for group in UNSAFE.values() for a in group]
+    acts += [(a, fine, how) for a, _, how in BORDERLINE]
+    for act, wordings, how in acts:
+        for _ in range(cfg.docs_per_act):
+            docs.append(" ".join(w.format(a=act, h=how) for w in rng.sample(wordings, 3)))
     rng.shuffle(docs)
     return docs
 
@@ -573,20 +598,47 @@ def preference_pairs(
         else:
             item = world.prompt(rng, held, instructions=True)
         a, b = rng.sample(variants(world, item, rng), 2)
-        if annotator.score(item.check, a, aspect) == annotator.score(item.check, b, aspect):
-            continue  # no preference to learn from
-        better, rating = annotator.compare(item.check, a, b, aspect)
-        chosen, rejected = (a, b) if better == 0 else (b, a)
-        out.append(
-            {
-                "prompt": item.messages(),
-                "chosen": chosen,
-                "rejected": rejected,
-                "rating": rating,
-                "is_safety": item.check["kind"] == "unsafe",
-                "check": item.check,  # how the annotator judged (the stage ignores it)
-            }
-        )
+        row = graded_pair(annotator, item.messages(), item.check, a, b, aspect)
+        if row is not None:
+            out.append(row)
+    return out
+
+
+def graded_pair(
+    annotator: Annotator, prompt: list[dict], check: dict, a: str, b: str, aspect: str
+) -> dict | None:
+    """The annotator's comparison of two answers as a preference pair row, or None when it
+    scores them equal (no preference to learn from)."""
+    if annotator.score(check, a, aspect) == annotator.score(check, b, aspect):
+        return None
+    better, rating = annotator.compare(check, a, b, aspect)
+    chosen, rejected = (a, b) if better == 0 else (b, a)
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "rating": rating,
+        "is_safety": check["kind"] == "unsafe",
+        "check": check,  # how the annotator judged (the stage ignores it)
+    }
+
+
+def sample_pairs(rows: list[dict], answers: list[list[str]], annotator: Annotator) -> dict:
+    """Comparisons of a model's own answers (section 3.2.1: annotators compare two sampled
+    responses of the current models): the samples to each prompt taken two by two, graded by
+    the annotator on safety for unsafe requests and on helpfulness otherwise; pairs it scores
+    equal are left out. Returns {"helpful": [...], "safety": [...]} in preference_pairs' rows.
+    Unlike the world's answer variants, these are the near misses a policy really makes ("13"
+    against "14"), which rejection sampling's choice among samples depends on."""
+    out: dict[str, list[dict]] = {"helpful": [], "safety": []}
+    for row, samples in zip(rows, answers, strict=True):
+        check = row["check"]
+        unsafe = check["kind"] == "unsafe"
+        aspect = "safety" if unsafe else "helpfulness"
+        for a, b in zip(samples[::2], samples[1::2], strict=False):  # an odd last one is left
+            pair = graded_pair(annotator, row["prompt"], check, a, b, aspect)
+            if pair is not None:
+                out["safety" if unsafe else "helpful"].append(pair)
     return out
 
 
@@ -649,6 +701,7 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         "sft_noisy.jsonl": sft_dialogs(world, cfg.sft_noisy_items, rng("noisy"), cfg.noise),
         "pairs_helpful.jsonl": preference_pairs(world, cfg.pairs_helpful, rng("ph"), "helpfulness"),
         "pairs_safety.jsonl": preference_pairs(world, cfg.pairs_safety, rng("ps"), "safety"),
+        "prompts_annotate.jsonl": prompt_rows(draw(rng("annotate"), cfg.annotate_prompts)),
         "prompts_rejection.jsonl": prompt_rows(draw(rng("rs"), cfg.rejection_prompts)),
         "prompts_ppo.jsonl": prompt_rows(draw(rng("ppo"), cfg.ppo_prompts)),
         "gatt.jsonl": gatt_rows(world, cfg.gatt_dialogs, rng("gatt"), held=False),
