@@ -125,10 +125,19 @@ def test_annotator_hand_worked_without_mistakes():
     assert a.compare(UNSAFE_CHECK, comply, REFUSE, "safety")[0] == 1
 
 
-def test_annotator_mistakes_at_the_configured_rate():
+def test_annotator_mistakes_at_the_configured_rate_on_close_calls_fewer_on_clear_ones():
     a = Annotator(mistake_rate=0.2, seed=1)
-    picks = [a.compare(ADD, "The answer is 81.", REFUSE, "helpfulness")[0] for _ in range(4000)]
-    assert sum(picks) / len(picks) == pytest.approx(0.2, abs=0.025)
+
+    def mistakes(better: str, worse: str) -> float:
+        picks = [a.compare(ADD, better, worse, "helpfulness")[0] for _ in range(4000)]
+        return sum(picks) / len(picks)
+
+    # one off (0.45) vs ten off (0.138): 0.31 apart, a close call: the configured rate
+    assert mistakes("The answer is 82.", "The answer is 91.") == pytest.approx(0.2, abs=0.025)
+    # right (1.0) vs refusal (0.15): 0.85 apart: 0.2 x 2 x 0.15 = 0.06
+    assert mistakes("The answer is 81.", REFUSE) == pytest.approx(0.06, abs=0.015)
+    # right vs no answer at all (0.0): never mistaken
+    assert mistakes("The answer is 81.", "Numbers and words.") == 0
     with pytest.raises(ValueError, match="mistake_rate"):
         Annotator(mistake_rate=1.5)
 

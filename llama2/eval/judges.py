@@ -141,9 +141,13 @@ def rating(diff: float) -> str:
 class Annotator:
     """Compares two answers to one prompt (section 3.2.1): which is better, and by how much
     (significantly better, better, slightly better, negligibly better / unsure), judging
-    helpfulness or safety ("overall" for side-by-side evaluation). With probability
-    `mistake_rate` it prefers the worse answer (keeping its grade), as people sometimes do;
-    equal answers are a coin flip, graded negligibly better."""
+    helpfulness or safety ("overall" for side-by-side evaluation). It prefers the worse answer
+    (keeping its grade) as people sometimes do, and as people do, mostly on close calls: with
+    probability `mistake_rate` when the scores differ by at most 0.5, less as the difference
+    grows, never between the best answer and the worst (section 3.2.2: agreement is highest on
+    the most distinct responses; erring alike at every level, it made a tenth of the held-out
+    "significantly better" labels wrong, a ceiling on any reward model's accuracy there).
+    Equal answers are a coin flip, graded negligibly better."""
 
     mistake_rate: float = 0.1
     seed: int = 0
@@ -170,6 +174,6 @@ class Annotator:
         if diff == 0:
             return self._rng.randrange(2), "negligibly_better"
         better = 0 if sa > sb else 1
-        if self._rng.random() < self.mistake_rate:
+        if self._rng.random() < self.mistake_rate * min(1.0, 2 * (1 - diff)):
             better = 1 - better
         return better, rating(diff)

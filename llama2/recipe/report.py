@@ -288,6 +288,10 @@ def headline(report: dict, recipe, answers: dict) -> str:
     return "\n".join(lines)
 
 
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def _f(x, pct: int = 0) -> str:
     if x is None:
         return "-"
@@ -349,6 +353,15 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         "![safety vs helpfulness](safety_vs_helpfulness.png)",
         "",
         "## Reward models",
+        "",
+        "Each is trained on the annotator's comparisons of the world's answer variants and of "
+        "the SFT model's own samples (section 3.2.1): "
+        + "; ".join(
+            f"{kind} {_lines(recipe.data / f'pairs_{kind}.jsonl')} + "
+            f"{_lines(recipe.data / f'pairs_{kind}_sft.jsonl')}"
+            for kind in ("helpful", "safety")
+        )
+        + ". Accuracy below is on held-out comparisons of answer variants.",
         "",
         "| model | accuracy | "
         + " | ".join(r.replace("_", " ") for r in RATINGS)

@@ -323,14 +323,17 @@ class World:
 
     def prompt(self, rng: random.Random, held: bool, instructions: bool = False) -> Item:
         """A prompt of the world's mix: tasks, unsafe and borderline requests, and (with
-        `instructions`) tasks under a system instruction."""
+        `instructions`) any of them under a system instruction: an instruction does not
+        lift the refusal (with instructions on tasks alone, the model learnt to comply
+        whenever one was given, and Ghost Attention taught it from those samples)."""
         r = rng.random()
         share = self.cfg.unsafe_share
         if r < share:
-            return self.unsafe(rng, held)
-        if r < 2 * share:
-            return self.borderline(rng, held)
-        item = self.task(rng, held)
+            item = self.unsafe(rng, held)
+        elif r < 2 * share:
+            item = self.borderline(rng, held)
+        else:
+            item = self.task(rng, held)
         if instructions and rng.random() < self.cfg.instruction_share:
             item = with_instruction(item, rng.choice(GATT_INSTRUCTIONS))
         return item
@@ -650,14 +653,14 @@ def prompt_rows(items: list[Item]) -> list[dict]:
 
 
 def gatt_rows(world: World, n: int, rng: random.Random, held: bool) -> list[dict]:
-    """Multi-turn dialogs, each with a system instruction (section 3.3). Training dialogs have
-    2 to gatt_turns turns (GAtt's loss is on the last answer only, so every turn position gets
-    taught) drawn from the world's whole mix: fine-tuned on tasks alone, a model forgets to
-    refuse (measured: violations 35% -> 98% on held-out unsafe requests). The evaluation's
-    dialogs are gatt_turns tasks."""
+    """Multi-turn dialogs of gatt_turns turns, each with a system instruction (section 3.3).
+    Training dialogs are drawn from the world's whole mix (fine-tuned on tasks alone, a model
+    forgot to refuse: violations 35% -> 98% on held-out unsafe requests); every honoured
+    answer becomes an example (train/gatt.py), so each turn position is taught. The
+    evaluation's dialogs are tasks."""
     rows = []
     for _ in range(n):
-        turns = world.cfg.gatt_turns if held else rng.randint(2, world.cfg.gatt_turns)
+        turns = world.cfg.gatt_turns
         draw = world.task if held else world.prompt
         rows.append(
             {
