@@ -157,7 +157,7 @@ class PPO:
                 loss = pl + cfg.value_coef * vl
                 loss.backward()
                 norm = nn.utils.clip_grad_norm_(self.both.parameters(), cfg.grad_clip)
-                check_finite(it + 1, float(loss), float(norm), "iteration")
+                check_finite(it + 1, float(loss.detach()), float(norm), "iteration")
                 self.optim.step()
                 self.optim.zero_grad(set_to_none=True)
                 ent = (entropy * m).sum() / m.sum().clamp(min=1)
