@@ -435,6 +435,56 @@ def test_unknown_fields_are_refused_naming_them(server):
     assert [ch.usage for ch in streamed if ch.usage]
 
 
+def test_unknown_message_keys_are_refused_naming_them(server):
+    """A key a message's role does not take (OpenAI's schema) is a 400 naming messages[i].key;
+    the keys it takes pass, and so does an answer the openai client hands back as a message."""
+    base, app = server[0], server[1]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    user = {"role": "user", "content": "hi"}
+    answer = {"role": "assistant", "content": "hello"}
+    requests_before = app.state.engine.stats.requests
+    cases = [
+        ([user | {"foo": 1}], "messages[0].foo"),
+        (
+            [{"role": "system", "content": "x", "tool_call_id": "c"}, user],
+            "messages[0].tool_call_id",
+        ),
+        ([user, answer | {"refusal": None, "foo": None}, user], "messages[1].foo"),
+        ([user | {"refusal": "no"}], "messages[0].refusal"),  # (an assistant's key only)
+    ]
+    with httpx.Client(timeout=30, headers=auth) as http:
+        for messages, param in cases:
+            r = http.post(base + "/v1/chat/completions", json={"messages": messages})
+            assert r.status_code == 400, (messages, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and f"'{param.split('.')[-1]}'" in err["message"], err
+            assert err["type"] == "invalid_request_error" and err["code"] == "unknown_field"
+        # known keys with values this server cannot honour: 400 too, named
+        for messages, param in [
+            ([user | {"name": 5}], "messages[0].name"),
+            ([user, answer | {"tool_calls": [{"id": "c"}]}, user], "messages[1].tool_calls"),
+            ([user, answer | {"audio": {"id": "a"}}, user], "messages[1].audio"),
+        ]:
+            r = http.post(base + "/v1/chat/completions", json={"messages": messages})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert app.state.engine.stats.requests == requests_before  # none reached the engine
+        empty = {"refusal": None, "tool_calls": [], "function_call": None, "audio": None}
+        for ok in [
+            [{"role": "system", "content": "x", "name": "s"}, user | {"name": "ann"}],
+            [user, answer | {"name": "bot"} | empty, user],
+        ]:
+            body = {"messages": ok, "max_tokens": 2}
+            r = http.post(base + "/v1/chat/completions", json=body)
+            assert r.status_code == 200, (ok, r.text)
+
+    c = client(server)
+    first = c.chat.completions.create(model="micro", messages=[user], max_tokens=3)
+    again = c.chat.completions.create(
+        model="micro", messages=[user, first.choices[0].message, user], max_tokens=3
+    )
+    assert again.choices[0].finish_reason
+
+
 def test_an_engine_exception_fails_only_the_requests_it_touches(small_tokenizer):
     """A bad sample (NaN logits in one row) fails that request only, with a 500 in OpenAI's
     shape, while the request batched with it finishes; an exception in a batched forward fails

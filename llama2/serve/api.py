@@ -155,6 +155,38 @@ def _choice_seed(seed: int | None, i: int) -> int | None:
     return seed - 2**64 if seed > SEED_RANGE[1] else seed
 
 
+# The keys OpenAI's chat API takes on a message of each role we serve (its request schema).
+# `name` is checked and not used (Llama 2's chat format has no speakers' names); an assistant
+# message's `refusal` likewise; its tool and audio fields are refused unless empty, as the
+# request's `tools` are.
+MESSAGE_KEYS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "refusal", "tool_calls", "function_call", "audio"},
+}
+
+
+def _message_keys(m: dict, i: int) -> None:
+    """400 naming the first key of messages[i] its role does not take, or an unsupported one
+    that is set."""
+    known = MESSAGE_KEYS[m["role"]]
+    for name in m:
+        if name not in known:
+            raise APIError(
+                400,
+                f"unrecognized field of messages[{i}]: '{name}' (a {m['role']} message takes "
+                f"{', '.join(sorted(known))})",
+                f"messages[{i}].{name}",
+                "unknown_field",
+            )
+    for name in ("name", "refusal"):
+        if m.get(name) is not None and not isinstance(m[name], str):
+            raise APIError(400, f"messages[{i}].{name} must be a string", f"messages[{i}].{name}")
+    for name in ("tool_calls", "function_call", "audio"):
+        if m.get(name):  # (null or empty, as clients that echo a message send: no effect)
+            raise APIError(400, f"messages[{i}].{name} is not supported", f"messages[{i}].{name}")
+
+
 def _messages(body: dict) -> list[dict]:
     """The chat messages, each {'role', 'content': str}; content given as a list of text parts
     (OpenAI's other form) is joined."""
@@ -163,10 +195,11 @@ def _messages(body: dict) -> list[dict]:
         raise APIError(400, "'messages' must be a non-empty list of messages", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        if not isinstance(m, dict) or m.get("role") not in MESSAGE_KEYS:
             raise APIError(
                 400, f"messages[{i}] must have a role: system, user or assistant", "messages"
             )
+        _message_keys(m, i)
         content = m.get("content")
         if isinstance(content, list) and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
