@@ -8,7 +8,9 @@ short requests of every kind, resident memory after the first 100 and at the end
 
 `engine` (first, before the server takes the model) times one stream through the engine itself
 (no HTTP) against `llm.generate` for the same prompt and settings, alternating, best of three
-each; with --compile, eager and compiled both (the compiled decode speed against eager).
+each, then 8 streams submitted together against that one stream (the batched decode's scaling
+without HTTP or clients); with --compile, eager and compiled both (the compiled decode speed
+against eager).
 
 A random-weight model of the preset (the real Llama 2 vocabulary) is served by our server on
 127.0.0.1 with --max-batch 16; clients are the official openai package, streaming chat
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import socket
 import statistics
@@ -218,16 +221,28 @@ def engine_vs_library(llm: Llama, args) -> None:
         options = {"compile": True} if compiled else {}
         engine = Engine(engine_model, tok, max_batch=8, **options)
 
-        def through_engine(engine: Engine = engine) -> None:
-            done, end = threading.Event(), []
+        def through_engine(engine: Engine = engine, streams: int = 1) -> None:
+            """`streams` requests submitted together (seeds 0, 1, ...), until all are done."""
+            ends = []
 
-            def emit(kind: str, value) -> None:
+            def emit(kind: str, value, done: threading.Event) -> None:
                 if kind != "token":
-                    end.append((kind, value))
+                    ends.append(kind)
                     done.set()
 
-            engine.submit([Request(ids, params, (), emit)])
-            assert done.wait(timeout=900) and end[0][0] == "done", end
+            events = [threading.Event() for _ in range(streams)]
+            engine.submit(
+                [
+                    Request(
+                        ids,
+                        dataclasses.replace(params, seed=i),
+                        (),
+                        lambda k, v, e=e: emit(k, v, e),
+                    )
+                    for i, e in enumerate(events)
+                ]
+            )
+            assert all(e.wait(timeout=900) for e in events) and set(ends) == {"done"}, ends
 
         through_engine()  # warm (or compile)
         lib, eng = [], []
@@ -238,6 +253,14 @@ def engine_vs_library(llm: Llama, args) -> None:
             t0 = time.perf_counter()
             through_engine()
             eng.append(args.max_tokens / (time.perf_counter() - t0))
+        # 8 streams together through the engine alone (no HTTP): the batched decode's own
+        # scaling, against which the clients' below can be read
+        through_engine(streams=8)
+        eng8 = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            through_engine(streams=8)
+            eng8.append(8 * args.max_tokens / (time.perf_counter() - t0))
         engine.shutdown()
         rates[compiled] = max(lib), max(eng)
         print(
@@ -245,6 +268,11 @@ def engine_vs_library(llm: Llama, args) -> None:
             f"tok/s, engine {max(eng):.1f} tok/s: {max(eng) / max(lib):.2f}x the library "
             f"(runs: library {', '.join(f'{r:.1f}' for r in lib)}; "
             f"engine {', '.join(f'{r:.1f}' for r in eng)})",
+            flush=True,
+        )
+        print(
+            f"engine alone, 8 streams together: {max(eng8):.1f} tok/s, {max(eng8) / max(eng):.2f}x "
+            f"one stream (runs {', '.join(f'{r:.1f}' for r in eng8)})",
             flush=True,
         )
     if args.compile:
