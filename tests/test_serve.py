@@ -483,6 +483,9 @@ def test_unknown_message_keys_are_refused_naming_them(server):
         model="micro", messages=[user, first.choices[0].message, user], max_tokens=3
     )
     assert again.choices[0].finish_reason
+    dumped = first.choices[0].message.model_dump()  # with its null fields (annotations, audio)
+    again = c.chat.completions.create(model="micro", messages=[user, dumped, user], max_tokens=3)
+    assert again.choices[0].finish_reason
 
 
 def test_an_engine_exception_fails_only_the_requests_it_touches(small_tokenizer):

@@ -157,12 +157,16 @@ def _choice_seed(seed: int | None, i: int) -> int | None:
 
 # The keys OpenAI's chat API takes on a message of each role we serve (its request schema).
 # `name` is checked and not used (Llama 2's chat format has no speakers' names); an assistant
-# message's `refusal` likewise; its tool and audio fields are refused unless empty, as the
-# request's `tools` are.
+# message's `refusal` likewise; its tool, audio and annotations fields are refused unless
+# empty, as the request's `tools` are (the openai client's model_dump() of an answer carries
+# them as null, and an answer handed back must pass).
 MESSAGE_KEYS = {
     "system": {"role", "content", "name"},
     "user": {"role", "content", "name"},
-    "assistant": {"role", "content", "name", "refusal", "tool_calls", "function_call", "audio"},
+    "assistant": {
+        *("role", "content", "name", "refusal"),
+        *("tool_calls", "function_call", "audio", "annotations"),
+    },
 }
 
 
@@ -182,7 +186,7 @@ def _message_keys(m: dict, i: int) -> None:
     for name in ("name", "refusal"):
         if m.get(name) is not None and not isinstance(m[name], str):
             raise APIError(400, f"messages[{i}].{name} must be a string", f"messages[{i}].{name}")
-    for name in ("tool_calls", "function_call", "audio"):
+    for name in ("tool_calls", "function_call", "audio", "annotations"):
         if m.get(name):  # (null or empty, as clients that echo a message send: no effect)
             raise APIError(400, f"messages[{i}].{name} is not supported", f"messages[{i}].{name}")
 
