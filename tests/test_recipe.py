@@ -307,6 +307,10 @@ def test_shipped_recipe_configs_load_and_refuse_unknown_settings():
         apply_overrides(default_config(), ["world.peeple=3"])
     with pytest.raises(ValueError, match="unknown recipe setting 'stepz'"):
         apply_overrides(default_config(), ["stepz=3"])
+    with pytest.raises(ValueError, match="annotate_samples must be a whole number"):
+        apply_overrides(default_config(), ["annotate_samples=2.5"])
+    with pytest.raises(ValueError, match="annotate_temperature must be >= 0"):
+        apply_overrides(default_config(), ["annotate_temperature=-1"])
 
 
 def test_sample_pairs_grade_a_models_own_answers_two_by_two():

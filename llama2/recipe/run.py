@@ -106,6 +106,12 @@ def check_config(cfg: dict, where: str = "") -> None:
 
     world_fields = {f.name for f in fields(WorldConfig)}
     for key, value in cfg.items():
+        if key in ("annotate_samples", "annotate_temperature"):  # checked before any stage runs
+            whole = key == "annotate_samples"
+            if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+                raise ValueError(f"{where}{key} must be a {'whole ' if whole else ''}number")
+            if value < 0:
+                raise ValueError(f"{where}{key} must be >= 0, not {value}")
         if key in TOP:
             continue
         if key == "world":
@@ -256,10 +262,10 @@ class Recipe:
         from ..train.rundir import write_jsonl
         from .world import sample_pairs
 
-        llm = self.load(self.model("sft"))
         rows = read_items(self.data / "prompts_annotate.jsonl")
         dialogs = [r["prompt"] for r in rows]
         k, seed = self.cfg["annotate_samples"], self.cfg["seed"]
+        llm = self.load(self.model("sft")) if k >= 2 else None  # (fewer: no comparisons)
         samples = [
             answer_all(
                 llm,
@@ -269,10 +275,10 @@ class Recipe:
                 seed=seed + 10**6 * (j + 1),
                 desc=f"sample {j + 1}/{k}",
             )
-            for j in range(k)
+            for j in range(k if llm else 0)
         ]
         mistakes = (self.cfg.get("world") or {}).get("mistake_rate", WorldConfig.mistake_rate)
-        by_prompt = [list(s) for s in zip(*samples, strict=True)]
+        by_prompt = [list(s) for s in zip(*samples, strict=True)] if samples else [[]] * len(rows)
         pairs = sample_pairs(rows, by_prompt, Annotator(mistakes, seed))
         for kind, got in pairs.items():
             write_jsonl(self.data / f"pairs_{kind}_sft.jsonl", got)
