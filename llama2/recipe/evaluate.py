@@ -24,7 +24,6 @@ from ..eval.chat import (
 from ..eval.judges import Annotator, quality
 from ..io import write_atomic
 from ..train.rejection import score_answers
-from .world import WorldConfig
 
 MODELS = ("base", "sft", "rejection", "ppo", "chat")
 
@@ -114,10 +113,7 @@ def evaluate_recipe(recipe) -> dict:
             items,
             results["answers"]["chat"],
             results["answers"]["sft"],
-            Annotator(
-                (recipe.cfg.get("world") or {}).get("mistake_rate", WorldConfig.mistake_rate),
-                seed=seed + 1,
-            ),
+            Annotator(recipe.world.mistake_rate, seed=seed + 1),
         )
     }
     rms = done("reward_models")

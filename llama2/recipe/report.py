@@ -320,8 +320,9 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         + ", ".join(f"`{k}` ({v})" for k, v in world["files"].items())
         + f"; {world['documents']} pretraining documents beside the standard library. "
         "A simulated annotator compares answers on helpfulness or safety, grades the difference "
-        f"on the paper's four levels and errs on a share {world['config']['mistake_rate']} of "
-        "comparisons. See `llama2/recipe/world.py` for every template and rule.",
+        f"on the paper's four levels and errs as people do, on close calls (on a share "
+        f"{world['config']['mistake_rate']} of them, fewer as the answers differ more). "
+        "See `llama2/recipe/world.py` for every template and rule.",
         "",
         "## Models on held-out items",
         "",

@@ -156,6 +156,11 @@ class Recipe:
     def model(self, stage: str) -> Path:
         return self.out / stage / "model"
 
+    @property
+    def world(self) -> WorldConfig:
+        """The world's settings: the config's `world:` section on the recipe's seed."""
+        return WorldConfig(**{"seed": self.cfg["seed"], **(self.cfg.get("world") or {})})
+
     def save_state(self) -> None:
         write_atomic(self.state_path, json.dumps(self.state, indent=1))
 
@@ -212,8 +217,7 @@ class Recipe:
         from ..tokenizer import train_tokenizer
         from .world import write_world
 
-        world = WorldConfig(**{"seed": self.cfg["seed"], **(self.cfg.get("world") or {})})
-        manifest = write_world(world, self.data)
+        manifest = write_world(self.world, self.data)
         docs = (self.data / "corpus" / "world.txt").read_text().split("\n\n")
         code = stdlib_documents(self.cfg["stdlib_bytes"])
         text = self.data / "corpus" / "all.txt"
@@ -263,23 +267,23 @@ class Recipe:
         from .world import sample_pairs
 
         rows = read_items(self.data / "prompts_annotate.jsonl")
-        dialogs = [r["prompt"] for r in rows]
         k, seed = self.cfg["annotate_samples"], self.cfg["seed"]
-        llm = self.load(self.model("sft")) if k >= 2 else None  # (fewer: no comparisons)
-        samples = [
-            answer_all(
-                llm,
-                dialogs,
-                self.cfg["eval_max_new_tokens"],
-                temperature=self.cfg["annotate_temperature"],
-                seed=seed + 10**6 * (j + 1),
-                desc=f"sample {j + 1}/{k}",
-            )
-            for j in range(k if llm else 0)
-        ]
-        mistakes = (self.cfg.get("world") or {}).get("mistake_rate", WorldConfig.mistake_rate)
-        by_prompt = [list(s) for s in zip(*samples, strict=True)] if samples else [[]] * len(rows)
-        pairs = sample_pairs(rows, by_prompt, Annotator(mistakes, seed))
+        pairs: dict[str, list[dict]] = {"helpful": [], "safety": []}
+        if k >= 2:  # (fewer samples make no comparisons)
+            llm = self.load(self.model("sft"))
+            samples = [
+                answer_all(
+                    llm,
+                    [r["prompt"] for r in rows],
+                    self.cfg["eval_max_new_tokens"],
+                    temperature=self.cfg["annotate_temperature"],
+                    seed=seed + 10**6 * (j + 1),
+                    desc=f"sample {j + 1}/{k}",
+                )
+                for j in range(k)
+            ]
+            by_prompt = [list(s) for s in zip(*samples, strict=True)]
+            pairs = sample_pairs(rows, by_prompt, Annotator(self.world.mistake_rate, seed))
         for kind, got in pairs.items():
             write_jsonl(self.data / f"pairs_{kind}_sft.jsonl", got)
         self.log(

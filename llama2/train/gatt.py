@@ -85,8 +85,9 @@ def training_rows(
     """The fine-tuning's examples: the sampled dialogs (with keep_adherent, one example per
     answer that honours the instruction) and the replayed chat examples."""
     if cfg.keep_adherent:
-        per_dialog = list(map(adherent_prefixes, dialogs, instructions))
-        kept = [p for ps in per_dialog for p in ps]
+        kept = [
+            p for d, i in zip(dialogs, instructions, strict=True) for p in adherent_prefixes(d, i)
+        ]
         answers = sum(len(d) // 2 for d in dialogs)
         print(
             f"{len(kept)} of the {answers} sampled answers of {len(dialogs)} dialogs honour "
