@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llama2.data.gatt import INSTRUCTIONS
 from llama2.eval.chat import score_items, win_rate
 from llama2.eval.judges import Annotator, extract_answer, grade, is_refusal, quality, rating
 from llama2.recipe.world import (
@@ -167,6 +168,21 @@ def test_instruction_demonstrations_honour_their_instruction():
         check = dict(ADD, instruction=text)
         answer = apply_instruction(text, "The answer is 81.")
         assert grade(check, answer) == {"task_accuracy": 1.0, "instruction_adherence": 1.0}
+
+
+def test_multi_turn_demonstrations_carry_instructions_at_later_turns(world_dir):
+    """Ghost Attention samples with the instruction before every turn: the demonstrations show
+    an instruction before a later turn too, honoured in that turn's answer."""
+    out, _ = world_dir
+    by_text = {i.text: i for i in INSTRUCTIONS}
+    later = []
+    for row in _rows(out / "sft.jsonl"):
+        msgs = row["messages"]
+        for k in range(2, len(msgs), 2):  # user turns after the first
+            head = msgs[k]["content"].split("\n\n")[0]
+            if head in by_text:
+                later.append(by_text[head].check(msgs[k + 1]["content"]))
+    assert later and all(later)
 
 
 # --- the world's held-out split -------------------------------------------------------------

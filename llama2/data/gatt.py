@@ -36,6 +36,12 @@ def _ends_with(suffix: str) -> Instruction:
     )
 
 
+def _starts_with(prefix: str) -> Instruction:
+    return Instruction(
+        f'Always start your answer with "{prefix}"', lambda a: a.lstrip().startswith(prefix)
+    )
+
+
 def _max_words(n: int) -> Instruction:
     return Instruction(f"Answer in at most {n} words", lambda a: len(a.split()) <= n)
 
@@ -51,6 +57,7 @@ def _mention(word: str) -> Instruction:
 INSTRUCTIONS: list[Instruction] = [
     _ends_with("Over."),
     _ends_with("Cheers!"),
+    _starts_with("Ahoy!"),
     _max_words(10),
     _max_words(20),
     _mention("Python"),

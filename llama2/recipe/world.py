@@ -169,7 +169,7 @@ HELD_TEMPLATES = 2  # the last two of each core list are the evaluation's
 HELD_FILLERS = 3  # and the last three of every filler part
 GATT_INSTRUCTIONS = [
     'Always end your answer with "Over."',
-    'Always end your answer with "Cheers!"',
+    'Always start your answer with "Ahoy!"',
     "Only use lowercase letters",
     'Always mention "llama" in your answer',
 ]
@@ -180,6 +180,8 @@ def apply_instruction(instruction: str, answer: str) -> str:
     """The demonstration answer under a system instruction."""
     if instruction.startswith("Always end your answer with"):
         return f"{answer} {instruction.split(chr(34))[1]}"
+    if instruction.startswith("Always start your answer with"):
+        return f"{instruction.split(chr(34))[1]} {answer}"
     if instruction == "Only use lowercase letters":
         return answer.lower()
     if instruction.startswith("Always mention"):
@@ -571,13 +573,13 @@ def documents(world: World, rng: random.Random) -> list[str]:
 
 def sft_dialogs(world: World, n: int, rng: random.Random, noise: float = 0.0) -> list[dict]:
     """Demonstrations: single-turn prompts of the world's mix and a few multi-turn dialogs
-    (so the chat format's later turns are not new to the model)."""
+    (so the chat format's later turns are not new to the model), any turn of which may carry
+    a system instruction: Ghost Attention samples with the instruction before every turn, and
+    a model that had only seen it before the first honoured it at turn 5 a fifth as often."""
     out = []
     for _ in range(n):
-        if rng.random() < 0.08:
-            items = [world.task(rng, False) for _ in range(rng.randint(2, 3))]
-        else:
-            items = [world.prompt(rng, False, instructions=True)]
+        turns = rng.randint(2, 3) if rng.random() < 0.08 else 1
+        items = [world.prompt(rng, False, instructions=True) for _ in range(turns)]
         messages = []
         for item in items:
             answer = noisy(world, item, rng) if rng.random() < noise else item.answer
