@@ -575,7 +575,8 @@ def sft_dialogs(world: World, n: int, rng: random.Random, noise: float = 0.0) ->
     """Demonstrations: single-turn prompts of the world's mix and a few multi-turn dialogs
     (so the chat format's later turns are not new to the model), any turn of which may carry
     a system instruction: Ghost Attention samples with the instruction before every turn, and
-    a model that had only seen it before the first honoured it at turn 5 a fifth as often."""
+    a model that had seen it before first turns only honoured it in 59% of its sampled first
+    answers and 17% of its fifth (with later turns shown too: 84%, 64%)."""
     out = []
     for _ in range(n):
         turns = rng.randint(2, 3) if rng.random() < 0.08 else 1
