@@ -5,6 +5,7 @@ short requests of every kind, resident memory after the first 100 and at the end
 
     python benchmarks/serve.py [--preset tiny-110m] [--max-tokens 64] [--requests 2] [--compile]
                                [--only engine throughput prefix mixed soak] [--soak-requests 2000]
+                               [--server-process]
 
 `engine` (first, before the server takes the model) times one stream through the engine itself
 (no HTTP) against `llm.generate` for the same prompt and settings, alternating, best of three
@@ -15,8 +16,12 @@ against eager).
 A random-weight model of the preset (the real Llama 2 vocabulary) is served by our server on
 127.0.0.1 with --max-batch 16; clients are the official openai package, streaming chat
 completions with EOS ignored (stop-free, fixed-length answers), so every level generates the
-same number of tokens per client. Bounded: the run ends by itself. The server's options that
-an older llama2 lacks are left out, so the same script measures a checkout from before them
+same number of tokens per client. The clients run in the benchmark's process; the server runs
+there too (a thread), or with --server-process in a process of its own, as `llama2 serve` does
+in front of clients on other processes or machines: the clients' and the event loop's Python
+then no longer share one GIL with the engine. Bounded: the run ends by itself. The server's
+options that an older llama2 lacks are left out, so the same script measures a checkout from
+before them
 (`PYTHONPATH=/path/to/old/checkout python benchmarks/serve.py`).
 """
 
@@ -26,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import inspect
+import multiprocessing
 import socket
 import statistics
 import threading
@@ -34,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 
+import httpx
 import torch
 
 from llama2 import Llama, Tokenizer, Transformer, get_preset
@@ -46,6 +53,28 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def random_model(preset: str) -> Llama:
+    """The preset at random weights (seed 0) with the real Llama 2 vocabulary, never stopping
+    early: every request generates its max_tokens."""
+    tok = Tokenizer.from_file(VOCAB)
+    cfg = get_preset(preset, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    llm = Llama(Transformer(cfg).eval(), tok, cfg)
+    llm.tokenizer.eos_id = -1
+    return llm
+
+
+def serve_in_child(preset: str, threads: int, options: dict, port: int) -> None:
+    """--server-process: the same model and server, in this (spawned) process."""
+    import uvicorn
+
+    from llama2.serve.api import create_app
+
+    torch.set_num_threads(threads)
+    app = create_app(random_model(preset), preset, **options)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny-110m")
@@ -55,6 +84,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="the engine's compiled decode step")
     p.add_argument("--only", nargs="+", default=["engine", "throughput", "prefix", "mixed"])
     p.add_argument("--soak-requests", type=int, default=2000)
+    p.add_argument("--server-process", action="store_true", help="the server in its own process")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import uvicorn
@@ -62,12 +92,10 @@ def main() -> None:
 
     from llama2.serve.api import create_app
 
-    tok = Tokenizer.from_file(VOCAB)
-    cfg = get_preset(args.preset, vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    llm = Llama(Transformer(cfg).eval(), tok, cfg)
+    if args.server_process and "soak" in args.only:
+        raise SystemExit("the soak reads the engine's state: run it without --server-process")
+    llm = random_model(args.preset)
     tok = llm.tokenizer
-    tok.eos_id = -1  # never stop early: fixed-length answers
     # the library alone, for one stream's reference (before the server takes the model's cache)
     llm.compile = args.compile
     ids = tok.encode("Tell me a story 0.0", bos=True)
@@ -85,14 +113,30 @@ def main() -> None:
     known = inspect.signature(create_app).parameters
     if any(k not in known for k in options):
         raise SystemExit(f"this llama2's server lacks {[k for k in options if k not in known]}")
-    app = create_app(llm, args.preset, **options)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    if args.server_process:
+        del llm  # (its memory: the child builds its own)
+        child = multiprocessing.get_context("spawn").Process(
+            target=serve_in_child, args=(args.preset, args.threads, options, port), daemon=True
+        )
+        child.start()
+        while True:  # until the child's server answers
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if not child.is_alive():
+                    raise SystemExit("the server process died before it served") from None
+                time.sleep(0.2)
+    else:
+        app = create_app(llm, args.preset, **options)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=900)
 
     def ask(messages, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
@@ -124,7 +168,8 @@ def main() -> None:
             out.append((ttft, n))
         return out
 
-    print(f"{args.preset}, {args.threads} threads, compile={args.compile}", flush=True)
+    where = "its own process" if args.server_process else "the clients' process"
+    print(f"{args.preset}, {args.threads} threads, compile={args.compile}, server in {where}")
     one_client(0)  # warm-up (and the compile, with --compile)
 
     if "throughput" in args.only:
@@ -199,7 +244,11 @@ def main() -> None:
             )
     if "soak" in args.only:
         soak(f"http://127.0.0.1:{port}", app.state.engine, args.soak_requests)
-    server.should_exit = True
+    if args.server_process:
+        child.terminate()
+        child.join()
+    else:
+        server.should_exit = True
 
 
 def engine_vs_library(llm: Llama, args) -> None:
@@ -294,8 +343,6 @@ def soak(base: str, engine, total: int) -> None:
     up after their first piece, invalid requests (400), completions with n=2 and logprobs.
     Prints resident memory (server and clients: one process) after the first 100 and at the
     end; fails if any request went wrong or anything is left running."""
-    import httpx
-
     clients: dict[int, httpx.Client] = {}
     system = {"role": "system", "content": "Be terse."}
 
