@@ -213,7 +213,7 @@ def line_nll(llm, cases: list[dict], mode: str, batch: int = 32) -> dict:
     prompt: one forward pass per line, lines batched with right padding (causal attention, so
     the padding changes nothing before it)."""
     rows = [line_tokens(llm.tokenizer, c, mode) for c in cases]
-    nll = []
+    nll, first = [], []
     for i in tqdm(range(0, len(rows), batch), desc=f"line loss ({mode})", unit="batch"):
         part = rows[i : i + batch]
         x = torch.zeros(len(part), max(len(c) + len(t) for c, t, _ in part), dtype=torch.long)
@@ -223,9 +223,12 @@ def line_nll(llm, cases: list[dict], mode: str, batch: int = 32) -> dict:
         for j, (c, t, _) in enumerate(part):
             # the logits at position p predict the token at p + 1
             at = torch.arange(len(c) - 1, len(c) + len(t) - 1)
-            nll.append(-logp[j, at, torch.tensor(t)].sum().item())
+            token_nll = -logp[j, at, torch.tensor(t)]
+            nll.append(token_nll.sum().item())
+            first.append(token_nll[0].item())
     return {
         "nll": nll,
+        "first": first,  # the line's first token alone (PSM: right after <MID>)
         "tokens": [len(t) for _, t, _ in rows],
         "chars": [n for _, _, n in rows],
     }
@@ -233,13 +236,17 @@ def line_nll(llm, cases: list[dict], mode: str, batch: int = 32) -> dict:
 
 def summarize_loss(r: dict) -> dict:
     """Nats per token and bits per character, each the total over all lines (so long lines
-    weigh more); bits per character compares prompts whose tokens differ."""
-    total = sum(r["nll"])
+    weigh more); bits per character compares prompts whose tokens differ. Also the line's first
+    token apart (mostly its indentation: after <MID> the model must recall where the prefix
+    stopped) from the tokens after it."""
+    total, tokens, first = sum(r["nll"]), sum(r["tokens"]), sum(r["first"])
     return {
-        "tokens": sum(r["tokens"]),
+        "tokens": tokens,
         "chars": sum(r["chars"]),
-        "nats_per_token": total / sum(r["tokens"]),
+        "nats_per_token": total / tokens,
         "bits_per_char": total / math.log(2) / sum(r["chars"]),
+        "first_token_nats": first / len(r["first"]),
+        "rest_nats_per_token": (total - first) / (tokens - len(r["first"])),
         "wall_seconds": r.get("wall_seconds"),
     }
 
@@ -354,14 +361,16 @@ def table(results: dict) -> str:
         f"Loss of the true line ({results['lines']} lines; left to right, plain text gives the "
         f"line the infilling layout's tokens on {ll['l2r_same_tokens_as_infilling']}):",
         "",
-        "| model | prompt | tokens | nats/token | bits/char |",
-        "|---|---|---|---|---|",
+        "| model | prompt | tokens | nats/token | bits/char | first token, nats "
+        "| later tokens, nats/token |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, r in ll["conditions"].items():
         name, m = key.split("/")
         out.append(
             f"| {MODEL[name]} | {PROMPT[m]} | {r['tokens']} | {r['nats_per_token']:.3f} "
-            f"| {r['bits_per_char']:.3f} |"
+            f"| {r['bits_per_char']:.3f} | {r['first_token_nats']:.3f} "
+            f"| {r['rest_nats_per_token']:.3f} |"
         )
     out += [
         "",
