@@ -244,6 +244,8 @@ GGUF_CASES = [
     ("eps str", {"llama.attention.layer_norm_rms_epsilon": (T.STRING, "x")}, "epsilon"),
     ("context 0", {"llama.context_length": (T.UINT32, 0)}, "max_seq_len must be positive"),
     ("dim huge", {"llama.embedding_length": (T.UINT32, 2**31)}, "beyond any model"),
+    # one flipped byte of the count (found by the header fuzz below: 24 GB and the OOM killer)
+    ("layers huge", {"llama.block_count": (T.UINT32, 2**24 + 2)}, "llama.block_count"),
     ("arch", {"general.architecture": (T.STRING, "gpt2")}, "general.architecture"),
     ("rope yarn", {"llama.rope.scaling.type": (T.STRING, "yarn")}, "'yarn'"),
     ("rope factor str", {"llama.rope.scaling.factor": (T.STRING, "2")}, "scaling.factor"),

@@ -93,9 +93,15 @@ def _config(path: Path, meta: dict, tensors: dict) -> ModelConfig:
         max_seq_len=get("context_length"),
     )
     try:
-        return ModelConfig(**args)
+        config = ModelConfig(**args)
     except ValueError as e:
         raise GGUFError(f"{path}: {e}") from e
+    if config.n_layers > len(tensors):  # (a corrupt count would list billions of tensor names)
+        raise GGUFError(
+            f"{path}: llama.block_count is {config.n_layers}, but the file holds only "
+            f"{len(tensors)} tensors"
+        )
+    return config
 
 
 def save_gguf(
