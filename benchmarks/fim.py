@@ -45,6 +45,7 @@ from llama2.data import prepare_corpus, stdlib_documents
 from llama2.formats import encode_infill, infill_ids
 from llama2.generation import SamplingParams, generate
 from llama2.tokenizer import train_tokenizer
+from llama2.train.ppo import token_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 48  # generated per line, at most
@@ -219,11 +220,9 @@ def line_nll(llm, cases: list[dict], mode: str, batch: int = 32) -> dict:
         x = torch.zeros(len(part), max(len(c) + len(t) for c, t, _ in part), dtype=torch.long)
         for j, (c, t, _) in enumerate(part):
             x[j, : len(c) + len(t)] = torch.tensor(c + t)
-        logp = llm.model(x).log_softmax(-1)
+        logp, _ = token_logprobs(llm.model, x)  # [B, L-1]: column p is token p + 1's
         for j, (c, t, _) in enumerate(part):
-            # the logits at position p predict the token at p + 1
-            at = torch.arange(len(c) - 1, len(c) + len(t) - 1)
-            token_nll = -logp[j, at, torch.tensor(t)]
+            token_nll = -logp[j, len(c) - 1 : len(c) + len(t) - 1]
             nll.append(token_nll.sum().item())
             first.append(token_nll[0].item())
     return {
