@@ -32,7 +32,7 @@ def test_every_candidate_equals_float64(rows, dtype, shape, monkeypatch):
         assert {"onednn", "split", "mv"} <= set(names)
     for name in names:
         product = kernels.PRODUCTS[name]
-        tol = 2e-3 if name == "gemv16" else 1e-5  # the fp16 GEMV rounds x to fp16
+        tol = 2e-3 if name == "fp16" else 1e-5  # the fp16 product rounds x to fp16
         with torch.no_grad():
             out = product(x, w)
         assert out.shape == (1, rows, shape[0]) and out.dtype == torch.float32, name
@@ -136,3 +136,28 @@ def _spy(name, product, calls):
 
     spy.kernel_name = name
     return spy
+
+
+def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
+    """A decode step reads each weight from memory, not from the cache: a single-row product
+    is timed over copies of its weight filling twice the last-level cache (a small weight, whose
+    call overhead rules, and a product of many rows are timed on the weight itself)."""
+    assert kernels.last_level_cache_bytes() > 0
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 8 << 20)
+    w = torch.randn(512, 256)  # 512 KiB: 32 copies fill 16 MiB
+    copies = kernels._streamed(w)
+    assert len({c.data_ptr() for c in copies}) == 32
+    assert all(torch.equal(c, w) and c.is_contiguous() for c in copies)
+    assert len(kernels._streamed(torch.randn(8, 16))) == 1
+    assert len(kernels._streamed(w.t())) == 1  # (a strided weight is timed as it is)
+    read = []
+
+    def spy(x, w):
+        read.append(w.data_ptr())
+        return F.linear(x, w)
+
+    kernels._seconds(spy, torch.randn(1, 256), w, grad=False)
+    assert len(set(read)) == 32 and len(read) == 32 * (kernels.REPEATS + 1)
+    read.clear()
+    kernels._seconds(spy, torch.randn(4, 256), w, grad=False)
+    assert set(read) == {w.data_ptr()}
