@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -269,12 +270,18 @@ def compiled_forward(model: Transformer) -> Callable:
     the weights become constants of the graph, so a call no longer gathers every parameter.
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
-    their conversion into fp32 copies)."""
+    their conversion into fp32 copies). A frozen fp32 weight's single-row product is a fused
+    reduction or a library GEMV on a prepacked copy, whichever measures faster on this CPU
+    (`kernels.choose_compiled`; the copy doubles those weights' memory)."""
     if model not in _COMPILED:
         # each model (and batch size, cache length) is a graph of its own: allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
+        if freeze:
+            for m in linears:
+                if isinstance(m, kernels.Linear) and m.weight.device.type == "cpu":
+                    m.compiled = kernels.choose_compiled(m.weight)
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
         # kernels)
         compiled = torch.compile(model, options={"cpp_wrapper": freeze})

@@ -22,7 +22,8 @@ Candidates:
   AVX512-FP16 the GEMM runs twice as fast as fp32's) and "gemm32" (the weight converted, an
   fp32 product).
 Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a single
-row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype.
+row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype, or
+for fp32 weights frozen into the graph, where measurement says so, F.linear (`choose_compiled`).
 """
 
 from __future__ import annotations
@@ -263,14 +264,79 @@ def choose(x: torch.Tensor, w: torch.Tensor) -> str:
     return name
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _reduction(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A single row's product written as a multiply-and-sum: under torch.compile inductor
+    fuses it into one pass over the weight on all threads, converting half-precision weights
+    on the fly."""
+    return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+
+
+_compiled_reduction = None
+
+
+def _packed_gemv(w: torch.Tensor) -> Product:
+    """What inductor makes of F.linear on a frozen fp32 weight: MKL's GEMV on a prepacked
+    copy of the weight (a second copy, held by the compiled graph)."""
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
+    return lambda x, w: torch.ops.mkl._mkl_linear(x, packed, w, None, 1)
+
+
+def measure_compiled(w: torch.Tensor) -> dict[str, float]:
+    """Seconds per single-row product of `w` in each form `choose_compiled` picks from, the
+    weight streamed from memory as in `_seconds`: "reduction" compiled on its own, "linear"
+    as inductor runs it with frozen weights."""
+    global _compiled_reduction
+    if _compiled_reduction is None:
+        _compiled_reduction = torch.compile(_reduction, dynamic=False)
+    x = torch.randn(1, w.shape[1], dtype=w.dtype)
+    weights = _streamed(w.detach())
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    forms = {
+        "reduction": [(_compiled_reduction, wi) for wi in weights],
+        "linear": [(_packed_gemv(wi) if mkl else F.linear, wi) for wi in weights],
+    }
+    best = {}
+    with torch.no_grad():
+        for name, calls in forms.items():
+            best[name] = float("inf")
+            for i in range(REPEATS + 1):
+                t = time.perf_counter()
+                for product, wi in calls:
+                    product(x, wi)
+                if i:
+                    best[name] = min(best[name], (time.perf_counter() - t) / len(calls))
+    return best
+
+
+def choose_compiled(w: torch.Tensor) -> str:
+    """How `linear` writes a single row's product of the fp32 weight `w` for torch.compile
+    with frozen weights (generation.compiled_forward): "reduction" (`_reduction`) or "linear"
+    (F.linear, which inductor runs as MKL's GEMV on a prepacked copy). Measured on first use
+    and remembered like the eager products (on an Intel Xeon with AVX-512 MKL's streamed
+    1.5-1.9x the fused reduction's bandwidth). Weights under 256 KiB, whose products cost
+    less than their calls, stay reductions, unmeasured."""
+    if w.dtype != torch.float32 or w.numel() * w.element_size() < 1 << 18:
+        return "reduction"
+    key = f"compiled|{w.dtype}|{'x'.join(map(str, w.shape))}|rows1|t{torch.get_num_threads()}"
+    name = _chosen.get(key)
+    if name is None:
+        _load_choices()
+        name = _chosen.get(key)
+    if name not in ("reduction", "linear"):
+        times = measure_compiled(w)
+        name = _chosen[key] = min(times, key=times.get)
+        _store_choices()
+    return name
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "reduction") -> torch.Tensor:
+    """x @ w.T by the product chosen for these operands; under torch.compile, a single row in
+    the form `compiled` ("reduction" or "linear", see `choose_compiled`)."""
     if x.device.type != "cpu":
         return F.linear(x, w)
     if torch.compiler.is_compiling():
-        if x.numel() == x.shape[-1]:
-            # written as a reduction, inductor fuses it into one pass over the weight on all
-            # threads, converting half-precision weights on the fly
-            return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+        if x.numel() == x.shape[-1] and compiled == "reduction":
+            return _reduction(x, w)
         return F.linear(x, w.to(x.dtype))  # (no graph break for the measurement below)
     if torch.is_autocast_enabled("cpu"):
         return F.linear(x, w)
@@ -280,5 +346,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) with the products above."""
 
+    compiled = "reduction"  # a single row's form under torch.compile (`choose_compiled`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.compiled)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -177,18 +179,24 @@ def test_chat_answers_and_streams_alike(llm):
     assert both[0].token_ids == one.token_ids
 
 
-def test_compiled_decoding_matches_eager(llm):
-    """torch.compile over the static cache gives the eager tokens (batched, mixed lengths)."""
-    tok = llm.tokenizer
+@pytest.mark.parametrize("form", ["reduction", "linear"])
+def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
+    """torch.compile over the static cache gives the eager tokens (batched, mixed lengths),
+    with single rows in either form kernels.choose_compiled may pick."""
+    from llama2 import kernels
+
+    monkeypatch.setattr(kernels, "choose_compiled", lambda w: form)
+    model, tok = copy.deepcopy(llm.model), llm.tokenizer  # (compiled_forward keeps its graph)
     prompts = [tok.encode("import os", bos=True), tok.encode("def f(x):\n    return", bos=True)]
     params = SamplingParams(max_new_tokens=12, temperature=0)
-    eager = generate(llm.model, tok, prompts, params)
-    compiled = generate(llm.model, tok, prompts, params, compile=True)
+    eager = generate(model, tok, prompts, params)
+    compiled = generate(model, tok, prompts, params, compile=True)
+    assert {m.compiled for m in model.modules() if isinstance(m, kernels.Linear)} == {form}
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
-    again = generate(llm.model, tok, prompts[:1], params, compile=True)  # B=1: a new graph
+    again = generate(model, tok, prompts[:1], params, compile=True)  # B=1: a new graph
     assert again[0].token_ids == eager[0].token_ids
     with torch.no_grad():  # the model is back to plain forward passes afterwards
-        assert llm.model(torch.tensor([prompts[0]])).shape[1] == len(prompts[0])
+        assert model(torch.tensor([prompts[0]])).shape[1] == len(prompts[0])
 
 
 def test_batched_steps_name_their_rows_after_some_finish(llm):

@@ -161,3 +161,25 @@ def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
     read.clear()
     kernels._seconds(spy, torch.randn(4, 256), w, grad=False)
     assert set(read) == {w.data_ptr()}
+
+
+def test_the_compiled_form_of_a_single_row_is_measured_and_remembered(fresh_choices, monkeypatch):
+    """Under torch.compile a frozen fp32 weight's single row is a fused reduction or F.linear
+    (MKL's GEMV on a prepacked copy), whichever measures faster; small or half-precision
+    weights stay reductions, unmeasured."""
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 2 << 20)  # a few copies
+    w = torch.randn(512, 256)  # 512 KiB
+    times = kernels.measure_compiled(w)  # (real: compiles the reduction)
+    assert set(times) == {"reduction", "linear"} and all(0 < t < 1 for t in times.values())
+    monkeypatch.setattr(kernels, "measure_compiled", lambda w: {"reduction": 2.0, "linear": 1.0})
+    assert kernels.choose_compiled(w) == "linear"
+    stored = json.loads(fresh_choices.read_text())
+    assert [v for k, v in stored.items() if k.startswith("compiled|torch.float32|512x256|")] == [
+        "linear"
+    ]
+    monkeypatch.setattr(kernels, "measure_compiled", lambda w: pytest.fail("measured again"))
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_loaded_from", None)
+    assert kernels.choose_compiled(w) == "linear"  # from the file
+    assert kernels.choose_compiled(torch.randn(8, 16)) == "reduction"
+    assert kernels.choose_compiled(w.half()) == "reduction"
