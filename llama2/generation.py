@@ -279,9 +279,10 @@ def compiled_forward(model: Transformer) -> Callable:
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
         if freeze:
+            weights = sum(m.weight.numel() * m.weight.element_size() for m in linears)
             for m in linears:
                 if isinstance(m, kernels.Linear) and m.weight.device.type == "cpu":
-                    m.compiled = kernels.choose_compiled(m.weight)
+                    m.compiled = kernels.choose_compiled(m.weight, weights)
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
         # kernels)
         compiled = torch.compile(model, options={"cpp_wrapper": freeze})

@@ -203,13 +203,17 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
-def _streamed(w: torch.Tensor) -> list[torch.Tensor]:
-    """Copies of `w` filling twice the last-level cache: a decode step streams every weight
-    from memory once a token, and a product timed on one weight that stays in the cache ranks
+def _streamed(w: torch.Tensor, working_set: int | None = None) -> list[torch.Tensor]:
+    """Copies of `w` filling twice the last-level cache, or `working_set` bytes if that is
+    less (a model's weights that fit in the cache are read from it): a decode step streams
+    every weight once a token, and a product timed on one weight that stays in the cache ranks
     the candidates differently (on an Intel Xeon with 300 MiB of L3, oneDNN's single-row
     product timed 2x slower than torch.mv in the cache, 1.4x slower from memory)."""
     size = w.numel() * w.element_size()
-    n = min(-(-2 * last_level_cache_bytes() // size), 256)  # (256 x 1 MiB: 0.1 s a candidate)
+    target = 2 * last_level_cache_bytes()
+    if working_set is not None:
+        target = min(target, working_set)
+    n = min(-(-target // size), 256)  # (256 x 1 MiB: 0.1 s a candidate)
     if n <= 1 or size < 1 << 18 or not w.is_contiguous():  # small ones: the call's cost rules
         return [w]
     return list(w.expand(n, *w.shape).clone().unbind())
@@ -281,15 +285,15 @@ def _packed_gemv(w: torch.Tensor) -> Product:
     return lambda x, w: torch.ops.mkl._mkl_linear(x, packed, w, None, 1)
 
 
-def measure_compiled(w: torch.Tensor) -> dict[str, float]:
+def measure_compiled(w: torch.Tensor, working_set: int | None = None) -> dict[str, float]:
     """Seconds per single-row product of `w` in each form `choose_compiled` picks from, the
-    weight streamed from memory as in `_seconds`: "reduction" compiled on its own, "linear"
-    as inductor runs it with frozen weights."""
+    weight streamed as in `_streamed`: "reduction" compiled on its own, "linear" as inductor
+    runs it with frozen weights."""
     global _compiled_reduction
     if _compiled_reduction is None:
         _compiled_reduction = torch.compile(_reduction, dynamic=False)
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
-    weights = _streamed(w.detach())
+    weights = _streamed(w.detach(), working_set)
     mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
     forms = {
         "reduction": [(_compiled_reduction, wi) for wi in weights],
@@ -308,13 +312,14 @@ def measure_compiled(w: torch.Tensor) -> dict[str, float]:
     return best
 
 
-def choose_compiled(w: torch.Tensor) -> str:
+def choose_compiled(w: torch.Tensor, working_set: int | None = None) -> str:
     """How `linear` writes a single row's product of the fp32 weight `w` for torch.compile
     with frozen weights (generation.compiled_forward): "reduction" (`_reduction`) or "linear"
     (F.linear, which inductor runs as MKL's GEMV on a prepacked copy). Measured on first use
     and remembered like the eager products (on an Intel Xeon with AVX-512 MKL's streamed
     1.5-1.9x the fused reduction's bandwidth). Weights under 256 KiB, whose products cost
-    less than their calls, stay reductions, unmeasured."""
+    less than their calls, stay reductions, unmeasured. `working_set`: the bytes of all the
+    weights a step reads (the model's), if known."""
     if w.dtype != torch.float32 or w.numel() * w.element_size() < 1 << 18:
         return "reduction"
     key = f"compiled|{w.dtype}|{'x'.join(map(str, w.shape))}|rows1|t{torch.get_num_threads()}"
@@ -323,7 +328,7 @@ def choose_compiled(w: torch.Tensor) -> str:
         _load_choices()
         name = _chosen.get(key)
     if name not in ("reduction", "linear"):
-        times = measure_compiled(w)
+        times = measure_compiled(w, working_set)
         name = _chosen[key] = min(times, key=times.get)
         _store_choices()
     return name

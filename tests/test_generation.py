@@ -185,7 +185,7 @@ def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     with single rows in either form kernels.choose_compiled may pick."""
     from llama2 import kernels
 
-    monkeypatch.setattr(kernels, "choose_compiled", lambda w: form)
+    monkeypatch.setattr(kernels, "choose_compiled", lambda *a: form)
     model, tok = copy.deepcopy(llm.model), llm.tokenizer  # (compiled_forward keeps its graph)
     prompts = [tok.encode("import os", bos=True), tok.encode("def f(x):\n    return", bos=True)]
     params = SamplingParams(max_new_tokens=12, temperature=0)

@@ -150,6 +150,7 @@ def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
     assert all(torch.equal(c, w) and c.is_contiguous() for c in copies)
     assert len(kernels._streamed(torch.randn(8, 16))) == 1
     assert len(kernels._streamed(w.t())) == 1  # (a strided weight is timed as it is)
+    assert len(kernels._streamed(w, working_set=4 << 20)) == 8  # a model held in the cache
     read = []
 
     def spy(x, w):
@@ -171,13 +172,13 @@ def test_the_compiled_form_of_a_single_row_is_measured_and_remembered(fresh_choi
     w = torch.randn(512, 256)  # 512 KiB
     times = kernels.measure_compiled(w)  # (real: compiles the reduction)
     assert set(times) == {"reduction", "linear"} and all(0 < t < 1 for t in times.values())
-    monkeypatch.setattr(kernels, "measure_compiled", lambda w: {"reduction": 2.0, "linear": 1.0})
+    monkeypatch.setattr(kernels, "measure_compiled", lambda *a: {"reduction": 2.0, "linear": 1.0})
     assert kernels.choose_compiled(w) == "linear"
     stored = json.loads(fresh_choices.read_text())
     assert [v for k, v in stored.items() if k.startswith("compiled|torch.float32|512x256|")] == [
         "linear"
     ]
-    monkeypatch.setattr(kernels, "measure_compiled", lambda w: pytest.fail("measured again"))
+    monkeypatch.setattr(kernels, "measure_compiled", lambda *a: pytest.fail("measured again"))
     monkeypatch.setattr(kernels, "_chosen", {})
     monkeypatch.setattr(kernels, "_loaded_from", None)
     assert kernels.choose_compiled(w) == "linear"  # from the file
