@@ -5,7 +5,7 @@ short requests of every kind, resident memory after the first 100 and at the end
 
     python benchmarks/serve.py [--preset tiny-110m] [--max-tokens 64] [--requests 2] [--compile]
                                [--only engine throughput prefix mixed soak] [--soak-requests 2000]
-                               [--server-process]
+                               [--server-process [--clients-nice N]]
 
 `engine` (first, before the server takes the model) times one stream through the engine itself
 (no HTTP) against `llm.generate` for the same prompt and settings, alternating, best of three
@@ -19,7 +19,10 @@ completions with EOS ignored (stop-free, fixed-length answers), so every level g
 same number of tokens per client. The clients run in the benchmark's process; the server runs
 there too (a thread), or with --server-process in a process of its own, as `llama2 serve` does
 in front of clients on other processes or machines: the clients' and the event loop's Python
-then no longer share one GIL with the engine. Bounded: the run ends by itself. The server's
+then no longer share one GIL with the engine; `--clients-nice N` then lowers the clients'
+scheduling priority (nice N, the server's unchanged), the nearest a one-machine benchmark
+comes to clients on machines of their own: their CPU time is still spent, on cores the
+engine does not need at that moment. Bounded: the run ends by itself. The server's
 options that an older llama2 lacks are left out, so the same script measures a checkout from
 before them
 (`PYTHONPATH=/path/to/old/checkout python benchmarks/serve.py`).
@@ -32,6 +35,7 @@ import copy
 import dataclasses
 import inspect
 import multiprocessing
+import os
 import socket
 import statistics
 import threading
@@ -85,6 +89,12 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=["engine", "throughput", "prefix", "mixed"])
     p.add_argument("--soak-requests", type=int, default=2000)
     p.add_argument("--server-process", action="store_true", help="the server in its own process")
+    p.add_argument(
+        "--clients-nice",
+        type=int,
+        default=0,
+        help="with --server-process: the clients' niceness (0-19), the server's left as it is",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import uvicorn
@@ -92,6 +102,10 @@ def main() -> None:
 
     from llama2.serve.api import create_app
 
+    if args.clients_nice and not args.server_process:
+        raise SystemExit("--clients-nice needs --server-process (the clients' own process)")
+    if not 0 <= args.clients_nice <= 19:
+        raise SystemExit(f"--clients-nice must be in 0..19, not {args.clients_nice}")
     if args.server_process and "soak" in args.only:
         raise SystemExit("the soak reads the engine's state: run it without --server-process")
     llm = random_model(args.preset)
@@ -130,6 +144,7 @@ def main() -> None:
                 if not child.is_alive():
                     raise SystemExit("the server process died before it served") from None
                 time.sleep(0.2)
+        os.nice(args.clients_nice)  # (after the spawn: the server keeps its priority)
     else:
         app = create_app(llm, args.preset, **options)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -169,7 +184,8 @@ def main() -> None:
         return out
 
     where = "its own process" if args.server_process else "the clients' process"
-    print(f"{args.preset}, {args.threads} threads, compile={args.compile}, server in {where}")
+    nice = f", clients at nice {args.clients_nice}" if args.clients_nice else ""
+    print(f"{args.preset}, {args.threads} threads, compile={args.compile}, server in {where}{nice}")
     one_client(0)  # warm-up (and the compile, with --compile)
 
     if "throughput" in args.only:

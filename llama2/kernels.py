@@ -4,7 +4,7 @@ Which product is fastest depends on the CPU, not only on the shape: on an AMD EP
 fp32 GEMM does not use AVX-512 and oneDNN's inner product beats it 2x; on an Intel Xeon with
 AVX-512 they are even, and bf16 runs on AMX. So, as `torch.backends.cudnn.benchmark` does, the
 first product of each kind (dtypes, weight shape, class of row count, autograd or not,
-threads) times its candidates on the real operands (a single row, as in decode, streaming its
+threads) times its candidates on the real operands (a few rows, as in decode, streaming the
 weight from memory as a decode step does) and keeps the fastest, for the process
 and in a JSON file per CPU model and PyTorch version (`LLAMA2_KERNEL_CACHE` names the file;
 "off" keeps choices in memory only). `F.linear` is always a candidate, so no product is
@@ -45,6 +45,7 @@ from .io import write_atomic
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MEASURE_ROWS = 512  # larger products are timed on their first rows: the ranking holds
 REPEATS = 3  # timed runs per candidate after a warm-up; the fastest counts
+STREAMED_ROWS = 16  # up to here a product reads its weight once for little arithmetic
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -220,12 +221,14 @@ def _streamed(w: torch.Tensor, working_set: int | None = None) -> list[torch.Ten
 
 
 def _seconds(product: Product, x: torch.Tensor, w: torch.Tensor, grad: bool) -> float:
-    """Seconds per product, the best of REPEATS timed runs after a warm-up. Single rows
-    without autograd (decode) are timed streaming their weight from memory (`_streamed`)."""
+    """Seconds per product, the best of REPEATS timed runs after a warm-up. A few rows without
+    autograd (decode, one sequence or a batch of them) are timed streaming their weight from
+    memory (`_streamed`)."""
     if grad:  # forward and backward, on leaves of their own (the caller's graph untouched)
         x = x.detach().requires_grad_()
         w = w.detach().requires_grad_()
-    weights = _streamed(w) if not grad and x.numel() == x.shape[-1] else [w]
+    rows = x.numel() // x.shape[-1]
+    weights = _streamed(w) if not grad and rows <= STREAMED_ROWS else [w]
     best = float("inf")
     with torch.enable_grad() if grad else torch.no_grad():
         for i in range(REPEATS + 1):

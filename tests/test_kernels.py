@@ -139,7 +139,7 @@ def _spy(name, product, calls):
 
 
 def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
-    """A decode step reads each weight from memory, not from the cache: a single-row product
+    """A decode step reads each weight from memory, not from the cache: a product of a few rows
     is timed over copies of its weight filling twice the last-level cache (a small weight, whose
     call overhead rules, and a product of many rows are timed on the weight itself)."""
     assert kernels.last_level_cache_bytes() > 0
@@ -160,7 +160,10 @@ def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
     kernels._seconds(spy, torch.randn(1, 256), w, grad=False)
     assert len(set(read)) == 32 and len(read) == 32 * (kernels.REPEATS + 1)
     read.clear()
-    kernels._seconds(spy, torch.randn(4, 256), w, grad=False)
+    kernels._seconds(spy, torch.randn(8, 256), w, grad=False)  # a batch of 8 decoding
+    assert len(set(read)) == 32
+    read.clear()
+    kernels._seconds(spy, torch.randn(kernels.STREAMED_ROWS + 1, 256), w, grad=False)
     assert set(read) == {w.data_ptr()}
 
 
