@@ -18,9 +18,9 @@ Candidates:
   are split into one `bmm` batch entry per thread (free views).
 - "mv": one row as `torch.mv` (its bf16 GEMV streamed 1.3-1.8x F.linear's on an Intel Xeon).
 - fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): "fp16" (x
-  rounded to fp16, PyTorch's fp16 GEMV or GEMM, which accumulate in fp32: on a CPU with
-  AVX512-FP16 the GEMM runs twice as fast as fp32's) and "gemm32" (the weight converted, an
-  fp32 product).
+  rounded to fp16, PyTorch's fp16 GEMV or GEMM, which accumulate in fp32; the GEMM did not
+  beat fp32's on an Emerald Rapids Xeon, 118-221 against 144-217 GFLOP/s, but may where fp16
+  arithmetic is fast) and "gemm32" (the weight converted, an fp32 product).
 Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a single
 row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype, or
 for fp32 weights frozen into the graph, where measurement says so, F.linear (`choose_compiled`).
@@ -233,8 +233,8 @@ def _seconds(product: Product, x: torch.Tensor, w: torch.Tensor, grad: bool) -> 
     with torch.enable_grad() if grad else torch.no_grad():
         for i in range(REPEATS + 1):
             t = time.perf_counter()
-            for w in weights:
-                out = product(x, w)
+            for wi in weights:
+                out = product(x, wi)
                 if grad:
                     out.backward(torch.ones_like(out))
             if i:  # the first run warms caches and allocators
