@@ -206,9 +206,9 @@ def last_level_cache_bytes() -> int:
 
 def _streamed(w: torch.Tensor, working_set: int | None = None) -> list[torch.Tensor]:
     """Copies of `w` filling twice the last-level cache (at most 512 MiB), or `working_set`
-    bytes if that is less (a model's weights that fit in the cache are read from it): a decode step streams
-    every weight once a token, and a product timed on one weight that stays in the cache ranks
-    the candidates differently (on an Intel Xeon with 300 MiB of L3, oneDNN's single-row
+    bytes if that is less (a model's weights that fit in the cache are read from it): a decode
+    step streams every weight once a token, and a product timed on one weight that stays in the
+    cache ranks the candidates differently (on an Intel Xeon with 300 MiB of L3, oneDNN's single-row
     product timed 2x slower than torch.mv in the cache, 1.4x slower from memory)."""
     size = w.numel() * w.element_size()
     target = min(2 * last_level_cache_bytes(), 512 << 20)  # (beside a 7B model in memory)
