@@ -45,7 +45,7 @@ from .io import write_atomic
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MEASURE_ROWS = 512  # larger products are timed on their first rows: the ranking holds
 REPEATS = 3  # timed runs per candidate after a warm-up; the fastest counts
-STREAMED_ROWS = 16  # up to here a product reads its weight once for little arithmetic
+STREAMED_ROWS = 15  # up to here (row classes 1 ... 8-15) a product is mostly reading its weight
 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -136,9 +136,9 @@ def _key(x: torch.Tensor, w: torch.Tensor, grad: bool) -> str:
     rows = x.numel() // x.shape[-1]
     rows_class = min(rows.bit_length(), MEASURE_ROWS.bit_length())  # 1, 2-3, 4-7, ..., 512+
     shape = "x".join(map(str, w.shape))
-    return f"{x.dtype}|{w.dtype}|{shape}|rows{rows_class}|{'grad' if grad else 'nograd'}|" + (
-        f"t{torch.get_num_threads()}"
-    )
+    # ("stream": timed streaming the weight; choices kept from before that are measured again)
+    mode = "grad" if grad else "stream" if rows <= STREAMED_ROWS else "nograd"
+    return f"{x.dtype}|{w.dtype}|{shape}|rows{rows_class}|{mode}|t{torch.get_num_threads()}"
 
 
 def cpu_name() -> str:

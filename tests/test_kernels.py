@@ -165,6 +165,10 @@ def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
     read.clear()
     kernels._seconds(spy, torch.randn(kernels.STREAMED_ROWS + 1, 256), w, grad=False)
     assert set(read) == {w.data_ptr()}
+    # choices timed the old way (the weight in the cache) are not taken for streamed ones
+    assert "|stream|" in kernels._key(torch.randn(8, 256), w, grad=False)
+    assert "|nograd|" in kernels._key(torch.randn(16, 256), w, grad=False)
+    assert "|grad|" in kernels._key(torch.randn(1, 256), w, grad=True)
 
 
 def test_the_compiled_form_of_a_single_row_is_measured_and_remembered(fresh_choices, monkeypatch):
