@@ -28,12 +28,13 @@ for fp32 weights frozen into the graph, where measurement says so, F.linear (`ch
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -194,6 +195,7 @@ def _store_choices() -> None:
         pass  # a read-only home: the choices still hold for this process
 
 
+@functools.cache
 def last_level_cache_bytes() -> int:
     """The CPU's last-level cache (Linux: sysfs), else 32 MiB."""
     sizes = []
@@ -229,17 +231,41 @@ def _seconds(product: Product, x: torch.Tensor, w: torch.Tensor, grad: bool) -> 
         w = w.detach().requires_grad_()
     rows = x.numel() // x.shape[-1]
     weights = _streamed(w) if not grad and rows <= STREAMED_ROWS else [w]
-    best = float("inf")
+
+    def run() -> None:
+        for wi in weights:
+            out = product(x, wi)
+            if grad:
+                out.backward(torch.ones_like(out))
+
     with torch.enable_grad() if grad else torch.no_grad():
-        for i in range(REPEATS + 1):
-            t = time.perf_counter()
-            for wi in weights:
-                out = product(x, wi)
-                if grad:
-                    out.backward(torch.ones_like(out))
-            if i:  # the first run warms caches and allocators
-                best = min(best, (time.perf_counter() - t) / len(weights))
+        return _best_seconds(run, len(weights))
+
+
+def _best_seconds(run: Callable[[], None], n: int) -> float:
+    """Seconds per product of `run`, which makes `n` of them: the best of REPEATS timed runs
+    after one that warms caches and allocators."""
+    best = float("inf")
+    for i in range(REPEATS + 1):
+        t = time.perf_counter()
+        run()
+        if i:
+            best = min(best, (time.perf_counter() - t) / n)
     return best
+
+
+def _remembered(key: str, valid: Sequence[str], timings: Callable[[], dict[str, float]]) -> str:
+    """The choice stored under `key` (in memory, else in the file) if it is still `valid`;
+    otherwise the fastest of `timings()`, stored."""
+    name = _chosen.get(key)
+    if name is None:
+        _load_choices()
+        name = _chosen.get(key)
+    if name not in valid:
+        times = timings()
+        name = _chosen[key] = min(times, key=times.get)
+        _store_choices()
+    return name
 
 
 def measure(x: torch.Tensor, w: torch.Tensor, grad: bool) -> dict[str, float]:
@@ -257,16 +283,7 @@ def choose(x: torch.Tensor, w: torch.Tensor) -> str:
     name = _memo.get(fast)
     if name is not None:
         return name
-    key = _key(x, w, grad)
-    name = _chosen.get(key)
-    if name is None:
-        _load_choices()
-        name = _chosen.get(key)
-    if name is None or name not in candidates(x, w):
-        times = measure(x, w, grad)
-        name = min(times, key=times.get)
-        _chosen[key] = name
-        _store_choices()
+    name = _remembered(_key(x, w, grad), candidates(x, w), lambda: measure(x, w, grad))
     _memo[fast] = name
     return name
 
@@ -302,17 +319,12 @@ def measure_compiled(w: torch.Tensor, working_set: int | None = None) -> dict[st
         "reduction": [(_compiled_reduction, wi) for wi in weights],
         "linear": [(_packed_gemv(wi) if mkl else F.linear, wi) for wi in weights],
     }
-    best = {}
+
+    def runner(calls: list) -> Callable[[], None]:
+        return lambda: [product(x, wi) for product, wi in calls]
+
     with torch.no_grad():
-        for name, calls in forms.items():
-            best[name] = float("inf")
-            for i in range(REPEATS + 1):
-                t = time.perf_counter()
-                for product, wi in calls:
-                    product(x, wi)
-                if i:
-                    best[name] = min(best[name], (time.perf_counter() - t) / len(calls))
-    return best
+        return {name: _best_seconds(runner(calls), len(calls)) for name, calls in forms.items()}
 
 
 def choose_compiled(w: torch.Tensor, working_set: int | None = None) -> str:
@@ -326,15 +338,7 @@ def choose_compiled(w: torch.Tensor, working_set: int | None = None) -> str:
     if w.dtype != torch.float32 or w.numel() * w.element_size() < 1 << 18:
         return "reduction"
     key = f"compiled|{w.dtype}|{'x'.join(map(str, w.shape))}|rows1|t{torch.get_num_threads()}"
-    name = _chosen.get(key)
-    if name is None:
-        _load_choices()
-        name = _chosen.get(key)
-    if name not in ("reduction", "linear"):
-        times = measure_compiled(w, working_set)
-        name = _chosen[key] = min(times, key=times.get)
-        _store_choices()
-    return name
+    return _remembered(key, ("reduction", "linear"), lambda: measure_compiled(w, working_set))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "reduction") -> torch.Tensor:
