@@ -72,6 +72,32 @@ def test_per_row_start_positions_match_separate_runs():
     assert (out[1, -1] - ref_b).abs().max() < 1e-4
 
 
+def test_rows_in_chosen_cache_slots_match_separate_runs():
+    """A batch whose rows live in chosen cache slots (out of order, a gap between them), each at
+    its own position, computes what each row computes alone, step after step; the layers
+    gather those slots' keys and values into one pair of buffers kept across steps."""
+    cfg = CONFIGS["grouped-query"]
+    torch.manual_seed(2)
+    model = Transformer(cfg).eval()
+    seqs = [torch.randint(0, cfg.vocab_size, (1, n)) for n in (7, 3, 5)]
+    slots = [3, 0, 2]
+    with torch.no_grad():
+        refs = [model(s)[0, -2:] for s in seqs]  # the last two positions' logits
+        model.setup_cache(batch_size=4, max_seq_len=16)
+        for s, slot in zip(seqs, slots, strict=True):
+            model(s[:, :-2], start_pos=0, slots=[slot])
+        buffers = []
+        for step in (2, 1):  # two decode steps, all three rows together
+            tokens = torch.cat([s[:, -step : s.shape[1] - step + 1] for s in seqs])
+            start = torch.tensor([s.shape[1] - step for s in seqs])
+            out = model(tokens, start_pos=start, slots=slots)[:, 0]
+            for row, ref in enumerate(refs):
+                assert (out[row] - ref[2 - step]).abs().max() < 1e-4
+            buffers.append({k: b.data_ptr() for k, b in model.kv_caches[0].gathered.items()})
+    assert buffers[0] == buffers[1] and set(buffers[0]) == {"k", "v"}
+    assert all(c.gathered is model.kv_caches[0].gathered for c in model.kv_caches)
+
+
 @pytest.mark.parametrize(
     "name,billions", [("llama2-7b", 6.74), ("llama2-13b", 13.02), ("llama2-70b", 68.98)]
 )
