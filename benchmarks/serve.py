@@ -119,6 +119,7 @@ def main() -> None:
         lib_tps = args.max_tokens / (time.perf_counter() - t0)
     print(f"library llm.generate ({len(ids)}-token prompt): {lib_tps:.1f} tok/s", flush=True)
     if "engine" in args.only:
+        model_alone(llm.model, args)
         engine_vs_library(llm, args)
         llm.compile = args.compile
     options = {"max_batch": 16, "max_queue": 64}
@@ -265,6 +266,31 @@ def main() -> None:
         child.join()
     else:
         server.should_exit = True
+
+
+def model_alone(model: Transformer, args, rows: int = 8, prompt: int = 9) -> None:
+    """The ceiling of batched decoding on this model and CPU: a decode step's forward for one
+    row and for `rows` rows (the positions the engine's streams pass through; no sampling,
+    engine or HTTP), alternating, best of five. No engine scales past this ratio."""
+    model = copy.deepcopy(model)
+    model.setup_cache(rows, prompt + args.max_tokens)
+    step = {1: [], rows: []}
+    with torch.inference_mode():
+        model(torch.zeros(rows, prompt, dtype=torch.long), start_pos=0)
+        for _ in range(5):
+            for b in step:
+                token = torch.zeros(b, 1, dtype=torch.long)
+                t0 = time.perf_counter()
+                for pos in range(prompt, prompt + args.max_tokens):
+                    model(token, start_pos=pos)
+                step[b].append((time.perf_counter() - t0) / args.max_tokens)
+    one, many = min(step[1]), min(step[rows])
+    print(
+        f"the model alone (decode steps' forwards, eager): 1 row {one * 1e3:.1f} ms, {rows} rows "
+        f"{many * 1e3:.1f} ms a step: {rows} rows give {rows * one / many:.2f}x one, the most "
+        f"batching can give here",
+        flush=True,
+    )
 
 
 def engine_vs_library(llm: Llama, args) -> None:
