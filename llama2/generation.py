@@ -302,17 +302,28 @@ def compiled_forward(model: Transformer) -> Callable:
     return _COMPILED[model]
 
 
+STATIC_CACHES_KEPT = 2
+
+
 def setup_static_cache(model: Transformer, batch_size: int, max_seq_len: int) -> None:
     """Set up the model's cache for compiled steps. A compiled graph guards on the identity of
-    the cache tensors it was traced with, so the last static cache is kept and reused when the
-    shape and dtype match (a new one would recompile)."""
-    caches = _STATIC_CACHES.get(model)
+    the cache tensors it was traced with, so the last STATIC_CACHES_KEPT static caches (of
+    different shapes) are kept and reused when the shape and dtype match: a new one would
+    recompile, and requests that alternate between a short and a long cache (a 512-token
+    prompt, then a short one) recompiled at every switch when only the last one was kept."""
+    kept = _STATIC_CACHES.setdefault(model, [])
     shape = (batch_size, model.config.n_kv_heads, max_seq_len)
-    if caches and caches[0].k.shape[:3] == shape and caches[0].k.dtype == model.compute_dtype:
-        model.kv_caches = caches
+    for caches in kept:
+        if caches[0].k.shape[:3] == shape and caches[0].k.dtype == model.compute_dtype:
+            kept.remove(caches)
+            break
     else:
+        if len(kept) == STATIC_CACHES_KEPT:
+            del kept[0]  # (the least recently used)
         model.setup_cache(batch_size, max_seq_len)
-        _STATIC_CACHES[model] = model.kv_caches
+        caches = model.kv_caches
+    kept.append(caches)
+    model.kv_caches = caches
 
 
 STATIC_CACHE_STEP = 256  # static caches come in multiples of this (few shapes, short reads)

@@ -179,6 +179,24 @@ def test_chat_answers_and_streams_alike(llm):
     assert both[0].token_ids == one.token_ids
 
 
+def test_static_caches_of_two_shapes_are_kept_for_the_compiled_graphs(llm):
+    """Compiled graphs guard on their cache tensors: a generation that needs a longer cache,
+    then a shorter one, then the longer again gets the very tensors it had (no recompile at
+    each switch); a third shape replaces the least recently used."""
+    from llama2.generation import setup_static_cache
+
+    model = copy.deepcopy(llm.model)
+
+    def cache(length: int) -> torch.Tensor:
+        setup_static_cache(model, 1, length)
+        return model.kv_caches[0].k
+
+    short, long = cache(32), cache(64)
+    assert cache(32) is short and cache(64) is long and long.shape[2] == 64
+    assert cache(128) is not short  # evicts the 32 (least recently used), keeps the 64
+    assert cache(64) is long and cache(32) is not short
+
+
 @pytest.mark.parametrize("form", ["reduction", "linear"])
 def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     """torch.compile over the static cache gives the eager tokens (batched, mixed lengths),
