@@ -7,6 +7,10 @@ transformers and exported to GGUF for llama.cpp, then quantized with llama.cpp's
 quantizer). Every engine is timed the same way, best of --repeats:
   prefill tok/s = 512 / time(prompt of 512 tokens -> first new token)
   decode tok/s  = 127 / (time(128 new tokens) - time(1 new token)), greedy, EOS ignored
+The engines of one format class (ours eager and compiled, transformers, llama.cpp) take turns,
+one round of the three timings each, --repeats rounds: a machine whose speed drifts over
+minutes (this project's move by 10-30% between runs) then drifts under all of them alike,
+and a ratio compares runs made within a minute of each other.
 tiny-15m's context is raised to 1024 so that 512 + 128 tokens fit.
 """
 
@@ -33,23 +37,46 @@ FIXTURE_VOCAB = Path(__file__).parent.parent / "tests" / "fixtures" / "ggml-voca
 PROMPT_LEN, NEW = 512, 128
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def seconds(fn) -> float:
+    gc.collect()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def rates(run, repeats: int) -> tuple[float, float]:
-    """run(prompt_len, new_tokens) generates; returns (prefill tok/s, decode tok/s)."""
-    run(8, 2)  # warm up
-    prefill = best(lambda: run(PROMPT_LEN, 1), repeats)
-    first = best(lambda: run(8, 1), repeats)
-    full = best(lambda: run(8, NEW), repeats)
+def timings(run, rounds: int = 1) -> list[tuple[float, float, float]]:
+    """run(prompt_len, new_tokens) generates; returns, for each round, the seconds of a 512-token
+    prefill, of one new token and of NEW new tokens (after a warm-up)."""
+    run(8, 2)
+    return [
+        (
+            seconds(lambda: run(PROMPT_LEN, 1)),
+            seconds(lambda: run(8, 1)),
+            seconds(lambda: run(8, NEW)),
+        )
+        for _ in range(rounds)
+    ]
+
+
+def rates(times: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) from the best of each timing."""
+    prefill, first, full = (min(t[i] for t in times) for i in range(3))
     return PROMPT_LEN / prefill, (NEW - 1) / (full - first)
+
+
+def in_turns(runs: dict, repeats: int) -> dict:
+    """{name: run, or a callable giving one round's timings (a child process)} -> {name:
+    (prefill, decode) tok/s}, timed in turns: each round times every engine once."""
+    times: dict = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, run in runs.items():
+            if getattr(run, "child", False):
+                t = run() if r == 0 or times[name] else None  # (None: llama.cpp crashed)
+            else:
+                t = timings(run)
+            times[name] += t or []
+        print(f"  round {r + 1}/{repeats} done", flush=True)
+    return {name: rates(t) for name, t in times.items() if t}
 
 
 def ours(model: Transformer, tok: Tokenizer, prompt: list[int], compile: bool = False):
@@ -103,10 +130,20 @@ def llamacpp_run(gguf: Path, threads: int, prompt: list[int]):
     return run
 
 
-def llamacpp_rates(gguf: Path, threads: int, prompt: list[int], repeats: int):
-    """(prefill, decode) tok/s of llama.cpp; meant to run in a child process (in_child)."""
+def llamacpp_timings(gguf: Path, threads: int, prompt: list[int]):
+    """One round of llama.cpp's timings; meant to run in a child process (in_child)."""
     torch.set_num_threads(threads)
-    return rates(llamacpp_run(gguf, threads, prompt), repeats)
+    return timings(llamacpp_run(gguf, threads, prompt))
+
+
+def llamacpp_round(gguf: Path, threads: int, prompt: list[int]):
+    """A round of llama.cpp's timings in a fresh child process (see in_child), for in_turns."""
+
+    def run():
+        return in_child(llamacpp_timings, gguf, threads, prompt)
+
+    run.child = True
+    return run
 
 
 def in_child(fn, *args):
@@ -142,6 +179,16 @@ def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
     return dst
 
+
+# our format -> the peers' of its class: (transformers' dtype, llama.cpp's format)
+PEERS = {
+    "fp32": ("fp32", "f32"),
+    "fp16": ("fp16", "f16"),
+    "bf16": ("bf16", None),
+    "int8": (None, "q8_0"),
+    "int4": (None, "q4_0"),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # bytes per weight of each format (q8_0 and q4_0: 32 weights and an fp16 scale per block;
 # ours: int8 with one scale per row, int4 with a scale and a zero per group of 32 or more)
@@ -190,9 +237,7 @@ def main() -> None:
         base = Transformer(cfg).eval()
         print(f"== {preset}: {cfg.num_params() / 1e6:.0f}M parameters", flush=True)
 
-        def record(engine, fmt, run, preset=preset, cfg=cfg, measured=None):
-            if measured is None:
-                measured = rates(run, args.repeats)
+        def record(engine, fmt, measured, preset=preset, cfg=cfg):
             pre, dec = measured
             gbs = dec * streamed_bytes(cfg, fmt) / 1e9
             rows.append((preset, engine, fmt, pre, dec, gbs))
@@ -202,40 +247,37 @@ def main() -> None:
                 flush=True,
             )
 
+        hf_dir = save_hf(tmp / preset / "hf", cfg, base.state_dict(), tok)
+        files = {}
+        if have_cpp:
+            files["f32"] = save_gguf(tmp / preset / "f32.gguf", cfg, base.state_dict(), tok, "f32")
+            files["f16"] = save_gguf(tmp / preset / "f16.gguf", cfg, base.state_dict(), tok, "f16")
+            for ours_fmt, q in (("int8", "q8_0"), ("int4", "q4_0")):
+                if ours_fmt in args.formats:
+                    files[q] = in_child(
+                        llamacpp_quantize, files["f32"], tmp / preset / f"{q}.gguf", q
+                    )
         for fmt in args.formats:
             model = copy.deepcopy(base)
             if fmt in ("bf16", "fp16"):
                 model = model.to(torch.bfloat16 if fmt == "bf16" else torch.float16)
             elif fmt in ("int8", "int4"):
                 replace_linears(model, fmt)
-            record("llama2", fmt, ours(model, tok, prompt))
+            runs = {("llama2", fmt): ours(model, tok, prompt)}
             if not args.no_compile:
                 t = time.perf_counter()
                 ours(model, tok, prompt, compile=True)(8, 2)
                 print(f"  (compiled in {time.perf_counter() - t:.0f}s)", flush=True)
-                record("llama2", fmt + "+compile", ours(model, tok, prompt, compile=True))
-            del model
-        hf_dir = save_hf(tmp / preset / "hf", cfg, base.state_dict(), tok)
-        if "transformers" not in args.skip:
-            for fmt, dt in [
-                ("fp32", torch.float32),
-                ("bf16", torch.bfloat16),
-                ("fp16", torch.float16),
-            ]:
-                if fmt in args.formats:
-                    record("transformers", fmt, transformers_run(hf_dir, dt, prompt))
-        if have_cpp:
-            f32 = save_gguf(tmp / preset / "f32.gguf", cfg, base.state_dict(), tok, "f32")
-            f16 = save_gguf(tmp / preset / "f16.gguf", cfg, base.state_dict(), tok, "f16")
-            files = {"f32": f32, "f16": f16}
-            for q in ("q8_0", "q4_0"):
-                files[q] = in_child(llamacpp_quantize, f32, tmp / preset / f"{q}.gguf", q)
-            ours_of = {"f32": "fp32", "f16": "fp16", "q8_0": "int8", "q4_0": "int4"}
-            for fmt, path in files.items():
-                if path and ours_of[fmt] in args.formats:
-                    measured = in_child(llamacpp_rates, path, args.threads, prompt, args.repeats)
-                    if measured:
-                        record("llama.cpp", fmt, None, measured=measured)
+                runs["llama2", fmt + "+compile"] = ours(model, tok, prompt, compile=True)
+            hf_fmt, cpp_fmt = PEERS[fmt]
+            if hf_fmt and "transformers" not in args.skip:
+                runs["transformers", hf_fmt] = transformers_run(hf_dir, DTYPES[hf_fmt], prompt)
+            if cpp_fmt and files.get(cpp_fmt):
+                runs["llama.cpp", cpp_fmt] = llamacpp_round(files[cpp_fmt], args.threads, prompt)
+            print(f"  {fmt}: {', '.join(' '.join(k) for k in runs)} in turns", flush=True)
+            for (engine, name), measured in in_turns(runs, args.repeats).items():
+                record(engine, name, measured)
+            del model, runs
         del base
     print(f"\nthreads {args.threads}; torch {torch.__version__}; best of {args.repeats}")
     print(f"decode streams every weight once a token; measured copy bandwidth {bandwidth:.1f} GB/s")
