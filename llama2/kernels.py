@@ -222,35 +222,41 @@ def _streamed(w: torch.Tensor, working_set: int | None = None) -> list[torch.Ten
     return list(w.expand(n, *w.shape).clone().unbind())
 
 
-def _seconds(product: Product, x: torch.Tensor, w: torch.Tensor, grad: bool) -> float:
-    """Seconds per product, the best of REPEATS timed runs after a warm-up. A few rows without
-    autograd (decode, one sequence or a batch of them) are timed streaming their weight from
-    memory (`_streamed`)."""
+def _timed(products: dict[str, Product], x: torch.Tensor, w: torch.Tensor, grad: bool) -> dict:
+    """Seconds per product of each of `products` on these operands (see `_in_turns`). A few
+    rows without autograd (decode, one sequence or a batch of them) are timed streaming their
+    weight from memory (`_streamed`)."""
     if grad:  # forward and backward, on leaves of their own (the caller's graph untouched)
         x = x.detach().requires_grad_()
         w = w.detach().requires_grad_()
     rows = x.numel() // x.shape[-1]
     weights = _streamed(w) if not grad and rows <= STREAMED_ROWS else [w]
 
-    def run() -> None:
-        for wi in weights:
-            out = product(x, wi)
-            if grad:
-                out.backward(torch.ones_like(out))
+    def runner(product: Product) -> Callable[[], None]:
+        def run() -> None:
+            for wi in weights:
+                out = product(x, wi)
+                if grad:
+                    out.backward(torch.ones_like(out))
+
+        return run
 
     with torch.enable_grad() if grad else torch.no_grad():
-        return _best_seconds(run, len(weights))
+        return _in_turns({name: runner(p) for name, p in products.items()}, len(weights))
 
 
-def _best_seconds(run: Callable[[], None], n: int) -> float:
-    """Seconds per product of `run`, which makes `n` of them: the best of REPEATS timed runs
-    after one that warms caches and allocators."""
-    best = float("inf")
+def _in_turns(runs: dict[str, Callable[[], None]], n: int) -> dict[str, float]:
+    """Seconds per product of each run, which makes `n` of them: the best of REPEATS rounds
+    after one that warms caches and allocators. The candidates take turns within each round,
+    so that a machine whose speed drifts (10-30% within minutes on the 2-core VMs this was
+    measured on) slows them alike instead of the ones timed last."""
+    best = dict.fromkeys(runs, float("inf"))
     for i in range(REPEATS + 1):
-        t = time.perf_counter()
-        run()
-        if i:
-            best = min(best, (time.perf_counter() - t) / n)
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if i:
+                best[name] = min(best[name], (time.perf_counter() - t) / n)
     return best
 
 
@@ -271,7 +277,7 @@ def _remembered(key: str, valid: Sequence[str], timings: Callable[[], dict[str, 
 def measure(x: torch.Tensor, w: torch.Tensor, grad: bool) -> dict[str, float]:
     """Seconds per product of each candidate on these operands."""
     x = x.reshape(-1, x.shape[-1])[:MEASURE_ROWS].detach()
-    return {name: _seconds(PRODUCTS[name], x, w.detach(), grad) for name in candidates(x, w)}
+    return _timed({name: PRODUCTS[name] for name in candidates(x, w)}, x, w.detach(), grad)
 
 
 def choose(x: torch.Tensor, w: torch.Tensor) -> str:
@@ -324,7 +330,7 @@ def measure_compiled(w: torch.Tensor, working_set: int | None = None) -> dict[st
         return lambda: [product(x, wi) for product, wi in calls]
 
     with torch.no_grad():
-        return {name: _best_seconds(runner(calls), len(calls)) for name, calls in forms.items()}
+        return _in_turns({name: runner(calls) for name, calls in forms.items()}, len(weights))
 
 
 def choose_compiled(w: torch.Tensor, working_set: int | None = None) -> str:

@@ -65,7 +65,9 @@ def test_the_fastest_measured_product_is_used_and_remembered(fresh_choices, monk
     x, w = torch.randn(5, 16), torch.randn(8, 16)
     timed, calls = [], []
     seconds = {"linear": 2.0, "onednn": 1.0}  # as if oneDNN were twice as fast here
-    monkeypatch.setattr(kernels, "_seconds", lambda p, *a: timed.append(p) or seconds[_name(p)])
+    monkeypatch.setattr(
+        kernels, "_timed", lambda ps, *a: timed.extend(ps) or {n: seconds[n] for n in ps}
+    )
     if not kernels.ONEDNN:
         seconds["linear"] = 0.5  # without oneDNN, F.linear is the only candidate
     real = kernels.PRODUCTS.copy()
@@ -85,7 +87,7 @@ def test_the_fastest_measured_product_is_used_and_remembered(fresh_choices, monk
     monkeypatch.setattr(kernels, "_chosen", {})
     monkeypatch.setattr(kernels, "_memo", {})
     monkeypatch.setattr(kernels, "_loaded_from", None)
-    monkeypatch.setattr(kernels, "_seconds", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(kernels, "_timed", lambda *a: pytest.fail("measured again"))
     with torch.no_grad():
         linear(x, w)
     assert calls[-1] == want
@@ -94,7 +96,9 @@ def test_the_fastest_measured_product_is_used_and_remembered(fresh_choices, monk
 def test_a_slower_special_kernel_is_not_chosen(fresh_choices, monkeypatch):
     """Where a special kernel loses to F.linear (oneDNN's on an Intel Xeon, say), plain
     PyTorch runs: no product is slower than F.linear by construction."""
-    monkeypatch.setattr(kernels, "_seconds", lambda p, *a: {"linear": 1.0}.get(_name(p), 3.0))
+    monkeypatch.setattr(
+        kernels, "_timed", lambda ps, *a: {n: {"linear": 1.0}.get(n, 3.0) for n in ps}
+    )
     x, w = torch.randn(1, 16), torch.randn(8, 16)
     with torch.no_grad():
         linear(x, w)
@@ -123,18 +127,11 @@ def test_cpu_autocast_runs_bf16_products():
     assert ((out.double() - exact).norm() / exact.norm()) < 1e-2
 
 
-def _name(product):
-    return getattr(product, "kernel_name", None) or next(
-        k for k, v in kernels.PRODUCTS.items() if v is product
-    )
-
-
 def _spy(name, product, calls):
     def spy(x, w):
         calls.append(name)
         return product(x, w)
 
-    spy.kernel_name = name
     return spy
 
 
@@ -157,13 +154,13 @@ def test_single_rows_are_timed_streaming_their_weight_from_memory(monkeypatch):
         read.append(w.data_ptr())
         return F.linear(x, w)
 
-    kernels._seconds(spy, torch.randn(1, 256), w, grad=False)
+    kernels._timed({"spy": spy}, torch.randn(1, 256), w, grad=False)
     assert len(set(read)) == 32 and len(read) == 32 * (kernels.REPEATS + 1)
     read.clear()
-    kernels._seconds(spy, torch.randn(8, 256), w, grad=False)  # a batch of 8 decoding
+    kernels._timed({"spy": spy}, torch.randn(8, 256), w, grad=False)  # a batch of 8 decoding
     assert len(set(read)) == 32
     read.clear()
-    kernels._seconds(spy, torch.randn(kernels.STREAMED_ROWS + 1, 256), w, grad=False)
+    kernels._timed({"spy": spy}, torch.randn(kernels.STREAMED_ROWS + 1, 256), w, grad=False)
     assert set(read) == {w.data_ptr()}
     # choices timed the old way (the weight in the cache) are not taken for streamed ones
     assert "|stream|" in kernels._key(torch.randn(8, 256), w, grad=False)
