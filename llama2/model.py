@@ -259,8 +259,10 @@ class Transformer(nn.Module):
         segments: torch.Tensor | None = None,
         slots: list[int] | torch.Tensor | None = None,
         kv_len: int | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """tokens [B, T] -> float32 logits [B, T, vocab].
+        """tokens [B, T] -> float32 logits [B, T, vocab] (with `head=False`: the final normed
+        hidden states [B, T, dim], for a caller that applies the output head itself).
 
         Without a cache, a plain causal pass over the whole sequence (training). With one,
         `start_pos` (an int, or a [B] tensor of per-row offsets) says where each row's tokens go;
@@ -294,6 +296,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, ctx)
         if output_index is not None:
             h = h[torch.arange(B, device=h.device), output_index.to(h.device)][:, None]
+        if not head:
+            return self.norm(h)
         return self.output(self.norm(h)).float()
 
     def _cache_context(self, B, T, start_pos, device, slots, kv_len) -> AttentionContext:

@@ -146,3 +146,47 @@ def test_k3_kl_is_never_negative_where_the_log_ratio_is():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
     assert per_token_kl_k3(a, b).min() >= 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_chunked_output_loss_matches_cross_entropy_on_the_logits(autocast, monkeypatch):
+    """The next-token loss computed with the output head in chunks (on a CPU) gives the loss
+    and every parameter's gradient of F.cross_entropy on the model's logits: across chunk
+    boundaries (7 rows a chunk, 3 x 9 tokens), with ignored targets, and under bf16 autocast
+    (rounded as the autocast path rounds, up to bf16's precision)."""
+    import torch.nn.functional as F
+
+    from llama2 import Transformer, get_preset
+    from llama2.train import losses
+
+    monkeypatch.setattr(losses, "CE_CHUNK_ROWS", 7)
+    chunked, apply = [], losses.OutputCrossEntropy.apply
+    monkeypatch.setattr(
+        losses.OutputCrossEntropy, "apply", lambda *a: chunked.append(1) or apply(*a)
+    )
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro"))
+    inputs = torch.randint(0, model.config.vocab_size, (3, 9))
+    targets = torch.randint(0, model.config.vocab_size, (3, 9))
+    targets[0, :4] = targets[2, 8] = -100
+
+    def grads(loss_fn):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def plain():
+        logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    want, want_grads = grads(plain)
+    got, got_grads = grads(lambda: losses.next_token_cross_entropy(model, inputs, targets))
+    assert chunked  # (the chunked path ran)
+    tol = 2e-2 if autocast else 1e-5
+    assert abs(got - want) < tol * want
+    for name, g in want_grads.items():
+        assert (got_grads[name] - g).norm() <= tol * g.norm() + 1e-8, name
+    with torch.no_grad():  # an evaluation: the loss alone
+        assert abs(losses.next_token_cross_entropy(model, inputs, targets) - plain()) < 1e-5

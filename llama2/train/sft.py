@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import save_hf
 from ..data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
@@ -19,12 +18,12 @@ from ..data.split import split_held_out
 from ..llm import load
 from .config import SFTConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
+from .losses import next_token_cross_entropy
 
 
 def packed_loss(model, batch) -> torch.Tensor:
     inputs, targets, segments = batch
-    logits = model(inputs, segments=segments)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    return next_token_cross_entropy(model, inputs, targets, IGNORE, segments=segments)
 
 
 def build_sft(cfg: SFTConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
