@@ -129,7 +129,7 @@ class KVCache(nn.Module):
             buf = self.gathered[name] = torch.empty(
                 cache.numel(), dtype=cache.dtype, device=cache.device
             )
-        shape = (ctx.rows.numel(), *cache.shape[1:2], ctx.kv_len, cache.shape[3])
+        shape = (ctx.rows.numel(), cache.shape[1], ctx.kv_len, cache.shape[3])
         out = buf[: math.prod(shape)].view(shape)
         return torch.index_select(cache[:, :, : ctx.kv_len], 0, ctx.rows, out=out)
 

@@ -108,9 +108,13 @@ class OutputCrossEntropy(torch.autograd.Function):
                 z.div_(norm[:, None])  # the softmax, then minus the one-hot target
                 z[torch.arange(z.shape[0], device=z.device), t] -= 1
                 z.mul_(keep[:, None])
-                g = z if wide else (kept[s : s + CE_CHUNK_ROWS] if want_w else z.to(dtype))
-                if g is not z and want_w:
+                if wide:
+                    g = z
+                elif want_w:  # (kept for the weight's product at the end)
+                    g = kept[s : s + CE_CHUNK_ROWS]
                     g.copy_(z)
+                else:
+                    g = z.to(dtype)
                 if want_h:
                     grad_h[s : s + CE_CHUNK_ROWS] = g @ w
                 if want_w and wide:
