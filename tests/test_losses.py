@@ -1,5 +1,6 @@
 """Each objective against numbers worked by hand (log sigmoid(x) = -log(1 + e^-x))."""
 
+import functools
 import math
 
 import pytest
@@ -177,16 +178,23 @@ def test_the_chunked_output_loss_matches_cross_entropy_on_the_logits(autocast, m
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    def plain():
-        logits = model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    def plain(x, y):
+        logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
 
-    want, want_grads = grads(plain)
-    got, got_grads = grads(lambda: losses.next_token_cross_entropy(model, inputs, targets))
-    assert chunked  # (the chunked path ran)
     tol = 2e-2 if autocast else 1e-5
-    assert abs(got - want) < tol * want
-    for name, g in want_grads.items():
-        assert (got_grads[name] - g).norm() <= tol * g.norm() + 1e-8, name
+    # twice: the second call, on fewer rows, runs in the scratch buffers the first one left
+    for x, y in [(inputs, targets), (inputs[1:, :5], targets[1:, :5])]:
+        want, want_grads = grads(functools.partial(plain, x, y))
+        got, got_grads = grads(functools.partial(losses.next_token_cross_entropy, model, x, y))
+        assert chunked  # (the chunked path ran)
+        assert abs(got - want) < tol * want
+        for name, g in want_grads.items():
+            assert (got_grads[name] - g).norm() <= tol * g.norm() + 1e-8, name
+    loss = losses.next_token_cross_entropy(model, inputs, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):  # (gradients scaled in place)
+        loss.backward()
     with torch.no_grad():  # an evaluation: the loss alone
-        assert abs(losses.next_token_cross_entropy(model, inputs, targets) - plain()) < 1e-5
+        loss = losses.next_token_cross_entropy(model, inputs, targets)
+        assert abs(loss - plain(inputs, targets)) < 1e-5
