@@ -56,18 +56,19 @@ def next_token_cross_entropy(
     )
 
 
-_buffers: dict[tuple, torch.Tensor] = {}
+_scratch_tensors: dict[tuple, torch.Tensor] = {}
 
 
-def _kept(name: str, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
-    """A scratch tensor kept from one call to the next (one per name, dtype and device). A
-    tensor of tens of MB made afresh is new pages from the OS at every step (malloc maps
-    allocations this large and unmaps them when freed), each faulted in and zeroed: in a bf16
-    step of tiny-15m the head's copies took 5x as long as the same copies into kept memory."""
+def _scratch(name: str, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A scratch tensor kept from one call to the next (one per name, dtype and device; the
+    memory a step needs anyway, held between steps). A tensor of tens of MB made afresh is new
+    pages from the OS at every step (malloc maps allocations this large and unmaps them when
+    freed), each faulted in and zeroed: in a bf16 step of tiny-15m the head's copies took 4x
+    as long as the same copies into memory already touched."""
     n, key = math.prod(shape), (name, dtype, torch.device(device))
-    buf = _buffers.get(key)
+    buf = _scratch_tensors.get(key)
     if buf is None or buf.numel() < n:
-        buf = _buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        buf = _scratch_tensors[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(*shape)
 
 
@@ -90,7 +91,7 @@ class OutputCrossEntropy(torch.autograd.Function):
             grad = want_h or want_w
             w = weight.detach()
             if dtype != weight.dtype:
-                w = _kept("weight", w.shape, dtype, w.device).copy_(w)
+                w = _scratch("weight", w.shape, dtype, w.device).copy_(w)
             counted = targets != ignore_index
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.zeros_like(hidden) if want_h else None
@@ -100,10 +101,10 @@ class OutputCrossEntropy(torch.autograd.Function):
             wide = dtype == torch.float32
             grad_w = torch.zeros(weight.shape, dtype=torch.float32) if want_w and wide else None
             rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
-            kept = _kept("kept", (rows, vocab), dtype, device) if want_w and not wide else None
+            kept = _scratch("kept", (rows, vocab), dtype, device) if want_w and not wide else None
             # one fp32 buffer for every chunk's logits, and one for a lower-precision product
-            logits = _kept("logits", (min(CE_CHUNK_ROWS, rows), vocab), torch.float32, device)
-            narrow = None if wide else _kept("narrow", logits.shape, dtype, device)
+            logits = _scratch("logits", (min(CE_CHUNK_ROWS, rows), vocab), torch.float32, device)
+            narrow = None if wide else _scratch("narrow", logits.shape, dtype, device)
             for s in range(0, hidden.shape[0], CE_CHUNK_ROWS):
                 h = hidden[s : s + CE_CHUNK_ROWS].detach().to(dtype)
                 t, keep = targets[s : s + CE_CHUNK_ROWS], counted[s : s + CE_CHUNK_ROWS]
@@ -138,7 +139,7 @@ class OutputCrossEntropy(torch.autograd.Function):
                 # (as G^T @ h, whose result lies as the weight does: h^T @ G and a transposed
                 # copy took 105-121 ms against 76-106 here, tiny-15m on an Emerald Rapids Xeon)
                 grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-                product = _kept("product", weight.shape, dtype, device)
+                product = _scratch("product", weight.shape, dtype, device)
                 grad_w.copy_(torch.mm(kept.t(), hidden.detach().to(dtype), out=product))
         n = counted.sum()
         ctx.grads, ctx.n, ctx.weight_dtype = (grad_h, grad_w), n, weight.dtype
