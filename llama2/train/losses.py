@@ -92,21 +92,22 @@ class OutputCrossEntropy(torch.autograd.Function):
             w = weight.detach()
             if dtype != weight.dtype:
                 w = _scratch("weight", w.shape, dtype, w.device).copy_(w)
+            rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+            hd = hidden.detach().to(dtype)  # (once: the chunks and the weight's product read it)
             counted = targets != ignore_index
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            total = torch.zeros((), dtype=torch.float32, device=device)
             grad_h = torch.zeros_like(hidden) if want_h else None
             # the weight's gradient: accumulated chunk by chunk in fp32; in a lower precision
             # the chunks' softmax gradients are kept (half the fp32 logits' bytes) for one
             # product at the end, where each chunk's product would be converted and added
             wide = dtype == torch.float32
             grad_w = torch.zeros(weight.shape, dtype=torch.float32) if want_w and wide else None
-            rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
             kept = _scratch("kept", (rows, vocab), dtype, device) if want_w and not wide else None
             # one fp32 buffer for every chunk's logits, and one for a lower-precision product
             logits = _scratch("logits", (min(CE_CHUNK_ROWS, rows), vocab), torch.float32, device)
             narrow = None if wide else _scratch("narrow", logits.shape, dtype, device)
-            for s in range(0, hidden.shape[0], CE_CHUNK_ROWS):
-                h = hidden[s : s + CE_CHUNK_ROWS].detach().to(dtype)
+            for s in range(0, rows, CE_CHUNK_ROWS):
+                h = hd[s : s + CE_CHUNK_ROWS]
                 t, keep = targets[s : s + CE_CHUNK_ROWS], counted[s : s + CE_CHUNK_ROWS]
                 t = t.where(keep, 0)
                 z = logits[: h.shape[0]]
@@ -140,7 +141,7 @@ class OutputCrossEntropy(torch.autograd.Function):
                 # copy took 105-121 ms against 76-106 here, tiny-15m on an Emerald Rapids Xeon)
                 grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
                 product = _scratch("product", weight.shape, dtype, device)
-                grad_w.copy_(torch.mm(kept.t(), hidden.detach().to(dtype), out=product))
+                grad_w.copy_(torch.mm(kept.t(), hd, out=product))
         n = counted.sum()
         ctx.grads, ctx.n, ctx.weight_dtype = (grad_h, grad_w), n, weight.dtype
         return total / n
