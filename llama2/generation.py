@@ -18,6 +18,7 @@ import torch
 
 from . import kernels
 from .model import Transformer
+from .quantize import Int8Linear
 from .tokenizer import Tokenizer
 
 
@@ -271,18 +272,21 @@ def compiled_forward(model: Transformer) -> Callable:
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
     their conversion into fp32 copies). A frozen fp32 weight's single-row product is a fused
-    reduction or a library GEMV on a prepacked copy, whichever measures faster on this CPU
-    (`kernels.choose_compiled`; the copy doubles those weights' memory)."""
+    reduction or a library GEMV on a prepacked copy (which doubles those weights' memory), an
+    int8 weight's a fused reduction or PyTorch's int8 kernel, whichever measures faster on
+    this CPU (`kernels.choose_compiled`)."""
     if model not in _COMPILED:
         # each model (and batch size, cache length) is a graph of its own: allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
         if freeze:
-            weights = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-            for m in linears:
-                if isinstance(m, kernels.Linear) and m.weight.device.type == "cpu":
-                    m.compiled = kernels.choose_compiled(m.weight, weights)
+            int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+            weights = sum(m.weight.numel() * m.weight.element_size() for m in linears + int8)
+            for m in linears + int8:
+                if isinstance(m, kernels.Linear | Int8Linear) and m.weight.device.type == "cpu":
+                    scales = m.scales if isinstance(m, Int8Linear) else None
+                    m.compiled = kernels.choose_compiled(m.weight, weights, scales)
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
         # kernels)
         compiled = torch.compile(model, options={"cpp_wrapper": freeze})

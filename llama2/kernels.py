@@ -23,7 +23,8 @@ Candidates:
   arithmetic is fast) and "gemm32" (the weight converted, an fp32 product).
 Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a single
 row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype, or
-for fp32 weights frozen into the graph, where measurement says so, F.linear (`choose_compiled`).
+where measurement says so, for fp32 weights frozen into the graph F.linear and for int8 ones
+the fused int8 kernel (`choose_compiled`).
 """
 
 from __future__ import annotations
@@ -294,11 +295,24 @@ def choose(x: torch.Tensor, w: torch.Tensor) -> str:
     return name
 
 
-def _reduction(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def reduction(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """A single row's product written as a multiply-and-sum: under torch.compile inductor
-    fuses it into one pass over the weight on all threads, converting half-precision weights
-    on the fly."""
-    return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+    fuses it into one pass over the weight on all threads, converting half-precision or int8
+    weights on the fly (int8 with one scale per output row). The weight enters the multiply
+    as it is and type promotion converts it inside the fused loop: a conversion of its own
+    would be constant-folded, for a frozen weight, into an fp32 copy of it."""
+    out = (x.float().unsqueeze(-2) * w).sum(-1)
+    if scales is not None:
+        out = out * scales
+    return out.to(x.dtype)
+
+
+def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (w * scales[:, None]).T for int8 `w` [out, in] by PyTorch's fused CPU kernel, which
+    takes the activations in bf16."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    out = torch.ops.aten._weight_int8pack_mm(x2, w, scales)
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 _compiled_reduction = None
@@ -311,40 +325,51 @@ def _packed_gemv(w: torch.Tensor) -> Product:
     return lambda x, w: torch.ops.mkl._mkl_linear(x, packed, w, None, 1)
 
 
-def measure_compiled(w: torch.Tensor, working_set: int | None = None) -> dict[str, float]:
+def measure_compiled(
+    w: torch.Tensor, working_set: int | None = None, scales: torch.Tensor | None = None
+) -> dict[str, float]:
     """Seconds per single-row product of `w` in each form `choose_compiled` picks from, the
-    weight streamed as in `_streamed`: "reduction" compiled on its own, "linear" as inductor
-    runs it with frozen weights."""
+    weight streamed as in `_streamed`: "reduction" compiled on its own; for an fp32 weight
+    "linear" as inductor runs it with frozen weights; for an int8 one (with its `scales`)
+    "int8pack", the fused kernel the graph would call."""
     global _compiled_reduction
     if _compiled_reduction is None:
-        _compiled_reduction = torch.compile(_reduction, dynamic=False)
-    x = torch.randn(1, w.shape[1], dtype=w.dtype)
+        _compiled_reduction = torch.compile(reduction, dynamic=False)
+    x = torch.randn(1, w.shape[1], dtype=torch.float32 if scales is not None else w.dtype)
     weights = _streamed(w.detach(), working_set)
-    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-    forms = {
-        "reduction": [(_compiled_reduction, wi) for wi in weights],
-        "linear": [(_packed_gemv(wi) if mkl else F.linear, wi) for wi in weights],
-    }
+    forms = {"reduction": [functools.partial(_compiled_reduction, x, wi, scales) for wi in weights]}
+    if scales is not None:
+        forms["int8pack"] = [functools.partial(int8pack, x, wi, scales) for wi in weights]
+    else:
+        mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+        gemv = [_packed_gemv(wi) if mkl else F.linear for wi in weights]
+        forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemv, weights, strict=True)]
 
     def runner(calls: list) -> Callable[[], None]:
-        return lambda: [product(x, wi) for product, wi in calls]
+        return lambda: [call() for call in calls]
 
     with torch.no_grad():
         return _in_turns({name: runner(calls) for name, calls in forms.items()}, len(weights))
 
 
-def choose_compiled(w: torch.Tensor, working_set: int | None = None) -> str:
-    """How `linear` writes a single row's product of the fp32 weight `w` for torch.compile
-    with frozen weights (generation.compiled_forward): "reduction" (`_reduction`) or "linear"
-    (F.linear, which inductor runs as MKL's GEMV on a prepacked copy). Measured on first use
-    and remembered like the eager products (on an Intel Xeon with AVX-512 MKL's streamed
-    1.5-1.9x the fused reduction's bandwidth). Weights under 256 KiB, whose products cost
-    less than their calls, stay reductions, unmeasured. `working_set`: the bytes of all the
-    weights a step reads (the model's), if known."""
-    if w.dtype != torch.float32 or w.numel() * w.element_size() < 1 << 18:
+def choose_compiled(
+    w: torch.Tensor, working_set: int | None = None, scales: torch.Tensor | None = None
+) -> str:
+    """How a single row's product of the frozen weight `w` is written for torch.compile
+    (generation.compiled_forward): "reduction" (`reduction`) or, for an fp32 weight, "linear"
+    (F.linear, which inductor runs as MKL's GEMV on a prepacked copy), for an int8 weight
+    with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered like
+    the eager products (on an Intel Xeon with AVX-512 MKL's streamed 1.5-1.9x the fused
+    reduction's bandwidth; on an AMD EPYC with AVX-512 the int8 reduction 1.3x the fused int8
+    kernel's). Weights under 256 KiB, whose products cost less than their calls, stay
+    reductions, unmeasured. `working_set`: the bytes of all the weights a step reads (the
+    model's), if known."""
+    int8 = w.dtype == torch.int8 and scales is not None
+    if not (int8 or w.dtype == torch.float32) or w.numel() * w.element_size() < 1 << 18:
         return "reduction"
+    valid = ("reduction", "int8pack") if int8 else ("reduction", "linear")
     key = f"compiled|{w.dtype}|{'x'.join(map(str, w.shape))}|rows1|t{torch.get_num_threads()}"
-    return _remembered(key, ("reduction", "linear"), lambda: measure_compiled(w, working_set))
+    return _remembered(key, valid, lambda: measure_compiled(w, working_set, scales))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "reduction") -> torch.Tensor:
@@ -354,7 +379,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "reduction") -> tor
         return F.linear(x, w)
     if torch.compiler.is_compiling():
         if x.numel() == x.shape[-1] and compiled == "reduction":
-            return _reduction(x, w)
+            return reduction(x, w)
         return F.linear(x, w.to(x.dtype))  # (no graph break for the measurement below)
     if torch.is_autocast_enabled("cpu"):
         return F.linear(x, w)

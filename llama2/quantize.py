@@ -4,7 +4,9 @@ int8: w ≈ q * scale, q in [-127, 127], one bf16 scale per output row (amax / 1
 int4: w ≈ (q - 8) * scale + zero, q in [0, 15], per group of `group_size` inputs (asymmetric,
 min/max). Stored two per byte (low nibble first). Activations stay in the model's dtype; on a
 CPU the products run in PyTorch's fused kernels with bf16 activations for a few rows
-(decoding) and as bf16 GEMMs on the dequantized weight for many (prefill).
+(decoding) and as bf16 GEMMs on the dequantized weight for many (prefill). A compiled decode
+step's single int8 row may instead be a fused multiply-and-sum in fp32 over the int8 weight,
+where that measures faster (`kernels.choose_compiled`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .kernels import Linear
 
 MODES = ("int8", "int4")
@@ -49,6 +52,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
+    # a single row's form under torch.compile: "int8pack" or "reduction" (kernels.choose_compiled)
+    compiled = "int8pack"
+
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -65,9 +71,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS:
-            x2 = x.reshape(rows, -1).to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-            return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+            if rows == 1 and self.compiled == "reduction" and torch.compiler.is_compiling():
+                return kernels.reduction(x, self.weight, self.scales)
+            return kernels.int8pack(x, self.weight, self.scales)
         w_dtype = torch.bfloat16 if x.device.type == "cpu" else x.dtype
         return F.linear(x.to(w_dtype), self.dequantize(w_dtype)).to(x.dtype)
 

@@ -188,3 +188,26 @@ def test_the_compiled_form_of_a_single_row_is_measured_and_remembered(fresh_choi
     assert kernels.choose_compiled(w) == "linear"  # from the file
     assert kernels.choose_compiled(torch.randn(8, 16)) == "reduction"
     assert kernels.choose_compiled(w.half()) == "reduction"
+
+
+def test_an_int8_weights_compiled_form_is_measured_and_both_forms_agree(fresh_choices, monkeypatch):
+    """An int8 weight's single row under torch.compile is the fused reduction (fp32
+    activations) or PyTorch's int8 kernel (bf16 activations), whichever measures faster: both
+    compute x @ (q * scales).T, within the kernel's bf16 rounding of x."""
+    from llama2.quantize import quantize_int8
+
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 2 << 20)
+    q, scales = quantize_int8(torch.randn(1024, 512))  # 512 KiB of int8
+    x = torch.randn(1, 512)
+    exact = x.double() @ (q.double() * scales.double()[:, None]).T
+    compiled = torch.compile(kernels.reduction, dynamic=False)(x, q, scales)
+    fused = kernels.int8pack(x, q, scales)
+    for out, tol in ((kernels.reduction(x, q, scales), 1e-6), (compiled, 1e-6), (fused, 1e-2)):
+        assert out.dtype == x.dtype and out.shape == (1, 1024)
+        assert ((out.double() - exact).norm() / exact.norm()) < tol
+    times = kernels.measure_compiled(q, scales=scales)  # (real: both forms, streamed)
+    assert set(times) == {"reduction", "int8pack"} and all(0 < t < 1 for t in times.values())
+    monkeypatch.setattr(kernels, "measure_compiled", lambda *a: {"reduction": 2.0, "int8pack": 1.0})
+    assert kernels.choose_compiled(q, None, scales) == "int8pack"
+    assert "compiled|torch.int8|1024x512|" in " ".join(json.loads(fresh_choices.read_text()))
+    assert kernels.choose_compiled(q[:8, :16], None, scales[:8]) == "reduction"  # small

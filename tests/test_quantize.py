@@ -85,10 +85,16 @@ def test_quantize_command_saves_what_load_reads(trained, small_tokenizer, tmp_pa
         save_meta(tmp_path / "meta", ckpt.config, ckpt.state_dict)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_compiled_quantized_decoding_matches_eager(trained, small_tokenizer, mode):
+@pytest.mark.parametrize("mode", ["int8", "int8-int8pack", "int4"])
+def test_compiled_quantized_decoding_matches_eager(trained, small_tokenizer, mode, monkeypatch):
     """The compiled decode step (frozen quantized weights, attention over a dynamic number of
-    cached positions) picks the eager tokens, for a batch of mixed lengths and for one row."""
+    cached positions) picks the eager tokens, for a batch of mixed lengths and for one row,
+    with an int8 weight's single row in either form kernels.choose_compiled may pick."""
+    from llama2 import kernels
+
+    mode, _, form = mode.partition("-")
+    if form:
+        monkeypatch.setattr(kernels, "choose_compiled", lambda *a: form)
     model, held_out = trained
     quant = replace_linears(copy.deepcopy(model), mode)
     prompts = [[1] + held_out[:4], [1] + held_out[100:111]]
@@ -98,3 +104,7 @@ def test_compiled_quantized_decoding_matches_eager(trained, small_tokenizer, mod
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     alone = generate(quant, small_tokenizer, prompts[1:], params, compile=True)
     assert alone[0].token_ids == eager[1].token_ids
+    if mode == "int8":  # (the fixture's weights are small: reductions, unmeasured)
+        assert {m.compiled for m in quant.modules() if isinstance(m, Int8Linear)} == {
+            form or "reduction"
+        }
