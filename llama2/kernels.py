@@ -143,15 +143,24 @@ def _key(x: torch.Tensor, w: torch.Tensor, grad: bool) -> str:
     return f"{x.dtype}|{w.dtype}|{shape}|rows{rows_class}|{mode}|t{torch.get_num_threads()}"
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name with its cpuid family and model (Linux: /proc/cpuinfo, or the text
+    `cpuinfo`), else what the platform says. Virtual machines often name only the vendor's
+    line ("AMD EPYC", "Intel(R) Xeon(R) Processor") over CPUs of several generations whose
+    fastest kernels differ; the family and model tell them apart."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+        text = ""
+    first = text.split("\n\n", 1)[0]  # (the first processor's block)
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    name = fields["model name"]
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def cache_file() -> Path | None:

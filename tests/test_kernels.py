@@ -211,3 +211,25 @@ def test_an_int8_weights_compiled_form_is_measured_and_both_forms_agree(fresh_ch
     assert kernels.choose_compiled(q, None, scales) == "int8pack"
     assert "compiled|torch.int8|1024x512|" in " ".join(json.loads(fresh_choices.read_text()))
     assert kernels.choose_compiled(q[:8, :16], None, scales[:8]) == "reduction"  # small
+
+
+def test_the_cpu_is_named_with_its_family_and_model(monkeypatch):
+    """Virtual machines name only the vendor's line ("AMD EPYC") over CPU generations whose
+    fastest kernels differ: the name, and so the file of kernel choices, carries the cpuid
+    family and model."""
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {m}\n"
+    block += "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
+    zen4 = "\n".join(block.format(n=n, m=17) for n in range(2))
+    zen3 = block.format(n=0, m=1)
+    assert kernels.cpu_name(zen4) == "AMD EPYC (family 25, model 17)"
+    assert kernels.cpu_name(zen3) == "AMD EPYC (family 25, model 1)"
+    assert kernels.cpu_name("processor\t: 0\nBogoMIPS\t: 50.00\n")  # (no model name: platform's)
+    monkeypatch.delenv("LLAMA2_KERNEL_CACHE", raising=False)
+    name_of, names = kernels.cpu_name, set()
+    for text in (zen4, zen3):
+        monkeypatch.setattr(kernels, "cpu_name", lambda text=text: name_of(text))
+        names.add(kernels.cache_file().name)
+    assert names == {
+        "AMD-EPYC-family-25-model-17-torch" + torch.__version__.replace("+", "-") + ".json",
+        "AMD-EPYC-family-25-model-1-torch" + torch.__version__.replace("+", "-") + ".json",
+    }
