@@ -64,6 +64,20 @@ def test_top_k_and_top_p_restrict_the_draw():
     assert sample(logits[:1], 0.0).tolist() == [0]
 
 
+def test_greedy_picks_what_torch_argmax_picks():
+    """Greedy sampling on CPU fp32 logits (numpy's argmax, for speed) picks torch's token:
+    the first of tied maxima, a NaN over any number, for strided rows as for whole ones."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (64, 300), generator=g).float()  # many ties
+    logits[3, 17] = float("nan")
+    logits[5] = float("-inf")
+    logits[6, [2, 9]] = float("inf")
+    for rows in (logits, logits[:, 1::3], logits[::2]):
+        picked = sample(rows, 0.0)
+        assert picked.dtype == torch.long and picked.tolist() == rows.argmax(-1).tolist()
+    assert sample(logits.bfloat16(), 0.0).tolist() == logits.bfloat16().argmax(-1).tolist()
+
+
 def test_a_draw_follows_the_distribution_and_refuses_nan():
     """One uniform number per row through the cumulative distribution: the frequencies of
     20,000 draws are the probabilities (within 5 standard errors), a zero-probability token is
