@@ -222,14 +222,19 @@ def _streamed(w: torch.Tensor, working_set: int | None = None) -> list[torch.Ten
     step streams every weight once a token, and a product timed on one weight that stays in the
     cache ranks the candidates differently (on an Intel Xeon with 300 MiB of L3, oneDNN's single-row
     product timed 2x slower than torch.mv in the cache, 1.4x slower from memory)."""
+    return list(_stacked_copies(w, working_set).unbind())
+
+
+def _stacked_copies(w: torch.Tensor, working_set: int | None = None) -> torch.Tensor:
+    """The copies of `_streamed` as one tensor [n, *w.shape] (`w[None]` when none are made)."""
     size = w.numel() * w.element_size()
     target = min(2 * last_level_cache_bytes(), 512 << 20)  # (beside a 7B model in memory)
     if working_set is not None:
         target = min(target, working_set)
     n = min(-(-target // size), 256)  # (256 x 1 MiB: 0.1 s a candidate)
     if n <= 1 or size < 1 << 18 or not w.is_contiguous():  # small ones: the call's cost rules
-        return [w]
-    return list(w.expand(n, *w.shape).clone().unbind())
+        return w[None]
+    return w.expand(n, *w.shape).clone()
 
 
 def _timed(products: dict[str, Product], x: torch.Tensor, w: torch.Tensor, grad: bool) -> dict:
@@ -324,6 +329,14 @@ def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Te
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def _reduction_over_copies(
+    x: torch.Tensor, copies: torch.Tensor, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`reduction` of the row x with each weight of `copies` [n, out, in], in one call."""
+    out = (x.float().unsqueeze(-2) * copies).sum(-1)
+    return out if scales is None else out * scales
+
+
 _compiled_reduction = None
 
 
@@ -338,15 +351,18 @@ def measure_compiled(
     w: torch.Tensor, working_set: int | None = None, scales: torch.Tensor | None = None
 ) -> dict[str, float]:
     """Seconds per single-row product of `w` in each form `choose_compiled` picks from, the
-    weight streamed as in `_streamed`: "reduction" compiled on its own; for an fp32 weight
-    "linear" as inductor runs it with frozen weights; for an int8 one (with its `scales`)
-    "int8pack", the fused kernel the graph would call."""
+    weight streamed as in `_streamed`: "reduction" compiled on its own, over all the copies in
+    one call (inside a model's graph a product costs no call of its own; a compiled call per
+    copy added Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8 weight); for an
+    fp32 weight "linear" as inductor runs it with frozen weights; for an int8 one (with its
+    `scales`) "int8pack", the fused kernel the graph would call."""
     global _compiled_reduction
     if _compiled_reduction is None:
-        _compiled_reduction = torch.compile(reduction, dynamic=False)
+        _compiled_reduction = torch.compile(_reduction_over_copies, dynamic=False)
     x = torch.randn(1, w.shape[1], dtype=torch.float32 if scales is not None else w.dtype)
-    weights = _streamed(w.detach(), working_set)
-    forms = {"reduction": [functools.partial(_compiled_reduction, x, wi, scales) for wi in weights]}
+    copies = _stacked_copies(w.detach(), working_set)
+    weights = list(copies.unbind())
+    forms = {"reduction": [functools.partial(_compiled_reduction, x, copies, scales)]}
     if scales is not None:
         forms["int8pack"] = [functools.partial(int8pack, x, wi, scales) for wi in weights]
     else:
@@ -369,10 +385,10 @@ def choose_compiled(
     (F.linear, which inductor runs as MKL's GEMV on a prepacked copy), for an int8 weight
     with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered like
     the eager products (on an Intel Xeon with AVX-512 MKL's streamed 1.5-1.9x the fused
-    reduction's bandwidth; on an AMD EPYC with AVX-512 the int8 reduction 1.3x the fused int8
-    kernel's). Weights under 256 KiB, whose products cost less than their calls, stay
-    reductions, unmeasured. `working_set`: the bytes of all the weights a step reads (the
-    model's), if known."""
+    reduction's bandwidth, timed then with a compiled call per copy; on an AMD EPYC with
+    AVX-512 the int8 reduction 1.3-2.1x the fused int8 kernel's). Weights under 256 KiB,
+    whose products cost less than their calls, stay reductions, unmeasured. `working_set`:
+    the bytes of all the weights a step reads (the model's), if known."""
     int8 = w.dtype == torch.int8 and scales is not None
     if not (int8 or w.dtype == torch.float32) or w.numel() * w.element_size() < 1 << 18:
         return "reduction"
