@@ -20,6 +20,8 @@ from .errors import error_body
 
 @dataclass(frozen=True)
 class Shape:
+    """How one of the two APIs lays out an answer, whole and streamed."""
+
     id_prefix: str
     object: str
     prompt_param: str  # the field blamed for a prompt longer than the context
