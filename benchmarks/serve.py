@@ -101,6 +101,7 @@ def main() -> None:
     from openai import OpenAI
 
     from llama2.serve.api import create_app
+    from llama2.serve.engine import Engine
 
     if args.clients_nice and not args.server_process:
         raise SystemExit("--clients-nice needs --server-process (the clients' own process)")
@@ -125,7 +126,7 @@ def main() -> None:
     options = {"max_batch": 16, "max_queue": 64}
     if args.compile:
         options["compile"] = True
-    known = inspect.signature(create_app).parameters
+    known = inspect.signature(Engine).parameters  # (create_app passes them to the engine)
     if any(k not in known for k in options):
         raise SystemExit(f"this llama2's server lacks {[k for k in options if k not in known]}")
     with socket.socket() as s:

@@ -743,3 +743,38 @@ def test_n_beyond_the_queue_is_400_and_a_stopped_engine_is_503(small_tokenizer):
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
     finally:
         _stop(srv, thread)
+
+
+def test_checks_and_answer_shapes_are_plain_functions(small_tokenizer):
+    """Without a server: a body's unknown field is a 400 naming it, choice seeds wrap at 2**64,
+    and a chat and a text answer carry the same completion in their own layouts."""
+    from llama2.generation import Completion, TokenLogprob
+    from llama2.serve.errors import APIError
+    from llama2.serve.responses import CHAT, TEXT, Reply
+    from llama2.serve.validation import choices_params, parse_body
+
+    with pytest.raises(APIError) as e:
+        parse_body(b'{"model": "micro", "temprature": 1}', "/v1/chat/completions", "micro")
+    assert (e.value.status, e.value.param, e.value.code) == (400, "temprature", "unknown_field")
+    params = choices_params({"n": 2, "seed": 2**64 - 1}, 16, None, max_n=4)
+    assert [p.seed for p in params] == [2**64 - 1, 0] and params[0].max_new_tokens == 16
+    lp = [TokenLogprob(5, -0.5, [(5, -0.5), (6, -1.5)])]
+    done = [Completion("abc", [5], "length", 3, logprobs=lp)]
+    chat = Reply(CHAT, "micro", small_tokenizer, 3).whole(done)
+    text = Reply(TEXT, "micro", small_tokenizer, 3, echo="x").whole(done)
+    assert chat["id"].startswith("chatcmpl-") and chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "abc"}
+    assert text["choices"][0]["text"] == "xabc" and text["object"] == "text_completion"
+    entry = chat["choices"][0]["logprobs"]["content"][0]
+    assert text["choices"][0]["logprobs"]["tokens"] == [entry["token"]]
+    assert text["choices"][0]["logprobs"]["token_logprobs"] == [-0.5]
+    assert len(text["choices"][0]["logprobs"]["top_logprobs"][0]) == 2
+    assert (
+        chat["usage"]
+        == text["usage"]
+        == {
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "total_tokens": 4,
+        }
+    )
