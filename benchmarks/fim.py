@@ -31,13 +31,12 @@ import argparse
 import json
 import math
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from launch import run_side_by_side
 from tqdm import tqdm
 
 from llama2 import Tokenizer, load
@@ -102,22 +101,15 @@ def prepare(out: Path, args) -> None:
 
 def run_pretraining(out: Path, runs: dict[str, float], args) -> float:
     """The runs (name: fim_rate) side by side, one thread each; wall seconds."""
-    procs = []
-    t0 = time.time()
+    commands = {}
     for name, fim_rate in runs.items():
         run = out / name
         if (run / "model").exists():
             continue
-        cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--config", args.config]
-        cmd += ["--out", str(run), f"data={out / 'data'}", f"fim_rate={fim_rate}", "threads=1"]
-        cmd += [*args.overrides, *(["--resume"] if (run / "checkpoints").exists() else [])]
-        log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-    for proc, log in procs:
-        if proc.wait():
-            raise SystemExit(f"{log.name}: the run failed")
-        log.close()
-    return time.time() - t0
+        cmd = ["pretrain", "--config", args.config, "--out", str(run), f"data={out / 'data'}"]
+        cmd += [f"fim_rate={fim_rate}", "threads=1", *args.overrides]
+        commands[name] = cmd + (["--resume"] if (run / "checkpoints").exists() else [])
+    return run_side_by_side(out, commands)
 
 
 def infill_cases(

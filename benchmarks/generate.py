@@ -9,8 +9,8 @@ quantizer). Every engine is timed the same way, best of --repeats:
   decode tok/s  = 127 / (time(128 new tokens) - time(1 new token)), greedy, EOS ignored
 The engines of one format class (ours eager and compiled, transformers, llama.cpp) take turns,
 one round of the three timings each, --repeats rounds: a machine whose speed drifts over
-minutes (this project's move by 10-30% between runs) then drifts under all of them alike,
-and a ratio compares runs made within a minute of each other.
+minutes (a shared VM's by 10-30%) then drifts under all of them alike, and a ratio compares
+runs made within a minute of each other.
 tiny-15m's context is raised to 1024 so that 512 + 128 tokens fit.
 """
 

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch import run_side_by_side
+
 from llama2 import Tokenizer
 from llama2.data import prepare_corpus, stdlib_documents
 
@@ -50,21 +52,15 @@ def main() -> None:
         held.mkdir(exist_ok=True)
         for i, text in enumerate(json.loads((fim / "held_out.json").read_text())):
             (held / f"{i:03d}.py").write_text(text)
-    t0 = time.time()
-    procs = []
+    commands = {}
     for name, theta in (("theta1e4", 10000), ("theta1e6", 1000000)):
         if (out / name / "model").exists():
             continue
-        cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--config", args.config]
-        cmd += ["--out", str(out / name), f"data={out / 'data'}", f"init_from={base}"]
-        cmd += [f"rope_theta={theta}", "threads=1", *args.overrides]
-        log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-    for proc, log in procs:
-        if proc.wait():
-            raise SystemExit(f"{log.name}: the run failed")
-        log.close()
-    print(f"fine-tuning: {time.time() - t0:.0f}s wall (two runs side by side)", flush=True)
+        cmd = ["pretrain", "--config", args.config, "--out", str(out / name)]
+        cmd += [f"data={out / 'data'}", f"init_from={base}", f"rope_theta={theta}", "threads=1"]
+        commands[name] = [*cmd, *args.overrides]
+    seconds = run_side_by_side(out, commands)
+    print(f"fine-tuning: {seconds:.0f}s wall (two runs side by side)", flush=True)
     cmd = [sys.executable, "-m", "llama2.cli", "eval", "longctx", str(base)]
     cmd += [str(out / "theta1e4" / "model"), str(out / "theta1e6" / "model")]
     cmd += ["--data", str(out / "held_out"), "--out", str(out / "eval")]

@@ -19,13 +19,12 @@ completions with EOS ignored (stop-free, fixed-length answers), so every level g
 same number of tokens per client. The clients run in the benchmark's process; the server runs
 there too (a thread), or with --server-process in a process of its own, as `llama2 serve` does
 in front of clients on other processes or machines: the clients' and the event loop's Python
-then no longer share one GIL with the engine; `--clients-nice N` then lowers the clients'
+do not share one GIL with the engine; `--clients-nice N` then lowers the clients'
 scheduling priority (nice N, the server's unchanged), the nearest a one-machine benchmark
 comes to clients on machines of their own: their CPU time is still spent, on cores the
-engine does not need at that moment. Bounded: the run ends by itself. The server's
-options that an older llama2 lacks are left out, so the same script measures a checkout from
-before them
-(`PYTHONPATH=/path/to/old/checkout python benchmarks/serve.py`).
+engine does not need at that moment. Bounded: the run ends by itself. Server options that
+the llama2 on the path lacks are left out, so the same script measures another checkout
+(`PYTHONPATH=/path/to/other/checkout python benchmarks/serve.py`).
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ Candidates:
 - "onednn": oneDNN's inner product; under autograd its two backward products too.
 - "split": one row of fp32: MKL's single-row sgemv runs on one thread, so the weight's rows
   are split into one `bmm` batch entry per thread (free views).
-- "mv": one row as `torch.mv` (its bf16 GEMV streamed 1.3-1.8x F.linear's on an Intel Xeon).
+- "mv": one row as `torch.mv` (its bf16 GEMV streams 1.3-1.8x F.linear's on an Intel Xeon).
 - fp16 weights with fp32 activations ("half-precision storage, fp32 compute"): "fp16" (x
-  rounded to fp16, PyTorch's fp16 GEMV or GEMM, which accumulate in fp32; the GEMM did not
-  beat fp32's on an Emerald Rapids Xeon, 118-221 against 144-217 GFLOP/s, but may where fp16
-  arithmetic is fast) and "gemm32" (the weight converted, an fp32 product).
+  rounded to fp16, PyTorch's fp16 GEMV or GEMM, which accumulate in fp32; the GEMM is no
+  faster than fp32's on a Xeon without AMX-FP16, but may be where fp16 arithmetic is fast)
+  and "gemm32" (the weight converted, an fp32 product).
 Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a single
 row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype, or
 where measurement says so, for fp32 weights frozen into the graph F.linear and for int8 ones
@@ -138,7 +138,8 @@ def _key(x: torch.Tensor, w: torch.Tensor, grad: bool) -> str:
     rows = x.numel() // x.shape[-1]
     rows_class = min(rows.bit_length(), MEASURE_ROWS.bit_length())  # 1, 2-3, 4-7, ..., 512+
     shape = "x".join(map(str, w.shape))
-    # ("stream": timed streaming the weight; choices kept from before that are measured again)
+    # ("stream": timed streaming the weight, a key apart from "nograd" because a choice timed
+    # with the weight in the cache does not hold for a weight read from memory)
     mode = "grad" if grad else "stream" if rows <= STREAMED_ROWS else "nograd"
     return f"{x.dtype}|{w.dtype}|{shape}|rows{rows_class}|{mode}|t{torch.get_num_threads()}"
 
@@ -220,8 +221,8 @@ def _streamed(w: torch.Tensor, working_set: int | None = None) -> list[torch.Ten
     """Copies of `w` filling twice the last-level cache (at most 512 MiB), or `working_set`
     bytes if that is less (a model's weights that fit in the cache are read from it): a decode
     step streams every weight once a token, and a product timed on one weight that stays in the
-    cache ranks the candidates differently (on an Intel Xeon with 300 MiB of L3, oneDNN's single-row
-    product timed 2x slower than torch.mv in the cache, 1.4x slower from memory)."""
+    cache ranks the candidates differently (on an Intel Xeon with 300 MiB of L3, oneDNN's
+    single-row product is 2x slower than torch.mv in the cache, 1.4x slower from memory)."""
     return list(_stacked_copies(w, working_set).unbind())
 
 
@@ -263,8 +264,8 @@ def _timed(products: dict[str, Product], x: torch.Tensor, w: torch.Tensor, grad:
 def _in_turns(runs: dict[str, Callable[[], None]], n: int) -> dict[str, float]:
     """Seconds per product of each run, which makes `n` of them: the best of REPEATS rounds
     after one that warms caches and allocators. The candidates take turns within each round,
-    so that a machine whose speed drifts (10-30% within minutes on the 2-core VMs this was
-    measured on) slows them alike instead of the ones timed last."""
+    so that a machine whose speed drifts (10-30% within minutes on a shared 2-core VM) slows
+    them alike instead of the ones timed last."""
     best = dict.fromkeys(runs, float("inf"))
     for i in range(REPEATS + 1):
         for name, run in runs.items():
@@ -344,8 +345,8 @@ def measure_compiled(
 ) -> dict[str, float]:
     """Seconds per single-row product of `w` in each form `choose_compiled` picks from, the
     weight streamed as in `_streamed`: "reduction" compiled on its own, over all the copies in
-    one call (inside a model's graph a product costs no call of its own; a compiled call per
-    copy added Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8 weight); for an
+    one call (inside a model's graph a product costs no call of its own, and a compiled call per
+    copy would add Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8 weight); for an
     fp32 weight "linear" as inductor runs it with frozen weights; for an int8 one (with its
     `scales`) "int8pack", the fused kernel the graph would call."""
     global _compiled_reduction
@@ -377,9 +378,8 @@ def choose_compiled(
     (generation.compiled_forward): "reduction" (`reduction`) or, for an fp32 weight, "linear"
     (F.linear, which inductor runs as MKL's GEMV on a prepacked copy), for an int8 weight
     with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered like
-    the eager products (on an Intel Xeon with AVX-512 MKL's streamed 1.5-1.9x the fused
-    reduction's bandwidth, timed then with a compiled call per copy; on an AMD EPYC with
-    AVX-512 the int8 reduction 1.3-2.1x the fused int8 kernel's). Weights under 256 KiB,
+    the eager products, since the winner depends on the CPU (on an AMD EPYC Zen 4 the int8
+    reduction streams 1.3-2.1x the fused int8 kernel's bandwidth). Weights under 256 KiB,
     whose products cost less than their calls, stay reductions, unmeasured. `working_set`:
     the bytes of all the weights a step reads (the model's), if known."""
     int8 = w.dtype == torch.int8 and scales is not None
