@@ -2,7 +2,8 @@
 
 The verbs live by group (models.py, training.py, evaluation.py); this module wires them into
 one parser and turns the errors a user can fix into one line and exit status 1. The groups
-import the library inside each command, so that `llama2 --help` starts without torch.
+import the library inside each command: a verb loads only what it runs (`llama2 info` neither
+the server, the stages nor the evaluators).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .models import model_name
+
 
 def cmd_eval_chat(args) -> None:
     import tempfile
@@ -54,8 +56,7 @@ def cmd_eval_longctx(args) -> None:
     models = {}
     for path in args.models:
         llm = load(path, dtype="float32")
-        p = Path(path).absolute()  # a run's `model` link: name it after the run
-        models[p.parent.name if p.name == "model" else p.name] = (llm.model, llm.tokenizer)
+        models[model_name(path)] = (llm.model, llm.tokenizer)
     r = evaluate_long_context(models, documents, args.out, settings)
     print("| model | theta | " + " | ".join(f"{n}" for n in settings.lengths) + " |")
     print("|---|---|" + "---|" * len(settings.lengths))

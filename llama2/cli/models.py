@@ -132,6 +132,13 @@ def _print_stream(llm, ids, params, stop_ids, continuation=True):
     return results[0], time.perf_counter() - t0
 
 
+def model_name(path: str) -> str:
+    """What to call a model in tables and the API: its directory's name, or for a run's
+    `model` link (or a checkpoint's model/) the run's."""
+    p = Path(path).absolute()
+    return p.parent.name if p.name == "model" else p.name
+
+
 def _load_for_generation(args):
     from ..llm import load
 
@@ -209,14 +216,11 @@ def cmd_serve(args) -> None:
     from ..serve.api import serve
 
     llm = _load_for_generation(args)
-    path = Path(args.model).absolute()
-    # a run's `model` link or a checkpoint's model/: name it after the run instead
-    name = args.name or (path.parent.name if path.name == "model" else path.name)
     serve(
         llm,
         args.host,
         args.port,
-        name,
+        args.name or model_name(args.model),
         args.api_key,
         args.max_batch,
         args.max_queue,

@@ -10,6 +10,7 @@
 - Single-line infilling (the benchmark of InCoder / SantaCoder that Code Llama reports):
   each line of each canonical solution masked in turn, the model fills it from the prefix
   and suffix in PSM or SPM order, the file is scored by running the tests.
+- `evaluate_code`: both, by `CodeEvalSettings`, as one report (what `llama2 eval code` prints).
 
 Every program runs in sandbox.py's jail, never in this process.
 """
