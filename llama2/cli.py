@@ -307,6 +307,7 @@ def cmd_serve(args) -> None:
         compile=args.compile,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        web=not args.no_web,
     )
 
 
@@ -535,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds running requests get to finish",
     )
+    s.add_argument("--no-web", action="store_true", help="no chat page at / (it answers 404)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("quantize", help="weight-only int8 / int4 quantization")

@@ -261,3 +261,18 @@ def test_conversations_rename_delete_export_import_and_edit(server, page):
     sync_api.expect(page.locator("#notice")).to_contain_text("Imported 2 conversation(s)")
     sync_api.expect(titles).to_have_text(["renamed <i>x</i>", "first", "renamed <i>x</i>"])
     sync_api.expect(page.locator(".message.user .body")).to_have_text("second")
+
+
+def test_serve_no_web_turns_the_page_off(small_tokenizer, tmp_path, monkeypatch):
+    """`llama2 serve --no-web` asks for no page; plain `llama2 serve` for one."""
+    import llama2.serve.api
+    from llama2 import save_hf
+    from llama2.cli import main
+
+    cfg = get_preset("micro")
+    save_hf(tmp_path / "model", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    calls = []
+    monkeypatch.setattr(llama2.serve.api, "serve", lambda *a, **kw: calls.append(kw["web"]))
+    main(["serve", str(tmp_path / "model"), "--no-web"])
+    main(["serve", str(tmp_path / "model")])
+    assert calls == [False, True]

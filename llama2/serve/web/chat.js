@@ -72,6 +72,7 @@ function newConversation() {
 
 function switchTo(id) {
   store.current = id;
+  document.body.classList.remove("sidebar-open");
   save();
   render();
 }
