@@ -128,6 +128,9 @@ def test_the_page_is_served_without_the_key_and_the_api_still_needs_it(server, s
 
 def test_an_answer_streams_in_pieces_and_the_conversation_outlives_a_reload(server, page):
     open_chat(page, server)
+    assert page.get_attribute("#temperature", "placeholder") == "server: 1"  # from /props
+    assert page.get_attribute("#max_tokens", "placeholder") == "server: 128"
+    page.fill("#system", "Answer briefly.")
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "40")
     # every length the streaming answer's text takes, as the page renders it
@@ -148,7 +151,8 @@ def test_an_answer_streams_in_pieces_and_the_conversation_outlives_a_reload(serv
     stats = page.locator(".message.assistant .stats").inner_text()
     assert "tokens/s" in stats and "40 tokens" in stats, stats
     # the page's request: its settings and the turn, as a client of the API would send them
-    body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 40}
+    turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"}]
+    body = {"messages": turns, "temperature": 0, "max_tokens": 40}
     auth = {"Authorization": f"Bearer {KEY}"}
     direct = httpx.post(server + "/v1/chat/completions", json=body, headers=auth, timeout=60)
     assert answer == direct.json()["choices"][0]["message"]["content"]
@@ -207,7 +211,8 @@ def test_error_answers_say_what_went_wrong(server, page):
     send(page, "hello")
     notice = page.locator("#notice")
     sync_api.expect(notice).to_contain_text("refused the API key (401)")
-    assert answered(page) == [{"role": "user", "content": "hello"}]  # no empty answer kept
+    assert answered(page) == []  # no empty answer kept; the message is back in the input box
+    assert page.input_value("#input") == "hello"
 
     page.fill("#api_key", KEY)
     page.press("#api_key", "Tab")

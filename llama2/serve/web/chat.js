@@ -10,7 +10,8 @@ const SETTINGS = ["system", "temperature", "top_p", "max_tokens", "api_key"];
 const $ = (id) => document.getElementById(id);
 const EMPTY = $("empty"); // the hint an empty conversation shows
 
-let store = load(STORE_KEY, { conversations: [], current: null });
+let store = load(STORE_KEY, {});
+if (!Array.isArray(store.conversations)) store = { conversations: [], current: null };
 let settings = load(SETTINGS_KEY, {});
 let server = null; // what GET /props said: {model, max_model_len, defaults}
 let running = null; // the answer being streamed: {conversation, message, controller}
@@ -117,18 +118,28 @@ function exportAll() {
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
 }
 
+// An imported answer's stats, kept only when well formed.
+function checkedStats(stats) {
+  const number = (x) => typeof x === "number" && Number.isFinite(x);
+  if (!stats || !number(stats.tokens) || !number(stats.seconds)) return {};
+  const rate = number(stats.rate) ? stats.rate : null;
+  const finish = typeof stats.finish === "string" ? stats.finish : null;
+  const error = typeof stats.error === "string" ? { error: stats.error } : {};
+  return { stats: { tokens: stats.tokens, seconds: stats.seconds, rate, finish, ...error } };
+}
+
 // The conversations in an exported file (or a bare list, or one conversation), checked: each
-// message a user, assistant or system turn with text. Imported ones get fresh ids.
+// message a user or assistant turn with text. Imported ones get fresh ids.
 function parseImport(data) {
   const list = Array.isArray(data) ? data : data?.conversations ?? (data?.messages ? [data] : null);
   if (!Array.isArray(list)) throw new Error("no conversations in the file");
   return list.map((c, i) => {
     if (!Array.isArray(c?.messages)) throw new Error(`conversation ${i + 1} has no messages`);
     const messages = c.messages.map((m, j) => {
-      if (!["user", "assistant", "system"].includes(m?.role) || typeof m.content !== "string") {
+      if (!["user", "assistant"].includes(m?.role) || typeof m.content !== "string") {
         throw new Error(`conversation ${i + 1}, message ${j + 1}: needs a role and text`);
       }
-      return { role: m.role, content: m.content, ...(m.stats ? { stats: m.stats } : {}) };
+      return { role: m.role, content: m.content, ...checkedStats(m.stats) };
     });
     const title = typeof c.title === "string" && c.title.trim() ? c.title : "Imported chat";
     return { id: newId(), title: title.slice(0, 200), created: Date.now(), messages };
@@ -233,7 +244,8 @@ async function* events(response) {
   }
 }
 
-// Stream an answer to the conversation's last turn into a new assistant message.
+// Stream an answer to the conversation's last turn into a new assistant message; false when
+// none came (an error, or stopped before the first piece), and then no message is kept.
 async function generate(conversation) {
   const message = { role: "assistant", content: "" };
   const controller = new AbortController();
@@ -283,8 +295,8 @@ async function generate(conversation) {
   }
   const stopped = controller.signal.aborted;
   running = null;
-  if (failure && !message.content) {
-    conversation.messages.pop();
+  if (!message.content) {
+    conversation.messages.splice(conversation.messages.indexOf(message), 1);
   } else {
     const tokens = usage?.completion_tokens ?? pieces;
     const seconds = ((last ?? performance.now()) - started) / 1000;
@@ -296,17 +308,29 @@ async function generate(conversation) {
   save();
   render();
   if (failure) notify(failure);
+  return Boolean(message.content);
 }
 
-function send(text) {
+async function send(text) {
   if (running || !text.trim()) return;
   const conversation = current() || newConversation();
-  if (!conversation.messages.some((m) => m.role === "user")) {
-    conversation.title = text.trim().replace(/\s+/g, " ").slice(0, 48);
+  if (conversation.messages.at(-1)?.role === "user") {
+    notify("The last message has no answer yet: retry it or edit it first.");
+    return;
   }
-  conversation.messages.push({ role: "user", content: text });
+  const untitled = !conversation.messages.length;
+  if (untitled) conversation.title = text.trim().replace(/\s+/g, " ").slice(0, 48);
+  const turn = { role: "user", content: text };
+  conversation.messages.push(turn);
+  $("input").value = "";
   save();
-  generate(conversation);
+  if (await generate(conversation)) return;
+  // no answer: the message goes back to the input box, to send again
+  if (conversation.messages.at(-1) === turn) conversation.messages.pop();
+  if (untitled) conversation.title = "New chat";
+  if (!$("input").value) $("input").value = text;
+  save();
+  render();
 }
 
 function regenerate(conversation) {
@@ -370,8 +394,9 @@ function renderMessage(conversation, message, index) {
   if (!running && message.role === "user") {
     meta.appendChild(button("Edit", () => startEdit(conversation, index, node), "link"));
   }
-  if (!running && message.role === "assistant" && index === conversation.messages.length - 1) {
-    meta.appendChild(button("Regenerate", () => regenerate(conversation), "link"));
+  if (!running && index === conversation.messages.length - 1) {
+    const again = message.role === "assistant" ? "Regenerate" : "Retry";
+    meta.appendChild(button(again, () => regenerate(conversation), "link"));
   }
   node.appendChild(meta);
   return node;
@@ -436,10 +461,7 @@ function showSettings(show, focus) {
 
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
-  const text = $("input").value;
-  if (running || !text.trim()) return;
-  $("input").value = "";
-  send(text);
+  send($("input").value);
 });
 $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
