@@ -2,7 +2,7 @@
 // server's /v1/chat/completions (server-sent events read from fetch's body), settings sent with
 // each request. Text from the model or from an imported file is only ever set as text.
 
-import { renderMarkdown } from "./markdown.js";
+import { el, renderMarkdown } from "./markdown.js";
 
 const STORE_KEY = "llama2-chat";
 const SETTINGS_KEY = "llama2-chat-settings";
@@ -34,13 +34,6 @@ function save() {
   }
 }
 
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
 function button(text, onClick, className = "") {
   const node = el("button", className, text);
   node.type = "button";
@@ -56,9 +49,11 @@ function current() {
   return store.conversations.find((c) => c.id === store.current) || null;
 }
 
-function notify(text, kind = "error") {
+// A line above the input box; `about` names what it is about, for whoever may clear it.
+function notify(text, kind = "error", about = "") {
   $("notice-text").textContent = text;
   $("notice").className = kind;
+  $("notice").dataset.about = about;
   $("notice").hidden = false;
 }
 
@@ -197,14 +192,13 @@ async function fetchProps() {
   try {
     const response = await fetch("/props", { headers: authHeaders() });
     if (!response.ok) {
-      notify(describe(response.status, await errorBody(response)));
-      if (response.status === 401) showSettings(true, $("api_key"));
+      const key = response.status === 401;
+      notify(describe(response.status, await errorBody(response)), "error", key ? "key" : "");
+      if (key) showSettings(true, $("api_key"));
       return;
     }
     server = await response.json();
-    if ($("notice").className === "error" && $("notice-text").textContent.includes("(401)")) {
-      $("notice").hidden = true;
-    }
+    if ($("notice").dataset.about === "key") $("notice").hidden = true;
   } catch (e) {
     notify(`Cannot reach the server: ${e.message}`);
   }
@@ -261,6 +255,7 @@ async function generate(conversation) {
   let usage = null;
   let finish = null;
   let failure = null;
+  let status = null;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -268,8 +263,9 @@ async function generate(conversation) {
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    status = response.status;
     if (!response.ok) {
-      failure = describe(response.status, await errorBody(response));
+      failure = describe(status, await errorBody(response));
     } else {
       for await (const data of events(response)) {
         if (data === "[DONE]") break;
@@ -307,7 +303,7 @@ async function generate(conversation) {
   }
   save();
   render();
-  if (failure) notify(failure);
+  if (failure) notify(failure, "error", status === 401 ? "key" : "");
   return Boolean(message.content);
 }
 
