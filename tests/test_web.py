@@ -109,7 +109,7 @@ def test_the_page_is_served_without_the_key_and_the_api_still_needs_it(server, s
     page = httpx.get(server + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    for name in ("chat.js", "markdown.js", "style.css"):
+    for name in ("chat.js", "api.js", "markdown.js", "storage.js", "style.css"):
         assert httpx.get(f"{server}/web/{name}").status_code == 200
     assert httpx.get(server + "/props").status_code == 401
     props = httpx.get(server + "/props", headers={"Authorization": f"Bearer {KEY}"}).json()

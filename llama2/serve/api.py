@@ -1,14 +1,14 @@
 """An OpenAI-compatible HTTP API over the engine (FastAPI + uvicorn).
 
-POST /v1/chat/completions and /v1/completions (completions.py), GET /v1/models, /props (what a
-client needs to know: the context and the sampling defaults), /health and /metrics (status.py),
-POST /tokenize and /detokenize, and a chat page at / (its files under web/, served at /web/).
-Every field is checked (validation.py) before a request reaches the engine. Errors have
+POST /v1/chat/completions and /v1/completions (completions.py), GET /v1/models, /props (the
+context and the sampling defaults, for clients such as the page), /health and /metrics
+(status.py), POST /tokenize and /detokenize, and a chat page at / (its files, under web/, at
+/web/). Every field is checked (validation.py) before a request reaches the engine. Errors have
 OpenAI's shape {"error": {message, type, param, code}}: 401 without the key when one is set
-(every path but /health, /metrics and the page's files: the page sends the key its user types), 400
-for a bad field or a too-long prompt, 404 for an unknown model, 500 when the engine failed on
-the request, 503 when the queue is full or the server is shutting down, 504 past the
-request's deadline.
+(every path but /health, /metrics and the page's files: the page sends the key its user
+types), 400 for a bad field or a too-long prompt, 404 for an unknown model, 500 when the
+engine failed on the request, 503 when the queue is full or the server is shutting down, 504
+past the request's deadline.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 // server's /v1/chat/completions (server-sent events read from fetch's body), settings sent with
 // each request. Text from the model or from an imported file is only ever set as text.
 
+import { describe, errorBody, events } from "./api.js";
 import { el, renderMarkdown } from "./markdown.js";
+import { exportFile, load, newId, parseImport } from "./storage.js";
 
 const STORE_KEY = "llama2-chat";
 const SETTINGS_KEY = "llama2-chat-settings";
@@ -15,15 +17,6 @@ if (!Array.isArray(store.conversations)) store = { conversations: [], current: n
 let settings = load(SETTINGS_KEY, {});
 let server = null; // what GET /props said: {model, max_model_len, defaults}
 let running = null; // the answer being streamed: {conversation, message, controller}
-
-function load(key, fallback) {
-  try {
-    const value = JSON.parse(localStorage.getItem(key));
-    return value && typeof value === "object" ? value : fallback;
-  } catch {
-    return fallback;
-  }
-}
 
 function save() {
   try {
@@ -39,10 +32,6 @@ function button(text, onClick, className = "") {
   node.type = "button";
   node.addEventListener("click", onClick);
   return node;
-}
-
-function newId() {
-  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
 }
 
 function current() {
@@ -103,44 +92,6 @@ function startRename(conversation, item) {
   input.select();
 }
 
-function exportAll() {
-  const data = { format: "llama2-chat", version: 1, conversations: store.conversations };
-  const blob = new Blob([JSON.stringify(data, null, 2)], { type: "application/json" });
-  const link = el("a");
-  link.href = URL.createObjectURL(blob);
-  link.download = `llama2-chat-${new Date().toISOString().slice(0, 10)}.json`;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
-}
-
-// An imported answer's stats, kept only when well formed.
-function checkedStats(stats) {
-  const number = (x) => typeof x === "number" && Number.isFinite(x);
-  if (!stats || !number(stats.tokens) || !number(stats.seconds)) return {};
-  const rate = number(stats.rate) ? stats.rate : null;
-  const finish = typeof stats.finish === "string" ? stats.finish : null;
-  const error = typeof stats.error === "string" ? { error: stats.error } : {};
-  return { stats: { tokens: stats.tokens, seconds: stats.seconds, rate, finish, ...error } };
-}
-
-// The conversations in an exported file (or a bare list, or one conversation), checked: each
-// message a user or assistant turn with text. Imported ones get fresh ids.
-function parseImport(data) {
-  const list = Array.isArray(data) ? data : data?.conversations ?? (data?.messages ? [data] : null);
-  if (!Array.isArray(list)) throw new Error("no conversations in the file");
-  return list.map((c, i) => {
-    if (!Array.isArray(c?.messages)) throw new Error(`conversation ${i + 1} has no messages`);
-    const messages = c.messages.map((m, j) => {
-      if (!["user", "assistant"].includes(m?.role) || typeof m.content !== "string") {
-        throw new Error(`conversation ${i + 1}, message ${j + 1}: needs a role and text`);
-      }
-      return { role: m.role, content: m.content, ...checkedStats(m.stats) };
-    });
-    const title = typeof c.title === "string" && c.title.trim() ? c.title : "Imported chat";
-    return { id: newId(), title: title.slice(0, 200), created: Date.now(), messages };
-  });
-}
-
 async function importFile(file) {
   try {
     const imported = parseImport(JSON.parse(await file.text()));
@@ -160,40 +111,13 @@ function authHeaders() {
   return settings.api_key ? { Authorization: `Bearer ${settings.api_key}` } : {};
 }
 
-// What an error answer means for the user, from its status and OpenAI-shaped body.
-function describe(status, body) {
-  const error = body?.error ?? {};
-  const said = error.message ? `: ${error.message}` : "";
-  if (status === 401) {
-    return `The server refused the API key (401)${said}. Enter the server's key under Settings.`;
-  }
-  if (status === 503) return `The server is busy (503)${said}. Try again in a moment.`;
-  if (status === 400 && error.code === "context_length_exceeded") {
-    const context = server ? ` of ${server.max_model_len} tokens` : "";
-    return (
-      `The conversation is too long for the model's context${context} (400)${said}. ` +
-      "Start a new chat, or edit or delete earlier turns."
-    );
-  }
-  if (status === 400) return `The server refused the request (400)${said}.`;
-  if (status === 504) return `The answer took too long (504)${said}.`;
-  return `The server answered ${status}${said}.`;
-}
-
-async function errorBody(response) {
-  try {
-    return await response.json();
-  } catch {
-    return null;
-  }
-}
-
 async function fetchProps() {
   try {
     const response = await fetch("/props", { headers: authHeaders() });
     if (!response.ok) {
       const key = response.status === 401;
-      notify(describe(response.status, await errorBody(response)), "error", key ? "key" : "");
+      const text = describe(response.status, await errorBody(response), server?.max_model_len);
+      notify(text, "error", key ? "key" : "");
       if (key) showSettings(true, $("api_key"));
       return;
     }
@@ -214,28 +138,6 @@ function requestBody(conversation) {
     if (settings[name] !== undefined && settings[name] !== "") body[name] = Number(settings[name]);
   }
   return body;
-}
-
-// The data of each server-sent event in the stream, as it arrives.
-async function* events(response) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    buffer += decoder.decode(value ?? new Uint8Array(), { stream: !done });
-    const parts = buffer.split(/\r?\n\r?\n/);
-    buffer = done ? "" : parts.pop();
-    for (const part of parts) {
-      const data = part
-        .split(/\r?\n/)
-        .filter((line) => line.startsWith("data:"))
-        .map((line) => line.slice(5).replace(/^ /, ""))
-        .join("\n");
-      if (data) yield data;
-    }
-    if (done) return;
-  }
 }
 
 // Stream an answer to the conversation's last turn into a new assistant message; false when
@@ -265,7 +167,7 @@ async function generate(conversation) {
     });
     status = response.status;
     if (!response.ok) {
-      failure = describe(status, await errorBody(response));
+      failure = describe(status, await errorBody(response), server?.max_model_len);
     } else {
       for await (const data of events(response)) {
         if (data === "[DONE]") break;
@@ -473,7 +375,7 @@ $("new-chat").addEventListener("click", () => {
   render();
   $("input").focus();
 });
-$("export").addEventListener("click", exportAll);
+$("export").addEventListener("click", () => exportFile(store.conversations));
 $("import").addEventListener("change", (e) => {
   if (e.target.files[0]) importFile(e.target.files[0]);
   e.target.value = "";
