@@ -110,7 +110,8 @@ def test_the_page_is_served_without_the_key_and_the_api_still_needs_it(server, s
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
     for name in ("chat.js", "api.js", "markdown.js", "storage.js", "style.css"):
-        assert httpx.get(f"{server}/web/{name}").status_code == 200
+        file = httpx.get(f"{server}/web/{name}")
+        assert file.status_code == 200 and file.headers["cache-control"] == "no-cache"
     assert httpx.get(server + "/props").status_code == 401
     props = httpx.get(server + "/props", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert props == {

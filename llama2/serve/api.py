@@ -31,16 +31,16 @@ from .errors import APIError, error_response
 from .validation import choices_params, field, prompt_text, token_ids
 
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
+MAX_CHOICES = 16  # `n` at most (and never more than the queue holds)
 WEB_DIR = Path(__file__).parent / "web"  # the chat page: index.html and the files it loads
-# The page's own code only (model output reaches it as text: see web/markdown.js), and no
-# framing by other sites
+# The page runs its own code only (model output reaches it as text: see web/markdown.js), is
+# framed by no other site, and is revalidated at each load
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; "
     "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-MAX_CHOICES = 16  # `n` at most (and never more than the queue holds)
 
 
 class _Auth:
@@ -61,6 +61,16 @@ class _Auth:
                 await error_response(401, msg, code="invalid_api_key")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _PageFiles(StaticFiles):
+    """The page's files, with its headers (so that a browser never runs an older script with a
+    newer page)."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 async def _api_error(_: Request, e: APIError):
@@ -148,7 +158,7 @@ def create_app(
     app.post("/detokenize")(detokenize)
     if web:
         app.get("/", include_in_schema=False)(page)
-        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+        app.mount("/web", _PageFiles(directory=WEB_DIR), name="web")
     return app
 
 
