@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds running requests get to finish",
     )
+    s.add_argument("--no-web", action="store_true", help="no chat page at / (it answers 404)")
 
     s = _verb(
         sub, "quantize", models.cmd_quantize, "weight-only int8 / int4 quantization",

@@ -230,4 +230,5 @@ def cmd_serve(args) -> None:
         compile=args.compile,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        web=not args.no_web,
     )

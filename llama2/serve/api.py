@@ -1,12 +1,14 @@
 """An OpenAI-compatible HTTP API over the engine (FastAPI + uvicorn).
 
-POST /v1/chat/completions and /v1/completions (completions.py), GET /v1/models, /health and
-/metrics (status.py), POST /tokenize and /detokenize. Every field is checked (validation.py)
-before a request reaches the engine. Errors have OpenAI's shape {"error": {message, type,
-param, code}}: 401 without the key when one is set (every path but /health and /metrics), 400
-for a bad field or a too-long prompt, 404 for an unknown model, 500 when the engine failed on
-the request, 503 when the queue is full or the server is shutting down, 504 past the
-request's deadline.
+POST /v1/chat/completions and /v1/completions (completions.py), GET /v1/models, /props (the
+context and the sampling defaults, for clients such as the page), /health and /metrics
+(status.py), POST /tokenize and /detokenize, and a chat page at / (its files, under web/, at
+/web/). Every field is checked (validation.py) before a request reaches the engine. Errors have
+OpenAI's shape {"error": {message, type, param, code}}: 401 without the key when one is set
+(every path but /health, /metrics and the page's files: the page sends the key its user
+types), 400 for a bad field or a too-long prompt, 404 for an unknown model, 500 when the
+engine failed on the request, 503 when the queue is full or the server is shutting down, 504
+past the request's deadline.
 """
 
 from __future__ import annotations
@@ -15,35 +17,60 @@ import contextlib
 import hmac
 import signal
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from ..llm import Llama
 from . import completions, status
 from .completions import Served, read_body
 from .engine import Engine
 from .errors import APIError, error_response
-from .validation import field, prompt_text, token_ids
+from .validation import choices_params, field, prompt_text, token_ids
 
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
 MAX_CHOICES = 16  # `n` at most (and never more than the queue holds)
+WEB_DIR = Path(__file__).parent / "web"  # the chat page: index.html and the files it loads
+# The page runs its own code only (model output reaches it as text: see web/markdown.js), is
+# framed by no other site, and is revalidated at each load
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 class _Auth:
     """Bearer-key check before anything else (a plain ASGI middleware: it leaves the client's
     disconnect visible to the routes)."""
 
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def __init__(self, app, api_key: str, web: bool):
+        self.app, self.expected, self.web = app, f"Bearer {api_key}".encode(), web
+
+    def _open(self, path: str) -> bool:
+        return path in OPEN_PATHS or self.web and (path == "/" or path.startswith("/web/"))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and not self._open(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 msg = "missing or wrong API key (Authorization: Bearer ...)"
                 await error_response(401, msg, code="invalid_api_key")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _PageFiles(StaticFiles):
+    """The page's files, with its headers (so that a browser never runs an older script with a
+    newer page)."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 async def _api_error(_: Request, e: APIError):
@@ -58,6 +85,24 @@ async def models(request: Request) -> dict:
     served: Served = request.app.state.served
     model = {"id": served.name, "object": "model", "created": served.created, "owned_by": "llama2"}
     return {"object": "list", "data": [model]}
+
+
+async def props(request: Request) -> dict:
+    """The served model's name and context, and what a chat request gets for each sampling
+    field it leaves out (max_tokens: up to the end of the context)."""
+    served: Served = request.app.state.served
+    context = served.llm.config.max_seq_len
+    default = choices_params({}, context, None, 1)[0]
+    defaults = {"temperature": default.temperature, "top_p": default.top_p}
+    return {
+        "model": served.name,
+        "max_model_len": context,
+        "defaults": defaults | {"max_tokens": default.max_new_tokens},
+    }
+
+
+async def page(_: Request) -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
 
 async def tokenize(request: Request) -> dict:
@@ -79,11 +124,13 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     request_timeout: float | None = None,
+    web: bool = True,
     **engine_options,
 ) -> FastAPI:
     """The app serving `llm` as `model_name`, on an Engine made with `engine_options`
     (max_batch, max_queue, prefill_chunk, prefix_cache, compile, prefix_pool_blocks).
-    `request_timeout`: seconds from submission after which a request is ended (504)."""
+    `request_timeout`: seconds from submission after which a request is ended (504). `web`:
+    answer / with the chat page (else / is 404)."""
     if llm.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer")
     engine = Engine(llm.model, llm.tokenizer, **engine_options)
@@ -98,16 +145,20 @@ def create_app(
     max_n = min(MAX_CHOICES, engine.max_queue)
     app.state.served = Served(llm, model_name, engine, request_timeout, max_n, int(time.time()))
     if api_key:
-        app.add_middleware(_Auth, api_key=api_key)
+        app.add_middleware(_Auth, api_key=api_key, web=web)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(Exception, _internal_error)
     app.post("/v1/chat/completions")(completions.chat_completions)
     app.post("/v1/completions")(completions.completions)
     app.get("/v1/models")(models)
+    app.get("/props")(props)
     app.get("/health")(status.health)
     app.get("/metrics")(status.metrics)
     app.post("/tokenize")(tokenize)
     app.post("/detokenize")(detokenize)
+    if web:
+        app.get("/", include_in_schema=False)(page)
+        app.mount("/web", _PageFiles(directory=WEB_DIR), name="web")
     return app
 
 
