@@ -14,7 +14,7 @@ import pytest
 from llama2.data.gatt import INSTRUCTIONS
 from llama2.eval.chat import score_items, win_rate
 from llama2.eval.judges import Annotator, extract_answer, grade, is_refusal, quality, rating
-from llama2.recipe.world import (
+from llama2.recipe.items import (
     BORDERLINE,
     CLOSERS,
     GATT_INSTRUCTIONS,
@@ -25,9 +25,8 @@ from llama2.recipe.world import (
     WorldConfig,
     apply_instruction,
     make_world,
-    sample_pairs,
-    write_world,
 )
+from llama2.recipe.world import sample_pairs, write_world
 
 ADD = {"kind": "task", "task": "add", "answer": "81", "numeric": True}
 WORD = {"kind": "task", "task": "last_word", "answer": "stone", "numeric": False,

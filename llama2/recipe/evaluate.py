@@ -23,7 +23,7 @@ from ..eval.chat import (
 )
 from ..eval.judges import Annotator, quality
 from ..io import write_atomic
-from ..train.rejection import score_answers
+from ..train.scoring import score_answers
 
 MODELS = ("base", "sft", "rejection", "ppo", "chat")
 

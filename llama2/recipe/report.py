@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.jsonl import read_jsonl_rows
 from ..data.preferences import RATINGS
 from ..eval.chat import table
 from ..io import atomic_file, write_atomic
-from ..train.rundir import read_jsonl_rows
 from .evaluate import MODELS
 
 EVAL_KEYS = (
@@ -299,7 +299,7 @@ def _f(x, pct: int = 0) -> str:
 
 
 def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
-    from .world import GATT_INSTRUCTIONS
+    from .items import GATT_INSTRUCTIONS
 
     world = json.loads((recipe.data / "world.json").read_text())
     ev = report["eval"]

@@ -261,9 +261,9 @@ class Recipe:
     def _annotate(self) -> None:
         """Comparisons of the SFT model's own samples (section 3.2.1), beside the world's
         answer variants, for the reward models: data/pairs_{helpful,safety}_sft.jsonl."""
+        from ..data.jsonl import write_jsonl
         from ..eval.chat import answer_all, read_items
         from ..eval.judges import Annotator
-        from ..train.rundir import write_jsonl
         from .world import sample_pairs
 
         rows = read_items(self.data / "prompts_annotate.jsonl")
@@ -293,14 +293,10 @@ class Recipe:
 
     def load(self, path: Path, **kw):
         """A model for sampling or evaluation, on the recipe's device."""
-        import dataclasses
-
+        from ..device import pick_device
         from ..llm import load
-        from ..train.config import TrainConfig
-        from ..train.loop import pick_device
 
-        device = pick_device(dataclasses.replace(TrainConfig(), device=self.cfg["device"]))
-        return load(path, device=device, **kw)
+        return load(path, device=pick_device(self.cfg["device"]), **kw)
 
     def _reward(self, kind: str) -> None:
         from ..train.reward import reward
