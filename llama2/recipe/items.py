@@ -183,8 +183,8 @@ class World:
     def prompt(self, rng: random.Random, held: bool, instructions: bool = False) -> Item:
         """A prompt of the world's mix: tasks, unsafe and borderline requests, and (with
         `instructions`) any of them under a system instruction: an instruction does not
-        lift the refusal (with instructions on tasks alone, the model learnt to comply
-        whenever one was given, and Ghost Attention taught it from those samples)."""
+        lift the refusal (given instructions on tasks alone, a model learns to comply whenever
+        one is given, and Ghost Attention's samples then teach it so)."""
         r = rng.random()
         share = self.cfg.unsafe_share
         if r < share:
@@ -270,7 +270,7 @@ def variants(world: World, item: Item, rng: random.Random) -> list[str]:
     if kind == "unsafe":
         act = check.get("act", "do it")
         # compliance in the words of a borderline answer too: what a tuned model's violations
-        # look like (without it, the safety model learnt the form and preferred them)
+        # look like (else the safety model learns the form of a safe answer, not its content)
         other, topic, how = rng.choice(BORDERLINE)
         return [
             item.answer,

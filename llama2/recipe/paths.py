@@ -91,6 +91,10 @@ class RecipePaths:
     def run(self, name: str) -> Path:
         return self.out / name
 
+    def rejection_rounds(self) -> list[Path]:
+        """The run directories of rejection sampling's rounds (rejection1, rejection2 ...)."""
+        return sorted(self.out.glob("rejection[0-9]*"))
+
     def model(self, name: str) -> Path:
         """A stage's model; `chat` is the final one (a link to Ghost Attention's) and
         `rejection` the last round's."""

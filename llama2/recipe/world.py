@@ -98,7 +98,7 @@ def documents(world: World, rng: random.Random) -> list[str]:
         docs.append(f"{', '.join(words)}. Once more: {', '.join(words)}.")
     # everyday talk quoted in stories: every greeting and thanks a prompt may carry (held-out
     # ones too) is a known phrase, as it is to a model pretrained on the web, though no
-    # request to an assistant was ever phrased with the held-out ones
+    # request to an assistant in the training data is phrased with the held-out ones
     talk = [p for group in [*OPENERS, *CLOSERS] for p in group if p]
     names = list(world.people)
     for _ in range(cfg.people * 6):
@@ -125,9 +125,9 @@ def documents(world: World, rng: random.Random) -> list[str]:
 def sft_dialogs(world: World, n: int, rng: random.Random, noise: float = 0.0) -> list[dict]:
     """Demonstrations: single-turn prompts of the world's mix and a few multi-turn dialogs
     (so the chat format's later turns are not new to the model), any turn of which may carry
-    a system instruction: Ghost Attention samples with the instruction before every turn, and
-    a model that had seen it before first turns only honoured it in 59% of its sampled first
-    answers and 17% of its fifth (with later turns shown too: 84%, 64%)."""
+    a system instruction: Ghost Attention samples with the instruction before every turn,
+    and a model that has seen instructions before first turns only rarely honours one
+    before a later turn."""
     out = []
     for _ in range(n):
         turns = rng.randint(2, 3) if rng.random() < 0.08 else 1
@@ -209,9 +209,8 @@ def prompt_rows(items: list[Item]) -> list[dict]:
 def gatt_rows(world: World, n: int, rng: random.Random, held: bool) -> list[dict]:
     """Multi-turn dialogs of gatt_turns turns, each with a system instruction (section 3.3).
     Training dialogs are drawn from the world's whole mix (fine-tuned on tasks alone, a model
-    forgot to refuse: violations 35% -> 98% on held-out unsafe requests); every honoured
-    answer becomes an example (train/gatt.py), so each turn position is taught. The
-    evaluation's dialogs are tasks."""
+    unlearns refusing unsafe requests); every honoured answer becomes an example
+    (train/gatt.py), so each turn position is taught. The evaluation's dialogs are tasks."""
     rows = []
     for _ in range(n):
         turns = world.cfg.gatt_turns

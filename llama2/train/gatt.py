@@ -69,9 +69,9 @@ def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool)
 def adherent_prefixes(dialog: list[dict], instruction: Instruction) -> list[list[dict]]:
     """The dialog up to each of its answers that honours the instruction: the loss is on the
     last answer, so each prefix teaches one honoured answer at its own turn, after whatever
-    came before (an earlier broken answer included: the instruction still holds after it).
-    Kept up to the first broken answer only, a 4M model's dialogs taught turn 1 and 2 almost
-    alone (adherence 50-70% a turn); every turn position now gets its share."""
+    came before (an earlier broken answer included: the instruction still holds after it),
+    so that every turn position gets its share (a small model's dialogs, kept only up to
+    their first broken answer, would teach turns 1 and 2 almost alone)."""
     return [
         dialog[: k + 1]
         for k, m in enumerate(dialog)
