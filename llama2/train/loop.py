@@ -17,7 +17,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +125,18 @@ def epoch_indices(step: int, n: int, cfg: TrainConfig, part: int, parts: int) ->
         idx.append(int(perm[i]))
     per = cfg.batch_size // parts
     return idx[part * per : (part + 1) * per]
+
+
+def epoch_batches(
+    items: Sequence, cfg: TrainConfig, collate: Callable[[list], Batch]
+) -> Callable[[int, int, int], Batch]:
+    """A Stage.batch over `items`, shuffled afresh each epoch (epoch_indices): `collate`
+    makes the tensors of a slice's items."""
+
+    def batch(step: int, part: int, parts: int) -> Batch:
+        return collate([items[i] for i in epoch_indices(step, len(items), cfg, part, parts)])
+
+    return batch
 
 
 def held_out_chunks(n: int, batch_size: int, rank: int, world: int) -> list[range]:
