@@ -168,9 +168,9 @@ def evaluate_recipe(
     results.reward_models = rms
     summary = {
         "eval": results.scores,
+        "gatt": results.gatt,
         "win_rate": results.win_rate,
         "reward_models": results.reward_models,
-        "gatt": results.gatt,
     }
     save("summary", summary)
     return results
