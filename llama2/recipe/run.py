@@ -404,6 +404,8 @@ class Recipe:
         evaluate_recipe(self.paths, self.load, self._eval_settings(), self.log)
 
     def _report(self) -> None:
+        """The report of the evaluation's results, checked against the config's floors (a
+        config without a `floors:` section checks none)."""
         from .evaluate import Evaluation, held_out_items
         from .report import Floors, write_report
 

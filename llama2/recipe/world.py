@@ -1,7 +1,8 @@
 """A small world in which every answer can be judged by a program, so that the Llama 2-Chat
 recipe can be run and measured on a CPU (the paper's human annotators and safety data cannot
 be shipped). Generated from a seed; `write_world` lays it out in OUT/data in the formats the
-stage commands read.
+stage commands read. Its words are data (vocabulary.yaml); items.py draws its entities and
+prompts; this module writes the pretraining documents and each stage's data.
 
 What is in it:
 - tasks with checkable answers, five kinds: addition of small numbers, which of two numbers
