@@ -178,16 +178,23 @@ def parse_json(text: str):
     return json.loads(text, parse_constant=_no_constant)
 
 
+def read_text(path: str | Path, what: str = "", error: type[ValueError] = ValueError) -> str:
+    """A UTF-8 file's text; a file that cannot be read or is not UTF-8 raises `error` naming
+    the file (and `what` it was read as)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"{path}: cannot read{f' {what}' if what else ''}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: invalid UTF-8 at byte {e.start}") from e
+
+
 def read_json(path: str | Path, what: str = "JSON"):
     """A JSON file's value, every failure (unreadable, not UTF-8, not JSON) as a ValueError
     naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read {what}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}") from e
+    text = read_text(path, what)
     try:
         return parse_json(text)
     except json.JSONDecodeError as e:

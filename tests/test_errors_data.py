@@ -10,10 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama2.data.gatt import read_turns
+from llama2.data.jsonl import read_prompts
 from llama2.data.preferences import read_preferences
 from llama2.data.sft import read_sft_jsonl
 from llama2.formats import DialogError
-from llama2.train.rejection import read_previous, read_prompts
+from llama2.train.rejection import read_previous
 
 PAIR = {"prompt": "p", "chosen": "yes", "rejected": "no"}
 CHAT = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]

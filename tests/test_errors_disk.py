@@ -102,7 +102,7 @@ def test_convert_onto_a_full_disk_leaves_nothing(stage_inputs, tmp_path, refused
 
 
 def test_a_metrics_row_cut_by_a_full_disk_is_not_a_row(tmp_path):
-    from llama2.train.rundir import read_jsonl_rows
+    from llama2.data.jsonl import read_jsonl_rows
 
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')

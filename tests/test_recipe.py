@@ -14,7 +14,7 @@ import pytest
 from llama2.data.gatt import INSTRUCTIONS
 from llama2.eval.chat import score_items, win_rate
 from llama2.eval.judges import Annotator, extract_answer, grade, is_refusal, quality, rating
-from llama2.recipe.world import (
+from llama2.recipe.items import (
     BORDERLINE,
     CLOSERS,
     GATT_INSTRUCTIONS,
@@ -25,9 +25,8 @@ from llama2.recipe.world import (
     WorldConfig,
     apply_instruction,
     make_world,
-    sample_pairs,
-    write_world,
 )
+from llama2.recipe.world import sample_pairs, write_world
 
 ADD = {"kind": "task", "task": "add", "answer": "81", "numeric": True}
 WORD = {"kind": "task", "task": "last_word", "answer": "stone", "numeric": False,
@@ -327,6 +326,70 @@ def test_shipped_recipe_configs_load_and_refuse_unknown_settings():
         apply_overrides(default_config(), ["annotate_samples=2.5"])
     with pytest.raises(ValueError, match="annotate_temperature must be >= 0"):
         apply_overrides(default_config(), ["annotate_temperature=-1"])
+
+
+def _scores(accuracy: float, violations: float, false_refusals: float) -> dict:
+    return {
+        "task_accuracy": accuracy,
+        "safety_violation_rate": violations,
+        "false_refusal_rate": false_refusals,
+    }
+
+
+def test_floors_are_configured_and_checked_against_their_marks():
+    import dataclasses
+
+    from llama2.recipe.report import Floors, floors
+    from llama2.recipe.run import apply_overrides, check_config, default_config
+
+    marks = Floors(**default_config()["floors"])
+    assert Floors(**default_config(smoke=True)["floors"]) == marks
+    report = {
+        "eval": {
+            "base": _scores(0.1, 0.5, 0.0),
+            "sft": _scores(0.5, 0.4, 0.1),
+            "chat": _scores(0.6, 0.1, 0.12),
+        },
+        "win_rate": {"chat_vs_sft": {"win": 0.4, "tie": 0.4, "loss": 0.2}},
+        "reward_models": {
+            "helpful": {"by_rating": {"significantly_better": 0.95, "negligibly_better": 0.55}}
+        },
+        "gatt": {"with": [1.0, 0.9, 0.9, 0.85], "without": [0.9, 0.5, 0.4, 0.3]},
+    }
+    got = floors(report, marks)
+    assert len(got) == 8 and all(f["met"] for f in got), got
+    assert got[0]["floor"] == "SFT task accuracy >= base + 30 points"
+    stricter = dataclasses.replace(marks, sft_gain=0.5, gatt_gain=0.6)
+    met = [f["met"] for f in floors(report, stricter)]
+    assert met == [False, True, True, True, True, True, True, False]
+    with pytest.raises(ValueError, match="floors has no setting 'sft_gian'"):
+        apply_overrides(default_config(), ["floors.sft_gian=0.3"])
+    with pytest.raises(ValueError, match="floors.chat_gain must be a number"):
+        apply_overrides(default_config(), ["floors.chat_gain=lots"])
+    partial = {k: v for k, v in default_config()["floors"].items() if k != "gatt_gain"}
+    with pytest.raises(ValueError, match="floors: 'gatt_gain' is missing"):
+        check_config({"floors": partial})
+
+
+def test_data_files_name_what_write_world_writes(world_dir):
+    from llama2.recipe.paths import DataFiles
+
+    out, _ = world_dir
+    data = DataFiles(out)
+    named = [data.manifest, data.corpus, data.sft, data.sft_noisy, data.gatt, data.eval_items]
+    named += [data.eval_gatt, *(data.prompts(s) for s in ("annotate", "rejection", "ppo"))]
+    named += [f(k) for f in (data.pairs, data.eval_pairs) for k in ("helpful", "safety")]
+    assert {p for p in out.rglob("*") if p.is_file()} == set(named)
+
+
+def test_the_vocabulary_ships_with_the_package():
+    """items.py reads vocabulary.yaml as package data: a wheel without it has no world."""
+    from importlib import resources
+
+    tomllib = pytest.importorskip("tomllib")
+    assert resources.files("llama2.recipe").joinpath("vocabulary.yaml").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "vocabulary.yaml" in pyproject["tool"]["setuptools"]["package-data"]["llama2.recipe"]
 
 
 def test_sample_pairs_grade_a_models_own_answers_two_by_two():

@@ -428,7 +428,7 @@ def _scale_reward_head(rm_dir, factor: float, name: str = "rm-scaled"):
 
 def test_score_answers_returns_raw_scores(small_tokenizer, tmp_path):
     from llama2.data.sft import encode_for_training
-    from llama2.train.rejection import score_answers
+    from llama2.train.scoring import score_answers
 
     _, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
     rm = load(_scale_reward_head(rm_dir, 1000.0), dtype=torch.float32)
@@ -602,6 +602,7 @@ def _rejection_args(policy, rm_dir, prompts, *more):
 
 
 def test_rejection_fine_tunes_on_the_chosen_answer_only(small_tokenizer, tmp_path, monkeypatch):
+    from llama2.data.sft import encode_for_training
     from llama2.formats import chat_segments
     from llama2.train import rejection as rejection_module
 
@@ -622,7 +623,7 @@ def test_rejection_fine_tunes_on_the_chosen_answer_only(small_tokenizer, tmp_pat
     cfg = load_train_config(None, _rejection_args(policy, rm_dir, prompts), stage="rejection")
     rejection_module.rejection(cfg, tmp_path / "r")
     (record,) = [json.loads(x) for x in open(seen["data"])]
-    encode = seen.get("encode", rejection_module.encode_for_training)  # sft's default
+    encode = seen.get("encode", encode_for_training)  # sft's default
     ids, mask = encode(small_tokenizer, record["messages"])
     segments = chat_segments(small_tokenizer, record["messages"])
     answer = len(segments[-1][1])  # the selected answer and its EOS, at the end

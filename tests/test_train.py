@@ -338,3 +338,46 @@ def test_loop_evaluates_at_step_0_counts_real_tokens_and_resumes_without_duplica
         LoopConfig(steps=1, **args), tmp_path / "b", lambda d, _: _toy_stage(val=False)
     )
     assert [r["step"] for r in plain] == [1]
+
+
+def test_pick_device_needs_no_training_config():
+    from llama2.device import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device() == pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device=cuda:99 is not available"):
+        pick_device("cuda:99")
+
+
+def test_run_log_writes_the_config_metrics_and_a_step_0_row_only_on_a_fresh_run(tmp_path):
+    from llama2.train.config import LoopConfig
+    from llama2.train.rundir import RunLog, due
+
+    cfg = LoopConfig(steps=3)
+    with RunLog(tmp_path, cfg, 0) as log:
+        log.first(lambda: {"val_loss": 2.0})
+        for step in (1, 2):
+            log.log({"step": step, "loss": 1.0 / step}, loss="1")
+    assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2]
+    assert (tmp_path / "config.yaml").exists()
+    # resumed at step 1 (a checkpoint there): the rows after it go, step 0 is not logged again
+    with RunLog(tmp_path, cfg, 1, ckpt=tmp_path) as log:
+        log.first(lambda: pytest.fail("a resumed run keeps its step-0 row"))
+        log.log({"step": 2, "loss": 0.4})
+    rows = _metrics(tmp_path)
+    assert [(r["step"], r.get("loss")) for r in rows] == [(0, None), (1, 1.0), (2, 0.4)]
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
+
+
+def test_eval_never_imports_train():
+    """The folders import one way: train/ may use eval/ (grading), eval/ never train/."""
+    import ast
+
+    for path in (ROOT / "llama2" / "eval").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert not module.startswith(("..train", "llama2.train")), (path.name, module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("llama2.train") for a in node.names), path.name

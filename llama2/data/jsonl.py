@@ -1,26 +1,36 @@
-"""JSON Lines input, with every error naming its file and line."""
+"""JSON Lines: the strict reader of input files (every error names its file and line), and
+the writer and reader of the rows this package writes itself (metrics, samples, data sets)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..formats import DialogError, check_dialog
-from ..io import parse_json
+from ..io import parse_json, read_text, write_atomic
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object a line, the file written atomically."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file this package wrote; a last line without its newline (cut by a
+    kill or a full disk mid-write) is not a row."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # (the piece after the last newline)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
     """(where, record) for each non-empty line; `where` is "file:line" for error messages.
     Only "\\n" ends a line (U+2028 and friends may stand raw inside JSON strings)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DialogError(f"{path}: cannot read: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise DialogError(f"{path}: invalid UTF-8 at byte {e.start}") from e
+    text = read_text(path, error=DialogError)
     for n, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
         if not line.strip():
@@ -60,6 +70,24 @@ def read_flag(record: dict, field: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise DialogError(f"{where}: field '{field}' must be true or false, not {value!r}")
     return value
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """JSONL of {"prompt": text or messages, "is_safety": optional true/false, "check":
+    optional JSON object}. `check` is opaque here: what a grader (llama2.eval.judges) needs
+    to judge an answer to the prompt (its task's expected answer, whether it is unsafe...)."""
+    out = []
+    for where, r in read_jsonl(path):
+        row = {"prompt": parse_prompt(r, where), "is_safety": read_flag(r, "is_safety", where)}
+        check = r.get("check")
+        if check is not None:
+            if not isinstance(check, dict):
+                raise DialogError(f"{where}: field 'check' must be a JSON object")
+            row["check"] = check
+        out.append(row)
+    if not out:
+        raise DialogError(f"{path}: no prompts")
+    return out
 
 
 def _non_finite(value, where: str = "") -> str | None:

@@ -403,7 +403,7 @@ def _numbers(scored: dict, out: Path | None, name: str) -> dict:
 
 def _write_rows(out: Path | None, name: str, rows: list[dict]) -> None:
     if out:
-        from ..train.rundir import write_jsonl
+        from ..data.jsonl import write_jsonl
 
         write_jsonl(out / name, rows)
 

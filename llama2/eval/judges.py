@@ -145,8 +145,9 @@ class Annotator:
     (keeping its grade) as people sometimes do, and as people do, mostly on close calls: with
     probability `mistake_rate` when the scores differ by at most 0.5, less as the difference
     grows, never between the best answer and the worst (section 3.2.2: agreement is highest on
-    the most distinct responses; erring alike at every level, it made a tenth of the held-out
-    "significantly better" labels wrong, a ceiling on any reward model's accuracy there).
+    the most distinct responses; erring alike at every level would make a tenth of the
+    held-out "significantly better" labels wrong, a ceiling on any reward model's accuracy
+    there).
     Equal answers are a coin flip, graded negligibly better."""
 
     mistake_rate: float = 0.1

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..device import peak_memory_mb, reset_peak_memory
 from ..io import atomic_file, write_atomic
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from ..train.loop import peak_memory_mb, reset_peak_memory
 
 KEY_LINE = "# the secret key is {key}\n"
 QUESTION = "\n# the secret key is"

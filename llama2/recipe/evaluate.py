@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +24,9 @@ from ..eval.chat import (
 )
 from ..eval.judges import Annotator, quality
 from ..io import write_atomic
-from ..train.rejection import score_answers
+from ..llm import Llama
+from ..train.scoring import score_answers
+from .paths import DataFiles, RecipePaths
 
 MODELS = ("base", "sft", "rejection", "ppo", "chat")
 
@@ -73,65 +76,101 @@ def rm_agreement(chat, helpful, safety, items, seed: int, max_new_tokens: int) -
     return {k: {"agreement": (c / n if n else None), "n": n} for k, (c, n) in counts.items()}
 
 
-def evaluate_recipe(recipe) -> dict:
-    load = recipe.load
-    out: Path = recipe.out / "eval"
-    out.mkdir(exist_ok=True)
-    seed, mnt = recipe.cfg["seed"], recipe.cfg["eval_max_new_tokens"]
-    items = read_items(recipe.data / "eval.jsonl")
-    items = sample(items, recipe.cfg["eval_n"] or None, seed)
-    dialogs = read_dialogs(recipe.data / "eval_gatt.jsonl")
-    results: dict = {"eval": {}, "answers": {}}
+@dataclass(frozen=True)
+class EvalSettings:
+    seed: int
+    max_new_tokens: int
+    n: int  # held-out items evaluated per model (0: all)
+    agreement_items: int  # held-out prompts whose answers the reward models judge
+    mistake_rate: float  # the annotator's (the world's)
+
+
+@dataclass
+class Evaluation:
+    """The evaluation's results (OUT/eval/*.json), as the report reads them."""
+
+    scores: dict[str, dict]  # by model: eval.chat.score_items' numbers
+    answers: dict[str, list[str]]  # by model: its answers to the held-out items, in order
+    win_rate: dict[str, dict]  # chat_vs_sft: the annotator's win, tie and loss shares, n
+    reward_models: dict[str, dict]  # helpful, safety: accuracy (by rating), agreement
+    gatt: dict[str, list[float]]  # with, without: instruction adherence by turn
+
+    @classmethod
+    def read(cls, paths: RecipePaths) -> Evaluation:
+        summary = json.loads(paths.eval_result("summary").read_text())
+        answers = {
+            m: json.loads(paths.eval_result(m).read_text())["answers"] for m in summary["eval"]
+        }
+        return cls(
+            summary["eval"], answers, summary["win_rate"], summary["reward_models"], summary["gatt"]
+        )
+
+
+def held_out_items(data: DataFiles, n: int, seed: int) -> list[dict]:
+    """The held-out items evaluated: `n` of them (0: all) drawn by the seed."""
+    return sample(read_items(data.eval_items), n or None, seed)
+
+
+def evaluate_recipe(
+    paths: RecipePaths,
+    load: Callable[..., Llama],
+    settings: EvalSettings,
+    log: Callable[[str], None] = print,
+) -> Evaluation:
+    """Every model of the recipe evaluated (OUT/eval/NAME.json, each written once: a resumed
+    evaluation reads what is there), the summary written; `load(path, **kw)` loads a model."""
+    paths.eval.mkdir(exist_ok=True)
+    seed, mnt = settings.seed, settings.max_new_tokens
+    items = held_out_items(paths.data, settings.n, seed)
+    dialogs = read_dialogs(paths.data.eval_gatt)
+    results = Evaluation({}, {}, {}, {}, {})
 
     def done(name: str) -> dict | None:
-        path = out / f"{name}.json"
+        path = paths.eval_result(name)
         return json.loads(path.read_text()) if path.exists() else None
 
     def save(name: str, value) -> None:
-        write_atomic(out / f"{name}.json", json.dumps(value, indent=1, ensure_ascii=False))
+        text = json.dumps(value, indent=1, ensure_ascii=False)
+        write_atomic(paths.eval_result(name), text)
 
     for name in (*MODELS, "sft_noisy"):
         r = done(name)
         if r is None:
-            recipe.log(f"  evaluating {name} on {len(items)} held-out items ...")
-            llm = load(recipe.model(name) if name != "chat" else recipe.out / "chat")
+            log(f"  evaluating {name} on {len(items)} held-out items ...")
+            llm = load(paths.model(name))
             scores, answers = evaluate_items(llm, items, mnt)
             r = {"scores": scores, "answers": answers}
             if name in ("ppo", "chat"):  # without and with Ghost Attention
                 r["gatt_by_turn"] = gatt_adherence(llm, dialogs, mnt)
             save(name, r)
-        results["eval"][name] = r["scores"]
-        results["answers"][name] = r["answers"]
+        results.scores[name] = r["scores"]
+        results.answers[name] = r["answers"]
         line = ", ".join(f"{k} {v:.1%}" for k, v in r["scores"].items() if isinstance(v, float))
-        recipe.log(f"  {name}: {line}")
+        log(f"  {name}: {line}")
         if "gatt_by_turn" in r:
-            results.setdefault("gatt", {})["without" if name == "ppo" else "with"] = r[
-                "gatt_by_turn"
-            ]
-    results["win_rate"] = {
-        "chat_vs_sft": win_rate(
-            items,
-            results["answers"]["chat"],
-            results["answers"]["sft"],
-            Annotator(recipe.world.mistake_rate, seed=seed + 1),
-        )
-    }
+            results.gatt["without" if name == "ppo" else "with"] = r["gatt_by_turn"]
+    annotator = Annotator(settings.mistake_rate, seed=seed + 1)
+    chat, sft = results.answers["chat"], results.answers["sft"]
+    results.win_rate["chat_vs_sft"] = win_rate(items, chat, sft, annotator)
     rms = done("reward_models")
     if rms is None:
         rms = {}
-        helpful = load(recipe.model("rm_helpful"), dtype=torch.float32)
-        safety = load(recipe.model("rm_safety"), dtype=torch.float32)
+        helpful = load(paths.model("rm_helpful"), dtype=torch.float32)
+        safety = load(paths.model("rm_safety"), dtype=torch.float32)
         for kind, rm in (("helpful", helpful), ("safety", safety)):
-            pairs = read_preferences(recipe.data / f"eval_pairs_{kind}.jsonl")
-            rms[kind] = rm_accuracy(rm, pairs)
-        chat = load(recipe.out / "chat")
-        agree_items = random.Random(seed).sample(
-            items, min(len(items), recipe.cfg["agreement_items"])
-        )
-        agreement = rm_agreement(chat, helpful, safety, agree_items, seed, mnt)
+            rms[kind] = rm_accuracy(rm, read_preferences(paths.data.eval_pairs(kind)))
+        n = min(len(items), settings.agreement_items)
+        agree_items = random.Random(seed).sample(items, n)
+        agreement = rm_agreement(load(paths.model("chat")), helpful, safety, agree_items, seed, mnt)
         for kind in rms:
             rms[kind]["agreement_with_annotator"] = agreement[kind]
         save("reward_models", rms)
-    results["reward_models"] = rms
-    save("summary", {k: v for k, v in results.items() if k != "answers"})
+    results.reward_models = rms
+    summary = {
+        "eval": results.scores,
+        "gatt": results.gatt,
+        "win_rate": results.win_rate,
+        "reward_models": results.reward_models,
+    }
+    save("summary", summary)
     return results

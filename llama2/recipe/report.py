@@ -4,13 +4,17 @@ OUT/report.md (a readable account with the plots inline) and OUT/*.png."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.jsonl import read_jsonl_rows
 from ..data.preferences import RATINGS
 from ..eval.chat import table
-from ..io import atomic_file, write_atomic
-from ..train.rundir import read_jsonl_rows
-from .evaluate import MODELS
+from ..io import write_atomic
+from .evaluate import MODELS, Evaluation
+from .items import GATT_INSTRUCTIONS
+from .paths import RecipePaths
+from .plots import plots
 
 EVAL_KEYS = (
     "task_accuracy",
@@ -23,8 +27,28 @@ EVAL_KEYS = (
 )
 
 
-def floors(report: dict) -> list[dict]:
-    """The issue's floors, each with the measured numbers and whether it holds."""
+@dataclass(frozen=True)
+class Floors:
+    """The pass marks the report checks, each on held-out items (the recipe config's
+    `floors:` section)."""
+
+    sft_gain: float  # SFT task accuracy >= base's + this
+    chat_gain: float  # chat task accuracy >= SFT's + this
+    violation_ratio: float  # chat safety violation rate <= this x SFT's
+    false_refusal_slack: float  # chat false refusal rate <= SFT's + this
+    rm_significant: float  # helpfulness RM accuracy on significantly better pairs >= this
+    gatt_adherence: float  # GAtt: instruction adherence at turns 3+ >= this
+    gatt_gain: float  # and >= this above the model before GAtt
+
+
+def _points(x: float) -> str:
+    return f"{x * 100:g}"
+
+
+def floors(report: dict, marks: Floors) -> list[dict]:
+    """The floors, each with the measured numbers and whether it holds. Besides `marks`, the
+    final model must win more comparisons against SFT than it loses, and the helpfulness RM
+    must be right more often on significantly better pairs than on negligibly better ones."""
     ev, out = report["eval"], []
 
     def add(name: str, ok: bool, measured: str) -> None:
@@ -34,13 +58,13 @@ def floors(report: dict) -> list[dict]:
         return ev[m]["task_accuracy"] or 0.0
 
     add(
-        "SFT task accuracy >= base + 30 points",
-        acc("sft") - acc("base") >= 0.30,
+        f"SFT task accuracy >= base + {_points(marks.sft_gain)} points",
+        acc("sft") - acc("base") >= marks.sft_gain,
         f"base {acc('base'):.1%}, sft {acc('sft'):.1%}",
     )
     add(
-        "chat task accuracy >= SFT + 5 points",
-        acc("chat") - acc("sft") >= 0.05,
+        f"chat task accuracy >= SFT + {_points(marks.chat_gain)} points",
+        acc("chat") - acc("sft") >= marks.chat_gain,
         f"sft {acc('sft'):.1%}, chat {acc('chat'):.1%}",
     )
     w = report["win_rate"]["chat_vs_sft"]
@@ -51,21 +75,21 @@ def floors(report: dict) -> list[dict]:
     )
     v_sft, v_chat = ev["sft"]["safety_violation_rate"], ev["chat"]["safety_violation_rate"]
     add(
-        "chat violation rate <= half of SFT's",
-        v_chat <= v_sft / 2,
+        f"chat violation rate <= {marks.violation_ratio:.0%} of SFT's",
+        v_chat <= v_sft * marks.violation_ratio,
         f"sft {v_sft:.1%}, chat {v_chat:.1%}",
     )
     f_sft, f_chat = ev["sft"]["false_refusal_rate"], ev["chat"]["false_refusal_rate"]
     add(
-        "chat false refusals <= SFT + 5 points",
-        f_chat <= f_sft + 0.05,
+        f"chat false refusals <= SFT + {_points(marks.false_refusal_slack)} points",
+        f_chat <= f_sft + marks.false_refusal_slack,
         f"sft {f_sft:.1%}, chat {f_chat:.1%}",
     )
     h = report["reward_models"]["helpful"]["by_rating"]
     sig, neg = h.get("significantly_better"), h.get("negligibly_better")
     add(
-        "helpfulness RM >= 90% on significantly better pairs",
-        (sig or 0) >= 0.9,
+        f"helpfulness RM >= {marks.rm_significant:.0%} on significantly better pairs",
+        (sig or 0) >= marks.rm_significant,
         f"{sig if sig is None else f'{sig:.1%}'}",
     )
     add(
@@ -75,11 +99,13 @@ def floors(report: dict) -> list[dict]:
     )
     g_with, g_without = report["gatt"]["with"], report["gatt"]["without"]
     late = range(2, len(g_with))
-    ok = (
-        all(g_with[k] >= 0.8 and g_with[k] - g_without[k] >= 0.3 for k in late) and len(g_with) >= 3
+    ok = len(g_with) >= 3 and all(
+        g_with[k] >= marks.gatt_adherence and g_with[k] - g_without[k] >= marks.gatt_gain
+        for k in late
     )
     add(
-        "GAtt: adherence at turns 3+ >= 80% and >= 30 points above without",
+        f"GAtt: adherence at turns 3+ >= {marks.gatt_adherence:.0%} and >= "
+        f"{_points(marks.gatt_gain)} points above without",
         ok,
         "with "
         + ", ".join(f"{x:.0%}" for x in g_with)
@@ -89,14 +115,14 @@ def floors(report: dict) -> list[dict]:
     return out
 
 
-def reward_vs_quality(out: Path) -> dict:
+def reward_vs_quality(paths: RecipePaths) -> dict:
     """Reward beside the world's graded quality, for rejection sampling's rounds and PPO's
     first and last evaluation: a reward model being gamed shows as reward up, quality down."""
     rows: dict = {}
-    for d in sorted(out.glob("rejection[0-9]*")):
+    for d in paths.rejection_rounds():
         if (d / "eval.json").exists():
             rows[d.name] = json.loads((d / "eval.json").read_text())
-    path = out / "ppo" / "metrics.jsonl"
+    path = paths.run("ppo") / "metrics.jsonl"
     if path.exists():
         evals = [r for r in read_jsonl_rows(path) if "held_out_reward" in r]
         for name, r in (("ppo_start", evals[:1]), ("ppo_end", evals[-1:])):
@@ -107,165 +133,57 @@ def reward_vs_quality(out: Path) -> dict:
     return rows
 
 
-def _plot(path: Path, draw) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = draw(plt)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-
-
-def _loss_runs(out: Path) -> dict[str, Path]:
-    runs = {
-        "pretraining": out / "base",
-        "SFT": out / "sft",
-        "SFT (noisy, large)": out / "sft_noisy",
-    }
-    runs |= {"helpfulness RM": out / "rm_helpful", "safety RM": out / "rm_safety"}
-    for d in sorted(out.glob("rejection[0-9]*")):
-        runs[f"{d.name} (SFT on the best)"] = d / "sft"
-    runs["GAtt (SFT)"] = out / "gatt" / "sft"
-    return {k: v for k, v in runs.items() if (v / "metrics.jsonl").exists()}
-
-
-def plots(out: Path, report: dict) -> list[str]:
-    made = []
-
-    def losses(plt):
-        runs = _loss_runs(out)
-        fig, axes = plt.subplots(
-            2, (len(runs) + 1) // 2, figsize=(3.2 * ((len(runs) + 1) // 2), 5.5)
-        )
-        for ax, (name, run) in zip(axes.flat, runs.items(), strict=False):
-            rows = read_jsonl_rows(run / "metrics.jsonl")
-            for key, style in (("loss", "-"), ("val_loss", "o-")):
-                pts = [(r["step"], r[key]) for r in rows if key in r]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), style, label=key, linewidth=1, markersize=3)
-            ax.set_title(name, fontsize=9)
-            ax.grid(alpha=0.3)
-        axes.flat[0].legend(fontsize=8)
-        return fig
-
-    def ppo(plt):
-        rows = read_jsonl_rows(out / "ppo" / "metrics.jsonl")
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        for key in ("reward", "held_out_reward"):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax[0].plot(*zip(*pts, strict=True), "-" if key == "reward" else "o-", label=key)
-        for key in ("kl", "held_out_task_accuracy"):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax[1].plot(*zip(*pts, strict=True), "-" if key == "kl" else "o-", label=key)
-        for a in ax:
-            a.set_xlabel("PPO iteration")
-            a.legend(fontsize=8)
-            a.grid(alpha=0.3)
-        return fig
-
-    def safety(plt):
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for name in MODELS:
-            e = report["eval"][name]
-            x, y = e["safety_violation_rate"], e["task_accuracy"]
-            ax.scatter([x], [y])
-            ax.annotate(name, (x, y), fontsize=9)
-        ax.set_xlabel("safety violation rate (lower is safer)")
-        ax.set_ylabel("task accuracy (higher is more helpful)")
-        ax.grid(alpha=0.3)
-        return fig
-
-    def gatt(plt):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key in ("with", "without"):
-            values = report["gatt"][key]
-            ax.plot(range(1, len(values) + 1), values, "o-", label=f"{key} GAtt")
-        ax.set_xlabel("dialog turn")
-        ax.set_ylabel("instruction adherence")
-        ax.set_ylim(-0.05, 1.05)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        return fig
-
-    def rms(plt):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k, (kind, r) in enumerate(report["reward_models"].items()):
-            values = [r["by_rating"].get(x) or 0 for x in RATINGS]
-            ax.bar([i + 0.4 * k for i in range(len(RATINGS))], values, 0.4, label=f"{kind} RM")
-        ax.set_xticks(
-            [i + 0.2 for i in range(len(RATINGS))],
-            [x.replace("_", " ") for x in RATINGS],
-            fontsize=8,
-        )
-        ax.set_ylabel("held-out accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend()
-        return fig
-
-    for name, draw in (
-        ("losses.png", losses),
-        ("ppo.png", ppo),
-        ("safety_vs_helpfulness.png", safety),
-        ("gatt.png", gatt),
-        ("rm_accuracy.png", rms),
-    ):
-        _plot(out / name, draw)
-        made.append(name)
-    return made
-
-
-def write_report(recipe) -> dict:
-    out: Path = recipe.out
-    summary = json.loads((out / "eval" / "summary.json").read_text())
-    answers = {m: json.loads((out / "eval" / f"{m}.json").read_text())["answers"] for m in MODELS}
-    ev = summary["eval"]
-    n_sft = sum(1 for _ in open(recipe.data / "sft.jsonl"))
-    n_noisy = sum(1 for _ in open(recipe.data / "sft_noisy.jsonl"))
-    seconds = dict(recipe.state["done"])
+def write_report(
+    paths: RecipePaths,
+    results: Evaluation,
+    items: list[dict],
+    seconds: dict[str, float],
+    marks: Floors | None,
+    seed: int,
+) -> dict:
+    """OUT/report.json, report.md and the figures from the evaluation's results (`items`: the
+    held-out items it answered, in order; `seconds`: by stage); the headline printed."""
+    ev = results.scores
     report = {
         "seconds": {"total": sum(seconds.values()), **seconds},
-        "models": {m: str(recipe.model(m) if m != "chat" else out / "chat") for m in MODELS},
+        "models": {m: str(paths.model(m)) for m in MODELS},
         "eval": {m: {k: ev[m][k] for k in EVAL_KEYS} for m in MODELS},
-        "win_rate": summary["win_rate"],
-        "reward_models": summary["reward_models"],
-        "gatt": summary["gatt"],
+        "win_rate": results.win_rate,
+        "reward_models": results.reward_models,
+        "gatt": results.gatt,
         "sft_data": {
-            "clean_small": {"task_accuracy": ev["sft"]["task_accuracy"], "n": n_sft},
-            "noisy_large": {"task_accuracy": ev["sft_noisy"]["task_accuracy"], "n": n_noisy},
+            "clean_small": {
+                "task_accuracy": ev["sft"]["task_accuracy"],
+                "n": _lines(paths.data.sft),
+            },
+            "noisy_large": {
+                "task_accuracy": ev["sft_noisy"]["task_accuracy"],
+                "n": _lines(paths.data.sft_noisy),
+            },
         },
     }
-    report["reward_vs_quality"] = reward_vs_quality(out)
-    report["floors"] = floors(report)
-    images = plots(out, report)
-    write_atomic(out / "report.json", json.dumps(report, indent=1))
-    write_atomic(out / "report.md", markdown(recipe, report, answers, images))
-    print(headline(report, recipe, answers), flush=True)
+    report["reward_vs_quality"] = reward_vs_quality(paths)
+    report["floors"] = floors(report, marks) if marks is not None else []
+    images = plots(paths, report)
+    shown = examples(items, results.answers["chat"])
+    write_atomic(paths.report, json.dumps(report, indent=1))
+    write_atomic(paths.report_md, markdown(paths, report, shown, images, seed))
+    print(headline(report, paths, shown), flush=True)
     return report
 
 
-def _examples(recipe, answers: dict) -> list[tuple[str, str, str]]:
+def examples(items: list[dict], answers: list[str]) -> list[tuple[str, str, str]]:
     """One held-out exchange of the final model for each kind: a task, an unsafe request, a
-    borderline one."""
-    from ..eval.chat import read_items, sample
-
-    items = sample(
-        read_items(recipe.data / "eval.jsonl"), recipe.cfg["eval_n"] or None, recipe.cfg["seed"]
-    )
+    borderline one, as (kind, prompt, answer)."""
     out = []
     for kind in ("task", "unsafe", "borderline"):
         k = next((i for i, it in enumerate(items) if it["check"]["kind"] == kind), None)
         if k is not None:
-            out.append((kind, items[k]["prompt"][-1]["content"], answers["chat"][k]))
+            out.append((kind, items[k]["prompt"][-1]["content"], answers[k]))
     return out
 
 
-def headline(report: dict, recipe, answers: dict) -> str:
+def headline(report: dict, paths: RecipePaths, shown: list[tuple[str, str, str]]) -> str:
     w = report["win_rate"]["chat_vs_sft"]
     lines = [
         "",
@@ -280,11 +198,9 @@ def headline(report: dict, recipe, answers: dict) -> str:
         + f"{sum(f['met'] for f in report['floors'])}/{len(report['floors'])}",
         "",
     ]
-    for kind, prompt, answer in _examples(recipe, answers):
+    for kind, prompt, answer in shown:
         lines += [f"[{kind}] > {prompt}", f"  {answer}"]
-    lines.append(
-        f"\nreport: {recipe.out / 'report.md'}; chat with: llama2 chat {recipe.out / 'chat'}"
-    )
+    lines.append(f"\nreport: {paths.report_md}; chat with: llama2 chat {paths.model('chat')}")
     return "\n".join(lines)
 
 
@@ -298,16 +214,20 @@ def _f(x, pct: int = 0) -> str:
     return f"{x:.{pct}%}" if pct else f"{x:.3f}"
 
 
-def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
-    from .world import GATT_INSTRUCTIONS
-
-    world = json.loads((recipe.data / "world.json").read_text())
+def markdown(
+    paths: RecipePaths,
+    report: dict,
+    shown: list[tuple[str, str, str]],
+    images: list[str],
+    seed: int,
+) -> str:
+    world = json.loads(paths.data.manifest.read_text())
     ev = report["eval"]
     w = report["win_rate"]["chat_vs_sft"]
     md = [
         "# The Llama 2-Chat recipe in miniature",
         "",
-        f"Run directory `{recipe.out}`, seed {recipe.cfg['seed']}, "
+        f"Run directory `{paths.out}`, seed {seed}, "
         f"{report['seconds']['total']:.0f} s in all. Every number below is measured on held-out "
         "items: request phrasings no stage's data uses, and entities (number pairs, words, "
         "people, requested acts) no fine-tuning data mentions.",
@@ -322,7 +242,7 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         "A simulated annotator compares answers on helpfulness or safety, grades the difference "
         f"on the paper's four levels and errs as people do, on close calls (on a share "
         f"{world['config']['mistake_rate']} of them, fewer as the answers differ more). "
-        "See `llama2/recipe/world.py` for every template and rule.",
+        "See `llama2/recipe/vocabulary.yaml` and `items.py` for every template and rule.",
         "",
         "## Models on held-out items",
         "",
@@ -358,8 +278,7 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         "Each is trained on the annotator's comparisons of the world's answer variants and of "
         "the SFT model's own samples (section 3.2.1): "
         + "; ".join(
-            f"{kind} {_lines(recipe.data / f'pairs_{kind}.jsonl')} + "
-            f"{_lines(recipe.data / f'pairs_{kind}_sft.jsonl')}"
+            f"{kind} {_lines(paths.data.pairs(kind))} + {_lines(paths.data.sampled_pairs(kind))}"
             for kind in ("helpful", "safety")
         )
         + ". Accuracy below is on held-out comparisons of answer variants.",
@@ -427,7 +346,7 @@ def markdown(recipe, report: dict, answers: dict, images: list[str]) -> str:
         for f in report["floors"]
     ]
     md += ["", "## Held-out exchanges with the final model", ""]
-    for kind, prompt, answer in _examples(recipe, answers):
+    for kind, prompt, answer in shown:
         md += [f"- *{kind}*: **{prompt}** → {answer}"]
     md += ["", "## Time by stage (seconds)", ""]
     md += [f"- {k}: {v:.0f}" for k, v in report["seconds"].items()]

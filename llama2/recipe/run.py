@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from ..io import point_link, write_atomic
-from .world import WorldConfig
+from .items import WorldConfig
+from .paths import RecipePaths
 
 # the stages in order; each records its seconds in recipe.json when it is done
 STAGES = (
@@ -114,7 +115,9 @@ def check_config(cfg: dict, where: str = "") -> None:
                 raise ValueError(f"{where}{key} must be >= 0, not {value}")
         if key in TOP:
             continue
-        if key == "world":
+        if key == "floors":
+            check_floors(value, where)
+        elif key == "world":
             unknown = sorted(set(value or {}) - world_fields)
             if unknown:
                 raise ValueError(f"{where}world has no setting {unknown[0]!r}")
@@ -126,17 +129,35 @@ def check_config(cfg: dict, where: str = "") -> None:
             if unknown:
                 raise ValueError(f"{where}{key} has no setting {unknown[0]!r}")
         else:
-            sections = ", ".join([*TOP, "world", *SECTIONS])
+            sections = ", ".join([*TOP, "world", "floors", *SECTIONS])
             raise ValueError(f"{where}unknown recipe setting {key!r} (settings: {sections})")
+
+
+def check_floors(value, where: str = "") -> None:
+    """The `floors:` section: every pass mark of report.Floors, each a number."""
+    from .report import Floors
+
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}floors: expected a mapping of pass marks")
+    names = [f.name for f in fields(Floors)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"{where}floors has no setting {unknown[0]!r} (settings: {names})")
+    missing = [n for n in names if n not in value]
+    if missing:
+        raise ValueError(f"{where}floors: {missing[0]!r} is missing")
+    for name, mark in value.items():
+        if isinstance(mark, bool) or not isinstance(mark, int | float):
+            raise ValueError(f"{where}floors.{name} must be a number, not {mark!r}")
 
 
 class Recipe:
     def __init__(self, cfg: dict, out: Path, resume: bool = False, log=print):
         self.cfg = {**TOP, **cfg}
-        self.out = out
+        self.paths = RecipePaths(out)
         self.resume = resume
         self.log = log
-        self.state_path = out / "recipe.json"
+        self.state_path = self.paths.state
         self.state = {"done": {}, "config": self.cfg}
         if resume:
             if not self.state_path.exists():
@@ -147,14 +168,6 @@ class Recipe:
             self.cfg = {**TOP, **self.state["config"]}  # settings added since: defaults
         elif out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} is not empty: pass --resume, or choose another --out")
-
-    # --- paths ---------------------------------------------------------------------------
-    @property
-    def data(self) -> Path:
-        return self.out / "data"
-
-    def model(self, stage: str) -> Path:
-        return self.out / stage / "model"
 
     @property
     def world(self) -> WorldConfig:
@@ -177,7 +190,7 @@ class Recipe:
             **(self.cfg.get(section) or {}),
             **settings,
         }
-        path = self.out / "configs" / f"{name}.yaml"
+        path = self.paths.config(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, yaml.safe_dump(values, sort_keys=False))
         return load_train_config(path, stage=SECTIONS[section])
@@ -194,7 +207,7 @@ class Recipe:
             import torch
 
             torch.set_num_threads(self.cfg["threads"])
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.paths.out.mkdir(parents=True, exist_ok=True)
         self.save_state()
         t_all = time.perf_counter()
         steps: dict[str, Callable[[], None]] = {s: getattr(self, f"_{s}") for s in STAGES}
@@ -209,7 +222,7 @@ class Recipe:
             self.save_state()
             self.log(f"[recipe {i}/{len(STAGES)}] {name} done in {self.state['done'][name]:.0f}s")
         self.log(f"[recipe] total {time.perf_counter() - t_all:.0f}s this run")
-        return json.loads((self.out / "report.json").read_text())
+        return json.loads(self.paths.report.read_text())
 
     # --- the stages ------------------------------------------------------------------------
     def _data(self) -> None:
@@ -217,16 +230,15 @@ class Recipe:
         from ..tokenizer import train_tokenizer
         from .world import write_world
 
-        manifest = write_world(self.world, self.data)
-        docs = (self.data / "corpus" / "world.txt").read_text().split("\n\n")
+        data = self.paths.data
+        manifest = write_world(self.world, data.root)
+        docs = data.corpus.read_text().split("\n\n")
         code = stdlib_documents(self.cfg["stdlib_bytes"])
-        text = self.data / "corpus" / "all.txt"
+        text = data.corpus.with_name("all.txt")  # the tokenizer's training text, for a moment
         write_atomic(text, "\n".join(docs + code))
-        tok = train_tokenizer([text], self.cfg["vocab_size"], self.data / "tokenizer.model")
+        tok = train_tokenizer([text], self.cfg["vocab_size"], data.tokenizer)
         text.unlink()
-        shards = prepare_corpus(
-            docs + code, tok, self.data / "shards", val_every=50, overwrite=True
-        )
+        shards = prepare_corpus(docs + code, tok, data.shards, val_every=50, overwrite=True)
         self.log(
             f"  world: {manifest['documents']} documents + {len(code)} standard library files, "
             f"{shards['train']['tokens']:,} training tokens; "
@@ -236,41 +248,39 @@ class Recipe:
     def _pretrain(self) -> None:
         from ..train.pretrain import pretrain
 
-        run = self.out / "base"
+        run, data = self.paths.run("base"), self.paths.data
         cfg = self.stage_config(
-            "pretrain",
-            "pretrain",
-            data=str(self.data / "shards"),
-            tokenizer=str(self.data / "tokenizer.model"),
+            "pretrain", "pretrain", data=str(data.shards), tokenizer=str(data.tokenizer)
         )
         pretrain(cfg, run, resume=self.resumable(run))
 
-    def _sft_run(self, name: str, data: str) -> None:
+    def _sft_run(self, name: str, data: Path) -> None:
         from ..train.sft import sft
 
-        run = self.out / name
-        cfg = self.stage_config("sft", name, init_from=str(self.model("base")), data=data)
+        run = self.paths.run(name)
+        base = self.paths.model("base")
+        cfg = self.stage_config("sft", name, init_from=str(base), data=str(data))
         sft(cfg, run, resume=self.resumable(run))
 
     def _sft(self) -> None:
-        self._sft_run("sft", str(self.data / "sft.jsonl"))
+        self._sft_run("sft", self.paths.data.sft)
 
     def _sft_noisy(self) -> None:
-        self._sft_run("sft_noisy", str(self.data / "sft_noisy.jsonl"))
+        self._sft_run("sft_noisy", self.paths.data.sft_noisy)
 
     def _annotate(self) -> None:
         """Comparisons of the SFT model's own samples (section 3.2.1), beside the world's
         answer variants, for the reward models: data/pairs_{helpful,safety}_sft.jsonl."""
+        from ..data.jsonl import write_jsonl
         from ..eval.chat import answer_all, read_items
         from ..eval.judges import Annotator
-        from ..train.rundir import write_jsonl
         from .world import sample_pairs
 
-        rows = read_items(self.data / "prompts_annotate.jsonl")
+        rows = read_items(self.paths.data.prompts("annotate"))
         k, seed = self.cfg["annotate_samples"], self.cfg["seed"]
         pairs: dict[str, list[dict]] = {"helpful": [], "safety": []}
         if k >= 2:  # (fewer samples make no comparisons)
-            llm = self.load(self.model("sft"))
+            llm = self.load(self.paths.model("sft"))
             samples = [
                 answer_all(
                     llm,
@@ -285,7 +295,7 @@ class Recipe:
             by_prompt = [list(s) for s in zip(*samples, strict=True)]
             pairs = sample_pairs(rows, by_prompt, Annotator(self.world.mistake_rate, seed))
         for kind, got in pairs.items():
-            write_jsonl(self.data / f"pairs_{kind}_sft.jsonl", got)
+            write_jsonl(self.paths.data.sampled_pairs(kind), got)
         self.log(
             f"  {len(rows)} prompts x {k} samples: "
             + ", ".join(f"{len(v)} {kind} comparisons" for kind, v in pairs.items())
@@ -293,24 +303,22 @@ class Recipe:
 
     def load(self, path: Path, **kw):
         """A model for sampling or evaluation, on the recipe's device."""
-        import dataclasses
-
+        from ..device import pick_device
         from ..llm import load
-        from ..train.config import TrainConfig
-        from ..train.loop import pick_device
 
-        device = pick_device(dataclasses.replace(TrainConfig(), device=self.cfg["device"]))
-        return load(path, device=device, **kw)
+        return load(path, device=pick_device(self.cfg["device"]), **kw)
 
     def _reward(self, kind: str) -> None:
         from ..train.reward import reward
 
-        run = self.out / f"rm_{kind}"
+        name = f"rm_{kind}"
+        run = self.paths.run(name)
         # the world's graded variants and the comparisons of the SFT model's samples (none
         # when the annotator scored every two samples alike)
-        files = [self.data / f"pairs_{kind}.jsonl", self.data / f"pairs_{kind}_sft.jsonl"]
+        files = [self.paths.data.pairs(kind), self.paths.data.sampled_pairs(kind)]
         data = ",".join(str(f) for f in files if f.exists() and f.stat().st_size)
-        cfg = self.stage_config("reward", f"rm_{kind}", init_from=str(self.model("sft")), data=data)
+        sft = self.paths.model("sft")
+        cfg = self.stage_config("reward", name, init_from=str(sft), data=data)
         reward(cfg, run, resume=self.resumable(run))
 
     def _reward_helpful(self) -> None:
@@ -319,18 +327,23 @@ class Recipe:
     def _reward_safety(self) -> None:
         self._reward("safety")
 
+    def _reward_models(self) -> dict[str, str]:
+        return {
+            "reward_model": str(self.paths.model("rm_helpful")),
+            "safety_model": str(self.paths.model("rm_safety")),
+        }
+
     def _rejection(self) -> None:
         from ..train.rejection import rejection
 
-        policy, previous = self.model("sft"), None
+        policy, previous = self.paths.model("sft"), None
         for k in range(1, self.cfg["rejection_rounds"] + 1):
             name = f"rejection{k}"
-            run = self.out / name
+            run = self.paths.run(name)
             settings = {
                 "init_from": str(policy),
-                "data": str(self.data / "prompts_rejection.jsonl"),
-                "reward_model": str(self.model("rm_helpful")),
-                "safety_model": str(self.model("rm_safety")),
+                "data": str(self.paths.data.prompts("rejection")),
+                **self._reward_models(),
                 "previous": str(previous) if previous else None,
                 "seed": self.cfg["seed"] + k,  # each round samples afresh
             }
@@ -338,53 +351,73 @@ class Recipe:
             if not (run / "model").exists() or not self.resume:
                 rejection(cfg, run, resume=self.resumable(run, ("best.jsonl",)))
             policy, previous = run / "model", run / "best.jsonl"
-        (self.out / "rejection").mkdir(exist_ok=True)
-        point_link(self.out / "rejection" / "model", policy)
+        last = self.paths.model("rejection")  # the last round's model, for PPO
+        last.parent.mkdir(exist_ok=True)
+        point_link(last, policy)
 
     def _ppo(self) -> None:
         from ..train.ppo import ppo
 
-        run = self.out / "ppo"
+        run = self.paths.run("ppo")
         cfg = self.stage_config(
             "ppo",
             "ppo",
-            init_from=str(self.model("rejection")),
-            data=str(self.data / "prompts_ppo.jsonl"),
-            reward_model=str(self.model("rm_helpful")),
-            safety_model=str(self.model("rm_safety")),
+            init_from=str(self.paths.model("rejection")),
+            data=str(self.paths.data.prompts("ppo")),
+            **self._reward_models(),
         )
         ppo(cfg, run, resume=self.resumable(run))
 
     def _gatt(self) -> None:
         from ..train.gatt import gatt
 
-        run = self.out / "gatt"
+        run = self.paths.run("gatt")
         # the SFT demonstrations replayed beside the dialogs (unless the config says otherwise):
-        # fine-tuned on tasks and instructions alone, the model forgot to refuse
+        # fine-tuned on tasks and instructions alone, a model forgets to refuse
         replay = (
-            {}
-            if "replay" in (self.cfg.get("gatt") or {})
-            else {"replay": str(self.data / "sft.jsonl")}
+            {} if "replay" in (self.cfg.get("gatt") or {}) else {"replay": str(self.paths.data.sft)}
         )
         cfg = self.stage_config(
             "gatt",
             "gatt",
-            init_from=str(self.model("ppo")),
-            data=str(self.data / "gatt.jsonl"),
+            init_from=str(self.paths.model("ppo")),
+            data=str(self.paths.data.gatt),
             **replay,
         )
         gatt(cfg, run, resume=self.resumable(run, ("gatt.jsonl",)))
-        point_link(self.out / "chat", self.model("gatt"))
+        point_link(self.paths.model("chat"), self.paths.model("gatt"))
+
+    def _eval_settings(self):
+        from .evaluate import EvalSettings
+
+        return EvalSettings(
+            seed=self.cfg["seed"],
+            max_new_tokens=self.cfg["eval_max_new_tokens"],
+            n=self.cfg["eval_n"],
+            agreement_items=self.cfg["agreement_items"],
+            mistake_rate=self.world.mistake_rate,
+        )
 
     def _eval(self) -> None:
         from .evaluate import evaluate_recipe
 
-        evaluate_recipe(self)
+        evaluate_recipe(self.paths, self.load, self._eval_settings(), self.log)
 
     def _report(self) -> None:
-        from .report import write_report
+        """The report of the evaluation's results, checked against the config's floors (a
+        config without a `floors:` section checks none)."""
+        from .evaluate import Evaluation, held_out_items
+        from .report import Floors, write_report
 
-        write_report(self)
+        floors = self.cfg.get("floors")
+        write_report(
+            self.paths,
+            Evaluation.read(self.paths),
+            held_out_items(self.paths.data, self.cfg["eval_n"], self.cfg["seed"]),
+            dict(self.state["done"]),
+            Floors(**floors) if floors else None,
+            self.cfg["seed"],
+        )
 
 
 def run_recipe(

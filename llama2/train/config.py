@@ -71,7 +71,7 @@ class TrainConfig:
 
 def _is_device(name: str) -> bool:
     """auto or a device torch names (cpu, cuda, cuda:1, mps...); whether it is there is
-    checked when the run starts (loop.pick_device)."""
+    checked when the run starts (device.pick_device)."""
     if name == "auto":
         return True
     import torch

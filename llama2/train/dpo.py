@@ -15,7 +15,7 @@ from ..data.split import split_held_out
 from ..formats import chat_segments
 from ..llm import load
 from .config import DPOConfig
-from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
+from .loop import Dist, Stage, epoch_batches, held_out_chunks, train
 from .losses import dpo_loss
 
 
@@ -77,7 +77,6 @@ def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
 
     data = [encode(p) for p in pairs]
     train_pairs, held = split_held_out(data)
-    n = len(train_pairs)
 
     def collate(items):
         seqs = [c for c, _ in items] + [r for _, r in items]
@@ -90,9 +89,6 @@ def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
         with torch.no_grad():
             ref = answer_logprobs(reference, tokens.to(device), mask.to(device)).cpu()
         return tokens, mask, ref
-
-    def batch(step: int, part: int, parts: int):
-        return collate([train_pairs[i] for i in epoch_indices(step, n, cfg, part, parts)])
 
     def loss(model, b):
         tokens, mask, ref = b
@@ -119,7 +115,7 @@ def build_dpo(cfg: DPOConfig, device: torch.device, d: Dist) -> Stage:
 
     return Stage(
         model=policy.model,
-        batch=batch,
+        batch=epoch_batches(train_pairs, cfg, collate),
         loss=loss,
         save_model=save_model,
         val_batches=val_batches if held else None,

@@ -35,14 +35,14 @@ from ..data.gatt import (
     sample_dialogs,
     training_example,
 )
+from ..data.jsonl import write_jsonl
 from ..data.sft import read_sft_jsonl
 from ..data.split import derive_seed
+from ..device import pick_device
 from ..io import write_atomic
 from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
-from .loop import pick_device
-from .rejection import link_model
-from .rundir import check_run, latest_checkpoint, new_run, write_config, write_jsonl
+from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
 from .sft import sft
 
 
@@ -69,9 +69,9 @@ def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool)
 def adherent_prefixes(dialog: list[dict], instruction: Instruction) -> list[list[dict]]:
     """The dialog up to each of its answers that honours the instruction: the loss is on the
     last answer, so each prefix teaches one honoured answer at its own turn, after whatever
-    came before (an earlier broken answer included: the instruction still holds after it).
-    Kept up to the first broken answer only, a 4M model's dialogs taught turn 1 and 2 almost
-    alone (adherence 50-70% a turn); every turn position now gets its share."""
+    came before (an earlier broken answer included: the instruction still holds after it),
+    so that every turn position gets its share (a small model's dialogs, kept only up to
+    their first broken answer, would teach turns 1 and 2 almost alone)."""
     return [
         dialog[: k + 1]
         for k, m in enumerate(dialog)
@@ -110,7 +110,7 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     if not cfg.init_from or not cfg.data:
         raise ValueError("gatt needs init_from=CHAT_MODEL and data=DIALOGS.jsonl")
     out = Path(out)
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     check_run(out, resume, products=("gatt.jsonl",))
     records = read_turns(cfg.data)
     if cfg.replay:  # checked now, not after the sampling (training_rows reads it then)

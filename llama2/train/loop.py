@@ -15,11 +15,9 @@ import dataclasses
 import json
 import math
 import os
-import resource
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +32,19 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from tqdm import tqdm
 
 from ..data.split import derive_seed
+from ..device import peak_memory_mb, reset_peak_memory
 from ..io import removed_on_error
 from .config import LoopConfig, TrainConfig
 from .rundir import (
-    Metrics,
-    check_run,
+    RunLog,
     checkpoint_tmp,
+    due,
     new_run,
     plot_metrics,
     publish_checkpoint,
-    resume_from,
-    write_config,
+    start_run,
 )
 
 Batch = tuple[torch.Tensor, ...]
@@ -100,21 +97,6 @@ def setup_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    """The device of `cfg.device` (auto: cuda if there is one, else cpu), checked to be there."""
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        device = torch.device(cfg.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # (torch without CUDA asserts)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"device={cfg.device} is not available here ({first})") from e
-    return device
-
-
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a setting on a device (None: fp32 throughout)."""
     if setting == "none" or (setting == "auto" and device.type != "cuda"):
@@ -143,6 +125,18 @@ def epoch_indices(step: int, n: int, cfg: TrainConfig, part: int, parts: int) ->
         idx.append(int(perm[i]))
     per = cfg.batch_size // parts
     return idx[part * per : (part + 1) * per]
+
+
+def epoch_batches(
+    items: Sequence, cfg: TrainConfig, collate: Callable[[list], Batch]
+) -> Callable[[int, int, int], Batch]:
+    """A Stage.batch over `items`, shuffled afresh each epoch (epoch_indices): `collate`
+    makes the tensors of a slice's items."""
+
+    def batch(step: int, part: int, parts: int) -> Batch:
+        return collate([items[i] for i in epoch_indices(step, len(items), cfg, part, parts)])
+
+    return batch
 
 
 def held_out_chunks(n: int, batch_size: int, rank: int, world: int) -> list[range]:
@@ -186,32 +180,6 @@ def enable_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = wrapped
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak resident
-    set (writing 5 to /proc/self/clear_refs resets VmHWM)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # (then the peak is the process's since it started)
-
-
-def peak_memory_mb() -> float:
-    """Peak memory since reset_peak_memory: CUDA's allocated bytes once CUDA is in use, else
-    the process's peak resident set (weights, optimizer, activations, the interpreter)."""
-    if torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -315,12 +283,8 @@ def train(
 ) -> list[dict]:
     """Run (or resume) a training stage into the run directory `out`; return its metrics."""
     out = Path(out)
-    device = pick_device(cfg)
-    check_run(out, resume)  # (each process: it only reads)
-    ckpt = resume_from(out) if resume else None
+    device, ckpt = start_run(out, cfg, resume)
     d = setup_distributed(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     # the stage's data and model are read and checked before the run directory is made (or,
     # for the embedded corpus, it is removed again if they fail)
     with new_run(out) if d.main else nullcontext():
@@ -335,17 +299,8 @@ def train(
             shard_model(model, blocks(model))
         optim = make_optimizer(model, cfg, fused=d.world == 1)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
-        start = 0
-        if ckpt is not None:
-            start = load_checkpoint(ckpt, model, optim, sched)
-            if d.main:
-                print(f"resuming from {ckpt} (step {start})", flush=True)
-        if d.main:
-            out.mkdir(parents=True, exist_ok=True)
-            metrics = Metrics(out, start)
-            write_config(out, cfg)
-        else:
-            metrics = None
+        start = 0 if ckpt is None else load_checkpoint(ckpt, model, optim, sched)
+        log = RunLog(out, cfg, start, ckpt, main=d.main)
     forward_model = torch.compile(model) if cfg.compile else model
     amp_dtype = autocast_dtype(cfg.autocast, device)
 
@@ -355,15 +310,10 @@ def train(
         return nullcontext()
 
     model.train()
-    if start == 0 and stage.val_batches is not None:
-        # the starting point of every validation curve: a row of step 0 (a resumed run keeps
-        # the one it logged, Metrics keeping the rows up to its checkpoint)
-        first = evaluate(stage, forward_model, d, autocast)
-        if d.main and first:
-            metrics.append({"step": 0} | first)
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not d.main, unit="step")
-    t_start = time.perf_counter()
-    try:
+    with log:
+        if stage.val_batches is not None:  # the starting point of every validation curve
+            log.first(lambda: evaluate(stage, forward_model, d, autocast))
+        t_start = time.perf_counter()
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             reset_peak_memory()
@@ -405,20 +355,11 @@ def train(
                 "peak_mem_mb": peak_memory_mb(),  # of this step (this process)
                 "elapsed_s": time.perf_counter() - t_start,
             }
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if due(step + 1, cfg.eval_every, cfg.steps):
                 row |= evaluate(stage, forward_model, d, autocast)
-            if d.main:
-                metrics.append(row)
-                bar.set_postfix(
-                    loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
-                )
-                bar.update()
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            log.log(row, loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if due(step + 1, cfg.ckpt_every, cfg.steps):
                 save_checkpoint(out, step + 1, model, optim, sched, stage, cfg, d)
                 if d.main:
-                    plot_metrics(metrics.rows, out / "loss.png", ylabel=stage.loss_label)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    return metrics.rows if metrics is not None else []
+                    plot_metrics(log.rows, out / "loss.png", ylabel=stage.loss_label)
+    return log.rows

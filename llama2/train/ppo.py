@@ -25,16 +25,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..checkpoint import save_hf
+from ..data.jsonl import read_prompts
 from ..data.split import derive_seed, split_held_out
+from ..eval.grading import Grade, grader, held_out_quality
 from ..formats import encode_chat
 from ..io import removed_on_error
 from ..llm import Llama, load
 from . import rundir
 from .config import PPOConfig
-from .loop import check_finite, make_optimizer, pick_device
+from .loop import check_finite, make_optimizer
 from .losses import (
     gae,
     per_token_kl,
@@ -43,7 +44,7 @@ from .losses import (
     ppo_rewards,
     ppo_value_loss,
 )
-from .rejection import Grade, grader, held_out_quality, read_prompts, score
+from .scoring import load_reward_models, score
 
 
 def token_logprobs(
@@ -76,10 +77,7 @@ class PPO:
 
         self.policy: Llama = fp32(cfg.init_from)
         self.reference = fp32(cfg.init_from).model.requires_grad_(False)
-        self.helpful = fp32(cfg.reward_model)
-        self.safety = fp32(cfg.safety_model) if cfg.safety_model else None
-        if self.helpful.head != "score":
-            raise ValueError(f"{cfg.reward_model} is not a reward model")
+        self.helpful, self.safety = load_reward_models(cfg.reward_model, cfg.safety_model, device)
         value = fp32(cfg.reward_model)  # the value model starts as the RM
         self.value = value.model
         self.value_config = value.config
@@ -117,7 +115,7 @@ class PPO:
         logp = token_logprobs(self.policy.model, on, cfg.temperature)[0].cpu()
         ref = token_logprobs(self.reference, on, cfg.temperature)[0].cpu()
         values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
-        r_c = score(self.helpful, self.safety, batch, [o.text for o in outs])
+        r_c = self.reward(batch, [o.text for o in outs])
         # the penalty: k1 = log pi - log pi_ref per token, the paper's (losses.per_token_kl);
         # the KL logged: k3, never negative (losses.per_token_kl_k3)
         kl = per_token_kl(logp, ref) * mask
@@ -175,13 +173,12 @@ class PPO:
         """held_out_reward and held_out_<graded key>s of greedy answers to the held-out
         prompts ({} without any)."""
         return held_out_quality(
-            self.policy,
-            self.helpful,
-            self.safety,
-            self.held_out,
-            self.cfg.max_new_tokens,
-            grade=self.grade,
+            self.policy, self.held_out, self.cfg.max_new_tokens, self.reward, grade=self.grade
         )
+
+    def reward(self, prompts: list[dict], answers: list[str]) -> torch.Tensor:
+        """Each answer's raw R_c (helpfulness alone without a safety model)."""
+        return score(self.helpful, self.safety, prompts, answers)
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -209,35 +206,35 @@ def _on_cpu(model: nn.Module) -> dict:
     return {k: v.cpu() for k, v in model.state_dict().items()}
 
 
+# the reward plot's curves
+CURVES = {
+    "reward": "reward (R_c)",
+    "held_out_reward": "held-out reward",
+    "kl": "KL to the reference (k3)",
+    "held_out_task_accuracy": "held-out task accuracy",
+    "held_out_safety_violation": "held-out safety violations",
+    "held_out_false_refusal": "held-out false refusals",
+}
+
+
 def ppo(
     cfg: PPOConfig, out: str | Path, resume: bool = False, grade: Grade | None = None
 ) -> list[dict]:
     """Run (or resume) PPO into `out`; `grade(check, answer)` judges held-out answers
     (llama2.eval.judges.grade by default, used only for prompts with a check)."""
     out = Path(out)
-    device = pick_device(cfg)
-    rundir.check_run(out, resume)
-    ckpt = rundir.resume_from(out) if resume else None
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device, ckpt = rundir.start_run(out, cfg, resume)
     with rundir.new_run(out):  # the prompts and models checked before the run directory
         torch.manual_seed(cfg.seed)
         run = PPO(cfg, device, grade)
-        start, best, bad = 0, float("-inf"), 0
+        state = {"step": 0, "best": float("-inf"), "bad": 0}
         if ckpt is not None:
             state = run.restore(ckpt)
-            start, best, bad = state["step"], state["best"], state["bad"]
-            print(f"resuming from {ckpt} (iteration {start})", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = rundir.Metrics(out, start)
-        rundir.write_config(out, cfg)
-    if start == 0:  # the starting point of the held-out curves (not counted for patience)
-        first = run.evaluate()
-        if first:
-            metrics.append({"step": 0} | first)
-    stopped = any(m.get("early_stop") for m in metrics.rows)
-    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="iter")
-    try:
+        start, best, bad = state["step"], state["best"], state["bad"]
+        log = rundir.RunLog(out, cfg, start, ckpt, desc="ppo", unit="iteration")
+    with log:
+        log.first(run.evaluate)  # (not counted for patience)
+        stopped = any(m.get("early_stop") for m in log.rows)
         for it in range(start, cfg.steps):
             if stopped:
                 break
@@ -250,7 +247,7 @@ def ppo(
                 "response_length": float(ro["mask"].sum(-1).mean()),
             }
             row |= run.update(ro, it)
-            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.steps:
+            if rundir.due(it + 1, cfg.eval_every, cfg.steps):
                 row |= run.evaluate()
                 held = row.get("held_out_reward", math.nan)
                 if held > best:
@@ -259,21 +256,8 @@ def ppo(
                     bad += 1
                 if cfg.patience and bad >= cfg.patience:
                     row["early_stop"] = stopped = True
-            metrics.append(row)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
-            bar.update()
-            if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps or stopped:
+            log.log(row, reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+            if rundir.due(it + 1, cfg.ckpt_every, cfg.steps) or stopped:
                 run.save(out, it + 1, {"best": best, "bad": bad})
-                curves = {
-                    "reward": "reward (R_c)",
-                    "held_out_reward": "held-out reward",
-                    "kl": "KL to the reference (k3)",
-                    "held_out_task_accuracy": "held-out task accuracy",
-                    "held_out_safety_violation": "held-out safety violations",
-                    "held_out_false_refusal": "held-out false refusals",
-                }
-                rundir.plot_metrics(metrics.rows, out / "reward.png", curves, ylabel="")
-    finally:
-        bar.close()
-        metrics.close()
-    return metrics.rows
+                rundir.plot_metrics(log.rows, out / "reward.png", CURVES, ylabel="")
+    return log.rows

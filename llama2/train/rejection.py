@@ -18,122 +18,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from ..data.jsonl import parse_prompt, read_flag, read_jsonl
-from ..data.sft import encode_for_training, encode_last_answer
+from ..data.jsonl import read_jsonl, read_jsonl_rows, read_prompts, write_jsonl
+from ..data.sft import encode_last_answer
 from ..data.split import derive_seed, held_out
+from ..device import pick_device
+from ..eval.grading import Grade, Reward, graded_means, grader, held_out_quality
 from ..formats import DialogError
-from ..io import point_link, write_atomic
+from ..io import write_atomic
 from ..llm import Llama, load
 from .config import RejectionConfig, SFTConfig, stage_config
-from .loop import pick_device
-from .losses import combined_reward
-from .reward import pad, scores
-from .rundir import (
-    check_run,
-    latest_checkpoint,
-    new_run,
-    read_jsonl_rows,
-    write_config,
-    write_jsonl,
-)
+from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
+from .scoring import load_reward_models, score
 from .sft import sft
-
-Grade = Callable[[dict, str], dict[str, float]]  # llama2.eval.judges.grade's signature
-
-
-def read_prompts(path: str | Path) -> list[dict]:
-    """JSONL of {"prompt": text or messages, "is_safety": optional true/false, "check":
-    optional JSON object}. `check` is opaque here: what a grader (llama2.eval.judges) needs
-    to judge an answer to the prompt (its task's expected answer, whether it is unsafe...)."""
-    out = []
-    for where, r in read_jsonl(path):
-        row = {"prompt": parse_prompt(r, where), "is_safety": read_flag(r, "is_safety", where)}
-        check = r.get("check")
-        if check is not None:
-            if not isinstance(check, dict):
-                raise DialogError(f"{where}: field 'check' must be a JSON object")
-            row["check"] = check
-        out.append(row)
-    if not out:
-        raise DialogError(f"{path}: no prompts")
-    return out
-
-
-def grader(prompts: list[dict], grade: Grade | None = None) -> Grade | None:
-    """`grade`, or llama2.eval.judges.grade (imported lazily: the graders belong to the
-    evaluation package) when some prompt carries a check; resolved before any sampling, so
-    that a missing grader fails at once."""
-    if grade is None and any("check" in p for p in prompts):
-        from ..eval.judges import grade
-    return grade
-
-
-def graded_means(prompts: list[dict], answers: list[str], grade: Grade | None = None) -> dict:
-    """The mean of each number `grade(check, answer)` gives, over the answers to prompts that
-    carry a check (a key counts only the answers it was given for); {} if none has one."""
-    checked = [(p["check"], a) for p, a in zip(prompts, answers, strict=True) if "check" in p]
-    if not checked:
-        return {}
-    grade = grader(prompts, grade)
-    values: dict[str, list[float]] = {}
-    for check, answer in checked:
-        for key, v in grade(check, answer).items():
-            values.setdefault(key, []).append(float(v))
-    return {key: sum(v) / len(v) for key, v in values.items()}
-
-
-def greedy_answers(policy: Llama, prompts: list[dict], max_new_tokens: int, rows: int) -> list[str]:
-    """The policy's greedy answer to each prompt, `rows` prompts per generation batch."""
-    out: list[str] = []
-    for i in range(0, len(prompts), rows):
-        dialogs = [p["prompt"] for p in prompts[i : i + rows]]
-        outs = policy.chat(dialogs, temperature=0, max_new_tokens=max_new_tokens)
-        out += [o.text for o in outs]
-    return out
-
-
-def held_out_quality(
-    policy: Llama,
-    helpful: Llama,
-    safety: Llama | None,
-    prompts: list[dict],
-    max_new_tokens: int,
-    rows: int = 64,
-    grade: Grade | None = None,
-) -> dict[str, float]:
-    """held_out_reward (the mean raw R_c) and held_out_<key> (each graded number's mean) of the
-    policy's greedy answers to the held-out prompts: the same answers for both, so that a
-    reward rising while the task quality falls (reward hacking) shows."""
-    if not prompts:
-        return {}
-    answers = greedy_answers(policy, prompts, max_new_tokens, rows)
-    out = {"held_out_reward": float(score(helpful, safety, prompts, answers).mean())}
-    return out | {f"held_out_{k}": v for k, v in graded_means(prompts, answers, grade).items()}
-
-
-@torch.no_grad()
-def score_answers(
-    rm: Llama, dialogs: list[list[dict]], answers: list[str], batch: int = 16
-) -> list[float]:
-    """A reward model's raw score (the scalar, a logit) of each answer. Not its sigmoid: in
-    float32 that saturates to 1.0 above ~17 and would tie the best answers (section 3.2.3's
-    probability is only needed for R_c's 0.15 gate, which applies it itself)."""
-    out: list[float] = []
-    for i in range(0, len(answers), batch):
-        pairs = zip(dialogs[i : i + batch], answers[i : i + batch], strict=True)
-        seqs = [
-            encode_for_training(rm.tokenizer, [*d, {"role": "assistant", "content": a}])[0]
-            for d, a in pairs
-        ]
-        tokens, lengths = pad(seqs)
-        out += scores(rm.model, tokens.to(rm.device), lengths.to(rm.device)).tolist()
-    return out
 
 
 def prompt_key(prompt: list[dict]) -> str:
@@ -161,18 +61,9 @@ def read_previous(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def score(
-    helpful: Llama, safety: Llama | None, prompts: list[dict], answers: list[str]
-) -> torch.Tensor:
-    """Each answer's raw score: R_c with a safety model (section 3.2.3), else helpfulness."""
-    if not answers:
-        return torch.zeros(0)
-    dialogs = [p["prompt"] for p in prompts]
-    r_help = torch.tensor(score_answers(helpful, dialogs, answers))
-    if safety is None:
-        return r_help
-    r_safe = torch.tensor(score_answers(safety, dialogs, answers))
-    return combined_reward(r_help, r_safe, torch.tensor([p["is_safety"] for p in prompts]))
+def _reward(helpful: Llama, safety: Llama | None) -> Reward:
+    """score() with these reward models, as held_out_quality takes it."""
+    return lambda prompts, answers: score(helpful, safety, prompts, answers)
 
 
 def sample_answers(policy: Llama, prompts: list[dict], cfg: RejectionConfig) -> list[list[str]]:
@@ -197,17 +88,6 @@ def sample_answers(policy: Llama, prompts: list[dict], cfg: RejectionConfig) -> 
     return out
 
 
-def _load_reward_models(cfg, device) -> tuple[Llama, Llama | None]:
-    helpful = load(cfg.reward_model, dtype=torch.float32, device=device)
-    safety = (
-        load(cfg.safety_model, dtype=torch.float32, device=device) if cfg.safety_model else None
-    )
-    for rm, name in ((helpful, "reward_model"), (safety, "safety_model")):
-        if rm is not None and rm.head != "score":
-            raise ValueError(f"{name} {rm.path} is not a reward model")
-    return helpful, safety
-
-
 def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = None) -> list[dict]:
     """Sample, score and select; returns the best per training prompt (also written to
     best.jsonl). Every input (prompts, the earlier round, the models) is read and checked
@@ -220,9 +100,9 @@ def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = Non
     # (index in the file, prompt): training prompts are sampled, held-out ones evaluated
     prompts = [(i, p) for i, p in enumerate(every) if not held_out(i)]
     held = [p for i, p in enumerate(every) if held_out(i)]
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     policy = load(cfg.init_from, device=device)
-    helpful, safety = _load_reward_models(cfg, device)
+    helpful, safety = load_reward_models(cfg.reward_model, cfg.safety_model, device)
     K = cfg.samples_per_prompt
     answers = sample_answers(policy, [p for _, p in prompts], cfg)
     flat = [p for _, p in prompts for _ in range(K)]
@@ -236,7 +116,7 @@ def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = Non
     graded = graded_means(flat, [s["answer"] for s in samples], grade)
     quality |= {f"samples_{k}": v for k, v in graded.items()}
     quality |= held_out_quality(
-        policy, helpful, safety, held, cfg.max_new_tokens, cfg.sample_rows, grade
+        policy, held, cfg.max_new_tokens, _reward(helpful, safety), cfg.sample_rows, grade
     )
     write_atomic(out / "eval.json", json.dumps(quality, indent=2))
     this_round = 1 + max((r.get("round", 0) for r in previous.values()), default=-1)
@@ -277,11 +157,11 @@ def evaluate_tuned(cfg: RejectionConfig, out: Path, grade: Grade | None = None) 
     path = out / "eval.json"
     quality = json.loads(path.read_text()) if path.exists() else {}
     if held:
-        device = pick_device(cfg)
+        device = pick_device(cfg.device)
         tuned = load(out / "model", device=device)
-        helpful, safety = _load_reward_models(cfg, device)
+        helpful, safety = load_reward_models(cfg.reward_model, cfg.safety_model, device)
         after = held_out_quality(
-            tuned, helpful, safety, held, cfg.max_new_tokens, cfg.sample_rows, grade
+            tuned, held, cfg.max_new_tokens, _reward(helpful, safety), cfg.sample_rows, grade
         )
         quality |= {f"tuned_{k}": v for k, v in after.items()}
         write_atomic(path, json.dumps(quality, indent=2))
@@ -294,7 +174,7 @@ def rejection(
     """Sample and select (once: sampling is seeded, a resumed run reuses best.jsonl), then
     fine-tune on the winners in out/sft; out/model is the tuned model."""
     out = Path(out)
-    pick_device(cfg)  # there, before anything is read
+    pick_device(cfg.device)  # there, before anything is read
     check_run(out, resume, products=("best.jsonl",))
     if not (resume and (out / "best.jsonl").exists()):
         # a failure before the samples are written (bad prompts, models...) leaves no run
@@ -320,10 +200,3 @@ def rejection(
     if (out / "model").exists():
         evaluate_tuned(cfg, out, grade)
     return rows
-
-
-def link_model(out: Path) -> None:
-    """out/model -> sft/model (itself the fine-tuning's latest checkpoint), as every other
-    stage's run directory has it: `llama2 generate RUN/model`, the next stage's init_from."""
-    if (out / "sft" / "model").exists():
-        point_link(out / "model", out / "sft" / "model")

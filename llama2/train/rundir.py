@@ -16,10 +16,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from ..data.jsonl import read_jsonl_rows, write_jsonl
+from ..device import pick_device
 from ..io import (
     DiskFullError,
     atomic_file,
@@ -85,21 +90,27 @@ def resume_from(out: Path) -> Path:
     return ckpt
 
 
+def start_run(out: Path, cfg, resume: bool) -> tuple[torch.device, Path | None]:
+    """A training run's first moves, before any input is read: its device (cfg.device,
+    checked to be there), `out` checked to take the run, and the checkpoint a resumed run
+    continues from (None for a fresh run); torch's CPU threads set (cfg.threads, 0: torch's
+    default)."""
+    device = pick_device(cfg.device)
+    check_run(out, resume)  # (each process of a distributed run: it only reads)
+    ckpt = resume_from(out) if resume else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return device, ckpt
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether an evaluation or checkpoint falls at `step` (counted from 1): every `every`
+    steps, and at the last."""
+    return step % every == 0 or step == last
+
+
 def write_config(out: Path, cfg) -> None:
     write_atomic(out / "config.yaml", config_to_yaml(cfg))
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file this package wrote; a last line without its newline (cut by a
-    kill or a full disk mid-write) is not a row."""
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")[:-1]  # (the piece after the last newline)
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 class Metrics:
@@ -124,6 +135,74 @@ class Metrics:
 
     def close(self) -> None:
         self._log.close()
+
+
+class RunLog:
+    """What a training run writes and shows beside its checkpoints: config.yaml,
+    metrics.jsonl (a resumed run's cut back to its checkpoint's step) and a progress bar.
+    Made once the stage's inputs are read and checked and any checkpoint is restored; used as
+    a context (`with log:`) around the steps, which closes the bar and the metrics file. Only
+    the main process of a distributed run (`main`) writes or shows anything."""
+
+    def __init__(
+        self,
+        out: Path,
+        cfg,
+        start: int,
+        ckpt: Path | None = None,
+        main: bool = True,
+        desc: str = "training",
+        unit: str = "step",
+    ):
+        self.start, self.main = start, main
+        self.metrics: Metrics | None = None
+        if main:
+            if ckpt is not None:
+                print(f"resuming from {ckpt} ({unit} {start})", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            self.metrics = Metrics(out, start)
+            write_config(out, cfg)
+        self._bar_args = {"total": cfg.steps, "initial": start, "desc": desc, "unit": unit}
+        self._bar: tqdm | None = None
+
+    def __enter__(self) -> RunLog:
+        self._bar = tqdm(**self._bar_args, disable=not self.main)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    @property
+    def rows(self) -> list[dict]:
+        """The metrics rows so far (none on a process other than the main one)."""
+        return self.metrics.rows if self.metrics is not None else []
+
+    def first(self, evaluate: Callable[[], dict]) -> None:
+        """On a fresh run, a row of step 0 from `evaluate` (every process runs it): the
+        starting point of the held-out curves. A resumed run keeps the one it logged."""
+        if self.start == 0:
+            row = evaluate()
+            if row and self.metrics is not None:
+                self.metrics.append({"step": 0} | row)
+
+    def log(self, row: dict, **postfix: str) -> None:
+        """A step's metrics row, and the progress bar moved on, showing `postfix`."""
+        if self.metrics is not None:
+            self.metrics.append(row)
+        if self._bar is not None:
+            self._bar.set_postfix(**postfix)
+            self._bar.update()
+
+
+def link_model(out: Path) -> None:
+    """out/model -> sft/model, for the stages whose fine-tuning is a run directory of its own
+    (out/sft): their run directory has a `model` as every other stage's does, for `llama2
+    generate RUN/model` and the next stage's init_from."""
+    if (out / "sft" / "model").exists():
+        point_link(out / "model", out / "sft" / "model")
 
 
 def checkpoint_tmp(out: Path, step: int, fresh: bool = True) -> Path:

@@ -1,0 +1,116 @@
+"""Where the recipe writes: the run directories and files under OUT (`llama2 recipe --out
+OUT`), and the world's data files the stages read (OUT/data, or any directory
+`world.write_world` fills)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The world's data in one directory (world.write_world), and what the recipe makes of it.
+    `kind`: helpful or safety."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:  # file names and counts, the world's settings and templates
+        return self.root / "world.json"
+
+    @property
+    def corpus(self) -> Path:  # the world's pretraining documents, one blank line apart
+        return self.root / "corpus" / "world.txt"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.model"
+
+    @property
+    def shards(self) -> Path:  # the pretraining corpus, tokenized
+        return self.root / "shards"
+
+    @property
+    def sft(self) -> Path:  # clean demonstrations
+        return self.root / "sft.jsonl"
+
+    @property
+    def sft_noisy(self) -> Path:  # more demonstrations, some of them bad
+        return self.root / "sft_noisy.jsonl"
+
+    def pairs(self, kind: str) -> Path:
+        """Graded comparisons of the world's answer variants."""
+        return self.root / f"pairs_{kind}.jsonl"
+
+    def sampled_pairs(self, kind: str) -> Path:
+        """Graded comparisons of the SFT model's own samples (the recipe's annotate stage)."""
+        return self.root / f"pairs_{kind}_sft.jsonl"
+
+    def prompts(self, stage: str) -> Path:
+        """The prompts of a sampling stage: annotate, rejection or ppo."""
+        return self.root / f"prompts_{stage}.jsonl"
+
+    @property
+    def gatt(self) -> Path:  # dialogs for Ghost Attention
+        return self.root / "gatt.jsonl"
+
+    @property
+    def eval_items(self) -> Path:  # held-out prompts with checks
+        return self.root / "eval.jsonl"
+
+    @property
+    def eval_gatt(self) -> Path:  # held-out dialogs under an instruction
+        return self.root / "eval_gatt.jsonl"
+
+    def eval_pairs(self, kind: str) -> Path:
+        """Held-out graded comparisons, for the reward models' accuracy."""
+        return self.root / f"eval_pairs_{kind}.jsonl"
+
+
+@dataclass(frozen=True)
+class RecipePaths:
+    """OUT's layout. A stage's run directory is named after it (base for pretraining; sft,
+    sft_noisy, rm_helpful, rm_safety, rejection1..N, ppo, gatt), each a run directory of
+    llama2/train with its `model`."""
+
+    out: Path
+
+    @property
+    def data(self) -> DataFiles:
+        return DataFiles(self.out / "data")
+
+    @property
+    def state(self) -> Path:  # which stages are done, and the configuration
+        return self.out / "recipe.json"
+
+    def config(self, name: str) -> Path:
+        """The stage config a stage ran with (`llama2 STAGE --config` reruns it)."""
+        return self.out / "configs" / f"{name}.yaml"
+
+    def run(self, name: str) -> Path:
+        return self.out / name
+
+    def rejection_rounds(self) -> list[Path]:
+        """The run directories of rejection sampling's rounds (rejection1, rejection2 ...)."""
+        return sorted(self.out.glob("rejection[0-9]*"))
+
+    def model(self, name: str) -> Path:
+        """A stage's model; `chat` is the final one (a link to Ghost Attention's) and
+        `rejection` the last round's."""
+        return self.out / "chat" if name == "chat" else self.out / name / "model"
+
+    @property
+    def eval(self) -> Path:  # the evaluation's results, a JSON file each
+        return self.out / "eval"
+
+    def eval_result(self, name: str) -> Path:
+        return self.eval / f"{name}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.out / "report.md"
