@@ -7,6 +7,7 @@ its docstring says otherwise, so that each can be checked against numbers worked
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from ..data.preferences import RATINGS
 from ..kernels import Linear
+from ..model import Context
 
 CE_CHUNK_ROWS = 256  # rows of logits per chunk: 32 MB of fp32 at a 32,000-token vocabulary
 
@@ -30,10 +32,10 @@ def next_token_cross_entropy(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = -100,
-    **kw,
+    ctx: Context | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `targets` ([B, T]; `ignore_index` carries no loss) under the model's
-    logits for `inputs` (`kw`: the model's other forward arguments). On a CPU, for a plain
+    logits for `inputs` (`ctx`: the model's Context, e.g. packed segments). On a CPU, for a plain
     output head, the head and the loss are computed together in chunks of rows
     (`OutputCrossEntropy`); otherwise (FSDP, LoRA or quantized heads, accelerators) from the
     model's logits."""
@@ -47,13 +49,27 @@ def next_token_cross_entropy(
         and not type(model_).__name__.startswith("FSDP")
     )
     if not fused:
-        logits = model(inputs, **kw)
+        logits = model(inputs, None, ctx)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-    hidden = model(inputs, head=False, **kw)
+    hidden = _hidden_states(model)(inputs, None, ctx)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
     return OutputCrossEntropy.apply(
         hidden.flatten(0, 1), w, targets.flatten().to(hidden.device), ignore_index, dtype
     )
+
+
+_compiled_hidden: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hidden_states(model: torch.nn.Module):
+    """The model's `hidden` method, compiled when the model is (torch.compile compiles
+    `forward` only)."""
+    inner = getattr(model, "_orig_mod", None)
+    if inner is None:
+        return model.hidden
+    if model not in _compiled_hidden:
+        _compiled_hidden[model] = torch.compile(inner.hidden)
+    return _compiled_hidden[model]
 
 
 _scratch_tensors: dict[tuple, torch.Tensor] = {}
