@@ -299,7 +299,7 @@ class CachedModel:
             tokens[i, : len(row)] = torch.tensor(row)
         # all from 0: plain causal attention over the fresh keys
         start_pos = 0 if not starts or not any(starts) else torch.tensor(starts, device=self.device)
-        ctx = Context(slots)
+        ctx = Context(slots=slots)
         if not every_position:  # the output head on one row per sequence
             ctx.output_index = torch.tensor([len(row) - 1 for row in rows], device=self.device)
         logits = self.model(tokens.to(self.device), start_pos, ctx)
@@ -313,7 +313,7 @@ class CachedModel:
         feed = torch.tensor(tokens, device=self.device)
         start = torch.tensor(positions, device=self.device)
         if not self.compile:
-            return self.model(feed[:, None], start, Context(slots))[:, 0]
+            return self.model(feed[:, None], start, Context(slots=slots))[:, 0]
         if slots is not None:
             raise ValueError("compiled decode steps run the cache's rows 0..B-1, not slots")
         # the graph is picked (and guarded) when the batch's shape changes; the steps after

@@ -59,7 +59,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Context:
     """What a forward needs beyond its tokens and start positions, built by the caller.
 

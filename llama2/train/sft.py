@@ -24,7 +24,7 @@ from .losses import next_token_cross_entropy
 
 def packed_loss(model, batch) -> torch.Tensor:
     inputs, targets, segments = batch
-    return next_token_cross_entropy(model, inputs, targets, IGNORE, Context(segments))
+    return next_token_cross_entropy(model, inputs, targets, IGNORE, Context(segments=segments))
 
 
 def build_sft(cfg: SFTConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
