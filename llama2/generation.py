@@ -182,7 +182,7 @@ def compiled_decode(model: Transformer) -> Callable:
     hundreds of eager ops per token.
 
     Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
-    the weights become constants of the graph, so a call no longer gathers every parameter.
+    the weights become constants of the graph, so a call does not gather every parameter.
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
     their conversion into fp32 copies). A frozen fp32 weight's single-row product is a fused
