@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .kernels import Linear
@@ -57,6 +57,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     order; Meta's interleaved pairs are the same maths on permuted wq/wk rows)."""
     xf = x.float()
     return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
+
+
+Start = int | Tensor | None  # where a forward's tokens go in the cache: for all rows, or per row
 
 
 @dataclass(kw_only=True)
@@ -271,11 +274,8 @@ class Transformer(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int | torch.Tensor | None = None,
-        ctx: Context | None = None,
-    ) -> torch.Tensor:
+        self, tokens: Tensor, start_pos: Start = None, ctx: Context | None = None
+    ) -> Tensor:
         """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with ctx.output_index).
 
         Without a cache, a plain causal pass over the whole sequence (training). With one,
@@ -283,12 +283,7 @@ class Transformer(nn.Module):
         each query sees the cached keys at positions up to its own. `ctx`: see Context."""
         return self.output(self.hidden(tokens, start_pos, ctx)).float()
 
-    def hidden(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int | torch.Tensor | None = None,
-        ctx: Context | None = None,
-    ) -> torch.Tensor:
+    def hidden(self, tokens: Tensor, start_pos: Start = None, ctx: Context | None = None) -> Tensor:
         """The final normed hidden states [B, T, dim] that `forward` applies the output head to
         (for a caller that applies the head itself)."""
         ctx = ctx or Context()
