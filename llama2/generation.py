@@ -12,49 +12,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .model import Transformer
+from .model import Context, Transformer
 from .quantize import Int8Linear
+from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.6  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
-    echo: bool = False  # also return the prompt tokens' logprobs
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
 
 
 @dataclass
@@ -137,63 +103,6 @@ class TextStream:
         return 0
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generators: Sequence[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. Temperature, then top-k, then top-p (the smallest set of
-    most likely tokens whose probability reaches top_p), then a draw from each row's generator."""
-    if temperature <= 0:
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            # numpy's argmax is vectorized: ~4 us over 32,000 logits against torch's ~30 us,
-            # in a tiny model's decode step of ~1 ms (same first-maximum and NaN rules)
-            return torch.from_numpy(logits.detach().numpy().argmax(-1))
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # One uniform number per row (from the row's own generator), inverted through the row's
-    # cumulative distribution. (torch.multinomial draws one exponential per vocabulary entry
-    # for a single sample: 32,000 draws, ~1.3 ms a row on a 2-core CPU, most of a batched
-    # server step's sampling.)
-    cdf = probs.double().cumsum(dim=-1)
-    total = cdf[:, -1]
-    if not bool((torch.isfinite(total) & (total > 0)).all()):
-        raise ValueError("invalid probability distribution: the logits hold inf or nan")
-    if generators is None:
-        u = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)
-    else:
-        u = torch.cat(
-            [
-                torch.rand(1, dtype=torch.float64, device=probs.device, generator=g)
-                for g in generators
-            ]
-        )
-    # the first entry whose cumulative probability passes u * total (one of positive probability)
-    picked = torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(-1)
-    return picked.clamp_(max=probs.shape[-1] - 1)
-
-
-def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """The logprob of `token` under one row's logits [V], with the k most likely tokens'."""
-    logprobs = logits.float().log_softmax(-1)
-    top = []
-    if k:
-        values, ids = logprobs.topk(k)
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs[token]), top)
-
-
 class RowDecoder:
     """The decoding of one sequence, one token per `step`: sampling with its own generator,
     stop ids, stop strings, logprobs, text assembly and the finish reason. The library's
@@ -266,13 +175,14 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_forward(model: Transformer) -> Callable:
-    """The model's forward under torch.compile, made once per model, for the one-token decode
-    steps over a static cache (see `setup_static_cache`): one fused graph instead of hundreds
-    of eager ops per token.
+def compiled_decode(model: Transformer) -> Callable:
+    """The model's one-token decode step under torch.compile, made once per model, over a
+    static cache (see `setup_static_cache`): `step(tokens [B], positions [B], kv_len,
+    same_graph=False) -> logits [B, V]` for the cache's rows 0..B-1, one fused graph instead of
+    hundreds of eager ops per token.
 
     Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
-    the weights become constants of the graph, so a call no longer gathers every parameter.
+    the weights become constants of the graph, so a call does not gather every parameter.
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
     their conversion into fp32 copies). A frozen fp32 weight's single-row product is a fused
@@ -291,20 +201,24 @@ def compiled_forward(model: Transformer) -> Callable:
                 if isinstance(m, kernels.Linear | Int8Linear) and m.weight.device.type == "cpu":
                     scales = m.scales if isinstance(m, Int8Linear) else None
                     m.compiled = kernels.choose_compiled(m.weight, weights, scales)
+
+        def decode_one(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+            return model(tokens[:, None], positions, Context(kv_len=kv_len))[:, 0]
+
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
         # kernels)
-        compiled = torch.compile(model, options={"cpp_wrapper": freeze})
+        compiled = torch.compile(decode_one, options={"cpp_wrapper": freeze})
 
         def step(
-            tokens: torch.Tensor, start_pos: torch.Tensor, kv_len: int, same_graph: bool = False
+            tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, same_graph: bool = False
         ) -> torch.Tensor:
             """`same_graph`: the caller's previous step ran the graph this one needs (same
             shapes; only values and kv_len change), so its guards are not checked again."""
             if same_graph:
                 # no trace happens here, so the settings below, which only a trace reads, are
-                # left alone (patching them costs ~45 us a step, 3% of a tiny model's)
+                # left alone (patching them costs more than a tiny model's step can spare)
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return compiled(tokens, start_pos=start_pos, kv_len=kv_len)
+                    return compiled(tokens, positions, kv_len)
             # both settings are read when dynamo traces (any call may recompile): `freezing`
             # there, not only in inductor's options, is what keeps the parameters out of the
             # graph's inputs and guards; kv_len is a dynamic size from the first compile on.
@@ -313,21 +227,22 @@ def compiled_forward(model: Transformer) -> Callable:
                 torch._inductor.config.patch(freezing=freeze),
                 torch.compiler.config.patch(dynamic_sources="L['kv_len']"),
             ):
-                return compiled(tokens, start_pos=start_pos, kv_len=kv_len)
+                return compiled(tokens, positions, kv_len)
 
         _COMPILED[model] = step
     return _COMPILED[model]
 
 
 STATIC_CACHES_KEPT = 2
+STATIC_CACHE_STEP = 256  # static caches come in multiples of this (few shapes, short reads)
 
 
 def setup_static_cache(model: Transformer, batch_size: int, max_seq_len: int) -> None:
     """Set up the model's cache for compiled steps. A compiled graph guards on the identity of
     the cache tensors it was traced with, so the last STATIC_CACHES_KEPT static caches (of
     different shapes) are kept and reused when the shape and dtype match: a new one would
-    recompile, and requests that alternate between a short and a long cache (a 512-token
-    prompt, then a short one) recompiled at every switch when only the last one was kept."""
+    recompile, and keeping two lets requests that alternate between a short and a long cache
+    (a 512-token prompt, then a short one) reuse both graphs."""
     kept = _STATIC_CACHES.setdefault(model, [])
     shape = (batch_size, model.config.n_kv_heads, max_seq_len)
     for caches in kept:
@@ -343,7 +258,78 @@ def setup_static_cache(model: Transformer, batch_size: int, max_seq_len: int) ->
     model.kv_caches = caches
 
 
-STATIC_CACHE_STEP = 256  # static caches come in multiples of this (few shapes, short reads)
+class CachedModel:
+    """The model over a KV cache of `slots` rows of `length` positions, one batched step at a
+    time: `prefill` writes rows of prompt tokens into their slots, `decode` feeds one token per
+    row, each at its own position, and both give next-token logits. `generate` drives it for
+    one batch (slots 0..B-1); the serving engine for requests that come and go, each in a slot
+    of its own. `close` returns the model to plain forward passes.
+
+    With `compile`, decode steps run through `compiled_decode` over a static cache, whose
+    length is rounded up to a multiple of STATIC_CACHE_STEP (every step reads all of it: short,
+    in few sizes); they run the cache's rows 0..B-1, so a caller whose rows sit in scattered
+    slots runs the slots up to the highest. Prefills stay eager (every prompt length would be
+    a graph of its own)."""
+
+    def __init__(self, model: Transformer, slots: int, length: int, compile: bool = False):
+        self.model, self.compile = model, compile
+        self.device = model.tok_embeddings.weight.device
+        if compile:
+            step = STATIC_CACHE_STEP
+            length = min(model.config.max_seq_len, -(-length // step) * step)
+            setup_static_cache(model, slots, length)
+            self._compiled = compiled_decode(model)
+        else:
+            model.setup_cache(slots, length)
+        self.caches = model.kv_caches
+        self._rows: int | None = None  # rows of the last compiled step
+
+    def prefill(
+        self,
+        rows: Sequence[Sequence[int]],
+        starts: Sequence[int] | None = None,
+        slots: Sequence[int] | None = None,
+        every_position: bool = False,
+    ) -> torch.Tensor:
+        """Rows of tokens written from positions `starts` (default 0) of `slots` (default
+        0..B-1) -> the logits after each row's last token [B, V] (or, with `every_position`,
+        after each of its tokens: [B, T, V], the rows right-padded to the longest, T)."""
+        tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = torch.tensor(row)
+        # all from 0: plain causal attention over the fresh keys
+        start_pos = 0 if not starts or not any(starts) else torch.tensor(starts, device=self.device)
+        ctx = Context(slots=slots)
+        if not every_position:  # the output head on one row per sequence
+            ctx.output_index = torch.tensor([len(row) - 1 for row in rows], device=self.device)
+        logits = self.model(tokens.to(self.device), start_pos, ctx)
+        return logits if every_position else logits[:, 0]
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """One token per row, each at its position (of its slot; default 0..B-1) -> next-token
+        logits [B, V]."""
+        feed = torch.tensor(tokens, device=self.device)
+        start = torch.tensor(positions, device=self.device)
+        if not self.compile:
+            return self.model(feed[:, None], start, Context(slots=slots))[:, 0]
+        if slots is not None:
+            raise ValueError("compiled decode steps run the cache's rows 0..B-1, not slots")
+        # the graph is picked (and guarded) when the batch's shape changes; the steps after
+        # it only change values
+        logits = self._compiled(feed, start, max(positions) + 1, same_graph=self._rows == len(feed))
+        self._rows = len(feed)
+        return logits
+
+    def copy(self, source: int, slot: int, n: int) -> None:
+        """Copy the first n positions of a slot's keys and values into another slot."""
+        for cache in self.caches:
+            cache.k[slot, :, :n] = cache.k[source, :, :n]
+            cache.v[slot, :, :n] = cache.v[source, :, :n]
+
+    def close(self) -> None:
+        self.model.clear_cache()
 
 
 @torch.inference_mode()
@@ -374,15 +360,7 @@ def generate_steps(
     B, lens = len(prompts), [len(p) for p in prompts]
     device = model.tok_embeddings.weight.device
     budget = [min(params.max_new_tokens, context - n) for n in lens]
-    needed = max(n + b for n, b in zip(lens, budget, strict=True))
-    if compile:
-        # every step reads the whole static cache: keep it short, in a few sizes
-        size = min(context, -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
-        setup_static_cache(model, B, size)
-        step = compiled_forward(model)
-    else:
-        model.setup_cache(B, needed)
-        step = model
+    cached = CachedModel(model, B, max(n + b for n, b in zip(lens, budget, strict=True)), compile)
     try:
         rows = [
             RowDecoder(
@@ -396,19 +374,18 @@ def generate_steps(
             )
             for i in range(B)
         ]
-        tokens = torch.zeros(B, max(lens), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
-        if params.echo:
-            logits = model(tokens, start_pos=0)
+        if params.echo:  # the prompt's logprobs too
+            logits = cached.prefill(prompts, every_position=True)
             last = logits[torch.arange(B), torch.tensor(lens) - 1]
-            lp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-            prompt_lps = [[None] + lp[i, : n - 1].tolist() for i, n in enumerate(lens)]
+            prompt_lps = []
+            for row, p in zip(logits, prompts, strict=True):
+                ids = torch.tensor(p[1:], device=device)[:, None]
+                lp = row[: len(p) - 1].log_softmax(-1).gather(-1, ids)[:, 0]
+                prompt_lps.append([None] + lp.tolist())
         else:
-            last = model(tokens, start_pos=0, output_index=torch.tensor(lens) - 1)[:, 0]
+            last = cached.prefill(prompts)
             prompt_lps = [None] * B
         pos = list(lens)
-        n_steps = 0
         while True:
             active = [i for i, row in enumerate(rows) if not row.finished]
             if not active:
@@ -417,21 +394,12 @@ def generate_steps(
             if all(row.finished for row in rows):
                 break
             # finished rows idle at their position (rewriting one harmless cache slot)
-            feed = [0 if row.finished else row.last_token for row in rows]
-            feed = torch.tensor(feed, device=device)[:, None]
-            start = torch.tensor(pos, device=device)
-            if compile:
-                # the graph was picked (and guarded) on the first step; later steps only
-                # change values
-                last = step(feed, start, max(pos) + 1, same_graph=n_steps > 0)[:, 0]
-            else:
-                last = step(feed, start_pos=start)[:, 0]
-            n_steps += 1
+            last = cached.decode([0 if row.finished else row.last_token for row in rows], pos)
             pos = [p + (not row.finished) for p, row in zip(pos, rows, strict=True)]
         if results is not None:
             results[:] = [row.completion(lens[i], prompt_lps[i]) for i, row in enumerate(rows)]
     finally:
-        model.clear_cache()
+        cached.close()
 
 
 def generate(

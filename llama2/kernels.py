@@ -375,7 +375,7 @@ def choose_compiled(
     w: torch.Tensor, working_set: int | None = None, scales: torch.Tensor | None = None
 ) -> str:
     """How a single row's product of the frozen weight `w` is written for torch.compile
-    (generation.compiled_forward): "reduction" (`reduction`) or, for an fp32 weight, "linear"
+    (generation.compiled_decode): "reduction" (`reduction`) or, for an fp32 weight, "linear"
     (F.linear, which inductor runs as MKL's GEMV on a prepacked copy), for an int8 weight
     with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered like
     the eager products, since the winner depends on the CPU (on an AMD EPYC Zen 4 the int8

@@ -11,11 +11,12 @@ halves rather than interleaved), so our on-disk HF checkpoints map without copyi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .kernels import Linear
@@ -58,9 +59,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
+Start = int | Tensor | None  # where a forward's tokens go in the cache: for all rows, or per row
+
+
+@dataclass(kw_only=True)
+class Context:
+    """What a forward needs beyond its tokens and start positions, built by the caller.
+
+    `segments` ([B, T] example ids, no cache): several examples packed in a row, each token
+    attending within its own example only, at positions counted from the example's start.
+    `slots` ([B], with a cache): the cache row of each batch row, so that sequences of a shared
+    cache run together whatever their rows. `kv_len` (with a cache): how many cache positions
+    attention reads, at least every row's last position + 1; without it, it is worked out from
+    the positions (a host sync), which are checked too. `output_index` ([B]): the one position
+    per row whose output is wanted, so the output head runs on one row per sequence."""
+
+    segments: torch.Tensor | None = None
+    slots: torch.Tensor | Sequence[int] | None = None
+    kv_len: int | None = None
+    output_index: torch.Tensor | None = None
+
+
 @dataclass
-class AttentionContext:
-    """Where this forward's tokens sit, worked out once for all layers."""
+class Layout:
+    """Where a forward's tokens sit, worked out once for all layers."""
 
     positions: torch.Tensor  # [B or 1, T]
     mask: torch.Tensor | None  # [B or 1, 1, T, keys] bool; None: causal over the fresh keys
@@ -69,7 +91,7 @@ class AttentionContext:
     start: int | None = None  # the rows' common first position, when known on the host
 
 
-def segment_context(segments: torch.Tensor) -> AttentionContext:
+def packed_layout(segments: torch.Tensor) -> Layout:
     """Attention for packed rows: causal within each run of equal segment ids, positions
     restarting at 0 for each run (so a packed example computes what it computes alone)."""
     B, T = segments.shape
@@ -79,7 +101,7 @@ def segment_context(segments: torch.Tensor) -> AttentionContext:
     starts = torch.where(new, idx, 0).cummax(dim=1).values
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     same = segments[:, :, None] == segments[:, None, :]
-    return AttentionContext(idx - starts, (same & causal)[:, None])
+    return Layout(idx - starts, (same & causal)[:, None])
 
 
 class KVCache(nn.Module):
@@ -104,34 +126,34 @@ class KVCache(nn.Module):
         # done with them before the next gathers), made on first use
         self.gathered = {} if gathered is None else gathered
 
-    def update(self, ctx: AttentionContext, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ([B, H, T, hd]) at the context's rows and positions; return those rows'
-        keys and values of the first ctx.kv_len positions."""
+    def update(self, at: Layout, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ([B, H, T, hd]) at the layout's rows and positions; return those rows'
+        keys and values of the first at.kv_len positions."""
         B, _, T, _ = k.shape
-        if ctx.start is not None and ctx.rows is None:  # a slice: cheaper than a scatter
-            self.k[:B, :, ctx.start : ctx.start + T] = k
-            self.v[:B, :, ctx.start : ctx.start + T] = v
+        if at.start is not None and at.rows is None:  # a slice: cheaper than a scatter
+            self.k[:B, :, at.start : at.start + T] = k
+            self.v[:B, :, at.start : at.start + T] = v
         else:
-            rows = torch.arange(B, device=k.device) if ctx.rows is None else ctx.rows
-            self.k[rows[:, None], :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[rows[:, None], :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
-        if ctx.rows is None:  # (a view, not a gather)
-            return self.k[:B, :, : ctx.kv_len], self.v[:B, :, : ctx.kv_len]
-        # index_select copies whole runs of kv_len * head_dim (about 3x faster here than
-        # advanced indexing, which a batched decode step pays in every layer), into buffers
-        # kept from step to step: fresh ones of a few MB each are new pages from the OS every
-        # layer (with glibc's malloc, 8 streams' decode step took 60-90 ms instead of 45-50)
-        return self._gather(self.k, ctx, "k"), self._gather(self.v, ctx, "v")
+            rows = torch.arange(B, device=k.device) if at.rows is None else at.rows
+            self.k[rows[:, None], :, at.positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows[:, None], :, at.positions] = v.transpose(1, 2).to(self.v.dtype)
+        if at.rows is None:  # (a view, not a gather)
+            return self.k[:B, :, : at.kv_len], self.v[:B, :, : at.kv_len]
+        # index_select copies whole runs of kv_len * head_dim (faster than advanced indexing,
+        # which a batched decode step pays in every layer), into buffers kept from step to
+        # step: fresh ones of a few MB each would be new pages from the OS, faulted in and
+        # zeroed, in every layer of every step
+        return self._gather(self.k, at, "k"), self._gather(self.v, at, "v")
 
-    def _gather(self, cache: torch.Tensor, ctx: AttentionContext, name: str) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, at: Layout, name: str) -> torch.Tensor:
         buf = self.gathered.get(name)
         if buf is None or buf.numel() < cache.numel() or buf.dtype != cache.dtype:
             buf = self.gathered[name] = torch.empty(
                 cache.numel(), dtype=cache.dtype, device=cache.device
             )
-        shape = (ctx.rows.numel(), cache.shape[1], ctx.kv_len, cache.shape[3])
+        shape = (at.rows.numel(), cache.shape[1], at.kv_len, cache.shape[3])
         out = buf[: math.prod(shape)].view(shape)
-        return torch.index_select(cache[:, :, : ctx.kv_len], 0, ctx.rows, out=out)
+        return torch.index_select(cache[:, :, : at.kv_len], 0, at.rows, out=out)
 
 
 class Attention(nn.Module):
@@ -144,20 +166,20 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, ctx: AttentionContext):
+    def forward(self, x, cos, sin, at: Layout):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
-            cached_k, cached_v = self.cache.update(ctx, k, v)
-            if ctx.mask is not None:  # (a prefill from position 0 needs only its fresh keys)
+            cached_k, cached_v = self.cache.update(at, k, v)
+            if at.mask is not None:  # (a prefill from position 0 needs only its fresh keys)
                 k, v = cached_k.to(q.dtype), cached_v.to(q.dtype)
         if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves n_rep q heads
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, ctx.mask, is_causal=ctx.mask is None)
+        out = F.scaled_dot_product_attention(q, k, v, at.mask, is_causal=at.mask is None)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -180,8 +202,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, ctx: AttentionContext):
-        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+    def forward(self, x, cos, sin, at: Layout):
+        h = x + self.attention(self.attention_norm(x), cos, sin, at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -252,34 +274,24 @@ class Transformer(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int | torch.Tensor | None = None,
-        output_index: torch.Tensor | None = None,
-        segments: torch.Tensor | None = None,
-        slots: list[int] | torch.Tensor | None = None,
-        kv_len: int | None = None,
-        head: bool = True,
-    ) -> torch.Tensor:
-        """tokens [B, T] -> float32 logits [B, T, vocab] (with `head=False`: the final normed
-        hidden states [B, T, dim], for a caller that applies the output head itself).
+        self, tokens: Tensor, start_pos: Start = None, ctx: Context | None = None
+    ) -> Tensor:
+        """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with ctx.output_index).
 
         Without a cache, a plain causal pass over the whole sequence (training). With one,
         `start_pos` (an int, or a [B] tensor of per-row offsets) says where each row's tokens go;
-        each query sees the cached keys at positions up to its own. `output_index` ([B]) asks
-        for the logits of one position per row only ([B, 1, vocab]), sparing the output head.
-        `segments` ([B, T] example ids, no cache) packs several examples in a row: each token
-        attends within its own example only, at positions counted from the example's start.
-        `slots` (with a cache) names the cache row of each batch row: requests of a shared
-        cache run together whatever their rows (continuous batching). `kv_len` (with a cache)
-        is how many cache positions attention reads, at least every row's last position + 1;
-        without it, it is worked out from the positions (a host sync), which are checked too.
-        """
+        each query sees the cached keys at positions up to its own. `ctx`: see Context."""
+        return self.output(self.hidden(tokens, start_pos, ctx)).float()
+
+    def hidden(self, tokens: Tensor, start_pos: Start = None, ctx: Context | None = None) -> Tensor:
+        """The final normed hidden states [B, T, dim] that `forward` applies the output head to
+        (for a caller that applies the head itself)."""
+        ctx = ctx or Context()
         B, T = tokens.shape
         device = tokens.device
         h = self.tok_embeddings(tokens).to(self.compute_dtype)
         if self.layers[0].attention.cache is not None:
-            ctx = self._cache_context(B, T, start_pos, device, slots, kv_len)
+            at = self._cache_layout(B, T, start_pos, device, ctx.slots, ctx.kv_len)
         else:
             if start_pos is not None and bool(torch.as_tensor(start_pos).ne(0).any()):
                 raise ValueError("start_pos needs a KV cache (call setup_cache first)")
@@ -287,20 +299,18 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}"
                 )
-            if segments is not None:
-                ctx = segment_context(segments.to(device))
+            if ctx.segments is not None:
+                at = packed_layout(ctx.segments.to(device))
             else:
-                ctx = AttentionContext(torch.arange(T, device=device)[None], None)
-        cos, sin = rope_cos_sin(self.config, ctx.positions)
+                at = Layout(torch.arange(T, device=device)[None], None)
+        cos, sin = rope_cos_sin(self.config, at.positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        if output_index is not None:
-            h = h[torch.arange(B, device=h.device), output_index.to(h.device)][:, None]
-        if not head:
-            return self.norm(h)
-        return self.output(self.norm(h)).float()
+            h = layer(h, cos, sin, at)
+        if ctx.output_index is not None:
+            h = h[torch.arange(B, device=h.device), ctx.output_index.to(h.device)][:, None]
+        return self.norm(h)
 
-    def _cache_context(self, B, T, start_pos, device, slots, kv_len) -> AttentionContext:
+    def _cache_layout(self, B, T, start_pos, device, slots, kv_len) -> Layout:
         """Positions per row from `start_pos`, and a mask from the positions: each query sees
         the cached keys at positions up to its own."""
         if start_pos is None:
@@ -310,7 +320,7 @@ class Transformer(nn.Module):
             # a prefill from position 0: plain causal attention over the fresh keys
             if T > self.cache_len:
                 raise ValueError(f"position {T - 1} is past the KV cache length {self.cache_len}")
-            return AttentionContext(torch.arange(T, device=device)[None], None, T, rows, 0)
+            return Layout(torch.arange(T, device=device)[None], None, T, rows, 0)
         start = torch.as_tensor(start_pos, device=device).reshape(-1, 1)
         if start.shape[0] not in (1, B):
             raise ValueError(f"start_pos has {start.shape[0]} entries for a batch of {B}")
@@ -326,4 +336,4 @@ class Transformer(nn.Module):
                     f"position {kv_len - 1} is past the KV cache length {self.cache_len}"
                 )
         mask = (torch.arange(kv_len, device=device) <= positions[:, :, None])[:, None]
-        return AttentionContext(positions, mask, kv_len, rows, common)
+        return Layout(positions, mask, kv_len, rows, common)

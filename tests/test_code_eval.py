@@ -158,11 +158,12 @@ class Scripted(Transformer):
     script: list[int] = []
     prompt_len = 0
 
-    def forward(self, tokens, start_pos=None, output_index=None):
+    def forward(self, tokens, start_pos=None, ctx=None):
         B, T = tokens.shape
         pos = torch.as_tensor(0 if start_pos is None else start_pos).expand(B)
-        if output_index is not None:  # prefill: the last prompt token's logits
-            pos = pos + torch.as_tensor(output_index).expand(B)
+        index = None if ctx is None else ctx.output_index
+        if index is not None:  # prefill: the last prompt token's logits
+            pos = pos + torch.as_tensor(index).expand(B)
         else:
             pos = pos + T - 1
         logits = torch.full((B, 1, self.config.vocab_size), -1e4)

@@ -117,8 +117,8 @@ class _EndsAfter(Transformer):
 
     prompt_len = 0
 
-    def forward(self, tokens, start_pos=None, output_index=None):
-        logits = super().forward(tokens, start_pos, output_index)
+    def forward(self, tokens, start_pos=None, ctx=None):
+        logits = super().forward(tokens, start_pos, ctx)
         pos = torch.as_tensor(start_pos).max() + tokens.shape[1]
         if pos >= self.prompt_len + 5:
             logits[..., 32010] = 1e4

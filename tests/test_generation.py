@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama2 import Llama, SamplingParams, Transformer, get_preset
-from llama2.generation import TextStream, generate, sample, stream
+from llama2.generation import TextStream, generate, stream
+from llama2.sampling import sample
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     from llama2 import kernels
 
     monkeypatch.setattr(kernels, "choose_compiled", lambda *a: form)
-    model, tok = copy.deepcopy(llm.model), llm.tokenizer  # (compiled_forward keeps its graph)
+    model, tok = copy.deepcopy(llm.model), llm.tokenizer  # (compiled_decode keeps its graph)
     prompts = [tok.encode("import os", bos=True), tok.encode("def f(x):\n    return", bos=True)]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager = generate(model, tok, prompts, params)

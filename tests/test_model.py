@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llama2 import ModelConfig, Transformer, get_preset
+from llama2.model import Context
 
 CONFIGS = {
     "multi-head": ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=32),
@@ -42,6 +43,7 @@ def test_logits_match_transformers(name):
         full = ours(tokens)
         assert full.dtype == torch.float32 and full.shape == (2, 37, cfg.vocab_size)
         assert (full - expected).abs().max() < 1e-4
+        assert torch.equal(ours.output(ours.hidden(tokens)).float(), full)  # forward = head(hidden)
 
         # token by token through the KV cache, after a 5-token prefill
         ours.setup_cache(batch_size=2, max_seq_len=64)
@@ -85,12 +87,12 @@ def test_rows_in_chosen_cache_slots_match_separate_runs():
         refs = [model(s)[0, -2:] for s in seqs]  # the last two positions' logits
         model.setup_cache(batch_size=4, max_seq_len=16)
         for s, slot in zip(seqs, slots, strict=True):
-            model(s[:, :-2], start_pos=0, slots=[slot])
+            model(s[:, :-2], 0, Context(slots=[slot]))
         buffers = []
         for step in (2, 1):  # two decode steps, all three rows together
             tokens = torch.cat([s[:, -step : s.shape[1] - step + 1] for s in seqs])
             start = torch.tensor([s.shape[1] - step for s in seqs])
-            out = model(tokens, start_pos=start, slots=slots)[:, 0]
+            out = model(tokens, start, Context(slots=slots))[:, 0]
             for row, ref in enumerate(refs):
                 assert (out[row] - ref[2 - step]).abs().max() < 1e-4
             buffers.append({k: b.data_ptr() for k, b in model.kv_caches[0].gathered.items()})

@@ -9,7 +9,8 @@ import torch
 
 from llama2 import Transformer, get_preset
 from llama2.generation import SamplingParams, generate
-from llama2.serve.engine import Engine, Failure, Histogram, Request
+from llama2.serve.engine import Engine, Failure, Request
+from llama2.serve.metrics import Histogram
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +255,8 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer)
     widths = []  # rows of each compiled decode step: the slots up to the highest one running
 
     def counted(eng):
-        step = eng._compiled
-        eng._compiled = lambda tokens, *rest: widths.append(len(tokens)) or step(tokens, *rest)
+        step = eng.step.decode
+        eng.step.decode = lambda tokens, *rest: widths.append(len(tokens)) or step(tokens, *rest)
         return eng
 
     try:

@@ -6,6 +6,7 @@ import torch
 from llama2 import Transformer, get_preset
 from llama2.data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
 from llama2.formats import DialogError
+from llama2.model import Context
 
 DIALOG = [
     {"role": "system", "content": "Be brief."},
@@ -64,7 +65,7 @@ def test_packed_examples_never_attend_across_their_boundary(llama2_tokenizer):
     inputs, targets, segments = pack(examples, seq_len=100)
     assert inputs.shape[0] == 1 and set(segments[0].tolist()) == {0, 1, 2, 3}  # 3 + padding
     with torch.no_grad():
-        packed = model(inputs, segments=segments)[0]
+        packed = model(inputs, None, Context(segments=segments))[0]
         pos = 0
         for ids, _ in examples:
             alone = model(torch.tensor([ids]))[0]

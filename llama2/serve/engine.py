@@ -6,10 +6,8 @@ One thread owns the model and a KV cache of `max_batch` slots. Each iteration it
    already computed (every chat request of an application starts with the same system prompt)
    takes their keys and values instead of recomputing them (prefix caching; positions depend
    only on the tokens before them), from whichever holds the most of them: a free slot (it
-   keeps the last request it held), a busy slot (copied), or the prefix pool, a bounded store
-   of the prompts' whole 16-token blocks keyed by the hash of all tokens up to the block's
-   end and evicted least recently used first (copied; so that several system prompts that
-   alternate over fewer slots all stay cached);
+   keeps the last request it held), a busy slot (copied), or the prefix pool (prefix.py:
+   copied; so that several system prompts that alternate over fewer slots all stay cached);
 2. prefills up to `prefill_chunk` prompt tokens of the admitted requests in one batched forward
    (shortest first): requests that arrive together share it, and a long prompt is spread over
    several iterations (chunked prefill) so that the running streams keep decoding between its
@@ -27,19 +25,20 @@ counts it for /health.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 import traceback
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import RowDecoder, SamplingParams, compiled_forward, setup_static_cache
+from ..generation import CachedModel, RowDecoder, SamplingParams
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .metrics import Stats
+from .prefix import PREFIX_BLOCK, PrefixPool
 
 
 class QueueFull(Exception):
@@ -85,160 +84,6 @@ class _Seq:
         return self.decoder is not None
 
 
-PREFIX_BLOCK = 16  # tokens per block of the prefix pool
-
-
-class PrefixPool:
-    """Keys and values of prompt prefixes in whole blocks of PREFIX_BLOCK tokens, at most
-    `n_blocks` of them (bounded memory), shared by every slot. A block is found by the hash of
-    its tokens and of its parent block's key (so one key stands for all tokens up to the
-    block's end) and checked against both; the least recently used block goes first when
-    the pool is full, and a lookup touches a chain from its end back to its start, so a
-    prefix outlives the blocks that continue it."""
-
-    def __init__(self, caches: Sequence, n_blocks: int, block: int = PREFIX_BLOCK):
-        if n_blocks < 1:
-            raise ValueError(f"the prefix pool needs at least 1 block, got {n_blocks}")
-        _, heads, _, head_dim = caches[0].k.shape
-        like = caches[0].k
-        shape = (n_blocks, heads, block, head_dim)
-        self.k = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in caches]
-        self.v = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in caches]
-        self.block = block
-        # key -> (block index, parent key, the block's tokens), least recently used first
-        self.entries: OrderedDict[int, tuple[int, int, tuple[int, ...]]] = OrderedDict()
-        self.free = list(range(n_blocks))
-        self.evictions = 0
-        self.hit_tokens = 0  # prompt tokens taken from the pool
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def _chain(self, tokens: Sequence[int], n: int) -> list[tuple[int, int, tuple[int, ...]]]:
-        """(key, parent key, tokens) of the first n whole blocks."""
-        out, parent, b = [], 0, self.block
-        for i in range(n):
-            t = tuple(tokens[i * b : (i + 1) * b])
-            key = hash((parent, t))
-            out.append((key, parent, t))
-            parent = key
-        return out
-
-    def _held(self, key: int, parent: int, t: tuple[int, ...]) -> bool:
-        e = self.entries.get(key)
-        return e is not None and e[1] == parent and e[2] == t
-
-    def _touch(self, keys: list[int]) -> None:
-        for key in reversed(keys):  # the chain's start ends up the most recently used
-            self.entries.move_to_end(key)
-
-    def lookup(self, tokens: Sequence[int], limit: int) -> list[int]:
-        """Block indices of the longest pooled prefix of tokens[:limit] (whole blocks)."""
-        keys = []
-        for key, parent, t in self._chain(tokens, limit // self.block):
-            if not self._held(key, parent, t):
-                break
-            keys.append(key)
-        self._touch(keys)
-        return [self.entries[k][0] for k in keys]
-
-    def load(self, caches: Sequence, slot: int, blocks: list[int]) -> None:
-        """Copy pooled blocks into positions 0.. of a slot's cache rows."""
-        n, idx = len(blocks) * self.block, torch.tensor(blocks, device=self.k[0].device)
-        for cache, k, v in zip(caches, self.k, self.v, strict=True):
-            # [blocks, H, block, hd] -> [H, blocks * block, hd]
-            cache.k[slot, :, :n] = k[idx].transpose(0, 1).flatten(1, 2)
-            cache.v[slot, :, :n] = v[idx].transpose(0, 1).flatten(1, 2)
-        self.hit_tokens += n
-
-    def store(self, caches: Sequence, slot: int, tokens: Sequence[int]) -> None:
-        """Pool the whole blocks of `tokens`, which the slot's cache rows hold from position 0
-        (those pooled already are only touched)."""
-        chain = self._chain(tokens, len(tokens) // self.block)
-        held = [key for key, parent, t in chain if self._held(key, parent, t)]
-        self._touch(held)  # (so that storing the rest does not evict them)
-        ours = set(held)
-        for i, (key, parent, t) in enumerate(chain):
-            if key in ours:
-                continue
-            if key in self.entries:  # a hash shared with other tokens: keep what is there
-                break
-            if not self.free:
-                lru = next(iter(self.entries))
-                if lru in ours:  # the pool holds nothing but this prompt
-                    break
-                self.free.append(self.entries.pop(lru)[0])
-                self.evictions += 1
-            index = self.free.pop()
-            lo = i * self.block
-            for cache, k, v in zip(caches, self.k, self.v, strict=True):
-                k[index] = cache.k[slot, :, lo : lo + self.block]
-                v[index] = cache.v[slot, :, lo : lo + self.block]
-            self.entries[key] = (index, parent, t)
-            ours.add(key)
-        self._touch([key for key, _, _ in chain if key in ours])
-
-
-class Histogram:
-    """A Prometheus histogram: counts per upper bound, a sum and a count (memory does not grow
-    with the observations)."""
-
-    def __init__(self, buckets: Iterable[float]):
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one: above every bound (+Inf)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def quantile(self, q: float) -> float:
-        """The upper bound of the bucket holding the q-quantile (inf past the last bound)."""
-        if not self.count:
-            return float("nan")
-        seen = 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            seen += n
-            if seen >= q * self.count:
-                return bound
-        return float("inf")
-
-    def render(self, name: str) -> list[str]:
-        lines, seen = [], 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            seen += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{name}_bucket{{le="{le}"}} {seen}')
-        return lines + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
-
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
-TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
-
-
-class Stats:
-    """Counters and histograms for /metrics (Prometheus); bounded memory."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests = 0
-        self.prompt_tokens = 0
-        self.cached_prompt_tokens = 0  # prompt tokens taken from the prefix cache
-        self.generated_tokens = 0
-        self.failed_requests = 0
-        self.engine_errors = 0  # exceptions caught inside the engine
-        self.last_error: str | None = None
-        self.ttft = Histogram(LATENCY_BUCKETS)
-        self.itl = Histogram(TOKEN_BUCKETS)
-        self.e2e = Histogram(LATENCY_BUCKETS)
-
-    def observe(self, name: str, value: float) -> None:
-        with self.lock:
-            getattr(self, name).observe(value)
-
-
 class Engine:
     def __init__(
         self,
@@ -262,12 +107,8 @@ class Engine:
         self.prefill_chunk, self.prefix_cache, self.compile = prefill_chunk, prefix_cache, compile
         self.context = model.config.max_seq_len
         self.device = model.tok_embeddings.weight.device
-        if compile:  # the compiled decode step reads the cache rows of every slot
-            setup_static_cache(model, max_batch, self.context)
-            self._compiled = compiled_forward(model)
-        else:
-            model.setup_cache(max_batch, self.context)
-        self.caches = model.kv_caches
+        self.step = CachedModel(model, max_batch, self.context, compile)
+        self.caches = self.step.caches
         if prefix_pool_blocks is None:
             prefix_pool_blocks = 2 * self.context // PREFIX_BLOCK
         self.pool = None
@@ -419,9 +260,7 @@ class Engine:
                     reuse = from_pool
                 else:
                     reuse = from_busy
-                    for cache in self.caches:
-                        cache.k[slot, :, :reuse] = cache.k[source, :, :reuse]
-                        cache.v[slot, :, :reuse] = cache.v[source, :, :reuse]
+                    self.step.copy(source, slot, reuse)
             self.free.remove(slot)
         self.slot_tokens[slot] = prompt[:reuse]
         with self.stats.lock:
@@ -463,19 +302,12 @@ class Engine:
             self._prefill(group)
 
     def _prefill(self, group: list[tuple[_Seq, int]]) -> None:
-        width = max(n for _, n in group)
-        tokens = torch.zeros(len(group), width, dtype=torch.long)
-        for i, (s, n) in enumerate(group):
-            tokens[i, :n] = torch.tensor(s.req.prompt[s.pos : s.pos + n])
-        starts = [s.pos for s, _ in group]
         try:
-            logits = self.model(
-                tokens.to(self.device),
-                # all from 0: plain causal attention over the fresh keys (the library's prefill)
-                start_pos=0 if not any(starts) else torch.tensor(starts, device=self.device),
-                slots=[s.slot for s, _ in group],
-                output_index=torch.tensor([n - 1 for _, n in group], device=self.device),
-            )[:, 0]
+            logits = self.step.prefill(
+                [s.req.prompt[s.pos : s.pos + n] for s, n in group],
+                [s.pos for s, _ in group],
+                [s.slot for s, _ in group],
+            )
         except Exception as e:
             self._record(e)
             for s, _ in group:
@@ -524,8 +356,7 @@ class Engine:
             try:
                 out = s.decoder.step(s.logits)
                 if out.token_id is not None:
-                    first = len(s.decoder.stream.ids) == 1
-                    if first:
+                    if len(s.decoder.stream.ids) == 1:  # the first token
                         self.stats.observe("ttft", now - s.req.submitted)
                     else:
                         self.stats.observe("itl", now - s.last_token_time)
@@ -560,29 +391,20 @@ class Engine:
         """One token per running request -> next-token logits [B, V]."""
         rows = self.running
         if not self.compile:
-            tokens = torch.tensor(fed, device=self.device)[:, None]
-            start = torch.tensor([s.pos for s in rows], device=self.device)
-            return self.model(tokens, start_pos=start, slots=[s.slot for s in rows])[:, 0]
+            return self.step.decode(fed, [s.pos for s in rows], [s.slot for s in rows])
         # The compiled step runs the first `width` slots, a power of two (few graphs) that
         # covers every running slot (slots are taken lowest first): one stream runs one row,
         # not max_batch. An idle slot among them feeds a token at the first position past
         # what it holds, which nothing reads.
-        width = 1
-        while width <= max(s.slot for s in rows):
-            width *= 2
-        width = min(width, self.max_batch)
-        tokens = torch.zeros(width, 1, dtype=torch.long)
-        start = torch.zeros(width, dtype=torch.long)
-        for slot in range(width):
-            held = self.slot_tokens[slot]
+        width = min(1 << max(s.slot for s in rows).bit_length(), self.max_batch)
+        tokens, start = [0] * width, []
+        for held in self.slot_tokens[:width]:
             if len(held) >= self.context:  # no position past it: give up its last one
                 del held[-1]
-            start[slot] = len(held)
+            start.append(len(held))
         for s, token in zip(rows, fed, strict=True):
-            tokens[s.slot, 0], start[s.slot] = token, s.pos
-        kv_len = max(s.pos for s in rows) + 1
-        kv_len = max(kv_len, int(start.max()) + 1)
-        logits = self._compiled(tokens.to(self.device), start.to(self.device), kv_len)[:, 0]
+            tokens[s.slot], start[s.slot] = token, s.pos
+        logits = self.step.decode(tokens, start)
         return logits[torch.tensor([s.slot for s in rows], device=self.device)]
 
     # --- endings -------------------------------------------------------------------------------

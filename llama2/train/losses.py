@@ -7,6 +7,7 @@ its docstring says otherwise, so that each can be checked against numbers worked
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from ..data.preferences import RATINGS
 from ..kernels import Linear
+from ..model import Context
 
 CE_CHUNK_ROWS = 256  # rows of logits per chunk: 32 MB of fp32 at a 32,000-token vocabulary
 
@@ -30,10 +32,10 @@ def next_token_cross_entropy(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = -100,
-    **kw,
+    ctx: Context | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `targets` ([B, T]; `ignore_index` carries no loss) under the model's
-    logits for `inputs` (`kw`: the model's other forward arguments). On a CPU, for a plain
+    logits for `inputs` (`ctx`: the model's Context, e.g. packed segments). On a CPU, for a plain
     output head, the head and the loss are computed together in chunks of rows
     (`OutputCrossEntropy`); otherwise (FSDP, LoRA or quantized heads, accelerators) from the
     model's logits."""
@@ -47,13 +49,27 @@ def next_token_cross_entropy(
         and not type(model_).__name__.startswith("FSDP")
     )
     if not fused:
-        logits = model(inputs, **kw)
+        logits = model(inputs, None, ctx)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-    hidden = model(inputs, head=False, **kw)
+    hidden = _hidden_states(model)(inputs, None, ctx)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
     return OutputCrossEntropy.apply(
         hidden.flatten(0, 1), w, targets.flatten().to(hidden.device), ignore_index, dtype
     )
+
+
+_compiled_hidden: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hidden_states(model: torch.nn.Module):
+    """The model's `hidden` method, compiled when the model is (torch.compile compiles
+    `forward` only)."""
+    inner = getattr(model, "_orig_mod", None)
+    if inner is None:
+        return model.hidden
+    if model not in _compiled_hidden:
+        _compiled_hidden[model] = torch.compile(inner.hidden)
+    return _compiled_hidden[model]
 
 
 _scratch_tensors: dict[tuple, torch.Tensor] = {}
@@ -63,8 +79,7 @@ def _scratch(name: str, shape: Sequence[int], dtype: torch.dtype, device) -> tor
     """A scratch tensor kept from one call to the next (one per name, dtype and device; the
     memory a step needs anyway, held between steps). A tensor of tens of MB made afresh is new
     pages from the OS at every step (malloc maps allocations this large and unmaps them when
-    freed), each faulted in and zeroed: in a bf16 step of tiny-15m the head's copies took 4x
-    as long as the same copies into memory already touched."""
+    freed), each faulted in and zeroed, which costs more than the copies into them."""
     n, key = math.prod(shape), (name, dtype, torch.device(device))
     buf = _scratch_tensors.get(key)
     if buf is None or buf.numel() < n:
@@ -78,11 +93,9 @@ class OutputCrossEntropy(torch.autograd.Function):
     (the autocast dtype, as F.linear under autocast makes them), taken to fp32, turned into the
     loss and the softmax gradient in place while they sit in the cache, and multiplied back
     into the gradients of the hidden states and the weight. The full [tokens, vocab] fp32 logits,
-    their copies between dtypes and their softmax are never in memory: on a 2-core Intel Xeon
-    (Emerald Rapids), tiny-15m's head and loss for 8 x 256 tokens, forward and backward, took
-    400 ms instead of 895 in bf16 and 616 instead of 1,038 in fp32 (best of 4, in turns,
-    `F.linear` + `F.cross_entropy` the other way). Without autograd (an
-    evaluation) only the loss is computed."""
+    their copies between dtypes and their softmax are never in memory, so on a CPU the head
+    and the loss, forward and backward, take well under the time of `F.linear` +
+    `F.cross_entropy`. Without autograd (an evaluation) only the loss is computed."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index: int, dtype: torch.dtype):
@@ -137,8 +150,8 @@ class OutputCrossEntropy(torch.autograd.Function):
                 if want_w and wide:
                     grad_w.addmm_(g.t(), h)
             if kept is not None:
-                # (as G^T @ h, whose result lies as the weight does: h^T @ G and a transposed
-                # copy took 105-121 ms against 76-106 here, tiny-15m on an Emerald Rapids Xeon)
+                # (as G^T @ h, whose result lies as the weight does: h^T @ G would need a
+                # transposed copy)
                 grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
                 product = _scratch("product", weight.shape, dtype, device)
                 grad_w.copy_(torch.mm(kept.t(), hd, out=product))
@@ -152,8 +165,8 @@ class OutputCrossEntropy(torch.autograd.Function):
             raise RuntimeError("OutputCrossEntropy: its backward runs once (retain_graph=False)")
         (grad_h, grad_w), scale = ctx.grads, grad_out / ctx.n
         ctx.grads = None
-        # in place: the gradients were made for this call alone (a fresh 37 MB product of
-        # tiny-15m's head is new pages again)
+        # in place: the gradients were made for this call alone (a fresh product the size of
+        # the head would be new pages again)
         if grad_h is not None:
             grad_h = grad_h.mul_(scale.to(grad_h.dtype))
         if grad_w is not None:

@@ -18,6 +18,7 @@ from ..data.sft import encode_for_training
 from ..data.split import split_held_out
 from ..kernels import Linear
 from ..llm import load
+from ..model import Context
 from .config import RewardConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
 from .losses import MARGINS, ranking_loss
@@ -25,7 +26,7 @@ from .losses import MARGINS, ranking_loss
 
 def scores(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Each row's score at its last token: [B]."""
-    return model(tokens, output_index=lengths - 1)[:, 0, 0].float()
+    return model(tokens, None, Context(output_index=lengths - 1))[:, 0, 0].float()
 
 
 def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

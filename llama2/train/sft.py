@@ -16,6 +16,7 @@ from ..checkpoint import save_hf
 from ..data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
 from ..data.split import split_held_out
 from ..llm import load
+from ..model import Context
 from .config import SFTConfig
 from .loop import Dist, Stage, epoch_indices, held_out_chunks, train
 from .losses import next_token_cross_entropy
@@ -23,7 +24,7 @@ from .losses import next_token_cross_entropy
 
 def packed_loss(model, batch) -> torch.Tensor:
     inputs, targets, segments = batch
-    return next_token_cross_entropy(model, inputs, targets, IGNORE, segments=segments)
+    return next_token_cross_entropy(model, inputs, targets, IGNORE, Context(segments=segments))
 
 
 def build_sft(cfg: SFTConfig, device: torch.device, d: Dist, encode=encode_for_training) -> Stage:
