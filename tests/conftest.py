@@ -14,6 +14,40 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("LLAMA2_KERNEL_CACHE", str(Path(tempfile.mkdtemp()) / "kernels.json"))
 
 
+def property_settings(max_examples: int):
+    """Hypothesis settings for property tests that take pytest fixtures: no deadline (a CPU
+    shared with other jobs), no example database (nothing written under the checkout)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+def micro_model(tokenizer, out: Path) -> Path:
+    """A random micro model (seed 0) saved as an HF directory."""
+    from llama2 import Transformer, get_preset, save_hf
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro")
+    return save_hf(out, cfg, Transformer(cfg).state_dict(), tokenizer)
+
+
+def micro_policy_and_reward_model(tokenizer, d: Path, policy: str = "policy") -> tuple[Path, Path]:
+    """A random micro policy (d/policy) and a random micro reward model with a scalar head
+    (d/rm)."""
+    from llama2 import Transformer, get_preset, save_hf
+
+    policy = micro_model(tokenizer, d / policy)
+    cfg = get_preset("micro")
+    rm = Transformer(cfg)
+    rm.output = torch.nn.Linear(cfg.dim, 1, bias=False)
+    return policy, save_hf(d / "rm", cfg, rm.state_dict(), tokenizer, head="score")
+
+
 def hf_model(config, state_dict):
     """transformers' LlamaForCausalLM holding the same weights (fp32, eager attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -67,15 +101,8 @@ def trained(small_tokenizer):
     ids = small_tokenizer.encode((FIXTURES / "corpus.txt").read_text())
     split = int(len(ids) * 0.9)
     train, held_out = torch.tensor(ids[:split]), ids[split:]
-    cfg = ModelConfig(
-        dim=128,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=512,
-        multiple_of=32,
-        max_seq_len=256,
-    )
+    shape = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
+    cfg = ModelConfig(**shape, vocab_size=512, multiple_of=32, max_seq_len=256)
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -100,15 +127,8 @@ def stage_inputs(small_tokenizer, tmp_path_factory):
     import json
     from types import SimpleNamespace
 
-    from llama2 import Transformer, get_preset, save_hf
-
     d = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    model = save_hf(d / "model", cfg, Transformer(cfg).state_dict(), small_tokenizer)
-    rm_model = Transformer(cfg)
-    rm_model.output = torch.nn.Linear(cfg.dim, 1, bias=False)
-    rm = save_hf(d / "rm", cfg, rm_model.state_dict(), small_tokenizer, head="score")
+    model, rm = micro_policy_and_reward_model(small_tokenizer, d, policy="model")
 
     def jsonl(name, rows):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

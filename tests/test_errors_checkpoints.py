@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from conftest import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from llama2 import Transformer, get_preset
@@ -20,12 +21,7 @@ from llama2.checkpoint import describe, read_checkpoint, save_gguf, save_meta
 from llama2.config import load_config_file
 from llama2.gguf_format import GGMLType, T, read_gguf, write_gguf
 
-PROPERTY = settings(
-    max_examples=80,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+PROPERTY = property_settings(80)
 
 
 def hf_copy(inputs, tmp_path: Path) -> Path:

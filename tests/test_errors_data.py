@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from conftest import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from llama2.data.gatt import read_turns
@@ -204,12 +205,7 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-PROPERTY = settings(
-    max_examples=60,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+PROPERTY = property_settings(60)
 
 
 def _read(reader, path: Path) -> None:

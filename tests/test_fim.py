@@ -2,15 +2,14 @@
 encoder, the transform's draws, batches, and a FIM run killed and resumed."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import FIXTURES
+from test_train import _kill_after, _metrics, _pretrain
 
 from llama2.data import PackedShards, prepare_corpus
 from llama2.data.fim import FimTransform, fim_ids
@@ -152,23 +151,6 @@ def test_a_tokenizer_without_infilling_pieces_is_refused(small_tokenizer, tmp_pa
     assert "fim_rate must be in [0, 1]" in capsys.readouterr().err
 
 
-def _pretrain(out, args, resume=False, wait=True):
-    cmd = [sys.executable, "-m", "llama2.cli", "pretrain", "--out", str(out), *args]
-    cmd += ["--resume"] if resume else []
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return p
-    output, _ = p.communicate(timeout=1200)  # a guard against a hang, not a speed check
-    assert p.returncode == 0, output[-3000:]
-    return output
-
-
-def _metrics(out):
-    import json
-
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_killed_fim_run_resumes_bit_for_bit(fim_shards, tmp_path):
     args = [
         f"data={fim_shards}",
@@ -189,15 +171,7 @@ def test_killed_fim_run_resumes_bit_for_bit(fim_shards, tmp_path):
     _pretrain(tmp_path / "ref", args)
     ref = _metrics(tmp_path / "ref")
     p = _pretrain(tmp_path / "run", args, wait=False)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it between two checkpoints
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    done = [m["step"] for m in _metrics(tmp_path / "run")]
+    done = _kill_after(p, tmp_path / "run", rows=10)  # between two checkpoints
     assert 9 <= done[-1] < 24, "the run was not killed mid-way"
     assert "resuming from" in _pretrain(tmp_path / "run", args, resume=True)
     after = _metrics(tmp_path / "run")

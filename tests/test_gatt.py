@@ -86,21 +86,12 @@ def test_gatt_stage_end_to_end(small_tokenizer, tmp_path):
         {"turns": ["Hello", "Why?"], "instruction": RULE},
     ] * 3
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [
-        f"init_from={base}",
-        f"data={data}",
-        "epochs=2",
-        "batch_size=2",
-        "seq_len=128",
-        "lr=1e-3",
-        "warmup_steps=1",
-        "ckpt_every=4",
-        "eval_every=4",
-        "threads=1",
-        "max_new_tokens=5",
-        "temperature=0.8",
-        "keep_adherent=false",  # a random model honours nothing; the filter: the next test
-    ]
+    # keep_adherent=false: a random model honours nothing (the next test checks the filter)
+    settings = (
+        "epochs=2 batch_size=2 seq_len=128 lr=1e-3 warmup_steps=1 ckpt_every=4 eval_every=4 "
+        "threads=1 max_new_tokens=5 temperature=0.8 keep_adherent=false"
+    )
+    overrides = [f"init_from={base}", f"data={data}", *settings.split()]
     cfg = load_train_config(None, overrides, stage="gatt")
     report = gatt(cfg, tmp_path / "run")
     train_rows = (tmp_path / "run" / "train.jsonl").read_text().splitlines()

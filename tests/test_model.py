@@ -9,6 +9,7 @@ CONFIGS = {
     "grouped-query": ModelConfig(
         dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=160, multiple_of=16
     ),
+    # fmt: off
     "ffn-multiplier-theta-1e6": ModelConfig(
         dim=128,
         n_layers=2,
@@ -19,6 +20,7 @@ CONFIGS = {
         ffn_dim_multiplier=1.3,
         rope_theta=1e6,
     ),
+    # fmt: on
     "linear-rope-scaling": ModelConfig(
         dim=64, n_layers=2, n_heads=2, vocab_size=90, multiple_of=32, rope_scaling=4.0
     ),

@@ -3,8 +3,9 @@ import math
 
 import pytest
 import torch
+from conftest import micro_model, micro_policy_and_reward_model
 
-from llama2 import Transformer, get_preset, load, save_hf
+from llama2 import get_preset, load, save_hf
 from llama2.data.preferences import read_preferences
 from llama2.data.sft import encode_for_training
 from llama2.formats import DialogError
@@ -38,9 +39,7 @@ TOPICS = [
 def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tokenizer, tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     ratings = ["significantly_better", "better", "slightly_better", "negligibly_better"]
     rows = [
         {
@@ -53,19 +52,11 @@ def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tok
     ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [
-        f"init_from={base}",
-        f"data={data}",
-        "steps=40",
-        "batch_size=8",
-        "seq_len=64",
-        "lr=3e-3",
-        "warmup_steps=4",
-        "eval_every=20",
-        "ckpt_every=40",
-        "threads=1",
-        "margin=small",
-    ]
+    settings = (
+        "steps=40 batch_size=8 seq_len=64 lr=3e-3 warmup_steps=4 eval_every=20 ckpt_every=40 "
+        "threads=1 margin=small"
+    )
+    overrides = [f"init_from={base}", f"data={data}", *settings.split()]
     metrics = reward(load_train_config(None, overrides, stage="reward"), tmp_path / "rm")
     # held out: every 10th pair (6 of 60); step 0: their accuracy before training
     assert metrics[0]["step"] == 0 and "val_accuracy" in metrics[0]
@@ -74,7 +65,7 @@ def test_reward_model_learns_separable_pairs_and_loads_in_transformers(small_tok
     assert not any("val_ppl" in m for m in metrics)  # exp of a ranking loss means nothing
 
     rm = load(tmp_path / "rm" / "model")
-    assert rm.head == "score" and rm.model.output.weight.shape == (1, cfg.dim)
+    assert rm.head == "score" and rm.model.output.weight.shape == (1, get_preset("micro").dim)
     theirs = LlamaForSequenceClassification.from_pretrained(
         tmp_path / "rm" / "model", attn_implementation="eager"
     ).eval()
@@ -139,9 +130,7 @@ def test_reward_accuracy_by_kind_and_real_token_counts(small_tokenizer, tmp_path
     from llama2.train.loop import Dist
     from llama2.train.reward import build_reward
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     rows = [
         {
             "prompt": f"Tell me about {t}.",
@@ -184,9 +173,7 @@ def test_reward_accuracy_by_kind_and_real_token_counts(small_tokenizer, tmp_path
 def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
     from llama2.train.dpo import dpo
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     rows = [
         {
             "prompt": f"Tell me about {t}.",
@@ -198,19 +185,11 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
     ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [
-        f"init_from={base}",
-        f"data={data}",
-        "steps=30",
-        "batch_size=8",
-        "seq_len=64",
-        "lr=3e-3",
-        "warmup_steps=3",
-        "eval_every=10",
-        "ckpt_every=30",
-        "threads=1",
-        "beta=0.1",
-    ]
+    settings = (
+        "steps=30 batch_size=8 seq_len=64 lr=3e-3 warmup_steps=3 eval_every=10 ckpt_every=30 "
+        "threads=1 beta=0.1"
+    )
+    overrides = [f"init_from={base}", f"data={data}", *settings.split()]
     metrics = dpo(load_train_config(None, overrides, stage="dpo"), tmp_path / "dpo")
     assert metrics[1]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
     assert metrics[0]["val_reward_accuracy"] <= 1.0 and "val_ppl" not in metrics[-1]
@@ -220,14 +199,7 @@ def test_dpo_stage_prefers_the_chosen_answers(small_tokenizer, tmp_path):
 
 
 def _policy_and_reward_model(small_tokenizer, tmp_path):
-    """A random micro policy and a random micro reward model (scalar head), on disk."""
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    policy = save_hf(tmp_path / "policy", cfg, Transformer(cfg).state_dict(), small_tokenizer)
-    rm = Transformer(cfg)
-    rm.output = torch.nn.Linear(cfg.dim, 1, bias=False)
-    rm_dir = save_hf(tmp_path / "rm", cfg, rm.state_dict(), small_tokenizer, head="score")
-    return policy, rm_dir
+    return micro_policy_and_reward_model(small_tokenizer, tmp_path)
 
 
 def test_rejection_sampling_keeps_the_best_of_every_round(small_tokenizer, tmp_path):
@@ -686,9 +658,7 @@ def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
     from llama2.train.dpo import build_dpo
     from llama2.train.loop import Dist
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     prompt = [
         {"role": "user", "content": "Explain sockets, threads and files in Python. " * 3},
         {"role": "assistant", "content": "Sockets talk, threads run, files keep. " * 2},
@@ -733,9 +703,7 @@ def test_reward_model_truncation_keeps_bos_and_the_end(small_tokenizer, tmp_path
     from llama2.train.loop import Dist
     from llama2.train.reward import build_reward
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     row = {
         "prompt": "Explain sockets and threads in Python. " * 4,
         "chosen": "Sockets talk, threads run.",

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import micro_model
 
 from llama2 import Transformer, get_preset
 from llama2.data.sft import IGNORE, encode_for_training, pack, read_sft_jsonl
@@ -117,29 +118,20 @@ def test_sft_records_in_three_schemas(tmp_path):
 def test_sft_stage_end_to_end(small_tokenizer, tmp_path):
     import time
 
-    from llama2 import load, save_hf
+    from llama2 import load
     from llama2.train import load_train_config
     from llama2.train.sft import sft
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     data = tmp_path / "sft.jsonl"
     words = ["import", "return", "class", "def", "self", "print", "while", "yield"] * 6
     rows = [{"instruction": f"Echo the word {w}", "output": w} for w in words]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    overrides = [
-        f"init_from={base}",
-        f"data={data}",
-        "epochs=3",
-        "batch_size=8",
-        "seq_len=64",
-        "lr=3e-3",
-        "warmup_steps=2",
-        "eval_every=5",
-        "ckpt_every=100",
-        "threads=1",
-    ]
+    settings = (
+        "epochs=3 batch_size=8 seq_len=64 lr=3e-3 warmup_steps=2 eval_every=5 ckpt_every=100 "
+        "threads=1"
+    )
+    overrides = [f"init_from={base}", f"data={data}", *settings.split()]
     t0 = time.time()
     metrics = sft(load_train_config(None, overrides, stage="sft"), tmp_path / "run")
     assert time.time() - t0 < 60
@@ -159,32 +151,20 @@ def test_lora_sft_adapter_loads_in_peft_and_merges(small_tokenizer, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from llama2 import load, save_hf
+    from llama2 import load
     from llama2.cli import main as cli
     from llama2.train import load_train_config
     from llama2.train.sft import sft
 
-    torch.manual_seed(0)
-    cfg = get_preset("micro")
-    base = save_hf(tmp_path / "base", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    base = micro_model(small_tokenizer, tmp_path / "base")
     data = tmp_path / "sft.jsonl"
     words = ["import", "return", "class", "def"] * 8
     data.write_text("\n".join(json.dumps({"instruction": f"Say {w}", "output": w}) for w in words))
-    overrides = [
-        f"init_from={base}",
-        f"data={data}",
-        "steps=8",
-        "batch_size=4",
-        "seq_len=64",
-        "lr=1e-2",
-        "warmup_steps=1",
-        "ckpt_every=8",
-        "eval_every=8",
-        "threads=1",
-        "lora_rank=4",
-        "lora_alpha=8",
-        "lora_targets=wq,wv,w2",
-    ]
+    settings = (
+        "steps=8 batch_size=4 seq_len=64 lr=1e-2 warmup_steps=1 ckpt_every=8 eval_every=8 "
+        "threads=1 lora_rank=4 lora_alpha=8 lora_targets=wq,wv,w2"
+    )
+    overrides = [f"init_from={base}", f"data={data}", *settings.split()]
     metrics = sft(load_train_config(None, overrides, stage="sft"), tmp_path / "run")
     assert metrics[-1]["loss"] < metrics[1]["loss"]  # (metrics[0]: step 0's validation)
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000008"

@@ -85,6 +85,19 @@ def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _kill_after(p: subprocess.Popen, out: Path, rows: int) -> list[int]:
+    """SIGKILL a run once its metrics.jsonl has `rows` rows; the steps it had logged."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return [m["step"] for m in _metrics(out)]
+
+
 def test_killed_run_resumes_bit_for_bit(shards, tmp_path):
     args = _args(shards, 40)
     _pretrain(tmp_path / "ref", args)
@@ -94,15 +107,8 @@ def test_killed_run_resumes_bit_for_bit(shards, tmp_path):
     assert "val_loss" in ref[0] and "loss" not in ref[0]
 
     p = _pretrain(tmp_path / "run", args, wait=False)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it between the checkpoints of steps 10 and 20
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 15:
-            break
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    done = [m["step"] for m in _metrics(tmp_path / "run")]
+    # killed between the checkpoints of steps 10 and 20
+    done = _kill_after(p, tmp_path / "run", rows=15)
     assert 14 <= done[-1] < 40, "the run was not killed mid-way"
     for ckpt in checkpoint_dirs(tmp_path / "run"):  # whatever was kept is whole
         assert (ckpt / "trainer.pt").exists() and (ckpt / "model" / "config.json").exists()

@@ -36,14 +36,7 @@ from ..llm import Llama, load
 from . import rundir
 from .config import PPOConfig
 from .loop import check_finite, make_optimizer
-from .losses import (
-    gae,
-    per_token_kl,
-    per_token_kl_k3,
-    ppo_policy_loss,
-    ppo_rewards,
-    ppo_value_loss,
-)
+from .losses import gae, per_token_kl, per_token_kl_k3, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from .scoring import load_reward_models, score
 
 
