@@ -1,7 +1,9 @@
 """Batched generation over a preallocated KV cache.
 
 Prompts of different lengths are right-padded and prefilled together; each row then decodes
-at its own position (the cache masks what lies beyond it, so padding is never seen). Sampling
+at its own position (the cache masks what lies beyond it, so padding is never seen). The
+model runs through CachedModel, the batched prefill and decode step over cache slots that the
+serving engine runs too, eager or compiled, and each row through RowDecoder. Sampling
 (greedy, temperature, top-k, top-p) uses one seeded generator per row, so a row's tokens do
 not depend on the other rows. Text is produced incrementally: a piece never ends inside a
 UTF-8 character, stop strings are cut (and text that may begin one is held back), and the
