@@ -107,7 +107,7 @@ def test_preference_records_are_validated(tmp_path):
 
 
 def test_prompt_records_are_strict_about_is_safety_and_check(tmp_path):
-    from llama2.train.rejection import read_prompts
+    from llama2.data.jsonl import read_prompts
 
     f = tmp_path / "prompts.jsonl"
     f.write_text(json.dumps({"prompt": "q", "is_safety": True, "check": {"answer": "4"}}))
@@ -358,7 +358,7 @@ def test_ppo_grades_held_out_greedy_answers_at_iteration_0_and_each_evaluation(
     small_tokenizer, tmp_path
 ):
     from llama2.train.ppo import ppo
-    from llama2.train.rejection import score
+    from llama2.train.scoring import score
 
     args = _ppo_setup(small_tokenizer, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
@@ -779,7 +779,8 @@ def test_rejection_samples_several_prompts_per_batch_seeded_per_batch():
 def test_rejection_reports_graded_quality_of_samples_and_held_out_answers(
     small_tokenizer, tmp_path
 ):
-    from llama2.train.rejection import sample_and_select, score
+    from llama2.train.rejection import sample_and_select
+    from llama2.train.scoring import score
 
     policy, rm_dir = _policy_and_reward_model(small_tokenizer, tmp_path)
     rows = [{"prompt": f"Explain {t}.", "check": {"word": "e"}} for t in TOPICS[:10]]
