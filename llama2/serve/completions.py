@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -22,10 +22,10 @@ from .responses import CHAT, TEXT, Reply, Shape, error_event
 from .validation import (
     chat_logprobs,
     choices_params,
+    completion_prompt,
     field,
     messages,
     parse_body,
-    prompt_text,
     stream_flags,
     top_logprobs,
     unsupported,
@@ -63,7 +63,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(400, str(e), "messages") from None
     logprobs = chat_logprobs(body)
     params = choices_params(body, served.llm.config.max_seq_len, logprobs, served.max_n)
-    return await respond(request, CHAT, body, ids, params, (tok.eos_id,))
+    return await respond(request, CHAT, body, [ids], params, (tok.eos_id,))
 
 
 async def completions(request: Request) -> Response:
@@ -71,38 +71,52 @@ async def completions(request: Request) -> Response:
     served: Served = request.app.state.served
     tok = served.llm.tokenizer
     unsupported(body)
-    prompt = prompt_text(body, "prompt")
+    prompt = completion_prompt(body, tok.vocab_size, served.engine.max_queue)
     logprobs = top_logprobs(body, "logprobs", None)
-    echo = prompt if field(body, "echo", bool, False) else ""
+    echo = field(body, "echo", bool, False)
     suffix = field(body, "suffix", str, None)
     stop_ids: tuple[int, ...] = (tok.eos_id,)
-    if suffix is not None:
+    if not isinstance(prompt, str):  # token ids, as they are (no BOS added)
+        if suffix is not None:
+            raise APIError(400, "'suffix' needs a text prompt", "suffix")
+        ids, texts = prompt, [tok.decode(p) for p in prompt]
+    elif suffix is not None:
         try:
-            ids = encode_infill(tok, prompt, suffix)
+            ids, texts = [encode_infill(tok, prompt, suffix)], [prompt]
             stop_ids += (infill_ids(tok)["eot"],)
         except ValueError as e:
             raise APIError(400, str(e), "suffix") from None
     else:
-        ids = tok.encode(prompt, bos=True)
-    params = choices_params(body, TEXT_MAX_TOKENS, logprobs, served.max_n)
-    return await respond(request, TEXT, body, ids, params, stop_ids, echo)
+        ids, texts = [tok.encode(prompt, bos=True)], [prompt]
+    params = choices_params(body, TEXT_MAX_TOKENS, logprobs, served.max_n, echo)
+    if len(ids) * len(params) > served.engine.max_queue:
+        msg = f"{len(ids)} prompts of {len(params)} choices: at most {served.engine.max_queue}"
+        raise APIError(400, msg, "prompt")
+    # the prompt's logprobs with echo and logprobs, in a whole answer (streamed text answers
+    # carry no logprobs: see responses.TEXT)
+    scored = echo and logprobs is not None and not stream_flags(body)[0]
+    params = [replace(p, echo=scored) for p in params]
+    return await respond(request, TEXT, body, ids, params, stop_ids, texts if echo else None)
 
 
 async def respond(
     request: Request,
     shape: Shape,
     body: dict,
-    prompt: list[int],
+    prompts: list[list[int]],
     params: list[SamplingParams],
     stop_ids: Sequence[int],
-    echo: str = "",
+    echo: list[str] | None = None,
 ) -> Response:
-    """Submit one engine request per choice and answer in the request's way."""
+    """Submit one engine request per choice (each prompt's `params`, in turn) and answer in the
+    request's way; `echo`: each prompt's text, to put before its answers."""
     served: Served = request.app.state.served
     stream, include_usage = stream_flags(body)
-    queue, reqs = submit(served, shape, prompt, params, stop_ids, stream)
-    tok, n_tokens = served.llm.tokenizer, len(prompt) * len(params)
-    reply = Reply(shape, served.name, tok, n_tokens, echo, include_usage)
+    choices = [(p, q) for p in prompts for q in params]
+    queue, reqs = submit(served, shape, choices, stop_ids, stream)
+    tok, n_tokens = served.llm.tokenizer, sum(map(len, prompts)) * len(params)
+    texts = "" if echo is None else [e for e in echo for _ in params]
+    reply = Reply(shape, served.name, tok, n_tokens, texts, include_usage, [p for p, _ in choices])
     if stream:
         return StreamingResponse(events(queue, reqs, reply), media_type="text/event-stream")
     return await whole(request, queue, reqs, reply)
@@ -111,18 +125,17 @@ async def respond(
 def submit(
     served: Served,
     shape: Shape,
-    prompt: list[int],
-    params: list[SamplingParams],
+    choices: list[tuple[list[int], SamplingParams]],
     stop_ids: Sequence[int],
     stream: bool,
 ) -> tuple[asyncio.Queue, list[EngineRequest]]:
-    """Submit one engine request per choice, all or none; the queue receives (choice, kind,
-    value) from the engine's thread: kind "token" (only when streaming: a whole answer needs
-    only its end), "done" or "error"."""
+    """Submit one engine request per choice (its prompt and parameters), all or none; the
+    queue receives (choice, kind, value) from the engine's thread: kind "token" (only when
+    streaming: a whole answer needs only its end), "done" or "error"."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     reqs = []
-    for i, p in enumerate(params):
+    for i, (prompt, p) in enumerate(choices):
 
         def emit(kind: str, value: object, i: int = i) -> None:
             if stream or kind != "token":

@@ -2,25 +2,23 @@
 
 One thread owns the model and a KV cache of `max_batch` slots. Each iteration it
 
-1. admits waiting requests into free slots. A new request whose prompt starts with tokens
-   already computed (every chat request of an application starts with the same system prompt)
-   takes their keys and values instead of recomputing them (prefix caching; positions depend
-   only on the tokens before them), from whichever holds the most of them: a free slot (it
-   keeps the last request it held), a busy slot (copied), or the prefix pool (prefix.py:
-   copied; so that several system prompts that alternate over fewer slots all stay cached);
+1. admits waiting requests into free slots. A prompt that starts with tokens already computed
+   (every chat request of an application starts with the same system prompt) takes their keys
+   and values instead of recomputing them (prefix caching; positions depend only on the tokens
+   before them), from whichever holds the most of them: a free slot (as it is: it keeps its
+   last request's), a busy slot or the prefix pool (prefix.py: so that several system prompts
+   that alternate over fewer slots all stay cached), copied;
 2. prefills up to `prefill_chunk` prompt tokens of the admitted requests in one batched forward
-   (shortest first): requests that arrive together share it, and a long prompt is spread over
-   several iterations (chunked prefill) so that the running streams keep decoding between its
-   chunks;
+   (shortest first), a long prompt over several iterations (chunked prefill) so that the
+   running streams keep decoding between its chunks;
 3. samples one token for every running request and advances them all in one batched forward
    (each row at its own position, in its own slot).
 
-Each request decodes through generation.py's RowDecoder (sampling, stop ids and strings,
-logprobs, text), as the library's rows do, so its output is the library's and does not depend
-on what it was batched with. A request that finishes, whose client went away or whose deadline
-passed frees its slot at once. An exception fails only the requests it touches (a forward's
-rows, or the one request whose sampling raised) with a 500; the engine goes on serving and
-counts it for /health.
+Each request decodes through a RowDecoder (echo.py's: it also reports the prompt's logprobs for
+`echo`), as the library's rows do, so its output is the library's whatever it is batched with.
+A request that finishes, whose client went away or whose deadline passed frees its slot at
+once. An exception fails only the requests it touches (a forward's rows, or the one request
+whose sampling raised) with a 500; the engine goes on serving and counts it for /health.
 """
 
 from __future__ import annotations
@@ -34,19 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import CachedModel, RowDecoder, SamplingParams
+from ..generation import CachedModel, SamplingParams
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .echo import ServedDecoder, prompt_logprobs
+from .failures import Failure, QueueFull, Unavailable, expired, internal, timed_out
 from .metrics import Stats
 from .prefix import PREFIX_BLOCK, PrefixPool
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Unavailable(Exception):
-    """The engine is shutting down or its thread has died: nothing more can be served."""
 
 
 @dataclass
@@ -64,18 +56,12 @@ class Request:
 
 
 @dataclass
-class Failure:
-    status: int  # the HTTP status it maps to
-    message: str
-    code: str
-
-
-@dataclass
 class _Seq:
     req: Request
     slot: int
     pos: int  # cache positions of this slot written for it (prompt, then fed tokens)
-    decoder: RowDecoder | None = None  # set when the prompt is prefilled
+    decoder: ServedDecoder | None = None  # set when the prompt is prefilled
+    prompt_logprobs: list = field(default_factory=lambda: [None])  # (echo: see echo.py)
     logits: torch.Tensor | None = None  # [V]: the next token's, while decoding
     last_token_time: float = 0.0
 
@@ -199,7 +185,7 @@ class Engine:
                         self._admit(req)
                     except Exception as e:
                         self._record(e)
-                        self._emit_failure(req, _internal(e))
+                        self._emit_failure(req, internal(e))
                 try:
                     if self.prefilling:
                         self._prefill_step()
@@ -217,8 +203,8 @@ class Engine:
         for req in self.waiting:
             if req.cancelled.is_set():
                 continue
-            if _expired(req, now):
-                self._emit_failure(req, _timeout(req))
+            if expired(req, now):
+                self._emit_failure(req, timed_out(req))
                 continue
             keep.append(req)
         self.waiting = keep
@@ -239,7 +225,7 @@ class Engine:
         # ties between free slots: the least recently used (eager), or the lowest (compiled:
         # its step runs the slots below the highest one running, see _forward_decode)
         order = (lambda s: s) if self.compile else (lambda s: 0)
-        if not self.prefix_cache:
+        if not self.prefix_cache or req.params.echo:  # (echo: every position's logits)
             slot = min(self.free, key=order)
             self.free.remove(slot)
         else:
@@ -276,8 +262,8 @@ class Engine:
         for s in list(self.prefilling):
             if s.req.cancelled.is_set():
                 self._release(s)
-            elif _expired(s.req, now):
-                self._fail(s, _timeout(s.req))
+            elif expired(s.req, now):
+                self._fail(s, timed_out(s.req))
         for s in sorted(self.prefilling, key=lambda s: len(s.req.prompt) - s.pos):
             if budget <= 0:
                 break
@@ -294,6 +280,7 @@ class Engine:
                 group is None
                 or n * (len(group) + 1) > 2 * (sum(m for _, m in group) + n)
                 or any(x.pos + n > self.context for x, _ in group + [(s, n)])
+                or s.req.params.echo != group[0][0].req.params.echo
             ):
                 groups.append([(s, n)])
             else:
@@ -302,12 +289,17 @@ class Engine:
             self._prefill(group)
 
     def _prefill(self, group: list[tuple[_Seq, int]]) -> None:
+        echo = group[0][0].req.params.echo  # (the group's rows all ask for it, or none)
         try:
             logits = self.step.prefill(
                 [s.req.prompt[s.pos : s.pos + n] for s, n in group],
                 [s.pos for s, _ in group],
                 [s.slot for s, _ in group],
+                every_position=echo,
             )
+            for i, (s, n) in enumerate(group if echo else []):  # row j: prompt token pos + j + 1
+                after = s.req.prompt[s.pos + 1 : s.pos + n + 1]
+                s.prompt_logprobs += prompt_logprobs(logits[i], after, s.req.params.logprobs)
         except Exception as e:
             self._record(e)
             for s, _ in group:
@@ -320,7 +312,7 @@ class Engine:
                 continue
             try:
                 p = s.req.params
-                s.decoder = RowDecoder(
+                s.decoder = ServedDecoder(
                     self.tokenizer,
                     p,
                     s.req.stop_ids,
@@ -328,6 +320,7 @@ class Engine:
                     budget=min(p.max_new_tokens, self.context - len(s.req.prompt)),
                     seed=p.seed,
                     device=self.device,
+                    prompt=s.prompt_logprobs if p.echo else None,
                 )
             except Exception as e:
                 self._record(e)
@@ -338,7 +331,7 @@ class Engine:
                     self.pool.store(self.caches, s.slot, s.req.prompt)
                 except Exception as e:  # (the request itself is fine)
                     self._record(e)
-            s.logits = logits[i]
+            s.logits = logits[i, n - 1] if echo else logits[i]
             self.prefilling.remove(s)
             self.running.append(s)
 
@@ -350,8 +343,8 @@ class Engine:
             if s.req.cancelled.is_set():  # the client went away: free the slot now
                 self._release(s)
                 continue
-            if _expired(s.req, now):
-                self._fail(s, _timeout(s.req))
+            if expired(s.req, now):
+                self._fail(s, timed_out(s.req))
                 continue
             try:
                 out = s.decoder.step(s.logits)
@@ -418,7 +411,7 @@ class Engine:
         if s in self.running or s in self.prefilling:
             self._release(s)
         self.slot_tokens[s.slot] = []
-        failure = error if isinstance(error, Failure) else _internal(error)
+        failure = error if isinstance(error, Failure) else internal(error)
         self._emit_failure(s.req, failure)
 
     def _emit_failure(self, req: Request, failure: Failure) -> None:
@@ -434,15 +427,3 @@ class Engine:
         with self.stats.lock:
             self.stats.engine_errors += 1
             self.stats.last_error = f"{type(e).__name__}: {e}"
-
-
-def _expired(req: Request, now: float) -> bool:
-    return req.timeout is not None and now - req.submitted > req.timeout
-
-
-def _timeout(req: Request) -> Failure:
-    return Failure(504, f"the request ran past its deadline of {req.timeout:g} s", "timeout")
-
-
-def _internal(e: Exception) -> Failure:
-    return Failure(500, f"the engine failed on this request: {type(e).__name__}: {e}", "internal")

@@ -106,7 +106,7 @@ def unsupported(body: dict) -> None:
     field(body, "user", str, None)
 
 
-def _sampling(body: dict, max_default: int, logprobs: int | None) -> SamplingParams:
+def _sampling(body: dict, max_default: int, logprobs: int | None, echo: bool) -> SamplingParams:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -117,7 +117,9 @@ def _sampling(body: dict, max_default: int, logprobs: int | None) -> SamplingPar
     ):
         raise APIError(400, "'stop' must be a string or a list of 1-16 non-empty strings", "stop")
     positive = (lambda v: v >= 1, "must be >= 1")
-    max_tokens = field(body, "max_tokens", int, None, *positive)
+    # (with echo, 0 asks for the prompt alone: to score it)
+    at_least = (lambda v: v >= 0, "must be >= 0") if echo else positive
+    max_tokens = field(body, "max_tokens", int, None, *at_least)
     if max_tokens is None:  # (the newer name, in chat)
         max_tokens = field(body, "max_completion_tokens", int, max_default, *positive)
     lo, hi = SEED_RANGE
@@ -130,6 +132,7 @@ def _sampling(body: dict, max_default: int, logprobs: int | None) -> SamplingPar
         seed=field(body, "seed", int, None, lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]"),
         stop=tuple(stop or ()),
         logprobs=logprobs,
+        echo=echo,
     )
 
 
@@ -142,11 +145,12 @@ def choice_seed(seed: int | None, i: int) -> int | None:
 
 
 def choices_params(
-    body: dict, max_default: int, logprobs: int | None, max_n: int
+    body: dict, max_default: int, logprobs: int | None, max_n: int, echo: bool = False
 ) -> list[SamplingParams]:
-    """The sampling parameters of each of the request's `n` choices (at most `max_n`)."""
+    """The sampling parameters of each of the request's `n` choices (at most `max_n`). `echo`:
+    the prompt's logprobs are asked for too (and max_tokens may be 0)."""
     n = field(body, "n", int, 1, lambda v: 1 <= v <= max_n, f"must be between 1 and {max_n}")
-    base = _sampling(body, max_default, logprobs)
+    base = _sampling(body, max_default, logprobs, echo)
     return [SamplingParams(**{**vars(base), "seed": choice_seed(base.seed, i)}) for i in range(n)]
 
 
@@ -233,11 +237,39 @@ def prompt_text(body: dict, *names: str) -> str:
     return text
 
 
+def _ids(value: object, vocab_size: int) -> bool:
+    """Whether `value` is a list of token ids in the vocabulary."""
+    return isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in value
+    )
+
+
 def token_ids(body: dict, vocab_size: int) -> list[int]:
     """`tokens`: a list of ids in the vocabulary."""
     ids = body.get("tokens")
-    if not isinstance(ids, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids
-    ):
+    if not _ids(ids, vocab_size):
         raise APIError(400, "'tokens' must be a list of token ids", "tokens")
     return ids
+
+
+def completion_prompt(body: dict, vocab_size: int, max_prompts: int) -> str | list[list[int]]:
+    """A text completion's prompt: a string, or token ids as OpenAI's API takes them (a list
+    of ids, or up to `max_prompts` such lists, each answered as if it were alone). A list of
+    strings is not taken."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and _ids(prompt, vocab_size):
+        prompt = [prompt]
+    if not (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, list) and p and _ids(p, vocab_size) for p in prompt)
+    ):
+        msg = "'prompt' must be a string, a list of token ids or a list of lists of token ids"
+        raise APIError(400, msg, "prompt")
+    if len(prompt) > max_prompts:
+        raise APIError(
+            400, f"'prompt' holds {len(prompt)} prompts; at most {max_prompts}", "prompt"
+        )
+    return prompt
