@@ -80,10 +80,9 @@ def test_openai_client_chat_and_completions_streamed_and_not(server):
     comp = c.completions.create(
         model="micro", prompt="import os\n", max_tokens=10, temperature=0, logprobs=2, echo=True
     )
-    assert (
-        comp.choices[0].text.startswith("import os\n")
-        and len(comp.choices[0].logprobs.tokens) == 10
-    )
+    prompt_ids = server[2].tokenizer.encode("import os\n", bos=True)
+    assert comp.choices[0].text.startswith("import os\n")  # the prompt's tokens, then 10
+    assert len(comp.choices[0].logprobs.tokens) == len(prompt_ids) + 10
     chunks = c.completions.create(
         model="micro", prompt="import os\n", max_tokens=10, temperature=0, stream=True
     )
@@ -328,6 +327,11 @@ def test_every_field_is_checked_before_the_engine(server):
     ]
     bad_completion = [
         {"prompt": ["a", "b"]},
+        {"prompt": [[1, 2], "a"]},
+        {"prompt": [600]},  # (outside the vocabulary)
+        {"prompt": []},
+        {"prompt": [[1, 2]], "suffix": "x"},
+        {"prompt": "x", "max_tokens": 0},  # (only with echo)
         {"prompt": "x", "echo": "yes"},
         {"prompt": "x", "suffix": 3},
         {"prompt": "x", "logprobs": 21},
