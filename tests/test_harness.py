@@ -145,7 +145,8 @@ def test_the_llama2_model_class_through_lm_evals_command_line(checkpoint, tmp_pa
 
 def test_the_llama2_model_class_batches_as_it_scores_alone(checkpoint):
     """In process: batches of 1, 5 and "auto" give the same loglikelihoods (padding never
-    reaches a row), and a context longer than max_length keeps its last tokens."""
+    reaches a row), contexts longer than max_length among them; a greedy continuation is
+    flagged greedy."""
     import llama2.eval.harness as harness
 
     lm = harness.Llama2LM(str(checkpoint), batch_size=1, device="cpu")
@@ -162,6 +163,12 @@ def test_the_llama2_model_class_batches_as_it_scores_alone(checkpoint):
         assert max(abs(a[0] - b[0]) for a, b in zip(alone, batched, strict=True)) < 1e-4
         assert [a[1] for a in alone] == [b[1] for b in batched]
     assert lm.eot_token_id == 2 and lm.prefix_token_id == 1
+    # the model's own greedy continuation is flagged greedy, at the library's logprobs
+    lib = lm.llm.generate("def load(path):", max_new_tokens=4, temperature=0, logprobs=0)
+    ((logprob, greedy),) = lm._loglikelihood_tokens(
+        [(None, lm.tok_encode("def load(path):"), lib.token_ids)]
+    )
+    assert greedy and abs(logprob - sum(x.logprob for x in lib.logprobs)) < 1e-4
 
 
 def test_local_completions_against_the_server(checkpoint, tmp_path):

@@ -109,16 +109,9 @@ def test_a_stop_id_has_its_entry(served, temperature):
         return out
 
     hook = llm.model.register_forward_hook(eos_first)
+    kw = dict(model="micro", prompt="import os", echo=True, logprobs=1, max_tokens=5, seed=3)
     try:
-        got = c.completions.create(
-            model="micro",
-            prompt="import os",
-            echo=True,
-            logprobs=1,
-            max_tokens=5,
-            temperature=temperature,
-            seed=3,
-        ).choices[0]
+        got = c.completions.create(**kw, temperature=temperature).choices[0]
     finally:
         hook.remove()
     ids = tok.encode("import os", bos=True)
