@@ -48,7 +48,7 @@ def register() -> None:
     from lm_eval.api.registry import model_registry
 
     if "llama2" not in model_registry:
-        model_registry.register("llama2", target=f"{__spec__.name}:Llama2LM")
+        model_registry.register("llama2", target="llama2.eval.harness:Llama2LM")
 
 
 def _device(device: str | None) -> str | None:
