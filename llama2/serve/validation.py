@@ -148,7 +148,8 @@ def choices_params(
     body: dict, max_default: int, logprobs: int | None, max_n: int, echo: bool = False
 ) -> list[SamplingParams]:
     """The sampling parameters of each of the request's `n` choices (at most `max_n`). `echo`:
-    the prompt's logprobs are asked for too (and max_tokens may be 0)."""
+    the answer begins with the prompt, whose logprobs are asked for too (SamplingParams.echo),
+    and max_tokens may be 0 (the prompt alone)."""
     n = field(body, "n", int, 1, lambda v: 1 <= v <= max_n, f"must be between 1 and {max_n}")
     base = _sampling(body, max_default, logprobs, echo)
     return [SamplingParams(**{**vars(base), "seed": choice_seed(base.seed, i)}) for i in range(n)]
