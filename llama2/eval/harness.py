@@ -59,6 +59,10 @@ def _device(device: str | None) -> str | None:
 
 
 class Llama2LM(TemplateLM):
+    """lm_eval's model over a checkpoint (or a loaded Llama): the keyword arguments are the
+    model_args of the module's docstring, plus lm_eval's batch_size, max_batch_size and
+    device."""
+
     def __init__(
         self,
         pretrained: str | Path | Llama,
