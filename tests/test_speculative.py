@@ -256,3 +256,30 @@ def test_verification_rule_on_fixed_distributions():
     freq = first / first.sum()
     sd = (p * (1 - p) / first.sum()).sqrt()
     assert ((freq - p.float()).abs() < 5 * sd.float() + 1e-9).all(), (freq, p)
+
+
+def test_generate_command_with_a_draft(target, tmp_path, capsys):
+    from llama2 import save_hf
+    from llama2.cli import main as cli
+
+    tok, model = target.tokenizer, target.model
+    t = save_hf(tmp_path / "target", target.config, model.state_dict(), tok)
+    draft = perturbed(model, 0.03, 5)
+    d = save_hf(tmp_path / "draft", target.config, draft.state_dict(), tok)
+    args = ["generate", str(t), "def", "--max-new-tokens", "20", "--temperature", "0"]
+    assert cli([*args, "--draft", str(d), "--draft-tokens", "3"]) == 0
+    printed = capsys.readouterr()
+    prompt = tok.encode("def", bos=True)
+    ids = generate(model, tok, [prompt], SamplingParams(20, temperature=0), (tok.eos_id,))
+    assert printed.out.rstrip("\n") == tok.decode(prompt + ids[0].token_ids)
+    assert "of the draft's tokens accepted" in printed.err
+
+
+def test_compiled_draft_steps_give_the_same_greedy_tokens(target):
+    tok, model = target.tokenizer, target.model
+    draft = perturbed(model, 0.03, 6)
+    prompts = [tok.encode(t, bos=True) for t in TEXTS[:2]]
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    alone = generate(model, tok, prompts, params)
+    spec = speculative_generate(model, draft, tok, prompts, params, compile=True)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in alone]
