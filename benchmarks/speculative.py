@@ -22,7 +22,6 @@ from machine import describe
 from llama2 import load
 from llama2.generation import SamplingParams, generate
 from llama2.speculative import check_draft
-from llama2.speculative import generate as speculative_generate
 
 PROMPTS = [
     "import os\nimport sys\n\n\ndef main(",
@@ -60,8 +59,8 @@ def main() -> None:
         if k is None:
             return [generate(target.model, tok, [p], params, (), compile=args.compile)[0]
                     for p in prompts]  # fmt: skip
-        return speculative_generate(
-            target.model, draft.model, tok, prompts, params, (), compile=args.compile,
+        return generate(
+            target.model, tok, prompts, params, (), compile=args.compile, draft=draft.model,
             draft_tokens=k,
         )  # fmt: skip
 

@@ -126,6 +126,7 @@ class RowDecoder:
         )
 
 
+DRAFT_TOKENS = 4  # a draft model's proposals a step (speculative decoding)
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -327,13 +328,23 @@ def generate_steps(
     continuation: bool = True,
     results: list[Completion] | None = None,
     compile: bool = False,
+    draft: Transformer | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> Iterator[dict[int, StepOutput]]:
     """Generate for a batch of token-id prompts, yielding each step's outputs keyed by prompt
     index (the rows still running); when done, `results` (if given) holds one Completion per
     prompt. `compile` runs the decode steps through torch.compile over a static cache (the
-    first call of a shape compiles)."""
+    first call of a shape compiles). `draft`: a model with the same vocabulary proposing
+    `draft_tokens` tokens a step for speculative decoding (see `speculative`; the prompts then
+    run one after another)."""
     context = model.config.max_seq_len
     check_prompts(model, prompts)
+    if draft is not None:
+        from .speculative import draft_steps
+
+        args = (stop_ids, continuation, results, compile, draft, draft_tokens)
+        yield from draft_steps(model, tokenizer, prompts, params, *args)
+        return
     B, lens = len(prompts), [len(p) for p in prompts]
     device = model.tok_embeddings.weight.device
     budget = [min(params.max_new_tokens, context - n) for n in lens]
@@ -377,11 +388,12 @@ def generate(
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     compile: bool = False,
+    draft: Transformer | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> list[Completion]:
     results: list[Completion] = []
-    steps = generate_steps(
-        model, tokenizer, prompts, params, stop_ids, continuation, results, compile
-    )
+    args = (stop_ids, continuation, results, compile, draft, draft_tokens)
+    steps = generate_steps(model, tokenizer, prompts, params, *args)
     for _ in steps:
         pass
     return results
@@ -395,11 +407,12 @@ def stream(
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     compile: bool = False,
+    draft: Transformer | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> Iterator[str]:
     """Text pieces of one prompt's completion, as they are generated."""
-    steps = generate_steps(
-        model, tokenizer, [prompt], params, stop_ids, continuation, None, compile
-    )
+    args = (stop_ids, continuation, None, compile, draft, draft_tokens)
+    steps = generate_steps(model, tokenizer, [prompt], params, *args)
     for outputs in steps:
         if outputs[0].text:
             yield outputs[0].text

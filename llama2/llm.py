@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
-from . import speculative
 from .checkpoint import empty_model, parse_dtype, read_checkpoint
 from .checkpoint.common import majority_dtype
 from .config import ModelConfig
 from .formats import Message, encode_chat, encode_infill, infill_ids
-from .generation import Completion, SamplingParams, generate, stream
+from .generation import DRAFT_TOKENS, Completion, SamplingParams, generate, stream
 from .model import Transformer
 from .quantize import align_buffers
-from .speculative import DRAFT_TOKENS
+from .speculative import check_draft
 from .tokenizer import Tokenizer
 
 
@@ -61,13 +60,12 @@ class Llama:
         single = isinstance(prompts, str)
         ids = [tok.encode(p, bos=True) for p in ([prompts] if single else prompts)]
         params = SamplingParams(**sampling)
-        if draft is None:
-            out = generate(self.model, tok, ids, params, (tok.eos_id,), compile=self.compile)
-        else:
-            out = speculative.generate(
-                self.model, self.draft_model(draft), tok, ids, params, (tok.eos_id,),
-                compile=self.compile, draft_tokens=draft_tokens,
-            )  # fmt: skip
+        if draft is not None:
+            draft = self.draft_model(draft)
+        out = generate(
+            self.model, tok, ids, params, (tok.eos_id,), compile=self.compile, draft=draft,
+            draft_tokens=draft_tokens,
+        )  # fmt: skip
         return out[0] if single else out
 
     def stream(
@@ -80,13 +78,12 @@ class Llama:
         tok = self._tok()
         ids = tok.encode(prompt, bos=True)
         params = SamplingParams(**sampling)
-        if draft is None:
-            return stream(self.model, tok, ids, params, (tok.eos_id,), compile=self.compile)
-        steps = speculative.speculative_steps(
-            self.model, self.draft_model(draft), tok, [ids], params, (tok.eos_id,),
-            compile=self.compile, draft_tokens=draft_tokens,
+        if draft is not None:
+            draft = self.draft_model(draft)
+        return stream(
+            self.model, tok, ids, params, (tok.eos_id,), compile=self.compile, draft=draft,
+            draft_tokens=draft_tokens,
         )  # fmt: skip
-        return (out[0].text for out in steps if out[0].text)
 
     def draft_model(self, draft: Llama | str | Path) -> Transformer:
         """A draft model for this one: loaded onto this model's device, tokenizer checked."""
@@ -94,7 +91,7 @@ class Llama:
             draft = load(draft, device=self.device)
         if draft.tokenizer is None:
             raise ValueError(f"draft {draft.path}: no tokenizer.model beside the weights")
-        speculative.check_draft(self._tok(), draft.tokenizer)
+        check_draft(self._tok(), draft.tokenizer)
         return draft.model
 
     def chat(

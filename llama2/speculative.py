@@ -25,24 +25,14 @@ would accept different numbers of tokens at every step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .generation import (
-    CachedModel,
-    Completion,
-    RowDecoder,
-    StepOutput,
-    check_prompts,
-    prefill_prompts,
-)
-from .model import Transformer
+from .generation import CachedModel, RowDecoder, prefill_prompts
 from .sampling import SamplingParams, draw, probabilities, sample, uniform
 from .tokenizer import Tokenizer
-
-DRAFT_TOKENS = 4
 
 
 def check_draft(target: Tokenizer, draft: Tokenizer) -> None:
@@ -122,43 +112,20 @@ def verify(
     return [*proposed, int(draw(p[-1:], gens)[0])]
 
 
-@torch.inference_mode()
-def speculative_steps(
-    model: Transformer,
-    draft: Transformer,
-    tokenizer: Tokenizer,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    stop_ids: Sequence[int] = (),
-    continuation: bool = True,
-    results: list[Completion] | None = None,
-    compile: bool = False,
-    draft_tokens: int = DRAFT_TOKENS,
-) -> Iterator[dict[int, StepOutput]]:
-    """`generation.generate_steps` with a draft model proposing `draft_tokens` tokens a target
-    forward (the prompts one after another): the same outputs, one token a yield, and the
-    same Completions, each with its `draft_acceptance`. `compile` compiles the draft's decode
+def draft_steps(
+    model, tokenizer, prompts, params, stop_ids, continuation, results, compile, draft, k
+):
+    """`generation.generate_steps` with a draft model proposing k tokens a target forward
+    (the prompts one after another): the same outputs, one token a yield, and the same
+    Completions, each with its `draft_acceptance`. `compile` compiles the draft's decode
     steps (and the target's, where one runs alone); verifications run eagerly."""
-    if draft_tokens < 1:
-        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
-    check_prompts(model, prompts)
+    if k < 1:
+        raise ValueError(f"draft_tokens must be >= 1, got {k}")
     done = []
     for i, prompt in enumerate(prompts):
         seed = None if params.seed is None else params.seed + i
-        row = yield from _one_row(
-            model,
-            draft,
-            tokenizer,
-            prompt,
-            params,
-            stop_ids,
-            continuation,
-            compile,
-            draft_tokens,
-            seed,
-            i,
-        )
-        done.append(row)
+        args = (stop_ids, continuation, compile, k, seed, i)
+        done.append((yield from _one_row(model, draft, tokenizer, prompt, params, *args)))
     if results is not None:
         results[:] = done
 
@@ -229,32 +196,3 @@ def _one_row(
     done = row.completion(n, prompt_lps[0])
     done.draft_acceptance = accepted_n / proposed_n if proposed_n else None
     return done
-
-
-def generate(
-    model: Transformer,
-    draft: Transformer,
-    tokenizer: Tokenizer,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    stop_ids: Sequence[int] = (),
-    continuation: bool = True,
-    compile: bool = False,
-    draft_tokens: int = DRAFT_TOKENS,
-) -> list[Completion]:
-    results: list[Completion] = []
-    steps = speculative_steps(
-        model,
-        draft,
-        tokenizer,
-        prompts,
-        params,
-        stop_ids,
-        continuation,
-        results,
-        compile,
-        draft_tokens,
-    )
-    for _ in steps:
-        pass
-    return results

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from llama2 import Llama, SamplingParams, Transformer, get_preset
-from llama2.generation import generate
+from llama2.generation import generate, generate_steps
 from llama2.sampling import probabilities
-from llama2.speculative import check_draft, speculative_steps
-from llama2.speculative import generate as speculative_generate
+from llama2.speculative import check_draft
 
 TEXTS = ["def", "import os\nimport sys\n", "class Tokenizer:\n    def encode(self, text", "x"]
 
@@ -57,7 +56,7 @@ def test_greedy_with_a_draft_is_greedy_without(target, which):
     params = SamplingParams(max_new_tokens=40, temperature=0)
     alone = generate(model, tok, prompts, params)
     for k in (1, 5):
-        spec = speculative_generate(model, draft, tok, prompts, params, draft_tokens=k)
+        spec = generate(model, tok, prompts, params, draft=draft, draft_tokens=k)
         for a, s in zip(alone, spec, strict=True):
             assert s.token_ids == a.token_ids and len(s.token_ids) == 40
             assert s.text == a.text and s.finish_reason == "length"
@@ -97,22 +96,22 @@ def test_stop_strings_stop_ids_and_budget_as_without_a_draft(target):
             continue
         params = SamplingParams(max_new_tokens=40, temperature=0, stop=(stop,))
         a = generate(model, tok, [p], params)[0]
-        s = speculative_generate(model, draft, tok, [p], params)[0]
+        s = generate(model, tok, [p], params, draft=draft)[0]
         assert (s.text, s.token_ids, s.finish_reason) == (a.text, a.token_ids, "stop")
         assert stop not in s.text
     # a stop id: the row's 6th token (which may come earlier too)
     for p, full in zip(prompts, free, strict=True):
         stop_id = full.token_ids[5]
         params = SamplingParams(max_new_tokens=40, temperature=0)
-        s = speculative_generate(model, draft, tok, [p], params, stop_ids=[stop_id])[0]
+        s = generate(model, tok, [p], params, draft=draft, stop_ids=[stop_id])[0]
         first = full.token_ids.index(stop_id)
         assert s.finish_reason == "stop" and s.token_ids == full.token_ids[:first]
     # the budget, also near the end of the context (128)
     for n in (1, 2, 3, 5):
-        s = speculative_generate(model, draft, tok, prompts, SamplingParams(n, temperature=0))
+        s = generate(model, tok, prompts, SamplingParams(n, temperature=0), draft=draft)
         assert [c.token_ids for c in s] == [c.token_ids[:n] for c in free]
     long = [1] + [7] * 120
-    s = speculative_generate(model, draft, tok, [long], SamplingParams(40, temperature=0))[0]
+    s = generate(model, tok, [long], SamplingParams(40, temperature=0), draft=draft)[0]
     a = generate(model, tok, [long], SamplingParams(40, temperature=0))[0]
     assert s.token_ids == a.token_ids and len(s.token_ids) == 128 - 121
 
@@ -124,7 +123,7 @@ def test_streamed_steps_concatenate_to_the_completion(target):
     params = SamplingParams(max_new_tokens=25, temperature=0.8, seed=1)
     draft = perturbed(target.model, 0.03, 4)
     pieces = {0: "", 1: ""}
-    steps = speculative_steps(target.model, draft, tok, prompts, params, results=results)
+    steps = generate_steps(target.model, tok, prompts, params, results=results, draft=draft)
     for outputs in steps:
         for i, out in outputs.items():
             pieces[i] += out.text
@@ -191,7 +190,7 @@ def test_sampled_tokens_have_the_targets_distribution(small_tokenizer):
     prompts = [prompt] * SAMPLES  # seeds 0..SAMPLES-1, one a row
     runs = {
         "target": generate(model, tok, prompts, params),
-        "speculative": speculative_generate(model, draft, tok, prompts, params, draft_tokens=2),
+        "speculative": generate(model, tok, prompts, params, draft=draft, draft_tokens=2),
         "draft": generate(draft, tok, prompts, params),  # what a wrong rule would give
     }
     # a p-value of 1e-4 for the draft's samples to pass by chance, or the right ones to fail
@@ -228,7 +227,7 @@ def test_first_two_tokens_from_many_rows_match_in_total_variation(small_tokenize
         for seq, p in exact_distribution(model, prompt).items():
             exact[seq[:2]] = exact.get(seq[:2], 0.0) + p
     params = SamplingParams(max_new_tokens=2, seed=100, **PARAMS)
-    out = speculative_generate(model, draft, tok, [prompt] * n, params, draft_tokens=3)
+    out = generate(model, tok, [prompt] * n, params, draft=draft, draft_tokens=3)
     counts: dict[tuple, int] = {}
     for c in out:
         counts[tuple(c.token_ids)] = counts.get(tuple(c.token_ids), 0) + 1
@@ -281,5 +280,5 @@ def test_compiled_draft_steps_give_the_same_greedy_tokens(target):
     prompts = [tok.encode(t, bos=True) for t in TEXTS[:2]]
     params = SamplingParams(max_new_tokens=30, temperature=0)
     alone = generate(model, tok, prompts, params)
-    spec = speculative_generate(model, draft, tok, prompts, params, compile=True)
+    spec = generate(model, tok, prompts, params, draft=draft, compile=True)
     assert [c.token_ids for c in spec] == [c.token_ids for c in alone]

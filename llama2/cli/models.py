@@ -120,20 +120,12 @@ def _print_stream(llm, ids, params, stop_ids, continuation=True, draft=None, dra
     """Generate for one prompt (with a draft model: speculatively), printing text as it comes;
     return (completion, seconds)."""
     from ..generation import generate_steps
-    from ..speculative import speculative_steps
 
     out = sys.stdout
     results: list = []
     t0 = time.perf_counter()
-    if draft is None:
-        steps = generate_steps(
-            llm.model, llm.tokenizer, [ids], params, stop_ids, continuation, results, llm.compile
-        )
-    else:
-        steps = speculative_steps(
-            llm.model, draft, llm.tokenizer, [ids], params, stop_ids, continuation, results,
-            llm.compile, draft_tokens,
-        )  # fmt: skip
+    args = (stop_ids, continuation, results, llm.compile, draft, draft_tokens)
+    steps = generate_steps(llm.model, llm.tokenizer, [ids], params, *args)
     for outputs in steps:
         out.write(outputs[0].text)
         out.flush()
