@@ -22,6 +22,7 @@ from . import kernels
 from .model import Context, Transformer
 from .quantize import Int8Linear
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from .textstream import TextStream
 from .tokenizer import Tokenizer
 
 
@@ -33,6 +34,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[float | None] | None = None  # None for the first prompt token
+    draft_acceptance: float | None = None  # with a draft: its proposals' share accepted
 
 
 @dataclass
@@ -49,60 +51,6 @@ class StepOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-class TextStream:
-    """Generated ids -> text pieces, for one row."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), continuation: bool = True):
-        self.tokenizer, self.stop, self.continuation = tokenizer, tuple(stop), continuation
-        self.ids: list[int] = []
-        self.text = ""  # decoded text of ids[:decoded]
-        self.decoded = 0
-        self.emitted = 0  # characters of self.text already handed out
-        self.stopped = False  # a stop string was found; self.text ends before it
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        pending = self.tokenizer.decode(
-            self.ids[self.decoded :], continuation=self.continuation or self.decoded > 0
-        )
-        if pending.endswith("\ufffd"):  # maybe the first bytes of a character: wait for the rest
-            return ""
-        self.text += pending
-        self.decoded = len(self.ids)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """The rest of the text (including bytes that never formed a character)."""
-        if not self.stopped and self.decoded < len(self.ids):
-            tail = self.ids[self.decoded :]
-            self.text += self.tokenizer.decode(
-                tail, continuation=self.continuation or self.decoded > 0
-            )
-            self.decoded = len(self.ids)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if not self.stopped and self.stop:
-            lo = max(0, self.emitted - max(map(len, self.stop)))
-            hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
-            if hits:
-                self.text, self.stopped = self.text[: min(hits)], True
-        end = len(self.text)
-        if not final and not self.stopped:
-            end -= self._held_back()
-        piece = self.text[self.emitted : max(end, self.emitted)]
-        self.emitted += len(piece)
-        return piece
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is the start of a stop string."""
-        for n in range(min(len(self.text), max(map(len, self.stop), default=0)), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) and s != tail for s in self.stop):
-                return n
-        return 0
 
 
 class RowDecoder:
@@ -143,7 +91,12 @@ class RowDecoder:
         """Sample the next token from this row's logits [V]; what it adds to the output."""
         p = self.params
         gens = None if self.generator is None else [self.generator]
-        token = int(sample(logits[None], p.temperature, p.top_k, p.top_p, gens)[0])
+        return self.add(int(sample(logits[None], p.temperature, p.top_k, p.top_p, gens)[0]), logits)
+
+    def add(self, token: int, logits: torch.Tensor) -> StepOutput:
+        """Take `token`, chosen elsewhere from these logits [V] (a speculative step's), as the
+        next one: stop ids, stop strings, budget, logprobs and text as `step`."""
+        p = self.params
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return StepOutput(None, self.stream.finish(), self.finish_reason)
@@ -173,6 +126,7 @@ class RowDecoder:
         )
 
 
+DRAFT_TOKENS = 4  # a draft model's proposals a step (speculative decoding)
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -334,21 +288,7 @@ class CachedModel:
         self.model.clear_cache()
 
 
-@torch.inference_mode()
-def generate_steps(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    stop_ids: Sequence[int] = (),
-    continuation: bool = True,
-    results: list[Completion] | None = None,
-    compile: bool = False,
-) -> Iterator[dict[int, StepOutput]]:
-    """Generate for a batch of token-id prompts, yielding each step's outputs keyed by prompt
-    index (the rows still running); when done, `results` (if given) holds one Completion per
-    prompt. `compile` runs the decode steps through torch.compile over a static cache (the
-    first call of a shape compiles)."""
+def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]]) -> None:
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if not p:
@@ -359,6 +299,52 @@ def generate_steps(
             )
         if max(p) >= model.config.vocab_size or min(p) < 0:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary")
+
+
+def prefill_prompts(
+    cached: CachedModel, prompts: Sequence[Sequence[int]], echo: bool
+) -> tuple[torch.Tensor, list]:
+    """Prefill slots 0..B-1 with the prompts -> (next-token logits [B, V], each prompt's
+    logprobs (None for its first token) with `echo`, else None)."""
+    if not echo:
+        return cached.prefill(prompts), [None] * len(prompts)
+    logits = cached.prefill(prompts, every_position=True)
+    last = logits[torch.arange(len(prompts)), torch.tensor([len(p) for p in prompts]) - 1]
+    prompt_lps = []
+    for row, p in zip(logits, prompts, strict=True):
+        ids = torch.tensor(p[1:], device=logits.device)[:, None]
+        lp = row[: len(p) - 1].log_softmax(-1).gather(-1, ids)[:, 0]
+        prompt_lps.append([None] + lp.tolist())
+    return last, prompt_lps
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop_ids: Sequence[int] = (),
+    continuation: bool = True,
+    results: list[Completion] | None = None,
+    compile: bool = False,
+    draft: Transformer | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
+) -> Iterator[dict[int, StepOutput]]:
+    """Generate for a batch of token-id prompts, yielding each step's outputs keyed by prompt
+    index (the rows still running); when done, `results` (if given) holds one Completion per
+    prompt. `compile` runs the decode steps through torch.compile over a static cache (the
+    first call of a shape compiles). `draft`: a model with the same vocabulary proposing
+    `draft_tokens` tokens a step for speculative decoding (see `speculative`; the prompts then
+    run one after another)."""
+    context = model.config.max_seq_len
+    check_prompts(model, prompts)
+    if draft is not None:
+        from .speculative import draft_steps
+
+        args = (stop_ids, continuation, results, compile, draft, draft_tokens)
+        yield from draft_steps(model, tokenizer, prompts, params, *args)
+        return
     B, lens = len(prompts), [len(p) for p in prompts]
     device = model.tok_embeddings.weight.device
     budget = [min(params.max_new_tokens, context - n) for n in lens]
@@ -376,17 +362,7 @@ def generate_steps(
             )
             for i in range(B)
         ]
-        if params.echo:  # the prompt's logprobs too
-            logits = cached.prefill(prompts, every_position=True)
-            last = logits[torch.arange(B), torch.tensor(lens) - 1]
-            prompt_lps = []
-            for row, p in zip(logits, prompts, strict=True):
-                ids = torch.tensor(p[1:], device=device)[:, None]
-                lp = row[: len(p) - 1].log_softmax(-1).gather(-1, ids)[:, 0]
-                prompt_lps.append([None] + lp.tolist())
-        else:
-            last = cached.prefill(prompts)
-            prompt_lps = [None] * B
+        last, prompt_lps = prefill_prompts(cached, prompts, params.echo)
         pos = list(lens)
         while True:
             active = [i for i, row in enumerate(rows) if not row.finished]
@@ -412,11 +388,12 @@ def generate(
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     compile: bool = False,
+    draft: Transformer | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> list[Completion]:
     results: list[Completion] = []
-    steps = generate_steps(
-        model, tokenizer, prompts, params, stop_ids, continuation, results, compile
-    )
+    args = (stop_ids, continuation, results, compile, draft, draft_tokens)
+    steps = generate_steps(model, tokenizer, prompts, params, *args)
     for _ in steps:
         pass
     return results
@@ -430,11 +407,12 @@ def stream(
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     compile: bool = False,
+    draft: Transformer | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> Iterator[str]:
     """Text pieces of one prompt's completion, as they are generated."""
-    steps = generate_steps(
-        model, tokenizer, [prompt], params, stop_ids, continuation, None, compile
-    )
+    args = (stop_ids, continuation, None, compile, draft, draft_tokens)
+    steps = generate_steps(model, tokenizer, [prompt], params, *args)
     for outputs in steps:
         if outputs[0].text:
             yield outputs[0].text

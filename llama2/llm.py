@@ -13,9 +13,10 @@ from .checkpoint import empty_model, parse_dtype, read_checkpoint
 from .checkpoint.common import majority_dtype
 from .config import ModelConfig
 from .formats import Message, encode_chat, encode_infill, infill_ids
-from .generation import Completion, SamplingParams, generate, stream
+from .generation import DRAFT_TOKENS, Completion, SamplingParams, generate, stream
 from .model import Transformer
 from .quantize import align_buffers
+from .speculative import check_draft
 from .tokenizer import Tokenizer
 
 
@@ -44,23 +45,54 @@ class Llama:
             raise ValueError(f"{self.path}: no tokenizer.model beside the weights")
         return self.tokenizer
 
-    def generate(self, prompts: str | Sequence[str], **sampling) -> Completion | list[Completion]:
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        draft: Llama | str | Path | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
+        **sampling,
+    ) -> Completion | list[Completion]:
         """Continue text prompt(s) (BOS prepended). Keyword arguments: SamplingParams' fields.
-        A single prompt gives a single Completion; a list gives a list, generated as a batch."""
+        A single prompt gives a single Completion; a list gives a list, generated as a batch.
+        `draft`: a smaller model with this one's tokenizer (loaded, or a path) for speculative
+        decoding, proposing `draft_tokens` tokens a step; the prompts then run one by one."""
         tok = self._tok()
         single = isinstance(prompts, str)
         ids = [tok.encode(p, bos=True) for p in ([prompts] if single else prompts)]
+        params = SamplingParams(**sampling)
+        if draft is not None:
+            draft = self.draft_model(draft)
         out = generate(
-            self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,), compile=self.compile
-        )
+            self.model, tok, ids, params, (tok.eos_id,), compile=self.compile, draft=draft,
+            draft_tokens=draft_tokens,
+        )  # fmt: skip
         return out[0] if single else out
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        draft: Llama | str | Path | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
+        **sampling,
+    ) -> Iterator[str]:
         tok = self._tok()
         ids = tok.encode(prompt, bos=True)
+        params = SamplingParams(**sampling)
+        if draft is not None:
+            draft = self.draft_model(draft)
         return stream(
-            self.model, tok, ids, SamplingParams(**sampling), (tok.eos_id,), compile=self.compile
-        )
+            self.model, tok, ids, params, (tok.eos_id,), compile=self.compile, draft=draft,
+            draft_tokens=draft_tokens,
+        )  # fmt: skip
+
+    def draft_model(self, draft: Llama | str | Path) -> Transformer:
+        """A draft model for this one: loaded onto this model's device, tokenizer checked."""
+        if not isinstance(draft, Llama):
+            draft = load(draft, device=self.device)
+        if draft.tokenizer is None:
+            raise ValueError(f"draft {draft.path}: no tokenizer.model beside the weights")
+        check_draft(self._tok(), draft.tokenizer)
+        return draft.model
 
     def chat(
         self, dialogs: Sequence[Message] | Sequence[Sequence[Message]], **sampling

@@ -51,8 +51,8 @@ def sample(
     top_p: float = 1.0,
     generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. Temperature, then top-k, then top-p (the smallest set of
-    most likely tokens whose probability reaches top_p), then a draw from each row's generator."""
+    """logits [B, V] -> token ids [B]: greedy, or a draw from `probabilities` with each row's
+    generator."""
     if temperature <= 0:
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
             # numpy's argmax is vectorized, several times faster than torch's over a 32,000-token
@@ -60,6 +60,16 @@ def sample(
             # NaN rules)
             return torch.from_numpy(logits.detach().numpy().argmax(-1))
         return logits.argmax(dim=-1)
+    return draw(probabilities(logits, temperature, top_k, top_p), generators)
+
+
+def probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """logits [B, V] -> the distribution [B, V] that sampling draws from: temperature, then
+    top-k, then top-p (the smallest set of most likely tokens whose probability reaches top_p;
+    not renormalised after that cut: `draw` scales by the total). Speculative decoding compares
+    these, the draft's and the target's."""
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -70,6 +80,20 @@ def sample(
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def uniform(n: int, generators: Sequence[torch.Generator] | None, device) -> torch.Tensor:
+    """n uniform numbers in [0, 1) (float64), one from each row's generator when given."""
+    if generators is None:
+        return torch.rand(n, dtype=torch.float64, device=device)
+    return torch.cat(
+        [torch.rand(1, dtype=torch.float64, device=device, generator=g) for g in generators]
+    )
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """One token per row [B] from (not necessarily normalised) probabilities [B, V]."""
     # One uniform number per row (from the row's own generator), inverted through the row's
     # cumulative distribution. (torch.multinomial draws one exponential per vocabulary entry
     # for a single sample, 32,000 draws a row: most of a batched server step's sampling.)
@@ -77,15 +101,7 @@ def sample(
     total = cdf[:, -1]
     if not bool((torch.isfinite(total) & (total > 0)).all()):
         raise ValueError("invalid probability distribution: the logits hold inf or nan")
-    if generators is None:
-        u = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)
-    else:
-        u = torch.cat(
-            [
-                torch.rand(1, dtype=torch.float64, device=probs.device, generator=g)
-                for g in generators
-            ]
-        )
+    u = uniform(probs.shape[0], generators, probs.device)
     # the first entry whose cumulative probability passes u * total (one of positive probability)
     picked = torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(-1)
     return picked.clamp_(max=probs.shape[-1] - 1)

@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         "model", "prompt",
     )  # fmt: skip
     _sampling_options(s)
+    s.add_argument(
+        "--draft",
+        default=None,
+        help="speculative decoding: a smaller model with the same tokenizer proposes tokens",
+    )
+    s.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens the draft proposes a step (default 4)"
+    )
 
     s = _verb(
         sub, "chat", models.cmd_chat, "an interactive chat in the Llama 2 chat format", "model"

@@ -116,16 +116,16 @@ def _sampling(args):
     )
 
 
-def _print_stream(llm, ids, params, stop_ids, continuation=True):
-    """Generate for one prompt, printing text as it comes; return (completion, seconds)."""
+def _print_stream(llm, ids, params, stop_ids, continuation=True, draft=None, draft_tokens=4):
+    """Generate for one prompt (with a draft model: speculatively), printing text as it comes;
+    return (completion, seconds)."""
     from ..generation import generate_steps
 
     out = sys.stdout
     results: list = []
     t0 = time.perf_counter()
-    steps = generate_steps(
-        llm.model, llm.tokenizer, [ids], params, stop_ids, continuation, results, llm.compile
-    )
+    args = (stop_ids, continuation, results, llm.compile, draft, draft_tokens)
+    steps = generate_steps(llm.model, llm.tokenizer, [ids], params, *args)
     for outputs in steps:
         out.write(outputs[0].text)
         out.flush()
@@ -150,13 +150,23 @@ def _load_for_generation(args):
 
 
 def cmd_generate(args) -> None:
+    from ..llm import load
+
     llm = _load_for_generation(args)
+    draft = None
+    if args.draft is not None:
+        draft = llm.draft_model(load(args.draft, dtype=args.dtype, device=llm.device))
     ids = llm.tokenizer.encode(args.prompt, bos=True)
     sys.stdout.write(args.prompt)
-    done, dt = _print_stream(llm, ids, _sampling(args), (llm.tokenizer.eos_id,))
+    eos = (llm.tokenizer.eos_id,)
+    done, dt = _print_stream(llm, ids, _sampling(args), eos, True, draft, args.draft_tokens)
     n = len(done.token_ids)
+    accepted = ""
+    if done.draft_acceptance is not None:
+        accepted = f", {done.draft_acceptance:.0%} of the draft's tokens accepted"
     print(
-        f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s, {done.finish_reason}]", file=sys.stderr
+        f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s, {done.finish_reason}{accepted}]",
+        file=sys.stderr,
     )
 
 
