@@ -128,6 +128,7 @@ class RowDecoder:
 
 DRAFT_TOKENS = 4  # a draft model's proposals a step (speculative decoding)
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+RECOMPILE_LIMIT = 64
 _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -146,8 +147,6 @@ def compiled_decode(model: Transformer) -> Callable:
     int8 weight's a fused reduction or PyTorch's int8 kernel, whichever measures faster on
     this CPU (`kernels.choose_compiled`)."""
     if model not in _COMPILED:
-        # each model (and batch size, cache length) is a graph of its own: allow many
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
         if freeze:
@@ -175,13 +174,17 @@ def compiled_decode(model: Transformer) -> Callable:
                 # left alone (patching them costs more than a tiny model's step can spare)
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return compiled(tokens, positions, kv_len)
-            # both settings are read when dynamo traces (any call may recompile): `freezing`
+            # these settings are read when dynamo traces (any call may recompile): `freezing`
             # there, not only in inductor's options, is what keeps the parameters out of the
             # graph's inputs and guards; kv_len is a dynamic size from the first compile on.
             # Passing kv_len also spares the model's host-side checks of the positions.
             with (
                 torch._inductor.config.patch(freezing=freeze),
                 torch.compiler.config.patch(dynamic_sources="L['kv_len']"),
+                # each model (and batch size, cache) is a graph of its own: allow many. Set
+                # here, in the thread that steps (dynamo's settings are per thread: a server
+                # steps in a thread of its own)
+                torch._dynamo.config.patch(cache_size_limit=RECOMPILE_LIMIT),
             ):
                 return compiled(tokens, positions, kv_len)
 
