@@ -148,7 +148,16 @@ def test_win_tie_loss_counting():
     theirs = [REFUSE, "The answer is 81.", "The answer is 81.", "The answer is 81, sure."]
     w = win_rate(items, ours, theirs, Annotator(mistake_rate=0.0))
     # a win, an identical answer (tie), a loss, and two equally right answers (tie)
-    assert w == {"win": 0.25, "tie": 0.5, "loss": 0.25, "n": 4}
+    assert {k: w[k] for k in ("win", "tie", "loss", "n")} == {
+        "win": 0.25,
+        "tie": 0.5,
+        "loss": 0.25,
+        "n": 4,
+    }
+    # each share with its 95% Wilson interval, and the sign test of 1 win against 1 loss
+    assert w["intervals"]["tie"] == pytest.approx([0.15003898915214953, 0.8499610108478505])
+    assert w["intervals"]["win"] == w["intervals"]["loss"]
+    assert w["p_value"] == 1.0
 
 
 def test_score_items_rates_are_over_their_own_items():
@@ -376,9 +385,13 @@ def test_data_files_name_what_write_world_writes(world_dir):
 
     out, _ = world_dir
     data = DataFiles(out)
-    named = [data.manifest, data.corpus, data.sft, data.sft_noisy, data.gatt, data.eval_items]
-    named += [data.eval_gatt, *(data.prompts(s) for s in ("annotate", "rejection", "ppo"))]
-    named += [f(k) for f in (data.pairs, data.eval_pairs) for k in ("helpful", "safety")]
+    named = [data.manifest, data.corpus, data.sft, data.sft_noisy, data.gatt]
+    named += [data.valid_items, data.valid_dialogs]
+    named += [data.prompts(s) for s in ("annotate", "rejection", "ppo")]
+    named += [data.pairs(k) for k in ("helpful", "safety")]
+    for c in ("prompts", "entities"):
+        named += [data.test_items(c), data.test_dialogs(c)]
+        named += [data.test_pairs(k, c) for k in ("helpful", "safety")]
     assert {p for p in out.rglob("*") if p.is_file()} == set(named)
 
 

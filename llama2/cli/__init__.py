@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="recipe YAML (default configs/recipe.yaml)")
     s.add_argument("--smoke", action="store_true", help="a few minutes: checks the pipeline")
     s.add_argument("--resume", action="store_true", help="continue a killed recipe")
+    s.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (0,1,2): a run per seed in OUT/seedN, then OUT/summary.md",
+    )
     s.add_argument("overrides", nargs="*", help="key=value settings over the config")
 
     s = sub.add_parser("eval", help="evaluate a model")

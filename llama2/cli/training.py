@@ -83,4 +83,12 @@ def cmd_merge(args) -> None:
 def cmd_recipe(args) -> None:
     from ..recipe.run import run_recipe
 
-    run_recipe(args.out, args.config, args.smoke, args.resume, args.overrides)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--seeds {args.seeds!r}: expected whole numbers, e.g. 0,1,2"
+            ) from None
+    run_recipe(args.out, args.config, args.smoke, args.resume, args.overrides, seeds)

@@ -23,6 +23,7 @@ from ..data.jsonl import parse_prompt, read_jsonl
 from ..formats import DialogError
 from ..llm import Llama
 from .judges import Annotator, follows_instruction, grade
+from .stats import interval, mcnemar, sign_test
 
 # the keys of an evaluation (report.json's "eval" entries use them)
 RATE_KEYS = {
@@ -108,7 +109,37 @@ def score_items(items: Sequence[dict], answers: Sequence[str]) -> dict:
         "n_unsafe": kinds.count("unsafe"),
         "n_borderline": kinds.count("borderline"),
         "task_accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
+        # 95% Wilson intervals of the rates (stats.wilson)
+        "intervals": {
+            name: interval(round(sum(sums[key])), len(sums[key]))
+            for name, key in RATE_KEYS.items()
+            if sums.get(key)
+        },
     }
+    return out
+
+
+def outcomes(items: Sequence[dict], answers: Sequence[str]) -> dict[str, list[bool | None]]:
+    """Per item and rate, the grade (None where the rate does not apply to the item)."""
+    out: dict[str, list[bool | None]] = {name: [] for name in RATE_KEYS}
+    for item, answer in zip(items, answers, strict=True):
+        graded = grade(item["check"], answer)
+        for name, key in RATE_KEYS.items():
+            out[name].append(bool(graded[key]) if key in graded else None)
+    return out
+
+
+def paired(items: Sequence[dict], answers: Sequence[str], against: Sequence[str]) -> dict:
+    """McNemar's exact test per rate between two models' answers to the same items: `first`
+    items only `answers` scores on (answered right, violated, refused), `second` only
+    `against`, and the p-value that the difference is chance."""
+    a, b = outcomes(items, answers), outcomes(items, against)
+    out = {}
+    for name in RATE_KEYS:
+        both = [(x, y) for x, y in zip(a[name], b[name], strict=True) if x is not None]
+        if both:
+            t = mcnemar([x for x, _ in both], [y for _, y in both])
+            out[name] = {"first": t.first, "second": t.second, "p_value": t.p_value}
     return out
 
 
@@ -161,7 +192,13 @@ def win_rate(
         else:
             loss += 1
     n = len(items)
-    return {"win": win / n, "tie": tie / n, "loss": loss / n, "n": n}
+    counts = {"win": win, "tie": tie, "loss": loss}
+    return {
+        **{k: c / n for k, c in counts.items()},
+        "n": n,
+        "intervals": {k: interval(c, n) for k, c in counts.items()},
+        "p_value": sign_test(win, loss),  # that wins and losses are equally likely
+    }
 
 
 def evaluate(
@@ -189,21 +226,40 @@ def evaluate(
 
 
 def table(rows: dict[str, dict]) -> str:
-    """A text table of models' rates (percent) and counts."""
-    head = f"{'model':12s} {'task acc':>9s} {'violations':>11s} {'false ref.':>11s}"
+    """A text table of models' rates (percent, with their 95% intervals when the rows carry
+    them) and counts."""
+    head = f"{'model':12s} {'task accuracy':>20s} {'violations':>20s} {'false refusals':>20s}"
     head += "  n (task/unsafe/borderline)"
     lines = [head, "-" * len(head)]
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
     for name, r in rows.items():
         counts = f"{r['n_task']}/{r['n_unsafe']}/{r['n_borderline']}"
-        lines.append(
-            f"{name:12s} {pct(r['task_accuracy']):>9s} {pct(r['safety_violation_rate']):>11s} "
-            f"{pct(r['false_refusal_rate']):>11s}  {counts}"
-        )
+        cells = [rate_text(r, key) for key in RATE_KEYS]
+        lines.append(f"{name:12s} " + " ".join(f"{c:>20s}" for c in cells) + f"  {counts}")
     return "\n".join(lines)
+
+
+def rate_text(scores: dict, key: str) -> str:
+    """A rate as "50.2% [46.1, 54.3]" (its 95% interval where known), "-" where none."""
+    x = scores.get(key)
+    if x is None:
+        return "-"
+    low_high = scores.get("intervals", {}).get(key)
+    if low_high is None:
+        return f"{100 * x:.1f}%"
+    return f"{100 * x:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]"
+
+
+def win_text(w: dict) -> str:
+    """Win / tie / loss shares with their intervals and the sign test's p-value."""
+    parts = []
+    for k in ("win", "tie", "loss"):
+        low, high = w["intervals"][k] if "intervals" in w else (None, None)
+        parts.append(
+            f"{k} {100 * w[k]:.1f}%"
+            + (f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None else "")
+        )
+    p = f", p={w['p_value']:.3g} (sign test, win vs loss)" if "p_value" in w else ""
+    return ", ".join(parts) + f" (n={w['n']}{p})"
 
 
 def to_json(result: dict) -> str:

@@ -49,6 +49,12 @@ def wilson(k: int, n: int, z: float = Z95) -> Rate:
     return Rate(k, n, low, high)
 
 
+def interval(k: int, n: int) -> list[float]:
+    """wilson(k, n)'s bounds, as JSON reports carry them."""
+    rate = wilson(k, n)
+    return [rate.low, rate.high]
+
+
 def sign_test(wins: int, losses: int) -> float:
     """Two-sided exact p-value that wins and losses are equally likely (ties left out): the
     sign test of a win/loss comparison, and McNemar's exact test when `wins` and `losses` are

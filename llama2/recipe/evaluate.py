@@ -1,10 +1,13 @@
-"""The recipe's evaluation stage: every model of the recipe on the world's held-out items
-(eval/chat.py), Ghost Attention with and without, the final model against SFT side by side,
-the reward models' held-out accuracy by rating level and their agreement with the annotator on
-the final model's own answers, and "fewer but better" SFT. Writes OUT/eval/*.json."""
+"""The recipe's evaluation stage: every model of the recipe on the world's two test columns
+(world.COLUMNS: (a) unseen prompts, (b) unseen entities) and on the validation split
+(eval/chat.py), Ghost Attention with and without, the final model against SFT side by side
+with a paired test, the reward models' test accuracy by rating level and their agreement with
+the annotator on the final model's own answers, and "fewer but better" SFT. Writes
+OUT/eval/*.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -17,16 +20,19 @@ from ..eval.chat import (
     answer_all,
     evaluate_items,
     gatt_adherence,
+    paired,
     read_dialogs,
     read_items,
     sample,
     win_rate,
 )
 from ..eval.judges import Annotator, quality
+from ..eval.stats import interval
 from ..io import write_atomic
 from ..llm import Llama
 from ..train.scoring import score_answers
 from .paths import DataFiles, RecipePaths
+from .world import COLUMNS
 
 MODELS = ("base", "sft", "rejection", "ppo", "chat")
 
@@ -43,9 +49,11 @@ def rm_accuracy(rm, pairs) -> dict:
     every = [x for v in right.values() for x in v]
     return {
         "accuracy": sum(every) / len(every),
+        "interval": interval(sum(every), len(every)),
         "by_rating": {k: (sum(v) / len(v) if v else None) for k, v in right.items()},
         "n": len(every),
         "n_by_rating": {k: len(v) for k, v in right.items()},
+        "intervals_by_rating": {k: interval(sum(v), len(v)) for k, v in right.items() if v},
     }
 
 
@@ -80,35 +88,32 @@ def rm_agreement(chat, helpful, safety, items, seed: int, max_new_tokens: int) -
 class EvalSettings:
     seed: int
     max_new_tokens: int
-    n: int  # held-out items evaluated per model (0: all)
-    agreement_items: int  # held-out prompts whose answers the reward models judge
+    n: int  # test items evaluated per model and column (0: all)
+    agreement_items: int  # test prompts (column a) whose answers the reward models judge
     mistake_rate: float  # the annotator's (the world's)
 
 
 @dataclass
 class Evaluation:
-    """The evaluation's results (OUT/eval/*.json), as the report reads them."""
+    """The evaluation's results (OUT/eval/*.json), as the report reads them. By test column
+    (world.COLUMNS) where a number is measured on test items."""
 
-    scores: dict[str, dict]  # by model: eval.chat.score_items' numbers
-    answers: dict[str, list[str]]  # by model: its answers to the held-out items, in order
-    win_rate: dict[str, dict]  # chat_vs_sft: the annotator's win, tie and loss shares, n
-    reward_models: dict[str, dict]  # helpful, safety: accuracy (by rating), agreement
-    gatt: dict[str, list[float]]  # with, without: instruction adherence by turn
+    scores: dict[str, dict[str, dict]]  # column -> model -> eval.chat.score_items' numbers
+    answers: dict[str, dict[str, list[str]]]  # column -> model -> its answers, in order
+    valid: dict[str, dict]  # model -> {"scores", "answers"} on the validation split
+    win_rate: dict[str, dict]  # column -> the annotator's chat-vs-SFT win, tie, loss shares
+    paired: dict[str, dict]  # column -> eval.chat.paired (chat against SFT)
+    reward_models: dict[str, dict]  # helpful, safety -> column -> accuracy; agreement
+    gatt: dict[str, dict[str, list[float]]]  # column -> with, without -> adherence by turn
 
     @classmethod
     def read(cls, paths: RecipePaths) -> Evaluation:
-        summary = json.loads(paths.eval_result("summary").read_text())
-        answers = {
-            m: json.loads(paths.eval_result(m).read_text())["answers"] for m in summary["eval"]
-        }
-        return cls(
-            summary["eval"], answers, summary["win_rate"], summary["reward_models"], summary["gatt"]
-        )
+        return cls(**json.loads(paths.eval_result("summary").read_text()))
 
 
-def held_out_items(data: DataFiles, n: int, seed: int) -> list[dict]:
-    """The held-out items evaluated: `n` of them (0: all) drawn by the seed."""
-    return sample(read_items(data.eval_items), n or None, seed)
+def test_items(data: DataFiles, column: str, n: int, seed: int) -> list[dict]:
+    """The test items of a column evaluated: `n` of them (0: all) drawn by the seed."""
+    return sample(read_items(data.test_items(column)), n or None, seed)
 
 
 def evaluate_recipe(
@@ -121,9 +126,10 @@ def evaluate_recipe(
     evaluation reads what is there), the summary written; `load(path, **kw)` loads a model."""
     paths.eval.mkdir(exist_ok=True)
     seed, mnt = settings.seed, settings.max_new_tokens
-    items = held_out_items(paths.data, settings.n, seed)
-    dialogs = read_dialogs(paths.data.eval_gatt)
-    results = Evaluation({}, {}, {}, {}, {})
+    items = {c: test_items(paths.data, c, settings.n, seed) for c in COLUMNS}
+    dialogs = {c: read_dialogs(paths.data.test_dialogs(c)) for c in COLUMNS}
+    valid_items = read_items(paths.data.valid_items)
+    results = Evaluation({c: {} for c in COLUMNS}, {c: {} for c in COLUMNS}, {}, {}, {}, {}, {})
 
     def done(name: str) -> dict | None:
         path = paths.eval_result(name)
@@ -136,41 +142,53 @@ def evaluate_recipe(
     for name in (*MODELS, "sft_noisy"):
         r = done(name)
         if r is None:
-            log(f"  evaluating {name} on {len(items)} held-out items ...")
             llm = load(paths.model(name))
-            scores, answers = evaluate_items(llm, items, mnt)
-            r = {"scores": scores, "answers": answers}
-            if name in ("ppo", "chat"):  # without and with Ghost Attention
-                r["gatt_by_turn"] = gatt_adherence(llm, dialogs, mnt)
+            r = {"columns": {}, "gatt_by_turn": {}}
+            for c in COLUMNS:
+                log(f"  evaluating {name} on {len(items[c])} test items (unseen {c}) ...")
+                scores, answers = evaluate_items(llm, items[c], mnt)
+                r["columns"][c] = {"scores": scores, "answers": answers}
+                if name in ("ppo", "chat"):  # without and with Ghost Attention
+                    r["gatt_by_turn"][c] = gatt_adherence(llm, dialogs[c], mnt)
+            if name != "base":  # (the stages' chain, for the regression check)
+                scores, answers = evaluate_items(llm, valid_items, mnt)
+                r["valid"] = {"scores": scores, "answers": answers}
             save(name, r)
-        results.scores[name] = r["scores"]
-        results.answers[name] = r["answers"]
-        line = ", ".join(f"{k} {v:.1%}" for k, v in r["scores"].items() if isinstance(v, float))
-        log(f"  {name}: {line}")
-        if "gatt_by_turn" in r:
-            results.gatt["without" if name == "ppo" else "with"] = r["gatt_by_turn"]
+        for c in COLUMNS:
+            got = r["columns"][c]
+            results.scores[c][name] = got["scores"]
+            results.answers[c][name] = got["answers"]
+            line = ", ".join(
+                f"{k} {v:.1%}" for k, v in got["scores"].items() if isinstance(v, float)
+            )
+            log(f"  {name} (unseen {c}): {line}")
+            if c in r["gatt_by_turn"]:
+                key = "without" if name == "ppo" else "with"
+                results.gatt.setdefault(c, {})[key] = r["gatt_by_turn"][c]
+        if "valid" in r:
+            results.valid[name] = r["valid"]
     annotator = Annotator(settings.mistake_rate, seed=seed + 1)
-    chat, sft = results.answers["chat"], results.answers["sft"]
-    results.win_rate["chat_vs_sft"] = win_rate(items, chat, sft, annotator)
+    for c in COLUMNS:
+        chat, sft = results.answers[c]["chat"], results.answers[c]["sft"]
+        results.win_rate[c] = win_rate(items[c], chat, sft, annotator)
+        results.paired[c] = paired(items[c], chat, sft)
     rms = done("reward_models")
     if rms is None:
         rms = {}
-        helpful = load(paths.model("rm_helpful"), dtype=torch.float32)
-        safety = load(paths.model("rm_safety"), dtype=torch.float32)
+        helpful = load(paths.reward_model("helpful"), dtype=torch.float32)
+        safety = load(paths.reward_model("safety"), dtype=torch.float32)
         for kind, rm in (("helpful", helpful), ("safety", safety)):
-            rms[kind] = rm_accuracy(rm, read_preferences(paths.data.eval_pairs(kind)))
-        n = min(len(items), settings.agreement_items)
-        agree_items = random.Random(seed).sample(items, n)
+            rms[kind] = {
+                c: rm_accuracy(rm, read_preferences(paths.data.test_pairs(kind, c)))
+                for c in COLUMNS
+            }
+        first = items["prompts"]
+        n = min(len(first), settings.agreement_items)
+        agree_items = random.Random(seed).sample(first, n)
         agreement = rm_agreement(load(paths.model("chat")), helpful, safety, agree_items, seed, mnt)
         for kind in rms:
             rms[kind]["agreement_with_annotator"] = agreement[kind]
         save("reward_models", rms)
     results.reward_models = rms
-    summary = {
-        "eval": results.scores,
-        "gatt": results.gatt,
-        "win_rate": results.win_rate,
-        "reward_models": results.reward_models,
-    }
-    save("summary", summary)
+    save("summary", dataclasses.asdict(results))
     return results

@@ -53,14 +53,40 @@ def _unit(key: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def _held(key: str, seed: int, share: float) -> bool:
-    return _unit(key, seed) < share
+def _bucket(unit: float, held_share: float, rlhf_share: float) -> str:
+    """held (the test items'), rlhf (training entities only the RLHF stages' prompts name) or
+    sft (every training stage's)."""
+    return "held" if unit < held_share else "rlhf" if unit < held_share + rlhf_share else "sft"
 
 
-def _held_set(keys: list[str], seed: int, share: float, kind: str) -> set[str]:
-    """The held-out share of `keys` (at least one, never all)."""
-    n = min(len(keys) - 1, max(1, round(share * len(keys))))
-    return set(sorted(keys, key=lambda k: _unit(f"{kind}:{k}", seed))[:n])
+def _ranked_sets(
+    keys: list[str], seed: int, held_share: float, rlhf_share: float, kind: str
+) -> tuple[set[str], set[str]]:
+    """The held-out share of `keys` (at least one, never all) and, of the rest, the RLHF-only
+    share (none when rlhf_share is 0; never all that is left)."""
+    ranked = sorted(keys, key=lambda k: _unit(f"{kind}:{k}", seed))
+    n = min(len(keys) - 1, max(1, round(held_share * len(keys))))
+    m = 0
+    if rlhf_share > 0 and len(keys) - n > 1:
+        m = min(len(keys) - n - 1, max(1, round(rlhf_share * len(keys))))
+    return set(ranked[:n]), set(ranked[n : n + m])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which entities and phrasings a draw takes. Entities: "sft" (the training entities every
+    fine-tuning stage sees), "train" (those and the ones only the RLHF stages' prompts name,
+    the paper's new batches of prompts) or "held" (no fine-tuning stage's); phrasing: "train"
+    or "held" (core templates and filler parts no stage's data uses)."""
+
+    entities: str
+    phrasing: str
+
+
+SFT = Split("sft", "train")  # SFT demonstrations (and the pretraining exercises)
+TRAIN = Split("train", "train")  # RLHF prompts, comparisons, GAtt dialogs
+UNSEEN_PROMPTS = Split("train", "held")  # test column (a) and the validation split
+UNSEEN_ENTITIES = Split("held", "held")  # test column (b)
 
 
 def _names(rng: random.Random, n: int) -> list[str]:
@@ -98,6 +124,7 @@ class WorldConfig:
     seed: int = 0
     people: int = 80
     held_share: float = 0.15  # of entities: number pairs and lists, people, acts
+    rlhf_share: float = 0.15  # of entities named by the RLHF stages' prompts only (not by SFT)
     max_add: int = 12  # operands of additions: 0..max_add
     table_passes: int = 12  # times the pretraining documents state the whole addition table
     sft_items: int = 1500  # the clean, small SFT set
@@ -106,13 +133,16 @@ class WorldConfig:
     pairs_helpful: int = 1600
     pairs_safety: int = 1600
     annotate_prompts: int = 1000  # prompts whose SFT-model samples the annotator compares
+    update_prompts: int = 400  # and each later RLHF round's policy samples
     rejection_prompts: int = 600
     ppo_prompts: int = 400
     gatt_dialogs: int = 300
     gatt_turns: int = 5
-    eval_items: int = 400
-    eval_dialogs: int = 40
-    eval_pairs: int = 400
+    eval_items: int = 400  # per test column
+    eval_dialogs: int = 40  # per test column
+    eval_pairs: int = 400  # per test column
+    valid_items: int = 300  # the validation split: what stages may choose by
+    valid_dialogs: int = 30
     docs_per_person: int = 8
     docs_per_act: int = 8  # documents saying an act is wrong (unsafe) or harmless (borderline)
     exercises: int = 12000  # tasks answered in plain text in the pretraining documents
@@ -127,60 +157,76 @@ class World:
     people: dict[str, tuple[str, str]]  # name -> (city, job)
     held: dict[str, set] = field(default_factory=dict)  # entity kind -> held-out entities
 
-    # every draw takes `held`: True for the evaluation's items, False for training's
-    def task(self, rng: random.Random, held: bool, kind: str | None = None) -> Item:
+    rlhf: dict[str, set] = field(default_factory=dict)  # entity kind -> RLHF-only entities
+
+    def bucket(self, kind: str, key: str) -> str:
+        """held, rlhf or sft (see _bucket) for an entity: a person, an act, or a number pair
+        or list (`pair:A:B`, `list:A,B,C`: one draw per key, whatever the task)."""
+        if kind in ("people", "acts"):
+            return "held" if key in self.held[kind] else "rlhf" if key in self.rlhf[kind] else "sft"
+        return _bucket(_unit(key, self.cfg.seed), self.cfg.held_share, self.cfg.rlhf_share)
+
+    def _takes(self, split: Split, kind: str, key: str) -> bool:
+        got = self.bucket(kind, key)
+        return (
+            got == "held"
+            if split.entities == "held"
+            else got == "sft" or (got == "rlhf" and split.entities == "train")
+        )
+
+    # every draw takes a Split: the test items' or a training stage's entities and phrasings
+    def task(self, rng: random.Random, split: Split, kind: str | None = None) -> Item:
         kind = kind or rng.choice(list(TASK_TEMPLATES))
-        cores = TASK_TEMPLATES[kind]
+        cores, held = TASK_TEMPLATES[kind], split.phrasing == "held"
         if kind == "add":
-            a, b = self._pair(rng, held, "add", 0, self.cfg.max_add)
+            a, b = self._pair(rng, split, "add", 0, self.cfg.max_add)
             return _task(phrase(rng, held, cores, a=a, b=b), "add", str(a + b), numeric=True)
         if kind == "compare":
-            a, b = self._pair(rng, held, "compare", 1, 99)
+            a, b = self._pair(rng, split, "compare", 1, 99)
             return _task(
                 phrase(rng, held, cores, a=a, b=b), "compare", str(max(a, b)), numeric=True
             )
         if kind == "last_number":
-            nums = self.number_list(rng, held)
+            nums = self.number_list(rng, split)
             text = phrase(rng, held, cores, nums=", ".join(nums))
             return _task(text, "last_number", nums[-1], numeric=True)
-        pool = [p for p in self.people if (p in self.held["people"]) == held]
+        pool = [p for p in self.people if self._takes(split, "people", p)]
         name = rng.choice(pool)
         city, job = self.people[name]
         return _task(phrase(rng, held, cores, name=name), kind, city if kind == "city" else job)
 
-    def number_list(self, rng: random.Random, held: bool) -> list[str]:
+    def number_list(self, rng: random.Random, split: Split) -> list[str]:
         """3 or 4 numbers; a list is held out by a draw of its own."""
         while True:
             nums = [str(rng.randint(1, 99)) for _ in range(rng.randint(3, 4))]
-            if _held("list:" + ",".join(nums), self.cfg.seed, self.cfg.held_share) == held:
+            if self._takes(split, "lists", "list:" + ",".join(nums)):
                 return nums
 
-    def _pair(self, rng, held: bool, kind: str, lo: int, hi: int) -> tuple[int, int]:
+    def _pair(self, rng, split: Split, kind: str, lo: int, hi: int) -> tuple[int, int]:
         while True:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            if (kind == "compare" and a == b) or (
-                # one draw per pair of numbers, whatever the task: a held-out pair is unseen
-                _held(f"pair:{min(a, b)}:{max(a, b)}", self.cfg.seed, self.cfg.held_share) != held
-            ):
+            if kind == "compare" and a == b:
                 continue
-            return a, b
+            # one draw per pair of numbers, whatever the task: a held-out pair is unseen
+            if self._takes(split, "pairs", f"pair:{min(a, b)}:{max(a, b)}"):
+                return a, b
 
-    def unsafe(self, rng: random.Random, held: bool) -> Item:
+    def unsafe(self, rng: random.Random, split: Split) -> Item:
         category = rng.choice(list(UNSAFE))
-        acts = [a for a in UNSAFE[category] if (a in self.held["acts"]) == held]
+        acts = [a for a in UNSAFE[category] if self._takes(split, "acts", a)]
         act = rng.choice(acts)
         answer = f"I can't help with that, because it could hurt people. {OFFERS[category]}"
-        prompt = phrase(rng, held, REQUEST_TEMPLATES, act=act)
+        prompt = phrase(rng, split.phrasing == "held", REQUEST_TEMPLATES, act=act)
         return Item(prompt, {"kind": "unsafe", "category": category, "act": act}, answer)
 
-    def borderline(self, rng: random.Random, held: bool) -> Item:
-        acts = [b for b in BORDERLINE if (b[0] in self.held["acts"]) == held]
+    def borderline(self, rng: random.Random, split: Split) -> Item:
+        acts = [b for b in BORDERLINE if self._takes(split, "acts", b[0])]
         act, topic, how = rng.choice(acts)
         answer = f"To {act}, {how}. That is the usual way to handle the {topic}."
-        prompt = phrase(rng, held, REQUEST_TEMPLATES, act=act)
+        prompt = phrase(rng, split.phrasing == "held", REQUEST_TEMPLATES, act=act)
         return Item(prompt, {"kind": "borderline", "topic": topic}, answer)
 
-    def prompt(self, rng: random.Random, held: bool, instructions: bool = False) -> Item:
+    def prompt(self, rng: random.Random, split: Split, instructions: bool = False) -> Item:
         """A prompt of the world's mix: tasks, unsafe and borderline requests, and (with
         `instructions`) any of them under a system instruction: an instruction does not
         lift the refusal (given instructions on tasks alone, a model learns to comply whenever
@@ -188,11 +234,11 @@ class World:
         r = rng.random()
         share = self.cfg.unsafe_share
         if r < share:
-            item = self.unsafe(rng, held)
+            item = self.unsafe(rng, split)
         elif r < 2 * share:
-            item = self.borderline(rng, held)
+            item = self.borderline(rng, split)
         else:
-            item = self.task(rng, held)
+            item = self.task(rng, split)
         if instructions and rng.random() < self.cfg.instruction_share:
             item = with_instruction(item, rng.choice(GATT_INSTRUCTIONS))
         return item
@@ -238,11 +284,16 @@ def make_world(cfg: WorldConfig) -> World:
     names = _names(rng, cfg.people)
     people = {n: (rng.choice(CITIES), rng.choice(JOBS)) for n in names}
     world = World(cfg, people)
-    world.held["people"] = _held_set(names, cfg.seed, cfg.held_share, "person")
-    # a quarter of the acts of every risk category, and of the borderline ones
-    world.held["acts"] = set()
+    held, rlhf = _ranked_sets(names, cfg.seed, cfg.held_share, cfg.rlhf_share, "person")
+    world.held["people"], world.rlhf["people"] = held, rlhf
+    # a quarter of the acts of every risk category, and of the borderline ones (and as many
+    # again RLHF-only when the world has RLHF-only entities)
+    world.held["acts"], world.rlhf["acts"] = set(), set()
+    rlhf_acts = 0.25 if cfg.rlhf_share > 0 else 0.0
     for group in [*UNSAFE.values(), [b[0] for b in BORDERLINE]]:
-        world.held["acts"] |= _held_set(group, cfg.seed, 0.25, "act")
+        held, rlhf = _ranked_sets(group, cfg.seed, 0.25, rlhf_acts, "act")
+        world.held["acts"] |= held
+        world.rlhf["acts"] |= rlhf
     return world
 
 

@@ -55,24 +55,45 @@ class DataFiles:
     def gatt(self) -> Path:  # dialogs for Ghost Attention
         return self.root / "gatt.jsonl"
 
-    @property
-    def eval_items(self) -> Path:  # held-out prompts with checks
-        return self.root / "eval.jsonl"
+    # the test columns (world.COLUMNS): "prompts" (a) and "entities" (b); read by the
+    # evaluation only
+    def test_items(self, column: str) -> Path:
+        """Test prompts with checks."""
+        return self.root / ("eval.jsonl" if column == "entities" else f"eval_{column}.jsonl")
+
+    def test_dialogs(self, column: str) -> Path:
+        """Test dialogs under an instruction (GAtt)."""
+        tag = "" if column == "entities" else f"_{column}"
+        return self.root / f"eval_gatt{tag}.jsonl"
+
+    def test_pairs(self, kind: str, column: str) -> Path:
+        """Test comparisons graded by the annotator, for the reward models' accuracy."""
+        tag = "" if column == "entities" else f"_{column}"
+        return self.root / f"eval_pairs{tag}_{kind}.jsonl"
 
     @property
-    def eval_gatt(self) -> Path:  # held-out dialogs under an instruction
-        return self.root / "eval_gatt.jsonl"
+    def valid_items(self) -> Path:  # the validation split: what stages may choose by
+        return self.root / "valid.jsonl"
 
-    def eval_pairs(self, kind: str) -> Path:
-        """Held-out graded comparisons, for the reward models' accuracy."""
-        return self.root / f"eval_pairs_{kind}.jsonl"
+    @property
+    def valid_dialogs(self) -> Path:
+        return self.root / "valid_gatt.jsonl"
+
+    def round_prompts(self, k: int) -> Path:
+        """The prompts of RLHF round k's comparisons (round 1: prompts("annotate"))."""
+        return self.prompts("annotate") if k == 1 else self.root / f"prompts_annotate{k}.jsonl"
+
+    def round_pairs(self, kind: str, k: int) -> Path:
+        """Graded comparisons of round k's policy samples."""
+        return self.sampled_pairs(kind) if k == 1 else self.root / f"pairs_{kind}_round{k}.jsonl"
 
 
 @dataclass(frozen=True)
 class RecipePaths:
     """OUT's layout. A stage's run directory is named after it (base for pretraining; sft,
     sft_noisy, rm_helpful, rm_safety, rejection1..N, ppo, gatt), each a run directory of
-    llama2/train with its `model`."""
+    llama2/train with its `model`; rm_helpful2, rm_safety2 ... hold later RLHF rounds' reward
+    models."""
 
     out: Path
 
@@ -96,9 +117,23 @@ class RecipePaths:
         return sorted(self.out.glob("rejection[0-9]*"))
 
     def model(self, name: str) -> Path:
-        """A stage's model; `chat` is the final one (a link to Ghost Attention's) and
-        `rejection` the last round's."""
-        return self.out / "chat" if name == "chat" else self.out / name / "model"
+        """A stage's model; `chat` is the final one (a link to Ghost Attention's), `rejection`
+        the last round's, and PPO's and Ghost Attention's the one each kept for being best on
+        the validation split (validation.select)."""
+        if name == "chat":
+            return self.out / "chat"
+        return self.out / name / ("best" if name in ("ppo", "gatt") else "model")
+
+    def reward_run(self, kind: str, k: int = 1) -> Path:
+        """The run directory of round k's reward model (helpful or safety)."""
+        return self.out / (f"rm_{kind}" if k == 1 else f"rm_{kind}{k}")
+
+    def reward_model(self, kind: str) -> Path:
+        """The latest round's reward model."""
+        k = 1
+        while (self.reward_run(kind, k + 1) / "model").exists():
+            k += 1
+        return self.reward_run(kind, k) / "model"
 
     @property
     def eval(self) -> Path:  # the evaluation's results, a JSON file each

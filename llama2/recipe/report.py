@@ -9,12 +9,14 @@ from pathlib import Path
 
 from ..data.jsonl import read_jsonl_rows
 from ..data.preferences import RATINGS
-from ..eval.chat import table
+from ..eval.chat import RATE_KEYS, rate_text, table, win_text
 from ..io import write_atomic
 from .evaluate import MODELS, Evaluation
 from .items import GATT_INSTRUCTIONS
 from .paths import RecipePaths
 from .plots import plots
+from .validation import quality, regressions
+from .world import COLUMNS
 
 EVAL_KEYS = (
     "task_accuracy",
@@ -24,7 +26,12 @@ EVAL_KEYS = (
     "n_unsafe",
     "n_borderline",
     "task_accuracy_by_task",
+    "intervals",
 )
+COLUMN_NAMES = {
+    "prompts": "(a) unseen prompts: phrasings no stage saw, about entities training saw",
+    "entities": "(b) unseen entities: people, number pairs and acts no fine-tuning stage saw",
+}
 
 
 @dataclass(frozen=True)
@@ -133,39 +140,64 @@ def reward_vs_quality(paths: RecipePaths) -> dict:
     return rows
 
 
+def column_report(results: Evaluation, column: str) -> dict:
+    """The numbers measured on one test column, under the keys `floors` reads."""
+    ev = results.scores[column]
+    rms = results.reward_models
+    return {
+        "eval": {m: {k: ev[m][k] for k in EVAL_KEYS} for m in MODELS},
+        "win_rate": {"chat_vs_sft": results.win_rate[column]},
+        "paired": {"chat_vs_sft": results.paired[column]},
+        "gatt": results.gatt[column],
+        "reward_models": {
+            kind: {**r[column], "agreement_with_annotator": r["agreement_with_annotator"]}
+            for kind, r in rms.items()
+        },
+    }
+
+
 def write_report(
     paths: RecipePaths,
     results: Evaluation,
     items: list[dict],
+    valid_items: list[dict],
     seconds: dict[str, float],
     marks: Floors | None,
     seed: int,
 ) -> dict:
     """OUT/report.json, report.md and the figures from the evaluation's results (`items`: the
-    held-out items it answered, in order; `seconds`: by stage); the headline printed."""
-    ev = results.scores
+    column (a) test items it answered, in order; `valid_items`: the validation split's;
+    `seconds`: by stage); the headline printed. The top-level numbers are column (a)'s, the
+    one the floors judge; `columns` holds both."""
+    columns = {c: column_report(results, c) for c in COLUMNS}
     report = {
         "seconds": {"total": sum(seconds.values()), **seconds},
         "models": {m: str(paths.model(m)) for m in MODELS},
-        "eval": {m: {k: ev[m][k] for k in EVAL_KEYS} for m in MODELS},
-        "win_rate": results.win_rate,
-        "reward_models": results.reward_models,
-        "gatt": results.gatt,
+        **columns["prompts"],
+        "columns": columns,
+        "valid": {m: v["scores"] for m, v in results.valid.items()},
+        "valid_quality": {m: quality(v["scores"]) for m, v in results.valid.items()},
+        "regressions": regressions(results.valid, valid_items),
         "sft_data": {
             "clean_small": {
-                "task_accuracy": ev["sft"]["task_accuracy"],
+                "task_accuracy": results.scores["prompts"]["sft"]["task_accuracy"],
                 "n": _lines(paths.data.sft),
             },
             "noisy_large": {
-                "task_accuracy": ev["sft_noisy"]["task_accuracy"],
+                "task_accuracy": results.scores["prompts"]["sft_noisy"]["task_accuracy"],
                 "n": _lines(paths.data.sft_noisy),
             },
         },
     }
     report["reward_vs_quality"] = reward_vs_quality(paths)
-    report["floors"] = floors(report, marks) if marks is not None else []
+    if marks is not None:
+        report["floors"] = floors(report, marks)
+        for c in COLUMNS:
+            columns[c]["floors"] = floors(columns[c], marks)
+    else:
+        report["floors"] = []
     images = plots(paths, report)
-    shown = examples(items, results.answers["chat"])
+    shown = examples(items, results.answers["prompts"]["chat"])
     write_atomic(paths.report, json.dumps(report, indent=1))
     write_atomic(paths.report_md, markdown(paths, report, shown, images, seed))
     print(headline(report, paths, shown), flush=True)
@@ -184,24 +216,36 @@ def examples(items: list[dict], answers: list[str]) -> list[tuple[str, str, str]
 
 
 def headline(report: dict, paths: RecipePaths, shown: list[tuple[str, str, str]]) -> str:
-    w = report["win_rate"]["chat_vs_sft"]
-    lines = [
-        "",
-        table(report["eval"]),
-        f"chat vs sft (annotator): win {w['win']:.1%}, tie {w['tie']:.1%}, "
-        f"loss {w['loss']:.1%} (n={w['n']})",
-        "GAtt adherence by turn: with "
-        + ", ".join(f"{x:.0%}" for x in report["gatt"]["with"])
-        + "; without "
-        + ", ".join(f"{x:.0%}" for x in report["gatt"]["without"]),
-        f"total {report['seconds']['total']:.0f}s; floors met: "
-        + f"{sum(f['met'] for f in report['floors'])}/{len(report['floors'])}",
-        "",
-    ]
+    lines = [""]
+    for c, col in report["columns"].items():
+        w = col["win_rate"]["chat_vs_sft"]
+        g = col["gatt"]
+        lines += [
+            f"test column {COLUMN_NAMES[c]} (95% intervals):",
+            table(col["eval"]),
+            f"chat vs sft (annotator): {win_text(w)}",
+            "GAtt adherence by turn: with "
+            + ", ".join(f"{x:.0%}" for x in g["with"])
+            + "; without "
+            + ", ".join(f"{x:.0%}" for x in g["without"]),
+            "",
+        ]
+    lines.append(
+        f"total {report['seconds']['total']:.0f}s; floors met (column a): "
+        + f"{sum(f['met'] for f in report['floors'])}/{len(report['floors'])}"
+    )
+    for r in report["regressions"]:
+        lines.append(f"REGRESSION on validation: {_regression_text(r)}")
+    lines.append("")
     for kind, prompt, answer in shown:
         lines += [f"[{kind}] > {prompt}", f"  {answer}"]
     lines.append(f"\nreport: {paths.report_md}; chat with: llama2 chat {paths.model('chat')}")
     return "\n".join(lines)
+
+
+def _regression_text(r: dict) -> str:
+    p = f" (McNemar p={r['p_value']:.3g})" if "p_value" in r else ""
+    return f"{r['stage']} {r['rate']} {r['now']:.1%} against {r['before']}'s {r['was']:.1%}{p}"
 
 
 def _lines(path: Path) -> int:
@@ -222,15 +266,17 @@ def markdown(
     seed: int,
 ) -> str:
     world = json.loads(paths.data.manifest.read_text())
-    ev = report["eval"]
-    w = report["win_rate"]["chat_vs_sft"]
     md = [
         "# The Llama 2-Chat recipe in miniature",
         "",
         f"Run directory `{paths.out}`, seed {seed}, "
-        f"{report['seconds']['total']:.0f} s in all. Every number below is measured on held-out "
-        "items: request phrasings no stage's data uses, and entities (number pairs, words, "
-        "people, requested acts) no fine-tuning data mentions.",
+        f"{report['seconds']['total']:.0f} s in all. Every number below is measured on test "
+        "items no stage trained on, in two columns: "
+        + "; ".join(COLUMN_NAMES.values())
+        + ". The floors are judged on (a). Rates carry their 95% Wilson intervals; a "
+        "difference between two models on the same items carries McNemar's exact p-value. "
+        "Choices (PPO's and Ghost Attention's checkpoint) are made on a separate validation "
+        "split.",
         "",
         "## The world",
         "",
@@ -242,77 +288,38 @@ def markdown(
         "A simulated annotator compares answers on helpfulness or safety, grades the difference "
         f"on the paper's four levels and errs as people do, on close calls (on a share "
         f"{world['config']['mistake_rate']} of them, fewer as the answers differ more). "
+        "Some training entities (people, number pairs, acts) appear only in the RLHF stages' "
+        "prompts, never in the SFT demonstrations. "
         "See `llama2/recipe/vocabulary.yaml` and `items.py` for every template and rule.",
-        "",
-        "## Models on held-out items",
-        "",
-        "| model | task accuracy | safety violations | false refusals "
-        "| n (task/unsafe/borderline) |",
-        "|---|---|---|---|---|",
     ]
-    for m, e in ev.items():
-        md.append(
-            f"| {m} | {e['task_accuracy']:.1%} | {e['safety_violation_rate']:.1%} | "
-            f"{e['false_refusal_rate']:.1%} | {e['n_task']}/{e['n_unsafe']}/{e['n_borderline']} |"
-        )
-    md += [
-        "",
-        "Task accuracy by kind:",
-        "",
-        "| model | " + " | ".join(ev["sft"]["task_accuracy_by_task"]) + " |",
-        "|---" * (1 + len(ev["sft"]["task_accuracy_by_task"])) + "|",
-    ]
-    for m, e in ev.items():
-        md.append(
-            f"| {m} | " + " | ".join(f"{v:.0%}" for v in e["task_accuracy_by_task"].values()) + " |"
-        )
-    md += [
-        "",
-        f"Final model against SFT, judged by the annotator: **win {w['win']:.1%}, tie "
-        f"{w['tie']:.1%}, loss {w['loss']:.1%}** (n={w['n']}).",
-        "",
-        "![safety vs helpfulness](safety_vs_helpfulness.png)",
-        "",
-        "## Reward models",
-        "",
-        "Each is trained on the annotator's comparisons of the world's answer variants and of "
-        "the SFT model's own samples (section 3.2.1): "
-        + "; ".join(
-            f"{kind} {_lines(paths.data.pairs(kind))} + {_lines(paths.data.sampled_pairs(kind))}"
-            for kind in ("helpful", "safety")
-        )
-        + ". Accuracy below is on held-out comparisons of answer variants.",
-        "",
-        "| model | accuracy | "
-        + " | ".join(r.replace("_", " ") for r in RATINGS)
-        + " | agreement on the final model's answers |",
-        "|---" * (3 + len(RATINGS)) + "|",
-    ]
-    for kind, r in report["reward_models"].items():
-        cells = [
-            f"{r['by_rating'][x]:.1%}" if r["by_rating"].get(x) is not None else "-"
-            for x in RATINGS
-        ]
-        ag = r.get("agreement_with_annotator", {})
-        agree = f"{ag['agreement']:.1%} (n={ag['n']})" if ag.get("agreement") is not None else "-"
-        md.append(f"| {kind} | {r['accuracy']:.1%} | " + " | ".join(cells) + f" | {agree} |")
-    md += ["", "![reward model accuracy by rating](rm_accuracy.png)", "", "## Ghost Attention", ""]
-    md.append(
-        "| turn | " + " | ".join(str(i + 1) for i in range(len(report["gatt"]["with"]))) + " |"
-    )
-    md.append("|---" * (1 + len(report["gatt"]["with"])) + "|")
-    for key in ("with", "without"):
-        md.append(f"| {key} GAtt | " + " | ".join(f"{x:.0%}" for x in report["gatt"][key]) + " |")
+    for c, col in report["columns"].items():
+        md += _column_markdown(c, col)
+    md += ["", "![safety vs helpfulness](safety_vs_helpfulness.png)", ""]
+    md += _reward_model_markdown(paths, report)
     sd = report["sft_data"]
     md += [
-        "",
-        "![GAtt by turn](gatt.png)",
         "",
         "## Fewer but better (section 3.1)",
         "",
         f"SFT on {sd['clean_small']['n']} clean demonstrations: task accuracy "
         f"{sd['clean_small']['task_accuracy']:.1%}; on {sd['noisy_large']['n']} with "
-        f"{world['config']['noise']:.0%} noisy answers: {sd['noisy_large']['task_accuracy']:.1%}.",
+        f"{world['config']['noise']:.0%} noisy answers: {sd['noisy_large']['task_accuracy']:.1%} "
+        "(column a).",
+        "",
+        "## Validation split: each stage against the one before",
+        "",
+        "| model | task accuracy | violations | false refusals | quality |",
+        "|---|---|---|---|---|",
+    ]
+    for m, v in report["valid"].items():
+        cells = " | ".join(rate_text(v, k) for k in RATE_KEYS)
+        md.append(f"| {m} | {cells} | {report['valid_quality'][m]:.3f} |")
+    md.append("")
+    if report["regressions"]:
+        md += [f"- **regression**: {_regression_text(r)}" for r in report["regressions"]]
+    else:
+        md.append("No stage is worse than the stage before it on any validation rate.")
+    md += [
         "",
         "## PPO and the stages' curves",
         "",
@@ -335,19 +342,89 @@ def markdown(
             f"| {_f(r.get('tuned_held_out_task_accuracy'), 1)} |"
             for name, r in report["reward_vs_quality"].items()
         ],
-        "",
-        "## Floors",
-        "",
-        "| floor | met | measured |",
-        "|---|---|---|",
     ]
-    md += [
-        f"| {f['floor']} | {'yes' if f['met'] else '**no**'} | {f['measured']} |"
-        for f in report["floors"]
-    ]
-    md += ["", "## Held-out exchanges with the final model", ""]
+    for c, col in report["columns"].items():
+        md += ["", f"## Floors, column {COLUMN_NAMES[c][:3]}", ""]
+        md += ["| floor | met | measured |", "|---|---|---|"]
+        md += [
+            f"| {f['floor']} | {'yes' if f['met'] else '**no**'} | {f['measured']} |"
+            for f in col.get("floors", [])
+        ]
+    md += ["", "## Test exchanges with the final model (column a)", ""]
     for kind, prompt, answer in shown:
         md += [f"- *{kind}*: **{prompt}** → {answer}"]
     md += ["", "## Time by stage (seconds)", ""]
     md += [f"- {k}: {v:.0f}" for k, v in report["seconds"].items()]
     return "\n".join(md) + "\n"
+
+
+def _column_markdown(column: str, col: dict) -> list[str]:
+    ev, w = col["eval"], col["win_rate"]["chat_vs_sft"]
+    md = [
+        "",
+        f"## Models on test column {COLUMN_NAMES[column]}",
+        "",
+        "| model | task accuracy | safety violations | false refusals "
+        "| n (task/unsafe/borderline) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, e in ev.items():
+        cells = " | ".join(rate_text(e, k) for k in RATE_KEYS)
+        md.append(f"| {m} | {cells} | {e['n_task']}/{e['n_unsafe']}/{e['n_borderline']} |")
+    kinds = list(ev["sft"]["task_accuracy_by_task"])
+    md += ["", "Task accuracy by kind:", "", "| model | " + " | ".join(kinds) + " |"]
+    md.append("|---" * (1 + len(kinds)) + "|")
+    for m, e in ev.items():
+        by = e["task_accuracy_by_task"]
+        md.append(f"| {m} | " + " | ".join(f"{by[k]:.0%}" for k in kinds if k in by) + " |")
+    md += ["", f"Final model against SFT, judged by the annotator: **{win_text(w)}**.", ""]
+    tests = col["paired"]["chat_vs_sft"]
+    md += [
+        "Paired on the same items (McNemar): "
+        + "; ".join(
+            f"{k.replace('_', ' ')}: {t['first']} items only chat, {t['second']} only SFT, "
+            f"p={t['p_value']:.3g}"
+            for k, t in tests.items()
+        )
+        + ".",
+        "",
+        "Ghost Attention, instruction adherence by turn:",
+        "",
+    ]
+    g = col["gatt"]
+    md.append("| turn | " + " | ".join(str(i + 1) for i in range(len(g["with"]))) + " |")
+    md.append("|---" * (1 + len(g["with"])) + "|")
+    for key in ("with", "without"):
+        md.append(f"| {key} GAtt | " + " | ".join(f"{x:.0%}" for x in g[key]) + " |")
+    return md
+
+
+def _reward_model_markdown(paths: RecipePaths, report: dict) -> list[str]:
+    md = [
+        "## Reward models",
+        "",
+        "Each is trained on the annotator's comparisons of the world's answer variants and of "
+        "the policy's own samples, round by round (section 3.2.1; each later round's reward "
+        "model continues from the one before on the new comparisons). Accuracy below is on "
+        "test comparisons of answer variants (the last round's models).",
+        "",
+        "| model | column | accuracy | "
+        + " | ".join(r.replace("_", " ") for r in RATINGS)
+        + " | agreement on the final model's answers |",
+        "|---" * (4 + len(RATINGS)) + "|",
+    ]
+    for c, col in report["columns"].items():
+        for kind, r in col["reward_models"].items():
+            cells = [
+                f"{r['by_rating'][x]:.1%}" if r["by_rating"].get(x) is not None else "-"
+                for x in RATINGS
+            ]
+            ag = r.get("agreement_with_annotator", {})
+            agree = (
+                f"{ag['agreement']:.1%} (n={ag['n']})" if ag.get("agreement") is not None else "-"
+            )
+            low, high = r.get("interval", (r["accuracy"], r["accuracy"]))
+            acc = f"{r['accuracy']:.1%} [{100 * low:.1f}, {100 * high:.1f}]"
+            md.append(f"| {kind} | {c} | {acc} | " + " | ".join(cells) + f" | {agree} |")
+    md += ["", "![reward model accuracy by rating](rm_accuracy.png)"]
+    return md

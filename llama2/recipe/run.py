@@ -43,6 +43,7 @@ STAGES = (
     "eval",
     "report",
 )
+KINDS = ("helpful", "safety")  # the two reward models
 # stage settings sections of the recipe config, and the stage command each configures
 SECTIONS = {
     "pretrain": "pretrain",
@@ -64,6 +65,7 @@ TOP = {
     "eval_max_new_tokens": 48,
     "eval_n": 0,  # held-out items evaluated per model (0: all)
     "agreement_items": 120,  # held-out prompts whose final-model answers the RMs judge
+    "reward_update_steps": 100,  # each later RLHF round's reward model update
 }
 
 
@@ -269,18 +271,26 @@ class Recipe:
         self._sft_run("sft_noisy", self.paths.data.sft_noisy)
 
     def _annotate(self) -> None:
-        """Comparisons of the SFT model's own samples (section 3.2.1), beside the world's
-        answer variants, for the reward models: data/pairs_{helpful,safety}_sft.jsonl."""
+        self.annotate(1, self.paths.model("sft"))
+
+    def annotate(self, k: int, policy: Path) -> None:
+        """Round k's comparisons of the current policy's own samples (section 3.2.1: round 1
+        the SFT model's), beside the world's answer variants, for the reward models:
+        data/pairs_{helpful,safety}_sft.jsonl (round 1), pairs_KIND_roundK.jsonl after.
+        Each round's prompts are a new batch (world.round_prompts)."""
         from ..data.jsonl import write_jsonl
         from ..eval.chat import answer_all, read_items
         from ..eval.judges import Annotator
-        from .world import sample_pairs
+        from .world import round_prompts, sample_pairs
 
-        rows = read_items(self.paths.data.prompts("annotate"))
-        k, seed = self.cfg["annotate_samples"], self.cfg["seed"]
+        data = self.paths.data
+        if k > 1 and not data.round_prompts(k).exists():
+            write_jsonl(data.round_prompts(k), round_prompts(self.world, k))
+        rows = read_items(data.round_prompts(k))
+        n, seed = self.cfg["annotate_samples"], self.cfg["seed"] + 7919 * (k - 1)
         pairs: dict[str, list[dict]] = {"helpful": [], "safety": []}
-        if k >= 2:  # (fewer samples make no comparisons)
-            llm = self.load(self.paths.model("sft"))
+        if n >= 2:  # (fewer samples make no comparisons)
+            llm = self.load(policy)
             samples = [
                 answer_all(
                     llm,
@@ -288,16 +298,16 @@ class Recipe:
                     self.cfg["eval_max_new_tokens"],
                     temperature=self.cfg["annotate_temperature"],
                     seed=seed + 10**6 * (j + 1),
-                    desc=f"sample {j + 1}/{k}",
+                    desc=f"round {k} sample {j + 1}/{n}",
                 )
-                for j in range(k)
+                for j in range(n)
             ]
             by_prompt = [list(s) for s in zip(*samples, strict=True)]
             pairs = sample_pairs(rows, by_prompt, Annotator(self.world.mistake_rate, seed))
         for kind, got in pairs.items():
-            write_jsonl(self.paths.data.sampled_pairs(kind), got)
+            write_jsonl(data.round_pairs(kind, k), got)
         self.log(
-            f"  {len(rows)} prompts x {k} samples: "
+            f"  round {k}: {len(rows)} prompts x {n} samples: "
             + ", ".join(f"{len(v)} {kind} comparisons" for kind, v in pairs.items())
         )
 
@@ -308,17 +318,27 @@ class Recipe:
 
         return load(path, device=pick_device(self.cfg["device"]), **kw)
 
-    def _reward(self, kind: str) -> None:
+    def _reward(self, kind: str, k: int = 1) -> None:
+        """Round k's reward model: round 1 from the SFT model on the world's graded variants
+        and the comparisons of the SFT model's samples; round k > 1 continues round k-1's on
+        those and every round's comparisons so far (the paper's RLHF-V1..V5, section 3.2.3),
+        for `reward_update_steps` steps."""
         from ..train.reward import reward
 
-        name = f"rm_{kind}"
-        run = self.paths.run(name)
-        # the world's graded variants and the comparisons of the SFT model's samples (none
-        # when the annotator scored every two samples alike)
-        files = [self.paths.data.pairs(kind), self.paths.data.sampled_pairs(kind)]
-        data = ",".join(str(f) for f in files if f.exists() and f.stat().st_size)
-        sft = self.paths.model("sft")
-        cfg = self.stage_config("reward", name, init_from=str(sft), data=data)
+        run = self.paths.reward_run(kind, k)
+        if self.resume and (run / "model").exists():
+            return
+        data = self.paths.data
+        files = [data.pairs(kind), *(data.round_pairs(kind, j) for j in range(1, k + 1))]
+        # (a round whose every two samples the annotator scored alike has no comparisons)
+        pairs = ",".join(str(f) for f in files if f.exists() and f.stat().st_size)
+        if k == 1:
+            init, settings = self.paths.model("sft"), {}
+        else:
+            init = self.paths.reward_run(kind, k - 1) / "model"
+            settings = {"steps": self.cfg["reward_update_steps"]}
+        name = run.name
+        cfg = self.stage_config("reward", name, init_from=str(init), data=pairs, **settings)
         reward(cfg, run, resume=self.resumable(run))
 
     def _reward_helpful(self) -> None:
@@ -329,8 +349,8 @@ class Recipe:
 
     def _reward_models(self) -> dict[str, str]:
         return {
-            "reward_model": str(self.paths.model("rm_helpful")),
-            "safety_model": str(self.paths.model("rm_safety")),
+            "reward_model": str(self.paths.reward_model("helpful")),
+            "safety_model": str(self.paths.reward_model("safety")),
         }
 
     def _rejection(self) -> None:
@@ -340,6 +360,13 @@ class Recipe:
         for k in range(1, self.cfg["rejection_rounds"] + 1):
             name = f"rejection{k}"
             run = self.paths.run(name)
+            if k > 1 and not (run / "model").exists():
+                # iterative RLHF: the reward models learn from the current policy's samples
+                # before they choose among its next ones
+                if not all(self.paths.data.round_pairs(kind, k).exists() for kind in KINDS):
+                    self.annotate(k, policy)
+                for kind in KINDS:
+                    self._reward(kind, k)
             settings = {
                 "init_from": str(policy),
                 "data": str(self.paths.data.prompts("rejection")),
@@ -366,7 +393,16 @@ class Recipe:
             data=str(self.paths.data.prompts("ppo")),
             **self._reward_models(),
         )
-        ppo(cfg, run, resume=self.resumable(run))
+        if not (self.resume and (run / "valid.json").exists()):
+            ppo(cfg, run, resume=self.resumable(run))
+        self.select("ppo", self.paths.model("rejection"))
+
+    def select(self, name: str, start: Path, **kw) -> None:
+        from .validation import select
+
+        mnt = self.cfg["eval_max_new_tokens"]
+        chosen = select(self.paths, name, start, self.load, mnt, log=self.log, **kw)
+        self.log(f"  {name}: keeps {chosen.resolve().relative_to(self.paths.out.resolve())}")
 
     def _gatt(self) -> None:
         from ..train.gatt import gatt
@@ -384,8 +420,10 @@ class Recipe:
             data=str(self.paths.data.gatt),
             **replay,
         )
-        gatt(cfg, run, resume=self.resumable(run, ("gatt.jsonl",)))
-        point_link(self.paths.model("chat"), self.paths.model("gatt"))
+        if not (self.resume and (run / "valid.json").exists()):
+            gatt(cfg, run, resume=self.resumable(run, ("gatt.jsonl",)))
+        self.select("gatt", self.paths.model("ppo"), with_dialogs=True, checkpoints=run / "sft")
+        point_link(self.paths.model("chat"), self.paths.model("gatt").resolve())
 
     def _eval_settings(self):
         from .evaluate import EvalSettings
@@ -406,14 +444,16 @@ class Recipe:
     def _report(self) -> None:
         """The report of the evaluation's results, checked against the config's floors (a
         config without a `floors:` section checks none)."""
-        from .evaluate import Evaluation, held_out_items
+        from ..eval.chat import read_items
+        from .evaluate import Evaluation, test_items
         from .report import Floors, write_report
 
         floors = self.cfg.get("floors")
         write_report(
             self.paths,
             Evaluation.read(self.paths),
-            held_out_items(self.paths.data, self.cfg["eval_n"], self.cfg["seed"]),
+            test_items(self.paths.data, "prompts", self.cfg["eval_n"], self.cfg["seed"]),
+            read_items(self.paths.data.valid_items),
             dict(self.state["done"]),
             Floors(**floors) if floors else None,
             self.cfg["seed"],
@@ -426,11 +466,36 @@ def run_recipe(
     smoke: bool = False,
     resume: bool = False,
     overrides: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
 ) -> dict:
+    """Run the recipe into `out`; with `seeds`, once per seed into OUT/seedN, then
+    OUT/summary.json and summary.md over them (summary.summarize); returns the report (the
+    summary)."""
     cfg = (
         load_config(config, overrides)
         if config
         else apply_overrides(default_config(smoke), overrides)
     )
     out = Path(out)
-    return Recipe(cfg, out, resume, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if not seeds:
+        return Recipe(cfg, out, resume, log=log).run()
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: a seed is repeated")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: pass --resume, or choose another --out")
+    for i, seed in enumerate(seeds, 1):
+        run = out / f"seed{seed}"
+        log(f"[recipe seed {seed}: {i}/{len(seeds)}] into {run}")
+        again = resume and (run / "recipe.json").exists()
+        Recipe({**cfg, "seed": seed}, run, again, log=log).run()
+    from .report import Floors
+    from .summary import summarize
+
+    floors = cfg.get("floors")
+    summary = summarize(out, list(seeds), Floors(**floors) if floors else None)
+    log(f"[recipe] over seeds {list(seeds)}: {out / 'summary.md'}")
+    return summary

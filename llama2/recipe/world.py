@@ -45,9 +45,14 @@ from .items import (
     OPENERS,
     REQUEST_TEMPLATES,
     SENTENCES,
+    SFT,
     TASK_TEMPLATES,
+    TRAIN,
     UNSAFE,
+    UNSEEN_ENTITIES,
+    UNSEEN_PROMPTS,
     Item,
+    Split,
     World,
     WorldConfig,
     make_world,
@@ -55,6 +60,10 @@ from .items import (
     variants,
 )
 from .paths import DataFiles
+
+# the test columns: (a) prompts no stage saw, about entities training saw; (b) entities (and
+# phrasings) no fine-tuning stage saw
+COLUMNS = {"prompts": UNSEEN_PROMPTS, "entities": UNSEEN_ENTITIES}
 
 # --- pretraining documents -------------------------------------------------------------------
 
@@ -83,16 +92,16 @@ def documents(world: World, rng: random.Random) -> list[str]:
     for _ in range(cfg.people * 6):
         lines = []
         for _ in range(6):
-            a, b = world._pair(rng, False, "compare", 1, 99)
+            a, b = world._pair(rng, TRAIN, "compare", 1, 99)
             lines.append(rng.choice(SENTENCES["bigger"]).format(x=max(a, b), y=min(a, b)))
         docs.append(" ".join(lines))
     # exercises: the tasks posed and answered in plain text (as the web is full of), in the
-    # training phrasings, about training entities only; the chat format stays for SFT to teach
-    qa = [world.task(rng, False) for _ in range(cfg.exercises)]
+    # training phrasings, about SFT's entities only; the chat format stays for SFT to teach
+    qa = [world.task(rng, SFT) for _ in range(cfg.exercises)]
     for i in range(0, len(qa), 8):
         docs.append("\n".join(f"Q: {q.prompt}\nA: {q.answer}" for q in qa[i : i + 8]))
     for _ in range(cfg.people * 6):  # training lists of numbers and their last number
-        nums = world.number_list(rng, False)
+        nums = world.number_list(rng, TRAIN)
         docs.append(rng.choice(SENTENCES["ends"]).format(l=", ".join(nums), w=nums[-1]))
     for _ in range(cfg.people * 8):  # repeated lists: they teach copying from the context
         words = rng.sample(NOUNS, rng.randint(3, 6))
@@ -132,7 +141,7 @@ def sft_dialogs(world: World, n: int, rng: random.Random, noise: float = 0.0) ->
     out = []
     for _ in range(n):
         turns = rng.randint(2, 3) if rng.random() < 0.08 else 1
-        items = [world.prompt(rng, False, instructions=True) for _ in range(turns)]
+        items = [world.prompt(rng, SFT, instructions=True) for _ in range(turns)]
         messages = []
         for item in items:
             answer = noisy(world, item, rng) if rng.random() < noise else item.answer
@@ -142,7 +151,7 @@ def sft_dialogs(world: World, n: int, rng: random.Random, noise: float = 0.0) ->
 
 
 def preference_pairs(
-    world: World, n: int, rng: random.Random, aspect: str, held: bool = False
+    world: World, n: int, rng: random.Random, aspect: str, split: Split = TRAIN
 ) -> list[dict]:
     """Comparisons graded by the simulated annotator (section 3.2.1): two answers of varied
     quality to a prompt, the annotator's choice and its rating. Helpfulness pairs are mostly
@@ -152,9 +161,9 @@ def preference_pairs(
     out = []
     while len(out) < n:
         if aspect == "safety":
-            item = world.unsafe(rng, held) if rng.random() < 0.7 else world.borderline(rng, held)
+            item = world.unsafe(rng, split) if rng.random() < 0.7 else world.borderline(rng, split)
         else:
-            item = world.prompt(rng, held, instructions=True)
+            item = world.prompt(rng, split, instructions=True)
         a, b = rng.sample(variants(world, item, rng), 2)
         row = graded_pair(annotator, item.messages(), item.check, a, b, aspect)
         if row is not None:
@@ -207,7 +216,7 @@ def prompt_rows(items: list[Item]) -> list[dict]:
     ]
 
 
-def gatt_rows(world: World, n: int, rng: random.Random, held: bool) -> list[dict]:
+def gatt_rows(world: World, n: int, rng: random.Random, split: Split) -> list[dict]:
     """Multi-turn dialogs of gatt_turns turns, each with a system instruction (section 3.3).
     Training dialogs are drawn from the world's whole mix (fine-tuned on tasks alone, a model
     unlearns refusing unsafe requests); every honoured answer becomes an example
@@ -215,30 +224,45 @@ def gatt_rows(world: World, n: int, rng: random.Random, held: bool) -> list[dict
     rows = []
     for _ in range(n):
         turns = world.cfg.gatt_turns
-        draw = world.task if held else world.prompt
+        draw = world.task if split.phrasing == "held" else world.prompt
         rows.append(
             {
-                "turns": [draw(rng, held).prompt for _ in range(turns)],
+                "turns": [draw(rng, split).prompt for _ in range(turns)],
                 "instruction": rng.choice(GATT_INSTRUCTIONS),
             }
         )
     return rows
 
 
-def eval_rows(world: World, n: int, rng: random.Random) -> list[dict]:
-    """The held-out items: a third unsafe and borderline requests, the rest tasks of every
-    kind in equal shares."""
-    items = []
+def eval_rows(
+    world: World, n: int, rng: random.Random, split: Split, exclude: set[str] = frozenset()
+) -> list[dict]:
+    """Test or validation items: a third unsafe and borderline requests, the rest tasks of
+    every kind in equal shares; none whose prompt is in `exclude` (the validation split leaves
+    out the test items' prompts)."""
+    items: list[Item] = []
     kinds = list(TASK_TEMPLATES)
-    for i in range(n):
-        r = i % 6
+    while len(items) < n:
+        i, r = len(items), len(items) % 6
         if r == 0:
-            items.append(world.unsafe(rng, True))
+            item = world.unsafe(rng, split)
         elif r == 1:
-            items.append(world.borderline(rng, True))
+            item = world.borderline(rng, split)
         else:
-            items.append(world.task(rng, True, kinds[i % len(kinds)]))
+            item = world.task(rng, split, kinds[i % len(kinds)])
+        if item.prompt not in exclude:
+            items.append(item)
     return prompt_rows(items)
+
+
+def round_prompts(cfg: WorldConfig, k: int) -> list[dict]:
+    """The prompts of RLHF round k >= 2's comparisons (cfg.update_prompts, a stream of their
+    own): a new batch each round, as the paper's annotators got each week."""
+    world = make_world(cfg)
+    rng = random.Random(f"{cfg.seed}:annotate{k}")
+    return prompt_rows(
+        [world.prompt(rng, TRAIN, instructions=True) for _ in range(cfg.update_prompts)]
+    )
 
 
 def write_world(cfg: WorldConfig, out: Path) -> dict:
@@ -253,8 +277,13 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         return random.Random(f"{cfg.seed}:{stream}")
 
     def draw(r: random.Random, n: int) -> list[Item]:
-        return [world.prompt(r, False, instructions=True) for _ in range(n)]
+        return [world.prompt(r, TRAIN, instructions=True) for _ in range(n)]
 
+    tests = {
+        "prompts": eval_rows(world, cfg.eval_items, rng("eval_prompts"), UNSEEN_PROMPTS),
+        "entities": eval_rows(world, cfg.eval_items, rng("eval"), UNSEEN_ENTITIES),
+    }
+    seen = {r["prompt"][-1]["content"] for rows in tests.values() for r in rows}
     files = {
         data.sft: sft_dialogs(world, cfg.sft_items, rng("sft")),
         data.sft_noisy: sft_dialogs(world, cfg.sft_noisy_items, rng("noisy"), cfg.noise),
@@ -263,17 +292,25 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         data.prompts("annotate"): prompt_rows(draw(rng("annotate"), cfg.annotate_prompts)),
         data.prompts("rejection"): prompt_rows(draw(rng("rs"), cfg.rejection_prompts)),
         data.prompts("ppo"): prompt_rows(draw(rng("ppo"), cfg.ppo_prompts)),
-        data.gatt: gatt_rows(world, cfg.gatt_dialogs, rng("gatt"), held=False),
-        data.eval_items: eval_rows(world, cfg.eval_items, rng("eval")),
-        data.eval_gatt: gatt_rows(world, cfg.eval_dialogs, rng("eval_gatt"), held=True),
-        # the reward models' held-out comparisons: held-out items, the same annotator
-        data.eval_pairs("helpful"): preference_pairs(
-            world, cfg.eval_pairs, rng("eph"), "helpfulness", held=True
-        ),
-        data.eval_pairs("safety"): preference_pairs(
-            world, cfg.eval_pairs, rng("eps"), "safety", held=True
-        ),
+        data.gatt: gatt_rows(world, cfg.gatt_dialogs, rng("gatt"), TRAIN),
+        data.valid_items: eval_rows(world, cfg.valid_items, rng("valid"), UNSEEN_PROMPTS, seen),
+        data.valid_dialogs: gatt_rows(world, cfg.valid_dialogs, rng("valid_gatt"), UNSEEN_PROMPTS),
     }
+    for column, split in COLUMNS.items():
+        # (entities keeps the stream names the test items had before a second column)
+        tag = "" if column == "entities" else "_prompts"
+        files[data.test_items(column)] = tests[column]
+        files[data.test_dialogs(column)] = gatt_rows(
+            world, cfg.eval_dialogs, rng(f"eval_gatt{tag}"), split
+        )
+        # the reward models' held-out comparisons, graded by the same annotator
+        for kind, aspect, stream in (
+            ("helpful", "helpfulness", "eph"),
+            ("safety", "safety", "eps"),
+        ):
+            files[data.test_pairs(kind, column)] = preference_pairs(
+                world, cfg.eval_pairs, rng(stream + tag), aspect, split
+            )
     for path, rows in files.items():
         write_jsonl(path, rows)
     data.corpus.parent.mkdir(exist_ok=True)
@@ -284,6 +321,7 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         "files": {path.name: len(rows) for path, rows in files.items()},
         "documents": len(docs),
         "held_out": {k: sorted(v) for k, v in world.held.items()},
+        "rlhf_only": {k: sorted(v) for k, v in world.rlhf.items()},
         "templates": {
             "tasks": TASK_TEMPLATES,
             "requests": REQUEST_TEMPLATES,
