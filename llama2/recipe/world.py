@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -216,26 +217,39 @@ def prompt_rows(items: list[Item]) -> list[dict]:
     ]
 
 
-def gatt_rows(world: World, n: int, rng: random.Random, split: Split) -> list[dict]:
+def gatt_rows(
+    world: World, n: int, rng: random.Random, split: Split, exclude: Collection[str] = ()
+) -> list[dict]:
     """Multi-turn dialogs of gatt_turns turns, each with a system instruction (section 3.3).
     Training dialogs are drawn from the world's whole mix (fine-tuned on tasks alone, a model
     unlearns refusing unsafe requests); every honoured answer becomes an example
-    (train/gatt.py), so each turn position is taught. The evaluation's dialogs are tasks."""
+    (train/gatt.py), so each turn position is taught. The evaluation's dialogs are tasks,
+    none of whose turns is in `exclude`."""
     rows = []
+    draw = world.task if split.phrasing == "held" else world.prompt
     for _ in range(n):
-        turns = world.cfg.gatt_turns
-        draw = world.task if split.phrasing == "held" else world.prompt
-        rows.append(
-            {
-                "turns": [draw(rng, split).prompt for _ in range(turns)],
-                "instruction": rng.choice(GATT_INSTRUCTIONS),
-            }
-        )
+        turns: list[str] = []
+        while len(turns) < world.cfg.gatt_turns:
+            text = draw(rng, split).prompt
+            if text not in exclude:
+                turns.append(text)
+        rows.append({"turns": turns, "instruction": rng.choice(GATT_INSTRUCTIONS)})
     return rows
 
 
+def prompt_texts(rows: list[dict]) -> set[str]:
+    """The user requests of data rows (prompts, comparisons, dialogs), without instructions."""
+    out = set()
+    for r in rows:
+        if "turns" in r:
+            out |= set(r["turns"])
+        else:
+            out |= {m["content"].split("\n\n")[-1] for m in r["prompt"] if m["role"] == "user"}
+    return out
+
+
 def eval_rows(
-    world: World, n: int, rng: random.Random, split: Split, exclude: set[str] = frozenset()
+    world: World, n: int, rng: random.Random, split: Split, exclude: Collection[str] = ()
 ) -> list[dict]:
     """Test or validation items: a third unsafe and borderline requests, the rest tasks of
     every kind in equal shares; none whose prompt is in `exclude` (the validation split leaves
@@ -279,11 +293,6 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
     def draw(r: random.Random, n: int) -> list[Item]:
         return [world.prompt(r, TRAIN, instructions=True) for _ in range(n)]
 
-    tests = {
-        "prompts": eval_rows(world, cfg.eval_items, rng("eval_prompts"), UNSEEN_PROMPTS),
-        "entities": eval_rows(world, cfg.eval_items, rng("eval"), UNSEEN_ENTITIES),
-    }
-    seen = {r["prompt"][-1]["content"] for rows in tests.values() for r in rows}
     files = {
         data.sft: sft_dialogs(world, cfg.sft_items, rng("sft")),
         data.sft_noisy: sft_dialogs(world, cfg.sft_noisy_items, rng("noisy"), cfg.noise),
@@ -293,17 +302,15 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         data.prompts("rejection"): prompt_rows(draw(rng("rs"), cfg.rejection_prompts)),
         data.prompts("ppo"): prompt_rows(draw(rng("ppo"), cfg.ppo_prompts)),
         data.gatt: gatt_rows(world, cfg.gatt_dialogs, rng("gatt"), TRAIN),
-        data.valid_items: eval_rows(world, cfg.valid_items, rng("valid"), UNSEEN_PROMPTS, seen),
-        data.valid_dialogs: gatt_rows(world, cfg.valid_dialogs, rng("valid_gatt"), UNSEEN_PROMPTS),
     }
+    tested: set[str] = set()
     for column, split in COLUMNS.items():
-        # (entities keeps the stream names the test items had before a second column)
-        tag = "" if column == "entities" else "_prompts"
-        files[data.test_items(column)] = tests[column]
+        tag = "" if column == "entities" else "_prompts"  # column (b)'s streams: eval, eph ...
+        files[data.test_items(column)] = eval_rows(world, cfg.eval_items, rng(f"eval{tag}"), split)
         files[data.test_dialogs(column)] = gatt_rows(
             world, cfg.eval_dialogs, rng(f"eval_gatt{tag}"), split
         )
-        # the reward models' held-out comparisons, graded by the same annotator
+        # the reward models' test comparisons, graded by the same annotator
         for kind, aspect, stream in (
             ("helpful", "helpfulness", "eph"),
             ("safety", "safety", "eps"),
@@ -311,6 +318,17 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
             files[data.test_pairs(kind, column)] = preference_pairs(
                 world, cfg.eval_pairs, rng(stream + tag), aspect, split
             )
+        for path in (data.test_items(column), data.test_dialogs(column)):
+            tested |= prompt_texts(files[path])
+        tested |= prompt_texts(files[data.test_pairs("helpful", column)])
+        tested |= prompt_texts(files[data.test_pairs("safety", column)])
+    # the validation split: drawn as column (a) is, none of any test row's requests
+    files[data.valid_items] = eval_rows(
+        world, cfg.valid_items, rng("valid"), UNSEEN_PROMPTS, tested
+    )
+    files[data.valid_dialogs] = gatt_rows(
+        world, cfg.valid_dialogs, rng("valid_gatt"), UNSEEN_PROMPTS, tested
+    )
     for path, rows in files.items():
         write_jsonl(path, rows)
     data.corpus.parent.mkdir(exist_ok=True)
