@@ -437,15 +437,44 @@ def test_sample_pairs_grade_a_models_own_answers_two_by_two():
 
 @pytest.mark.slow
 def test_recipe_smoke_from_nothing(tmp_path):
-    out = tmp_path / "recipe"
+    top = tmp_path / "recipe"
     run = subprocess.run(
-        [sys.executable, "-m", "llama2.cli", "recipe", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "llama2.cli", "recipe", "--smoke", "--seeds", "0,1", "--out",
+         str(top)],
         capture_output=True,
         text=True,
-        timeout=900,
-    )
+        timeout=1200,
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    # over the seeds: every headline number's mean and range, the floors on the means
+    summary = json.loads((top / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    for column in ("prompts", "entities"):
+        numbers = summary["columns"][column]["numbers"]
+        s = numbers["chat task_accuracy"]
+        assert s["low"] <= s["mean"] <= s["high"] and s["n"] == 2
+        assert len(summary["columns"][column]["floors_on_means"]) == 8
+        assert set(summary["columns"][column]["floors_by_seed"]) == {"0", "1"}
+    assert "Floors met on the means" in (top / "summary.md").read_text()
+    out = top / "seed0"
+    seed1 = json.loads((top / "seed1" / "recipe.json").read_text())
+    assert seed1["config"]["seed"] == 1
     report = json.loads((out / "report.json").read_text())
+    # both test columns, the rates' intervals, the paired test, the validation split
+    assert set(report["columns"]) == {"prompts", "entities"}
+    assert report["eval"] == report["columns"]["prompts"]["eval"]
+    for e in report["eval"].values():
+        for key, (low, high) in e["intervals"].items():
+            assert low <= e[key] <= high
+    assert set(report["paired"]["chat_vs_sft"]) >= {"task_accuracy", "safety_violation_rate"}
+    assert set(report["valid"]) >= {"sft", "rejection", "ppo", "chat"}
+    assert isinstance(report["regressions"], list)
+    # the RLHF rounds: round 2's comparisons and reward models; PPO and GAtt's choice
+    assert (out / "data" / "pairs_helpful_round2.jsonl").exists()
+    assert (out / "rm_helpful2" / "model" / "config.json").exists()
+    for stage in ("ppo", "gatt"):
+        chosen = json.loads((out / stage / "valid.json").read_text())["chosen"]
+        assert chosen == "start" or chosen.startswith("step_")
     assert set(report) >= {"seconds", "models", "eval", "win_rate", "reward_models", "gatt",
                            "sft_data"}  # fmt: skip
     assert set(report["models"]) == {"base", "sft", "rejection", "ppo", "chat"}
@@ -469,7 +498,7 @@ def test_recipe_smoke_from_nothing(tmp_path):
                 "rm_accuracy.png"):  # fmt: skip
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         assert f"({png})" in (out / "report.md").read_text()
-    assert (out / "chat").resolve() == (out / "gatt" / "sft" / "model").resolve()
+    assert (out / "chat").resolve() == (out / "gatt" / "best").resolve()
     assert "model" in run.stdout and "[unsafe]" in run.stdout  # the headline table, exchanges
     # transformers opens the final model; the stages' data is where the report says
     import torch
@@ -495,6 +524,7 @@ def test_recipe_smoke_from_nothing(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "McNemar p=" in ev.stdout and "% [" in ev.stdout  # intervals, the paired test
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["n_task"] + e["n_unsafe"] + e["n_borderline"] == 24
     assert e["win_rate"]["n"] == 24

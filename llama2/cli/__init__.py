@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--against", default=None, help="a second model: win/tie/loss against it")
     chat.add_argument("--data", default=None, help="a recipe's data/ (default: the world, seed 0)")
     chat.add_argument("--n", type=int, default=None, help="held-out items to sample (default all)")
+    chat.add_argument(
+        "--column",
+        choices=("prompts", "entities"),
+        default="prompts",
+        help="the test column: unseen prompts about known entities (default), or unseen entities",
+    )
     chat.add_argument("--seed", type=int, default=0, help="of the item sample and the annotator")
     chat.add_argument("--max-new-tokens", type=int, default=48)
     chat.add_argument("--json", default=None, help="write the numbers to this file")

@@ -10,30 +10,36 @@ from .models import model_name
 def cmd_eval_chat(args) -> None:
     import tempfile
 
-    from ..eval.chat import evaluate, read_dialogs, read_items, sample, table, to_json
+    from ..eval.chat import evaluate, read_dialogs, read_items, sample, table, to_json, win_text
     from ..io import write_atomic
     from ..llm import load
+    from ..recipe.paths import DataFiles
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else Path(tmp)
+        data = DataFiles(Path(args.data) if args.data else Path(tmp))
         if args.data is None:  # the world of a default recipe
             from ..recipe.world import WorldConfig, write_world
 
-            write_world(WorldConfig(), data)
-        items = sample(read_items(data / "eval.jsonl"), args.n, args.seed)
-        dialogs = read_dialogs(data / "eval_gatt.jsonl")
+            write_world(WorldConfig(), data.root)
+        items = sample(read_items(data.test_items(args.column)), args.n, args.seed)
+        dialogs = read_dialogs(data.test_dialogs(args.column))
     llm = load(args.model)
     against = load(args.against) if args.against else None
     r = evaluate(llm, items, dialogs, against, args.max_new_tokens, args.seed)
     rows = {Path(args.model).name: r}
     if against is not None:
         rows[Path(args.against).name] = r["against"]
+    print(f"test column: unseen {args.column} (95% intervals)")
     print(table(rows))
     if "gatt_by_turn" in r:
         print("GAtt adherence by turn: " + ", ".join(f"{x:.0%}" for x in r["gatt_by_turn"]))
     if "win_rate" in r:
-        w = r["win_rate"]
-        print(f"win {w['win']:.1%}, tie {w['tie']:.1%}, loss {w['loss']:.1%} (n={w['n']})")
+        print(win_text(r["win_rate"]))
+        for key, t in r["paired"].items():
+            print(
+                f"{key}: {t['first']} items only {Path(args.model).name}, {t['second']} only "
+                f"{Path(args.against).name}: McNemar p={t['p_value']:.3g}"
+            )
     if args.json:
         write_atomic(Path(args.json), to_json(r))
 

@@ -218,6 +218,7 @@ def evaluate(
         other, other_answers = evaluate_items(against, items, max_new_tokens)
         result["against"] = other
         result["win_rate"] = win_rate(items, answers, other_answers, Annotator(seed=seed))
+        result["paired"] = paired(items, answers, other_answers)
     result["examples"] = [
         {"prompt": i["prompt"][-1]["content"], "answer": a, **grade(i["check"], a)}
         for i, a in zip(items, answers, strict=True)
