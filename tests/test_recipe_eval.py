@@ -238,6 +238,9 @@ def _report(task: dict[str, float], violations: dict[str, float]) -> dict:
             "task_accuracy": task[m],
             "safety_violation_rate": violations[m],
             "false_refusal_rate": 0.1,
+            "n_task": 100,
+            "n_unsafe": 20,
+            "n_borderline": 20,
         }
         for m in task
     }
@@ -253,6 +256,7 @@ def _report(task: dict[str, float], violations: dict[str, float]) -> dict:
 
 
 def test_floors_over_seeds_are_judged_on_the_means(tmp_path):
+    from llama2.eval.stats import interval
     from llama2.recipe.report import Floors
     from llama2.recipe.summary import summarize
 
@@ -277,9 +281,11 @@ def test_floors_over_seeds_are_judged_on_the_means(tmp_path):
     assert not gain["met"] and "chat 54.0%" in gain["measured"]  # 4 points < 5
     violations = next(f for f in col["floors_on_means"] if "violation" in f["floor"])
     assert violations["met"]  # mean 10% <= half of 20%
-    assert col["numbers"]["chat task_accuracy"] == pytest.approx(
+    chat = col["numbers"]["chat task_accuracy"]
+    assert {k: chat[k] for k in ("mean", "low", "high", "n")} == pytest.approx(
         {"mean": 0.54, "low": 0.48, "high": 0.6, "n": 2}
     )
+    assert chat["pooled"] == pytest.approx(interval(60 + 48, 200))  # the items of both seeds
     i = next(k for k, f in enumerate(col["floors_on_means"]) if f["floor"].startswith("chat t"))
     assert col["floors_by_seed"]["0"][i] and not col["floors_by_seed"]["1"][i]
     md = (tmp_path / "summary.md").read_text()

@@ -294,7 +294,8 @@ def markdown(
     ]
     for c, col in report["columns"].items():
         md += _column_markdown(c, col)
-    md += ["", "![safety vs helpfulness](safety_vs_helpfulness.png)", ""]
+    md += ["", "Column (a):", "", "![safety vs helpfulness](safety_vs_helpfulness.png)", ""]
+    md += ["![GAtt by turn](gatt.png)", ""]
     md += _reward_model_markdown(paths, report)
     sd = report["sft_data"]
     md += [

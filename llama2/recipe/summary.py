@@ -12,12 +12,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..eval.stats import spread
+from ..eval.stats import interval, spread
 from ..io import write_atomic
 from .report import COLUMN_NAMES, Floors, floors
 
 # the numbers averaged: report.json's keys (per column) that `floors` and the headline read
-RATES = ("task_accuracy", "safety_violation_rate", "false_refusal_rate")
+# (each with the count of items it is over)
+RATES = {
+    "task_accuracy": "n_task",
+    "safety_violation_rate": "n_unsafe",
+    "false_refusal_rate": "n_borderline",
+}
 
 
 def mean_report(reports: list[dict]) -> dict:
@@ -49,10 +54,15 @@ def summarize(out: Path, seeds: list[int], marks: Floors | None) -> dict:
         cols = [r["columns"][c] for r in runs]
         numbers: dict = {}
         for model in cols[0]["eval"]:
-            for rate in RATES:
+            for rate, count in RATES.items():
                 values = [col["eval"][model][rate] for col in cols]
                 if all(v is not None for v in values):
                     numbers[f"{model} {rate}"] = asdict(spread(values))
+                    # the seeds' items pooled: k of n answers over every run
+                    ns = [col["eval"][model].get(count) for col in cols]
+                    if all(isinstance(n, int) for n in ns):
+                        k = sum(round(v * n) for v, n in zip(values, ns, strict=True))
+                        numbers[f"{model} {rate}"]["pooled"] = interval(k, sum(ns))
         for k in ("win", "tie", "loss"):
             wins = [col["win_rate"]["chat_vs_sft"][k] for col in cols]
             numbers[f"chat vs sft {k}"] = asdict(spread(wins))
@@ -81,10 +91,16 @@ def markdown(summary: dict) -> str:
         f"on average ({t['low']:.0f} to {t['high']:.0f} s).",
     ]
     for c, col in summary["columns"].items():
-        md += ["", f"## Test column {COLUMN_NAMES[c]}", "", "| number | mean | range |"]
-        md.append("|---|---|---|")
+        md += ["", f"## Test column {COLUMN_NAMES[c]}", ""]
+        md += ["| number | mean | range over seeds | 95% interval, seeds' items pooled |"]
+        md.append("|---|---|---|---|")
         for name, s in col["numbers"].items():
-            md.append(f"| {name} | {s['mean']:.1%} | {s['low']:.1%} .. {s['high']:.1%} |")
+            pooled = "-"
+            if "pooled" in s:
+                pooled = f"{100 * s['pooled'][0]:.1f} .. {100 * s['pooled'][1]:.1f}%"
+            md.append(
+                f"| {name} | {s['mean']:.1%} | {s['low']:.1%} .. {s['high']:.1%} | {pooled} |"
+            )
         md += [
             "",
             "| floor (on the means) | met | measured | "
