@@ -2,8 +2,14 @@
 world of world.py, with every stage's effect measured on held-out items.
 
     world data -> tokenizer -> pretraining -> SFT (and, for comparison, SFT on a larger noisy
-    set) -> helpfulness and safety reward models -> rejection sampling (rounds) -> PPO with
-    R_c -> Ghost Attention -> evaluation -> report
+    set) -> comparisons of the SFT model's samples -> helpfulness and safety reward models ->
+    rejection sampling rounds (before each later round: comparisons of the current policy's
+    samples, the reward models updated on them) -> PPO with R_c -> Ghost Attention ->
+    evaluation -> report
+
+PPO and Ghost Attention keep the model (their starting one or a checkpoint) that is best on
+the validation split (validation.py); the test items are read by the evaluation alone.
+`seeds` runs the whole recipe once per seed and summarises them (summary.py).
 
 Each stage is the stage command's own code (train/*.py) writing a run directory under OUT,
 configured by a YAML file written to OUT/configs/, so any stage can be rerun by hand:
