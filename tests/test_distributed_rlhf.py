@@ -78,24 +78,21 @@ def models(small_tokenizer, tmp_path_factory):
     return {"policy": policy, "rm": rm, "prompts": prompts}
 
 
-def _ppo_args(models, steps: int) -> list[str]:
+def _inputs(models) -> list[str]:
     return [
         f"init_from={models['policy']}",
         f"data={models['prompts']}",
         f"reward_model={models['rm']}",
         f"safety_model={models['rm']}",
-        f"steps={steps}",
-        "batch_size=4",
-        "minibatch=2",
-        "ppo_epochs=2",
-        "max_new_tokens=6",
-        "temperature=1.0",
-        "lr=1e-4",
-        "ckpt_every=2",
-        "eval_every=2",
-        "threads=1",
-        "keep_last=3",
     ]
+
+
+def _ppo_args(models, steps: int) -> list[str]:
+    settings = (
+        "batch_size=4 minibatch=2 ppo_epochs=2 max_new_tokens=6 temperature=1.0 lr=1e-4 "
+        "ckpt_every=2 eval_every=2 threads=1 keep_last=3"
+    )
+    return [*_inputs(models), f"steps={steps}", *settings.split()]
 
 
 @pytest.fixture(scope="module")
@@ -147,24 +144,12 @@ def test_sigkilled_two_process_ppo_resumes_exactly(models, ppo_runs, tmp_path):
 
 
 def _rejection_args(models) -> list[str]:
-    return [
-        f"init_from={models['policy']}",
-        f"data={models['prompts']}",
-        f"reward_model={models['rm']}",
-        f"safety_model={models['rm']}",
-        "samples_per_prompt=2",
-        "sample_rows=8",  # 4 prompts a batch: 3 batches of the 11, dealt 2 and 1
-        "temperature=1.0",
-        "max_new_tokens=6",
-        "steps=2",
-        "batch_size=2",
-        "seq_len=64",
-        "lr=1e-3",
-        "warmup_steps=1",
-        "ckpt_every=2",
-        "eval_every=2",
-        "threads=1",
-    ]
+    # sample_rows=8: 4 prompts a batch, 3 batches of the 11 training prompts, dealt 2 and 1
+    settings = (
+        "samples_per_prompt=2 sample_rows=8 temperature=1.0 max_new_tokens=6 steps=2 "
+        "batch_size=2 seq_len=64 lr=1e-3 warmup_steps=1 ckpt_every=2 eval_every=2 threads=1"
+    )
+    return [*_inputs(models), *settings.split()]
 
 
 def test_rejection_sampling_writes_the_same_best_in_two_processes(models, tmp_path):
@@ -184,3 +169,31 @@ def test_rejection_sampling_writes_the_same_best_in_two_processes(models, tmp_pa
     assert evals[0].keys() == evals[1].keys() and "tuned_held_out_reward" in evals[1]
     assert evals[0]["samples_reward"] == evals[1]["samples_reward"]
     assert (tmp_path / "two" / "model").resolve() == (tmp_path / "two" / "sft" / "model").resolve()
+
+
+def test_gatt_samples_the_same_dialogs_in_two_processes(small_tokenizer, tmp_path):
+    import torch
+
+    from llama2 import Transformer, get_preset, save_hf
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro", max_seq_len=1024)
+    base = save_hf(tmp_path / "chat", cfg, Transformer(cfg).state_dict(), small_tokenizer)
+    data = tmp_path / "turns.jsonl"
+    rows = [{"turns": ["What is a list?", "And a dict?", "Thanks!"]}, {"turns": ["Hi", "Why?"]}]
+    data.write_text("\n".join(json.dumps(r) for r in rows * 3))
+    settings = (
+        "steps=2 batch_size=2 seq_len=128 lr=1e-3 warmup_steps=1 ckpt_every=2 eval_every=2 "
+        "threads=1 max_new_tokens=5 temperature=0.8 keep_adherent=false sample_rows=2"
+    )  # 3 batches of 2 dialogs a turn (the third turn: 2 batches), dealt unevenly to 2 ranks
+    args = [f"init_from={base}", f"data={data}", *settings.split()]
+    _run("gatt", tmp_path / "one", args)
+    _run("gatt", tmp_path / "two", args, procs=2)
+    for name in ("gatt.jsonl", "train.jsonl"):  # the same batches, the same seeds
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    # the adherence of the tuned model, measured with both ranks sharing the dialogs
+    report = json.loads((tmp_path / "two" / "adherence.json").read_text())
+    assert report["dialogs"] == 6 and len(report["adherence_by_turn"]) == 3
+    dialogs = _rows(tmp_path / "two" / "gatt.jsonl")
+    answers = [m["content"] for d in dialogs for m in d["messages"] if m["role"] == "assistant"]
+    assert len(answers) == 15 and len(set(answers)) > 1
