@@ -126,7 +126,6 @@ def test_ppo_two_process_checkpoint_resumes_in_one_process(models, ppo_runs, tmp
         _close(a, b)
 
 
-@pytest.mark.slow  # (two launches of torchrun: about 35 s on a shared 2-core machine)
 def test_sigkilled_two_process_ppo_resumes_exactly(models, ppo_runs, tmp_path):
     _, two = ppo_runs
     out = tmp_path / "killed"
