@@ -16,6 +16,10 @@ dialog up to it);
 unlearn what they taught. The run directory holds config.yaml, gatt.jsonl (the sampled
 dialogs), train.jsonl (what is fine-tuned on), sft/ (the fine-tuning run), model -> sft/model
 and adherence.json.
+
+Under `torchrun` each turn's batches are dealt out to the ranks (batch b to rank b % N,
+with the seed one process gives it) and gathered in order, so the dialogs do not depend on
+N; the main process writes the files, and the fine-tuning runs on every rank (FSDP2).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,26 +47,28 @@ from ..device import pick_device
 from ..io import write_atomic
 from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
+from .loop import Dist, map_shards, setup_distributed
 from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
 from .sft import sft
 
 
-def batched_chat(chat: Llama, cfg: GattConfig, temperature: float, seeded: bool):
+def batched_chat(
+    chat: Llama, cfg: GattConfig, temperature: float, seeded: bool, d: Dist | None = None
+):
     """An `answer(dialogs, k)` for data/gatt.py: the dialogs' next answers, `sample_rows`
-    dialogs per chat call; seeded per turn k and batch (see the module's docstring)."""
+    dialogs per chat call; seeded per turn k and batch (see the module's docstring); the
+    batches shared by the processes `d` (every one gets all the answers)."""
+    d = d or Dist()
 
     def answer(dialogs: list[list[dict]], k: int) -> list[str]:
-        out: list[str] = []
-        for b, i in enumerate(range(0, len(dialogs), cfg.sample_rows)):
+        def run(b: int, chunk: list[list[dict]]) -> list[str]:
             seed = derive_seed(cfg.seed, "answers", k, b) if seeded else None
             outs = chat.chat(
-                dialogs[i : i + cfg.sample_rows],
-                temperature=temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=seed,
+                chunk, temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
             )
-            out += [o.text for o in outs]
-        return out
+            return [o.text for o in outs]
+
+        return map_shards(run, dialogs, cfg.sample_rows, d)
 
     return answer
 
@@ -112,6 +119,7 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     out = Path(out)
     device = pick_device(cfg.device)
     check_run(out, resume, products=("gatt.jsonl",))
+    d = setup_distributed(device)
     records = read_turns(cfg.data)
     if cfg.replay:  # checked now, not after the sampling (training_rows reads it then)
         read_sft_jsonl(cfg.replay)
@@ -124,12 +132,15 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     data = out / "gatt.jsonl"
     if not (resume and data.exists()):
         # a failure before the dialogs are written (the model, the sampling) leaves no run
-        with new_run(out):
+        with new_run(out) if d.main else nullcontext():
             chat = load(cfg.init_from, device=device)
-            out.mkdir(parents=True, exist_ok=True)
-            write_config(out, cfg)
-            bar = tqdm(total=max(map(len, turns)), desc="sampling turns", unit="turn")
-            sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True)
+            if d.main:
+                out.mkdir(parents=True, exist_ok=True)
+                write_config(out, cfg)
+            bar = tqdm(
+                total=max(map(len, turns)), desc="sampling turns", unit="turn", disable=not d.main
+            )
+            sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True, d=d)
 
             def answer(dialogs, k):
                 replies = sampler(dialogs, k)
@@ -138,25 +149,31 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
 
             with bar:
                 dialogs = sample_dialogs(answer, [ins.text for ins in chosen], turns)
-            write_jsonl(data, [{"messages": d} for d in dialogs])
-    else:
+            if d.main:
+                write_jsonl(data, [{"messages": dialog} for dialog in dialogs])
+            d.barrier()
+    elif d.main:
         write_config(out, cfg)
     train_data = out / "train.jsonl"
-    if not (resume and train_data.exists()):
+    if d.main and not (resume and train_data.exists()):
         write_jsonl(train_data, training_rows(cfg, read_sft_jsonl(data), chosen))
+    d.barrier()
     tuned_cfg = stage_config(cfg, SFTConfig, data=str(train_data))
     resume_sft = resume and latest_checkpoint(out / "sft") is not None
     rows = sft(tuned_cfg, out / "sft", resume_sft, encode=training_example)
-    if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record
-        write_config(out, dataclasses.replace(cfg, steps=max(r["step"] for r in rows)))
-    link_model(out)
+    if d.main:
+        if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record
+            write_config(out, dataclasses.replace(cfg, steps=max(r["step"] for r in rows)))
+        link_model(out)
+    d.barrier()
     tuned = load(out / "model", device=device)
-    greedy = batched_chat(tuned, cfg, 0.0, seeded=False)
+    greedy = batched_chat(tuned, cfg, 0.0, seeded=False, d=d)
     honoured = adherence_by_turns(greedy, chosen, turns)
     by_turn = [[h[k] for h in honoured if k < len(h)] for k in range(max(map(len, turns)))]
     report = {
         "adherence_by_turn": [sum(h) / len(h) for h in by_turn if h],
         "dialogs": len(records),
     }
-    write_atomic(out / "adherence.json", json.dumps(report, indent=2))
+    if d.main:
+        write_atomic(out / "adherence.json", json.dumps(report, indent=2))
     return report

@@ -17,8 +17,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +170,42 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module]) -> nn.Module:
     return model
 
 
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """An FSDP2-sharded model's parameters all-gathered once for a stretch of forward passes
+    (a generation: one gather, not one per decoded token), sharded again after; a no-op for
+    a plain model. Every rank must enter it (the gather is collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            # FSDP2's defaults: the root keeps its parameters after forward, blocks reshard
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+def map_shards(fn: Callable[[int, list], list], items: Sequence, size: int, d: Dist) -> list:
+    """`fn(b, chunk)` over the items cut into chunks of `size`, chunk b run by rank
+    b % world, the results joined in the items' order on every rank. The chunks (and so
+    whatever `fn` seeds by b) are the same however many processes run it; `fn` must not run
+    collectives (ranks may get different numbers of chunks)."""
+    starts = range(0, len(items), size)
+    mine = {
+        b: fn(b, list(items[s : s + size])) for b, s in enumerate(starts) if b % d.world == d.rank
+    }
+    if d.world > 1:
+        parts: list = [None] * d.world
+        dist.all_gather_object(parts, mine)
+        mine = {b: r for part in parts for b, r in part.items()}
+    return [r for b in sorted(mine) for r in mine[b]]
+
+
 def enable_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
     from torch.utils.checkpoint import checkpoint
 
@@ -185,9 +221,11 @@ def enable_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path | None:
-    """Model (HF layout), sharded optimizer state, scheduler and RNG; the path on the main
-    process."""
+def save_checkpoint(
+    out, step, model, optim, sched, stage, cfg, d: Dist, extra: dict | None = None
+) -> Path | None:
+    """Model (HF layout), sharded optimizer state, scheduler (if any), RNG and `extra` (the
+    stage's own counters, in trainer.pt); the path on the main process."""
     tmp = checkpoint_tmp(out, step, fresh=d.main)  # the main process empties it
     d.barrier()
     model_sd, optim_sd = get_state_dict(model, optim)
@@ -205,10 +243,11 @@ def save_checkpoint(out, step, model, optim, sched, stage, cfg, d: Dist) -> Path
             torch.save(
                 {
                     "step": step,
-                    "scheduler": sched.state_dict(),
+                    "scheduler": None if sched is None else sched.state_dict(),
                     "rng": torch.get_rng_state(),
                     "config": json.loads(json.dumps(cfg.__dict__)),
-                },
+                }
+                | (extra or {}),
                 tmp / "trainer.pt",
             )
             final = publish_checkpoint(out, tmp, step, cfg.keep_last)
@@ -224,7 +263,8 @@ def load_checkpoint(path: Path, model, optim, sched) -> int:
         dcp.load(state, checkpoint_id=str(path / "state"))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = torch.load(path / "trainer.pt", weights_only=True)
-    sched.load_state_dict(trainer["scheduler"])
+    if sched is not None:
+        sched.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
     return trainer["step"]
 

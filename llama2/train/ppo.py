@@ -15,14 +15,26 @@ after `patience` evaluations without improvement) and, for prompts with a `check
 of each number the grader gives (held_out_task_accuracy, ...). Checkpoints
 (policy, value model, optimizer, RNG, iteration) are atomic and a killed run resumes to the
 same metrics.
+
+Under `torchrun` every model is sharded with FSDP2 (a block per unit, as the training loop
+does). The iteration's prompts are drawn as in one process and cut by index, each rank
+sampling its rows with the row seeds one process would use; the rollouts are gathered, so
+that rewards, whitening and advantages are computed over the global batch, and each
+minibatch of the global permutation is cut among the ranks, each rank's loss weighted by
+its share of the minibatch's answer tokens (the gradients FSDP averages are then those of
+one process). Checkpoints are torch.distributed.checkpoint states: a run stopped with N
+processes resumes with M.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,11 +43,20 @@ from ..data.jsonl import read_prompts
 from ..data.split import derive_seed, split_held_out
 from ..eval.grading import Grade, grader, held_out_quality
 from ..formats import encode_chat
-from ..io import removed_on_error
 from ..llm import Llama, load
 from . import rundir
 from .config import PPOConfig
-from .loop import check_finite, make_optimizer
+from .loop import (
+    Dist,
+    autocast_dtype,
+    check_finite,
+    gathered,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    setup_distributed,
+    shard_model,
+)
 from .losses import gae, per_token_kl, per_token_kl_k3, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from .scoring import load_reward_models, score
 
@@ -57,10 +78,21 @@ def token_logprobs(
 
 class PPO:
     def __init__(
-        self, cfg: PPOConfig, device: torch.device | str = "cpu", grade: Grade | None = None
+        self,
+        cfg: PPOConfig,
+        device: torch.device | str = "cpu",
+        grade: Grade | None = None,
+        d: Dist | None = None,
     ):
         if not (cfg.init_from and cfg.data and cfg.reward_model):
             raise ValueError("ppo needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
+        self.d = d = d or Dist()
+        if d.world > 1 and (cfg.minibatch % d.world or cfg.batch_size % cfg.minibatch):
+            raise ValueError(
+                f"batch_size={cfg.batch_size}, minibatch={cfg.minibatch}: with {d.world} "
+                "processes, minibatch must be a multiple of the number of processes and "
+                "batch_size a multiple of minibatch (each rank takes an equal share)"
+            )
         self.cfg, self.device = cfg, torch.device(device)
         prompts = read_prompts(cfg.data)  # checked before any model is loaded
         self.grade = grader(prompts, grade)
@@ -74,9 +106,22 @@ class PPO:
         value = fp32(cfg.reward_model)  # the value model starts as the RM
         self.value = value.model
         self.value_config = value.config
+        if d.world > 1:
+            rms = [rm.model for rm in (self.helpful, self.safety) if rm is not None]
+            for m in (self.policy.model, self.reference, self.value, *rms):
+                shard_model(m, m.layers)
         self.prompts, self.held_out = split_held_out(prompts)
         self.both = nn.ModuleDict({"policy": self.policy.model, "value": self.value})
         self.optim = make_optimizer(self.both, cfg)
+        amp = autocast_dtype("auto", self.device)  # bf16 on CUDA; fp32 on the CPU
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else nullcontext
+        )
+
+    def share(self, n: int) -> slice:
+        """This rank's rows of n (n a multiple of the number of processes)."""
+        per = n // self.d.world
+        return slice(self.d.rank * per, (self.d.rank + 1) * per)
 
     @torch.no_grad()
     def rollout(self, it: int) -> dict:
@@ -84,11 +129,14 @@ class PPO:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "prompts", it))
         idx = torch.randint(0, len(self.prompts), (cfg.batch_size,), generator=g).tolist()
         batch = [self.prompts[i] for i in idx]
-        dialogs = [p["prompt"] for p in batch]
-        seed = derive_seed(cfg.seed, "rollouts", it)
-        outs = self.policy.chat(
-            dialogs, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
-        )
+        mine = self.share(len(batch))
+        dialogs = [p["prompt"] for p in batch[mine]]
+        # row i of the global batch draws from seed + i (generation.py), on whichever rank
+        seed = derive_seed(cfg.seed, "rollouts", it) + mine.start
+        with gathered(self.policy.model), self.autocast():
+            outs = self.policy.chat(
+                dialogs, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
+            )
         seqs, masks = [], []
         for d, o in zip(dialogs, outs, strict=True):
             prompt = encode_chat(tok, d)
@@ -96,6 +144,7 @@ class PPO:
             answer = answer or [tok.eos_id]
             seqs.append(prompt + answer)
             masks.append([0.0] * len(prompt) + [1.0] * len(answer))
+        seqs, masks = self.gather_lists(seqs), self.gather_lists(masks)
         width = max(map(len, seqs))
         tokens = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width)
@@ -103,12 +152,14 @@ class PPO:
             tokens[i, : len(s)] = torch.tensor(s)
             mask[i, : len(m)] = torch.tensor(m)
         mask = mask[:, 1:]  # aligned with the next-token log-probs
-        on = tokens.to(self.device)
-        # the models run on the device; rewards and advantages are computed on the CPU
-        logp = token_logprobs(self.policy.model, on, cfg.temperature)[0].cpu()
-        ref = token_logprobs(self.reference, on, cfg.temperature)[0].cpu()
-        values = self.value(on[:, :-1])[..., 0].float().cpu() * mask
-        r_c = self.reward(batch, [o.text for o in outs])
+        on = tokens[mine].to(self.device)  # this rank's rows, padded to the global width
+        # the models run on the device; rewards and advantages are computed on the CPU, over
+        # the global batch (every rank the same numbers)
+        with self.autocast():
+            logp = self.gather_rows(token_logprobs(self.policy.model, on, cfg.temperature)[0])
+            ref = self.gather_rows(token_logprobs(self.reference, on, cfg.temperature)[0])
+            values = self.gather_rows(self.value(on[:, :-1])[..., 0].float()) * mask
+            r_c = self.gather_rows(self.reward(batch[mine], [o.text for o in outs]))
         # the penalty: k1 = log pi - log pi_ref per token, the paper's (losses.per_token_kl);
         # the KL logged: k3, never negative (losses.per_token_kl_k3)
         kl = per_token_kl(logp, ref) * mask
@@ -130,44 +181,75 @@ class PPO:
             "kl_k3": kl_k3,
         }
 
+    def gather_lists(self, rows: list) -> list:
+        """Every rank's rows, in rank order (the global batch's order)."""
+        if self.d.world == 1:
+            return rows
+        parts: list = [None] * self.d.world
+        dist.all_gather_object(parts, rows)
+        return [r for part in parts for r in part]
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a tensor (the same shape on each), in rank order, on the CPU."""
+        if self.d.world == 1:
+            return t.cpu()
+        t = t.to(self.device).contiguous()  # (NCCL gathers device tensors)
+        parts = [torch.empty_like(t) for _ in range(self.d.world)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts).cpu()
+
     _UPDATE_KEYS = ("tokens", "mask", "logp", "adv", "values", "returns")
 
     def update(self, ro: dict, it: int) -> dict:
-        cfg = self.cfg
+        cfg, d = self.cfg, self.d
         B = ro["tokens"].shape[0]
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", it))
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, generator=g).split(cfg.minibatch):
-                part = {k: ro[k][mb].to(self.device) for k in self._UPDATE_KEYS}
+                part = {
+                    k: ro[k][mb[self.share(len(mb))]].to(self.device) for k in self._UPDATE_KEYS
+                }
                 m = part["mask"]
-                logp, entropy = token_logprobs(self.policy.model, part["tokens"], cfg.temperature)
+                with self.autocast():
+                    logp, entropy = token_logprobs(
+                        self.policy.model, part["tokens"], cfg.temperature
+                    )
+                    values = self.value(part["tokens"][:, :-1])[..., 0].float()
                 pl, frac = ppo_policy_loss(logp, part["logp"], part["adv"], m, cfg.clip)
-                values = self.value(part["tokens"][:, :-1])[..., 0].float()
                 vl = ppo_value_loss(values, part["values"], part["returns"], m, cfg.clip)
                 loss = pl + cfg.value_coef * vl
-                loss.backward()
+                ent = (entropy * m).sum() / m.sum().clamp(min=1)
+                numbers = [pl, vl, frac, ent, loss]
+                if d.world > 1:
+                    # the minibatch's token mean = the sum over ranks of each rank's mean
+                    # times its share of the tokens; FSDP averages the gradients over ranks
+                    weight = m.sum() / ro["mask"][mb].sum().clamp(min=1).to(self.device)
+                    (loss * weight * d.world).backward()
+                    numbers = torch.stack([x.detach().float() for x in numbers]) * weight
+                    dist.all_reduce(numbers)
+                else:
+                    loss.backward()
                 norm = nn.utils.clip_grad_norm_(self.both.parameters(), cfg.grad_clip)
-                check_finite(it + 1, float(loss.detach()), float(norm), "iteration")
+                if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+                    norm = norm.full_tensor()
+                pl, vl, frac, ent, total = (float(x.detach()) for x in numbers)
+                check_finite(it + 1, total, float(norm), "iteration")
                 self.optim.step()
                 self.optim.zero_grad(set_to_none=True)
-                ent = (entropy * m).sum() / m.sum().clamp(min=1)
-                for k, v in (
-                    ("policy_loss", pl),
-                    ("value_loss", vl),
-                    ("clip_frac", frac),
-                    ("entropy", ent),
-                ):
-                    stats[k].append(float(v.detach()))
+                for k, v in zip(stats, (pl, vl, frac, ent), strict=True):
+                    stats[k].append(v)
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """held_out_reward and held_out_<graded key>s of greedy answers to the held-out
-        prompts ({} without any)."""
-        return held_out_quality(
-            self.policy, self.held_out, self.cfg.max_new_tokens, self.reward, grade=self.grade
-        )
+        prompts ({} without any). Under torchrun every rank answers them all (the same
+        answers), so that the sharded reward models see the same forward passes."""
+        with gathered(self.policy.model), self.autocast():
+            return held_out_quality(
+                self.policy, self.held_out, self.cfg.max_new_tokens, self.reward, grade=self.grade
+            )
 
     def reward(self, prompts: list[dict], answers: list[str]) -> torch.Tensor:
         """Each answer's raw R_c (helpfulness alone without a safety model)."""
@@ -176,27 +258,27 @@ class PPO:
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self, out: Path, it: int, extra: dict) -> None:
-        tmp = rundir.checkpoint_tmp(out, it)
+        """The policy and value model (HF directories `model` and `value`), and the sharded
+        state of both and of the optimizer (torch.distributed.checkpoint), via the loop's
+        save_checkpoint."""
         tok = self.policy.tokenizer
-        with removed_on_error(tmp, tmp.with_name(f"step_{it:07d}")):  # (a full disk)
-            save_hf(tmp / "model", self.policy.config, _on_cpu(self.policy.model), tok)
-            save_hf(tmp / "value", self.value_config, _on_cpu(self.value), tok, head="score")
-            state = {"step": it, "optim": self.optim.state_dict(), "rng": torch.get_rng_state()}
-            torch.save(state | extra, tmp / "trainer.pt")
-            rundir.publish_checkpoint(out, tmp, it, self.cfg.keep_last)
+
+        def save_models(full: dict, path: Path) -> None:
+            def part(prefix: str) -> dict:
+                return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+            save_hf(path, self.policy.config, part("policy."), tok)
+            save_hf(path.with_name("value"), self.value_config, part("value."), tok, head="score")
+
+        stage = SimpleNamespace(save_model=save_models)
+        save_checkpoint(out, it, self.both, self.optim, None, stage, self.cfg, self.d, extra)
 
     def restore(self, ckpt: Path) -> dict:
-        policy = load(ckpt / "model", dtype=torch.float32).model.state_dict()
-        self.policy.model.load_state_dict(policy)
-        self.value.load_state_dict(load(ckpt / "value", dtype=torch.float32).model.state_dict())
+        """The iteration, best and bad counters of a checkpoint, its models and optimizer
+        state loaded (on any number of processes)."""
+        it = load_checkpoint(ckpt, self.both, self.optim, None)
         state = torch.load(ckpt / "trainer.pt", weights_only=True)
-        self.optim.load_state_dict(state["optim"])
-        torch.set_rng_state(state["rng"])
-        return state
-
-
-def _on_cpu(model: nn.Module) -> dict:
-    return {k: v.cpu() for k, v in model.state_dict().items()}
+        return {"step": it, "best": state["best"], "bad": state["bad"]}
 
 
 # the reward plot's curves
@@ -217,17 +299,22 @@ def ppo(
     (llama2.eval.judges.grade by default, used only for prompts with a check)."""
     out = Path(out)
     device, ckpt = rundir.start_run(out, cfg, resume)
-    with rundir.new_run(out):  # the prompts and models checked before the run directory
+    d = setup_distributed(device)
+    # the prompts and models checked before the run directory
+    with rundir.new_run(out) if d.main else nullcontext():
         torch.manual_seed(cfg.seed)
-        run = PPO(cfg, device, grade)
+        run = PPO(cfg, device, grade, d)
         state = {"step": 0, "best": float("-inf"), "bad": 0}
         if ckpt is not None:
             state = run.restore(ckpt)
         start, best, bad = state["step"], state["best"], state["bad"]
-        log = rundir.RunLog(out, cfg, start, ckpt, desc="ppo", unit="iteration")
+        log = rundir.RunLog(out, cfg, start, ckpt, desc="ppo", unit="iteration", main=d.main)
     with log:
         log.first(run.evaluate)  # (not counted for patience)
-        stopped = any(m.get("early_stop") for m in log.rows)
+        stopped = [any(m.get("early_stop") for m in log.rows)]  # (the main process's rows)
+        if d.world > 1:
+            dist.broadcast_object_list(stopped, src=0)
+        stopped = stopped[0]
         for it in range(start, cfg.steps):
             if stopped:
                 break
@@ -252,5 +339,6 @@ def ppo(
             log.log(row, reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
             if rundir.due(it + 1, cfg.ckpt_every, cfg.steps) or stopped:
                 run.save(out, it + 1, {"best": best, "bad": bad})
-                rundir.plot_metrics(log.rows, out / "reward.png", CURVES, ylabel="")
+                if d.main:
+                    rundir.plot_metrics(log.rows, out / "reward.png", CURVES, ylabel="")
     return log.rows

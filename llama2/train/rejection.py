@@ -11,6 +11,12 @@ The run directory holds config.yaml, samples.jsonl (every answer and its score),
 (the winner per prompt, with its score and round), sft.jsonl (the winners as SFT data),
 eval.json (the mean reward and graded quality of the samples and of the held-out answers),
 sft/ (the fine-tuning run, a run directory of its own) and model -> sft/model.
+
+Under `torchrun` the generation batches and the scoring batches are dealt out to the ranks
+(batch b to rank b % N; each rank holds whole models, sampling being inference) and
+gathered in prompt order: the batches and their seeds are those of one process, so the
+samples and best.jsonl do not depend on N. The main process writes the files and runs the
+held-out evaluations; the fine-tuning runs on every rank (FSDP2, as sft does).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,6 +38,7 @@ from ..formats import DialogError
 from ..io import write_atomic
 from ..llm import Llama, load
 from .config import RejectionConfig, SFTConfig, stage_config
+from .loop import Dist, map_shards, setup_distributed
 from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
 from .scoring import load_reward_models, score
 from .sft import sft
@@ -66,32 +74,59 @@ def _reward(helpful: Llama, safety: Llama | None) -> Reward:
     return lambda prompts, answers: score(helpful, safety, prompts, answers)
 
 
-def sample_answers(policy: Llama, prompts: list[dict], cfg: RejectionConfig) -> list[list[str]]:
+# answers per scoring batch: score_answers' batch, so that a batch is scored as in one call
+SCORE_ROWS = 16
+
+
+def sample_answers(
+    policy: Llama, prompts: list[dict], cfg: RejectionConfig, d: Dist | None = None
+) -> list[list[str]]:
     """K sampled answers per prompt. Each generation batch holds several prompts' K rows
     (about `sample_rows` rows); batch b is seeded with derive_seed(seed, "samples", b) and its
     row j draws from that seed + j (generation.py), so the samples are a function of the
-    seed, the prompt file and these settings."""
+    seed, the prompt file and these settings (not of the number of processes `d` that share
+    the batches)."""
+    d = d or Dist()
     K = cfg.samples_per_prompt
     per = max(1, cfg.sample_rows // K)  # prompts per batch
-    out: list[list[str]] = []
-    with tqdm(total=len(prompts), desc="sampling", unit="prompt") as bar:
-        for b, start in enumerate(range(0, len(prompts), per)):
-            chunk = prompts[start : start + per]
-            outs = policy.chat(
-                [p["prompt"] for p in chunk for _ in range(K)],
-                temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=derive_seed(cfg.seed, "samples", b),
-            )
-            out += [[o.text for o in outs[i * K : (i + 1) * K]] for i in range(len(chunk))]
-            bar.update(len(chunk))
-    return out
+    starts = range(d.rank * per, len(prompts), per * d.world)  # this rank's batches
+    mine = sum(min(per, len(prompts) - s) for s in starts)
+
+    def sample(b: int, chunk: list[dict]) -> list[list[str]]:
+        outs = policy.chat(
+            [p["prompt"] for p in chunk for _ in range(K)],
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=derive_seed(cfg.seed, "samples", b),
+        )
+        bar.update(len(chunk))
+        return [[o.text for o in outs[i * K : (i + 1) * K]] for i in range(len(chunk))]
+
+    with tqdm(total=mine, desc="sampling", unit="prompt", disable=not d.main) as bar:
+        return map_shards(sample, prompts, per, d)
 
 
-def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = None) -> list[dict]:
+def score_sharded(
+    helpful: Llama, safety: Llama | None, prompts: list[dict], answers: list[str], d: Dist
+) -> list[float]:
+    """score() of the answers, its batches dealt out to the ranks (the same batches as one
+    call in one process), gathered in order on every rank."""
+
+    def run(_: int, chunk: list) -> list[float]:
+        return score(helpful, safety, [p for p, _ in chunk], [a for _, a in chunk]).tolist()
+
+    return map_shards(run, list(zip(prompts, answers, strict=True)), SCORE_ROWS, d)
+
+
+def sample_and_select(
+    cfg: RejectionConfig, out: Path, grade: Grade | None = None, d: Dist | None = None
+) -> list[dict]:
     """Sample, score and select; returns the best per training prompt (also written to
     best.jsonl). Every input (prompts, the earlier round, the models) is read and checked
-    before the first sample. `grade(check, answer)`: llama2.eval.judges.grade by default."""
+    before the first sample. `grade(check, answer)`: llama2.eval.judges.grade by default.
+    `d`: the processes sharing the sampling and scoring (every one returns the best; the
+    main one writes the files and runs the held-out evaluation)."""
+    d = d or Dist()
     if not (cfg.init_from and cfg.data and cfg.reward_model):
         raise ValueError("rejection needs init_from=POLICY, data=PROMPTS.jsonl, reward_model=RM")
     every = read_prompts(cfg.data)
@@ -104,21 +139,22 @@ def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = Non
     policy = load(cfg.init_from, device=device)
     helpful, safety = load_reward_models(cfg.reward_model, cfg.safety_model, device)
     K = cfg.samples_per_prompt
-    answers = sample_answers(policy, [p for _, p in prompts], cfg)
+    answers = sample_answers(policy, [p for _, p in prompts], cfg, d)
     flat = [p for _, p in prompts for _ in range(K)]
-    r = score(helpful, safety, flat, [a for group in answers for a in group]).tolist()
+    r = score_sharded(helpful, safety, flat, [a for group in answers for a in group], d)
     samples = []
     for n, ((i, _), group) in enumerate(zip(prompts, answers, strict=True)):
         for k, a in enumerate(group):
             samples.append({"prompt_index": i, "sample": k, "answer": a, "score": r[n * K + k]})
-    write_jsonl(out / "samples.jsonl", samples)
-    quality = {"samples_reward": sum(r) / max(1, len(r))}
-    graded = graded_means(flat, [s["answer"] for s in samples], grade)
-    quality |= {f"samples_{k}": v for k, v in graded.items()}
-    quality |= held_out_quality(
-        policy, held, cfg.max_new_tokens, _reward(helpful, safety), cfg.sample_rows, grade
-    )
-    write_atomic(out / "eval.json", json.dumps(quality, indent=2))
+    if d.main:
+        write_jsonl(out / "samples.jsonl", samples)
+        quality = {"samples_reward": sum(r) / max(1, len(r))}
+        graded = graded_means(flat, [s["answer"] for s in samples], grade)
+        quality |= {f"samples_{k}": v for k, v in graded.items()}
+        quality |= held_out_quality(
+            policy, held, cfg.max_new_tokens, _reward(helpful, safety), cfg.sample_rows, grade
+        )
+        write_atomic(out / "eval.json", json.dumps(quality, indent=2))
     this_round = 1 + max((r.get("round", 0) for r in previous.values()), default=-1)
     # an earlier round's winner competes again, matched by its prompt (a prompt file may be
     # reordered or edited between rounds) and rescored by today's reward model(s): the
@@ -126,7 +162,9 @@ def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = Non
     olds = [(i, p, previous.get(prompt_key(p["prompt"]))) for i, p in prompts]
     matched = [(p, old) for _, p, old in olds if old is not None]
     rescored = iter(
-        score(helpful, safety, [p for p, _ in matched], [o["answer"] for _, o in matched]).tolist()
+        score_sharded(
+            helpful, safety, [p for p, _ in matched], [o["answer"] for _, o in matched], d
+        )
     )
     by_prompt: dict[int, list[dict]] = {}
     for s_ in samples:
@@ -146,7 +184,9 @@ def sample_and_select(cfg: RejectionConfig, out: Path, grade: Grade | None = Non
             if old_score > mine["score"]:  # an earlier winner still wins
                 row |= {"answer": old["answer"], "score": old_score, "round": old.get("round", 0)}
         best.append(row)
-    write_jsonl(out / "best.jsonl", best)
+    if d.main:
+        write_jsonl(out / "best.jsonl", best)
+    d.barrier()
     return best
 
 
@@ -174,29 +214,37 @@ def rejection(
     """Sample and select (once: sampling is seeded, a resumed run reuses best.jsonl), then
     fine-tune on the winners in out/sft; out/model is the tuned model."""
     out = Path(out)
-    pick_device(cfg.device)  # there, before anything is read
+    device = pick_device(cfg.device)  # there, before anything is read
     check_run(out, resume, products=("best.jsonl",))
+    d = setup_distributed(device)
     if not (resume and (out / "best.jsonl").exists()):
         # a failure before the samples are written (bad prompts, models...) leaves no run
-        with new_run(out):
-            out.mkdir(parents=True, exist_ok=True)
-            write_config(out, cfg)
-            best = sample_and_select(cfg, out, grade)
+        with new_run(out) if d.main else nullcontext():
+            if d.main:
+                out.mkdir(parents=True, exist_ok=True)
+                write_config(out, cfg)
+            d.barrier()
+            best = sample_and_select(cfg, out, grade, d)
     else:
-        write_config(out, cfg)
+        if d.main:
+            write_config(out, cfg)
         best = read_jsonl_rows(out / "best.jsonl")
     data = [
         {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]} for b in best
     ]
-    write_jsonl(out / "sft.jsonl", data)
+    if d.main:
+        write_jsonl(out / "sft.jsonl", data)
+    d.barrier()
     tuned = stage_config(cfg, SFTConfig, data=str(out / "sft.jsonl"))
     # killed before the fine-tuning's first checkpoint: it starts afresh
     resume_sft = resume and latest_checkpoint(out / "sft") is not None
     # the loss on the selected answer only: a multi-turn prompt's history was not selected
     rows = sft(tuned, out / "sft", resume=resume_sft, encode=encode_last_answer)
-    if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record
-        write_config(out, dataclasses.replace(cfg, steps=max(r["step"] for r in rows)))
-    link_model(out)
-    if (out / "model").exists():
-        evaluate_tuned(cfg, out, grade)
+    if d.main:
+        if rows:  # the fine-tuning's steps as run (set by epochs, when given), for the record
+            write_config(out, dataclasses.replace(cfg, steps=max(r["step"] for r in rows)))
+        link_model(out)
+        if (out / "model").exists():
+            evaluate_tuned(cfg, out, grade)
+    d.barrier()
     return rows
