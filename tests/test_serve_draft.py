@@ -138,3 +138,34 @@ def test_a_draft_must_share_the_tokenizer_and_cover_the_context(small_tokenizer,
     short = peaky(dataclasses.replace(cfg, max_seq_len=64), 1)
     with pytest.raises(ValueError, match=r"the draft's context \(64 tokens\) is shorter"):
         Engine(peaky(cfg, 0), small_tokenizer, max_batch=2, draft=short)
+
+
+def test_sampled_tokens_through_the_engine_have_the_target_distribution(small_tokenizer):
+    """Many seeded requests through an engine whose unrelated draft is mostly rejected: the
+    first three tokens (the first from the prefill, the second a verified proposal or the
+    residual's draw, the third a bonus or a correction) follow the target's distribution
+    within the total-variation bound of the library's test."""
+    from test_serve_engine import request, run_all
+    from test_speculative import NEW, PARAMS, exact_distribution, sharp_model
+
+    from llama2.sampling import SamplingParams
+
+    vocab, prompt, n = 16, [1, 3], 1500
+    model = sharp_model(21, vocab_size=vocab, max_seq_len=64)
+    with torch.no_grad():
+        model.output.weight.mul_(0.5)
+    draft = sharp_model(22, vocab_size=vocab, max_seq_len=64)
+    with torch.inference_mode():
+        exact = exact_distribution(model, prompt)
+    eng = Engine(model, small_tokenizer, max_batch=8, max_queue=n, draft=draft, draft_tokens=3)
+    reqs = [request(prompt, seed=i, max_tokens=NEW) for i in range(n)]
+    for r in reqs:
+        r.params = SamplingParams(max_new_tokens=NEW, seed=r.params.seed, **PARAMS)
+    counts: dict[tuple, int] = {}
+    for c in run_all(eng, reqs, timeout=120):
+        counts[tuple(c.token_ids)] = counts.get(tuple(c.token_ids), 0) + 1
+    assert eng.stats.draft_proposed_tokens == n  # one proposal each: a budget of 3
+    assert 0 < eng.stats.draft_accepted_tokens < n
+    tv = 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0.0)) for k in set(counts) | set(exact))
+    mean_bound = 0.5 * sum((p * (1 - p) / n) ** 0.5 for p in exact.values())
+    assert tv < mean_bound + 4 * (0.5 / n) ** 0.5, (tv, mean_bound)
