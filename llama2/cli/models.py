@@ -256,7 +256,11 @@ def cmd_serve(args) -> None:
 
     llm = _load_for_generation(args)
     draft = _load_draft(llm, args)
-    compile = _choose_compile(args, llm.model, args.max_batch, llm.config.max_seq_len)
+    if draft is not None and args.compile is None:
+        # the model's tokens then come from verifications, which are prefills (never compiled)
+        compile = False
+    else:
+        compile = _choose_compile(args, llm.model, args.max_batch, llm.config.max_seq_len)
     serve(
         llm,
         args.host,
