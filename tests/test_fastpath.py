@@ -16,7 +16,7 @@ def test_choose_decode_measures_both_steps_and_keeps_the_compiled_graph(small_to
     torch.manual_seed(0)
     cfg = get_preset("micro")
     model = Transformer(cfg).eval()
-    choice = choose_decode(model, slots=1, length=64, steps=4)
+    choice = choose_decode(model, slots=1, length=64, steps=4, rounds=2)
     assert choice.compiled == (choice.compiled_ms < choice.eager_ms)
     assert choice.compiled_ms > 0 and choice.eager_ms > 0 and choice.compile_s > 0
     prompt = small_tokenizer.encode("hello there", bos=True)
@@ -40,7 +40,7 @@ def test_commands_measure_by_default_and_say_what_they_use(
 ):
     shapes = []
 
-    def measured(model, slots=1, length=None, steps=8):
+    def measured(model, slots=1, length=None):
         shapes.append((slots, length))
         return DecodeChoice(False, 2.5, 1.25, 3.0)
 
