@@ -87,8 +87,7 @@ class Engine:
     ):
         """`prefix_pool_blocks`: the prefix pool's size in blocks of PREFIX_BLOCK tokens
         (default: two contexts' worth; 0: no pool, prefixes are reused from slots only).
-        `draft`: a model with this one's vocabulary proposing `draft_tokens` tokens a step
-        (speculative decoding: draft.py)."""
+        `draft`: a model with this vocabulary proposing `draft_tokens` tokens (draft.py)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if prefix_pool_blocks is not None and prefix_pool_blocks < 0:
@@ -344,8 +343,7 @@ class Engine:
     # --- decoding ------------------------------------------------------------------------------
 
     def live(self, s: _Seq, now: float) -> bool:
-        """Whether a running request goes on: one whose client went away frees its slot now,
-        one past its deadline fails."""
+        """Whether a request goes on (client gone: slot freed; past its deadline: failed)."""
         if s.req.cancelled.is_set():
             self._release(s)
             return False
@@ -355,8 +353,7 @@ class Engine:
         return True
 
     def deliver(self, s: _Seq, out: StepOutput, now: float) -> None:
-        """A request's step output to its client (and the stats); a finished one's slot is
-        freed."""
+        """A step's output to its client (and the stats); a finished request frees its slot."""
         if out.token_id is not None:
             if len(s.decoder.stream.ids) == 1:  # the first token
                 self.stats.observe("ttft", now - s.req.submitted)
