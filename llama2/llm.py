@@ -3,6 +3,7 @@ everyday calls on it: generate, chat and infill, each batched or streamed."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from .checkpoint import empty_model, parse_dtype, read_checkpoint
 from .checkpoint.common import majority_dtype
 from .config import ModelConfig
 from .formats import Message, encode_chat, encode_infill, infill_ids
-from .generation import DRAFT_TOKENS, Completion, SamplingParams, generate, stream
+from .generation import DRAFT_TOKENS, CachedModel, Completion, SamplingParams, generate, stream
 from .model import Transformer
 from .quantize import align_buffers
 from .speculative import check_draft
@@ -183,3 +184,62 @@ def load(
 
 def _is_plain(name: str) -> bool:
     return name.endswith("norm.weight") or name.startswith("tok_embeddings")
+
+
+@dataclass
+class DecodeChoice:
+    """What `choose_decode` measured: one batch-1 decode step's median milliseconds, eager
+    and compiled, the seconds compiling took, and whether the compiled step is the faster."""
+
+    compiled: bool
+    compiled_ms: float
+    eager_ms: float
+    compile_s: float
+
+
+@torch.inference_mode()
+def choose_decode(
+    model: Transformer,
+    slots: int = 1,
+    length: int | None = None,
+    steps: int = 6,
+    rounds: int = 3,
+) -> DecodeChoice:
+    """Compile the model's decode step for a cache of `slots` rows of `length` positions
+    (default: the context) and time single-row steps of it against eager ones: `rounds`
+    alternating rounds of `steps` steps each (after two warm-up steps), each path's time the
+    median of its best round (a CPU shared with other work is slower by bursts, which
+    alternating rounds do not charge to one path only). The compiled graph and its static
+    cache stay with the model, so a CachedModel of the same shape that compiles afterwards
+    reuses them instead of compiling again: give the shape the caller decodes with."""
+    length = length or model.config.max_seq_len
+    prompt = [1] * min(8, length - steps - 3)
+
+    def round_ms(compiled: bool) -> float:
+        size = (slots, length) if compiled else (1, len(prompt) + steps + 3)
+        cached = CachedModel(model, *size, compile=compiled)
+        try:
+            cached.prefill([prompt])
+            times, pos = [], len(prompt)
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                float(cached.decode([1], [pos + i])[0, 0])  # (float: waits for an accelerator)
+                times.append(time.perf_counter() - t0)
+            return sorted(times[2:])[steps // 2] * 1e3
+        finally:
+            cached.close()
+
+    t0 = time.perf_counter()
+    cached = CachedModel(model, slots, length, compile=True)
+    try:
+        cached.prefill([prompt])
+        float(cached.decode([1], [len(prompt)])[0, 0])  # (the first call compiles)
+    finally:
+        cached.close()
+    compile_s = time.perf_counter() - t0
+    compiled_ms, eager_ms = [], []
+    for _ in range(rounds):
+        compiled_ms.append(round_ms(True))
+        eager_ms.append(round_ms(False))
+    best = min(compiled_ms), min(eager_ms)
+    return DecodeChoice(best[0] < best[1], best[0], best[1], compile_s)

@@ -84,6 +84,18 @@ def _distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
+def propose(
+    q_logits: torch.Tensor, vocab: int, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[int, torch.Tensor | None]:
+    """The draft's next proposal from its logits [V'] over the target's `vocab` ids: the argmax
+    when greedy, else a draw from its distribution (returned too, for `verify`)."""
+    q = _fit(q_logits[None], vocab)
+    if params.temperature <= 0:
+        return int(sample(q, 0)[0]), None
+    probs = _distribution(q, params)[0]
+    return int(draw(probs[None], None if generator is None else [generator])[0]), probs
+
+
 def verify(
     proposed: Sequence[int],
     draft_probs: torch.Tensor | None,
@@ -156,7 +168,6 @@ def _one_row(
         q_logits = drafter.prefill(prompt, 0)
         tokens = list(prompt)  # the prompt and the tokens taken
         fed = n  # tokens the draft's cache holds
-        greedy = params.temperature <= 0
         while not row.finished:
             # catch the draft up on the tokens it has not seen (the target's last pick, and
             # after a full acceptance its last proposal too)
@@ -166,12 +177,10 @@ def _one_row(
             k = min(k_max, budget - len(row.stream.ids) - 1)
             proposals, q_probs = [], []
             for j in range(k):
-                q = _fit(q_logits[None], vocab)
-                if greedy:
-                    proposals.append(int(sample(q, 0)[0]))
-                else:
-                    q_probs.append(_distribution(q, params)[0])
-                    proposals.append(int(draw(q_probs[-1][None], [row.generator])[0]))
+                token, probs = propose(q_logits, vocab, params, row.generator)
+                proposals.append(token)
+                if probs is not None:
+                    q_probs.append(probs)
                 if j < k - 1:
                     q_logits = drafter.decode(proposals[-1], fed)
                     fed += 1

@@ -31,9 +31,8 @@ def test_tokenizer_train_and_generate_commands(tmp_path, capsys):
     model = Transformer(cfg).eval()
     d = save_hf(tmp_path / "m", cfg, model.state_dict(), tok)
     capsys.readouterr()
-    assert (
-        cli(["generate", str(d), "the quick", "--max-new-tokens", "12", "--temperature", "0"]) == 0
-    )
+    args = ["generate", str(d), "the quick", "--max-new-tokens", "12", "--temperature", "0"]
+    assert cli([*args, "--no-compile"]) == 0
     printed = capsys.readouterr().out
     prompt = tok.encode("the quick", bos=True)
     params = SamplingParams(max_new_tokens=12, temperature=0)
@@ -60,7 +59,7 @@ def test_chat_command_keeps_the_dialog(tmp_path, small_tokenizer, capsys, monkey
     script = "hello\nhow are you?\n/system Be terse.\n/oops\nsay [INST] hi\n/reset\nbye\n/exit\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(script))
     capsys.readouterr()
-    assert cli(["chat", str(d), "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert cli(["chat", str(d), "--max-new-tokens", "5", "--temperature", "0", "--no-compile"]) == 0
     err = capsys.readouterr().err
     assert err.count("tokens/s]") == 3  # hello, how are you?, bye
     assert "[system prompt set; dialog reset]" in err and "[dialog reset]" in err

@@ -266,6 +266,7 @@ def test_generate_command_with_a_draft(target, tmp_path, capsys):
     draft = perturbed(model, 0.03, 5)
     d = save_hf(tmp_path / "draft", target.config, draft.state_dict(), tok)
     args = ["generate", str(t), "def", "--max-new-tokens", "20", "--temperature", "0"]
+    args += ["--no-compile"]
     assert cli([*args, "--draft", str(d), "--draft-tokens", "3"]) == 0
     printed = capsys.readouterr()
     prompt = tok.encode("def", bos=True)

@@ -280,6 +280,6 @@ def test_serve_no_web_turns_the_page_off(small_tokenizer, tmp_path, monkeypatch)
     save_hf(tmp_path / "model", cfg, Transformer(cfg).state_dict(), small_tokenizer)
     calls = []
     monkeypatch.setattr(llama2.serve.api, "serve", lambda *a, **kw: calls.append(kw["web"]))
-    main(["serve", str(tmp_path / "model"), "--no-web"])
-    main(["serve", str(tmp_path / "model")])
+    main(["serve", str(tmp_path / "model"), "--no-web", "--no-compile"])
+    main(["serve", str(tmp_path / "model"), "--no-compile"])
     assert calls == [False, True]

@@ -45,8 +45,36 @@ def _sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", help="a stop string (repeatable)")
     s.add_argument("--dtype", default=None, help="compute in float32, bfloat16 or float16")
+    _compile_options(s)
+
+
+def _compile_options(s: argparse.ArgumentParser) -> None:
+    """Default: compile the decode step at start-up and use it if it measures faster."""
+    group = s.add_mutually_exclusive_group()
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="decode through torch.compile without measuring (default: compile at start-up "
+        "and keep whichever of compiled and eager measures faster)",
+    )
+    group.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        default=None,
+        help="decode eagerly, compile nothing",
+    )
+
+
+def _draft_options(s: argparse.ArgumentParser) -> None:
     s.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (compiles first)"
+        "--draft",
+        default=None,
+        help="speculative decoding: a smaller model with the same tokenizer proposes tokens",
+    )
+    s.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens the draft proposes a step (default 4)"
     )
 
 
@@ -110,9 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="16-token blocks of prompt prefixes kept for every slot to reuse (default: two "
         "contexts' worth; 0: reuse from slots only)",
     )
-    s.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (compiles first)"
-    )
+    _compile_options(s)
+    _draft_options(s)
     s.add_argument(
         "--request-timeout", type=float, default=None, help="seconds before a request is ended"
     )
@@ -185,14 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", "prompt",
     )  # fmt: skip
     _sampling_options(s)
-    s.add_argument(
-        "--draft",
-        default=None,
-        help="speculative decoding: a smaller model with the same tokenizer proposes tokens",
-    )
-    s.add_argument(
-        "--draft-tokens", type=int, default=4, help="tokens the draft proposes a step (default 4)"
-    )
+    _draft_options(s)
 
     s = _verb(
         sub, "chat", models.cmd_chat, "an interactive chat in the Llama 2 chat format", "model"

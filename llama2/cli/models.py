@@ -145,18 +145,44 @@ def _load_for_generation(args):
     llm = load(args.model, dtype=args.dtype)
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model beside the weights")
-    llm.compile = args.compile
     return llm
 
 
-def cmd_generate(args) -> None:
+def _load_draft(llm, args):
+    """`--draft`: the draft model, on the target's device, its tokenizer checked (or None)."""
     from ..llm import load
 
+    if args.draft is None:
+        return None
+    return llm.draft_model(load(args.draft, dtype=args.dtype, device=llm.device))
+
+
+def _choose_compile(args, model, slots: int = 1, length: int | None = None) -> bool:
+    """--compile / --no-compile, or by default: compile the model's decode step for a cache of
+    this shape (the one the command decodes with, so that it compiles once) and use it if it
+    measures faster than the eager step."""
+    from ..llm import choose_decode
+
+    if args.compile is not None:
+        return args.compile
+    err = sys.stderr
+    print("compiling the decode step ...", end="", file=err, flush=True)
+    choice = choose_decode(model, slots, length)
+    print(f" ({choice.compile_s:.0f} s)", file=err)
+    use = "compiled" if choice.compiled else "eager"
+    times = f"compiled step: {choice.compiled_ms:.2f} ms vs eager {choice.eager_ms:.2f} ms"
+    print(f"{times}: using {use}", file=err)
+    return choice.compiled
+
+
+def cmd_generate(args) -> None:
     llm = _load_for_generation(args)
-    draft = None
-    if args.draft is not None:
-        draft = llm.draft_model(load(args.draft, dtype=args.dtype, device=llm.device))
+    draft = _load_draft(llm, args)
     ids = llm.tokenizer.encode(args.prompt, bos=True)
+    # the cache generate_steps sets up; with a draft, the draft is what decodes a token a step
+    context = llm.config.max_seq_len
+    length = len(ids) + max(0, min(args.max_new_tokens, context - len(ids)))
+    llm.compile = _choose_compile(args, llm.model if draft is None else draft, 1, length)
     sys.stdout.write(args.prompt)
     eos = (llm.tokenizer.eos_id,)
     done, dt = _print_stream(llm, ids, _sampling(args), eos, True, draft, args.draft_tokens)
@@ -177,6 +203,9 @@ def cmd_chat(args) -> None:
     from ..formats import encode_chat
 
     llm = _load_for_generation(args)
+    # (a first turn's cache: a short prompt and the answer)
+    length = min(llm.config.max_seq_len, args.max_new_tokens + 64)
+    llm.compile = _choose_compile(args, llm.model, 1, length)
     system = args.system
     dialog: list[dict] = []
     print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
@@ -226,6 +255,12 @@ def cmd_serve(args) -> None:
     from ..serve.api import serve
 
     llm = _load_for_generation(args)
+    draft = _load_draft(llm, args)
+    if draft is not None and args.compile is None:
+        # the model's tokens then come from verifications, which are prefills (never compiled)
+        compile = False
+    else:
+        compile = _choose_compile(args, llm.model, args.max_batch, llm.config.max_seq_len)
     serve(
         llm,
         args.host,
@@ -237,7 +272,9 @@ def cmd_serve(args) -> None:
         prefill_chunk=args.prefill_chunk,
         prefix_cache=not args.no_prefix_cache,
         prefix_pool_blocks=args.prefix_pool_blocks,
-        compile=args.compile,
+        compile=compile,
+        draft=draft,
+        draft_tokens=args.draft_tokens,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
         web=not args.no_web,

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import CachedModel, SamplingParams
+from ..generation import DRAFT_TOKENS, CachedModel, SamplingParams, StepOutput
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .draft import Speculator
 from .echo import ServedDecoder, prompt_logprobs
 from .failures import Failure, QueueFull, Unavailable, expired, internal, timed_out
 from .metrics import Stats
@@ -81,9 +82,12 @@ class Engine:
         prefix_cache: bool = True,
         compile: bool = False,
         prefix_pool_blocks: int | None = None,
+        draft: Transformer | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
     ):
         """`prefix_pool_blocks`: the prefix pool's size in blocks of PREFIX_BLOCK tokens
-        (default: two contexts' worth; 0: no pool, prefixes are reused from slots only)."""
+        (default: two contexts' worth; 0: no pool, prefixes are reused from slots only).
+        `draft`: a model with this vocabulary proposing `draft_tokens` tokens (draft.py)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if prefix_pool_blocks is not None and prefix_pool_blocks < 0:
@@ -106,6 +110,7 @@ class Engine:
         self.running: list[_Seq] = []
         self.waiting: deque[Request] = deque()
         self.stats = Stats()
+        self.speculator = None if draft is None else Speculator(self, draft, draft_tokens)
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="llama2-engine", daemon=True)
@@ -190,7 +195,7 @@ class Engine:
                     if self.prefilling:
                         self._prefill_step()
                     if self.running:
-                        self._decode_step()
+                        (self.speculator.step if self.speculator else self._decode_step)()
                 except Exception as e:  # a bug outside the guarded parts: fail what runs
                     self._record(e)
                     for s in self.prefilling + self.running:
@@ -337,31 +342,40 @@ class Engine:
 
     # --- decoding ------------------------------------------------------------------------------
 
+    def live(self, s: _Seq, now: float) -> bool:
+        """Whether a request goes on (client gone: slot freed; past its deadline: failed)."""
+        if s.req.cancelled.is_set():
+            self._release(s)
+            return False
+        if expired(s.req, now):
+            self._fail(s, timed_out(s.req))
+            return False
+        return True
+
+    def deliver(self, s: _Seq, out: StepOutput, now: float) -> None:
+        """A step's output to its client (and the stats); a finished request frees its slot."""
+        if out.token_id is not None:
+            if len(s.decoder.stream.ids) == 1:  # the first token
+                self.stats.observe("ttft", now - s.req.submitted)
+            else:
+                self.stats.observe("itl", now - s.last_token_time)
+            s.last_token_time = now
+            with self.stats.lock:
+                self.stats.generated_tokens += 1
+        if out.text or out.logprob is not None:
+            s.req.emit("token", (out.text, out.logprob))
+        if out.finished:
+            s.req.emit("done", s.decoder.completion(len(s.req.prompt)))
+            self.stats.observe("e2e", time.perf_counter() - s.req.submitted)
+            self._release(s)
+
     def _decode_step(self) -> None:
         now = time.perf_counter()
         for s in list(self.running):
-            if s.req.cancelled.is_set():  # the client went away: free the slot now
-                self._release(s)
-                continue
-            if expired(s.req, now):
-                self._fail(s, timed_out(s.req))
+            if not self.live(s, now):
                 continue
             try:
-                out = s.decoder.step(s.logits)
-                if out.token_id is not None:
-                    if len(s.decoder.stream.ids) == 1:  # the first token
-                        self.stats.observe("ttft", now - s.req.submitted)
-                    else:
-                        self.stats.observe("itl", now - s.last_token_time)
-                    s.last_token_time = now
-                    with self.stats.lock:
-                        self.stats.generated_tokens += 1
-                if out.text or out.logprob is not None:
-                    s.req.emit("token", (out.text, out.logprob))
-                if out.finished:
-                    s.req.emit("done", s.decoder.completion(len(s.req.prompt)))
-                    self.stats.observe("e2e", time.perf_counter() - s.req.submitted)
-                    self._release(s)
+                self.deliver(s, s.decoder.step(s.logits), now)
             except Exception as e:  # this request's sampling or its client's queue
                 self._record(e)
                 self._fail(s, e)

@@ -54,6 +54,8 @@ class Stats:
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens taken from the prefix cache
         self.generated_tokens = 0
+        self.draft_proposed_tokens = 0  # with a draft model: the tokens it proposed
+        self.draft_accepted_tokens = 0  # and those the model accepted
         self.failed_requests = 0
         self.engine_errors = 0  # exceptions caught inside the engine
         self.last_error: str | None = None

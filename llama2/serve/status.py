@@ -55,6 +55,15 @@ def prometheus_text(engine: Engine) -> str:
             counters += [
                 ("prefix_pool_evictions_total", "Blocks evicted from the prefix pool.", evicted)
             ]
+        if engine.speculator is not None:
+            counters += [
+                (
+                    "draft_proposed_tokens_total",
+                    "Tokens the draft proposed.",
+                    s.draft_proposed_tokens,
+                ),
+                ("draft_accepted_tokens_total", "Draft tokens accepted.", s.draft_accepted_tokens),
+            ]
         counters += [
             ("generation_tokens_total", "Generated tokens.", s.generated_tokens),
             ("failed_requests_total", "Requests ended by an error.", s.failed_requests),
@@ -71,6 +80,15 @@ def prometheus_text(engine: Engine) -> str:
         ("running_requests", "Requests in the running batch.", engine.num_running),
         ("waiting_requests", "Requests waiting for a slot.", engine.num_waiting),
     ]
+    if engine.speculator is not None:
+        rate = engine.speculator.acceptance
+        gauges += [
+            (
+                "draft_acceptance_rate",
+                "Share of the draft's proposed tokens accepted (NaN before any).",
+                float("nan") if rate is None else rate,
+            )
+        ]
     return "\n".join(lines + _scalars("gauge", gauges)) + "\n"
 
 
