@@ -207,6 +207,8 @@ def test_bad_schemas_and_fields_are_400s_naming_them(served):
          "response_format.json_schema", "'name'"),
         ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar",
          "not both"),
+        ({"response_format": _format("p", PERSON) | {"json_schema": {"name": "p", "strict": 1}}},
+         "response_format.json_schema.strict", "must be a boolean"),
     ]  # fmt: skip
     auth = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(timeout=30, headers=auth) as http:

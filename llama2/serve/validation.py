@@ -173,9 +173,12 @@ def structure(body: dict) -> dict:
         raise APIError(400, "'response_format.json_schema' must be an object", "response_format")
     _keys(spec, JSON_SCHEMA_KEYS, "response_format.json_schema")
     where = "response_format.json_schema"
-    field(spec, "name", str, None, lambda v: 0 < len(v) <= 64, "must be 1-64 characters")
-    field(spec, "description", str, None)
-    field(spec, "strict", bool, None)  # (answers follow the schema either way)
+    try:
+        field(spec, "name", str, None, lambda v: 0 < len(v) <= 64, "must be 1-64 characters")
+        field(spec, "description", str, None)
+        field(spec, "strict", bool, None)  # (answers follow the schema either way)
+    except APIError as e:
+        raise APIError(400, f"{where}: {e.message}", f"{where}.{e.param}") from None
     if not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
         raise APIError(400, f"'{where}' needs a 'name' and a 'schema' (an object)", where)
     return {"json_schema": spec["schema"]}
