@@ -296,3 +296,18 @@ def test_library_errors_name_the_field(llama2_tokenizer):
         llm.generate("x", draft=llm, json_object=True)
     with pytest.raises(ValueError, match="2 sampling parameters for 1 prompts"):
         generate(llm.model, llm.tokenizer, [[1, 2]], [SamplingParams()] * 2)
+
+
+def test_without_xgrammar_the_error_says_how_to_install_it(llama2_tokenizer, monkeypatch):
+    from llama2.serve.errors import APIError
+    from llama2.serve.validation import check_structure
+
+    monkeypatch.setitem(__import__("sys").modules, "xgrammar", None)  # (import fails)
+    llm = _llm(llama2_tokenizer)
+    with pytest.raises(ImportError, match=r"needs the xgrammar package: pip install 'llama2\["):
+        llm.generate("x", json_object=True)
+    assert llm.generate("x", max_new_tokens=2).token_ids  # free generation needs no xgrammar
+    body = {"response_format": {"type": "json_object"}}
+    with pytest.raises(APIError, match="structured output is not available here") as e:
+        check_structure(body, SamplingParams(json_object=True), llama2_tokenizer)
+    assert e.value.status == 400 and e.value.param == "response_format"
