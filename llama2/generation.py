@@ -22,6 +22,7 @@ from . import kernels
 from .model import Context, Transformer
 from .quantize import Int8Linear
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from .structured import constraint, wanted
 from .textstream import TextStream
 from .tokenizer import Tokenizer
 
@@ -78,6 +79,7 @@ class RowDecoder:
         self.stream = TextStream(tokenizer, params.stop, continuation)
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None if self.budget > 0 else "length"
+        self.constraint = constraint(tokenizer, params)  # structured output, if asked for
 
     @property
     def finished(self) -> bool:
@@ -88,10 +90,18 @@ class RowDecoder:
         return self.stream.ids[-1]
 
     def step(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from this row's logits [V]; what it adds to the output."""
+        """Sample the next token from this row's logits [V]; what it adds to the output. With
+        structured output, the logits are masked in place first (logprobs are then those of
+        the masked distribution) and the grammar's end (its EOS) ends the row."""
         p = self.params
         gens = None if self.generator is None else [self.generator]
-        return self.add(int(sample(logits[None], p.temperature, p.top_k, p.top_p, gens)[0]), logits)
+        if self.constraint is not None:
+            self.constraint.mask(logits)
+        token = int(sample(logits[None], p.temperature, p.top_k, p.top_p, gens)[0])
+        if self.constraint is not None and self.constraint.accept(token):
+            self.finish_reason = "stop"
+            return StepOutput(None, self.stream.finish(), self.finish_reason)
+        return self.add(token, logits)
 
     def add(self, token: int, logits: torch.Tensor) -> StepOutput:
         """Take `token`, chosen elsewhere from these logits [V] (a speculative step's), as the
@@ -326,7 +336,7 @@ def generate_steps(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     results: list[Completion] | None = None,
@@ -336,36 +346,42 @@ def generate_steps(
 ) -> Iterator[dict[int, StepOutput]]:
     """Generate for a batch of token-id prompts, yielding each step's outputs keyed by prompt
     index (the rows still running); when done, `results` (if given) holds one Completion per
-    prompt. `compile` runs the decode steps through torch.compile over a static cache (the
-    first call of a shape compiles). `draft`: a model with the same vocabulary proposing
-    `draft_tokens` tokens a step for speculative decoding (see `speculative`; the prompts then
-    run one after another)."""
+    prompt. `params`: the rows' sampling parameters, or one per prompt (a batch may mix, say,
+    structured and free rows). `compile` runs the decode steps through torch.compile over a
+    static cache (the first call of a shape compiles). `draft`: a model with the same
+    vocabulary proposing `draft_tokens` tokens a step for speculative decoding (see
+    `speculative`; the prompts then run one after another)."""
     context = model.config.max_seq_len
     check_prompts(model, prompts)
+    B, lens = len(prompts), [len(p) for p in prompts]
+    each = [params] * B if isinstance(params, SamplingParams) else list(params)
+    if len(each) != B:
+        raise ValueError(f"{len(each)} sampling parameters for {B} prompts")
     if draft is not None:
+        if not isinstance(params, SamplingParams) or wanted(params):
+            raise ValueError("a draft model runs one set of params, without structured output")
         from .speculative import draft_steps
 
         args = (stop_ids, continuation, results, compile, draft, draft_tokens)
         yield from draft_steps(model, tokenizer, prompts, params, *args)
         return
-    B, lens = len(prompts), [len(p) for p in prompts]
     device = model.tok_embeddings.weight.device
-    budget = [min(params.max_new_tokens, context - n) for n in lens]
+    budget = [min(p.max_new_tokens, context - n) for p, n in zip(each, lens, strict=True)]
     cached = CachedModel(model, B, max(n + b for n, b in zip(lens, budget, strict=True)), compile)
     try:
         rows = [
             RowDecoder(
                 tokenizer,
-                params,
+                p,
                 stop_ids,
                 continuation,
                 budget=budget[i],
-                seed=None if params.seed is None else params.seed + i,
+                seed=None if p.seed is None else p.seed + i,
                 device=device,
             )
-            for i in range(B)
+            for i, p in enumerate(each)
         ]
-        last, prompt_lps = prefill_prompts(cached, prompts, params.echo)
+        last, prompt_lps = prefill_prompts(cached, prompts, any(p.echo for p in each))
         pos = list(lens)
         while True:
             active = [i for i, row in enumerate(rows) if not row.finished]
@@ -378,7 +394,10 @@ def generate_steps(
             last = cached.decode([0 if row.finished else row.last_token for row in rows], pos)
             pos = [p + (not row.finished) for p, row in zip(pos, rows, strict=True)]
         if results is not None:
-            results[:] = [row.completion(lens[i], prompt_lps[i]) for i, row in enumerate(rows)]
+            results[:] = [
+                row.completion(lens[i], prompt_lps[i] if each[i].echo else None)
+                for i, row in enumerate(rows)
+            ]
     finally:
         cached.close()
 
@@ -387,7 +406,7 @@ def generate(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     stop_ids: Sequence[int] = (),
     continuation: bool = True,
     compile: bool = False,

@@ -56,7 +56,9 @@ class Llama:
         """Continue text prompt(s) (BOS prepended). Keyword arguments: SamplingParams' fields.
         A single prompt gives a single Completion; a list gives a list, generated as a batch.
         `draft`: a smaller model with this one's tokenizer (loaded, or a path) for speculative
-        decoding, proposing `draft_tokens` tokens a step; the prompts then run one by one."""
+        decoding, proposing `draft_tokens` tokens a step; the prompts then run one by one.
+        Structured output: `json_schema=` (a dict or JSON text), `json_object=True` or
+        `grammar=` (GBNF) makes the text follow it (see `structured`; not with a draft)."""
         tok = self._tok()
         single = isinstance(prompts, str)
         ids = [tok.encode(p, bos=True) for p in ([prompts] if single else prompts)]

@@ -3,7 +3,7 @@ temperature, top-k, top-p, one seeded generator per row) and the logprobs report
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +19,11 @@ class SamplingParams:
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
     echo: bool = False  # also return the prompt tokens' logprobs
+    # structured output (see structured.py; at most one): the text follows a JSON Schema (a
+    # mapping or JSON text), is a JSON object, or follows a GBNF grammar
+    json_schema: Mapping | str | None = None
+    json_object: bool = False
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -35,6 +40,9 @@ class SamplingParams:
             self.stop = (self.stop,)
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        given = [self.json_schema is not None, self.json_object, self.grammar is not None]
+        if sum(given) > 1:
+            raise ValueError("give at most one of json_schema, json_object and grammar")
 
 
 @dataclass

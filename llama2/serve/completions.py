@@ -21,6 +21,7 @@ from .errors import APIError, error_response
 from .responses import CHAT, TEXT, Reply, Shape, error_event
 from .validation import (
     chat_logprobs,
+    check_structure,
     choices_params,
     completion_prompt,
     field,
@@ -63,6 +64,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(400, str(e), "messages") from None
     logprobs = chat_logprobs(body)
     params = choices_params(body, served.llm.config.max_seq_len, logprobs, served.max_n)
+    await asyncio.to_thread(check_structure, body, params[0], tok)  # (compiling takes a while)
     return await respond(request, CHAT, body, [ids], params, (tok.eos_id,))
 
 
@@ -89,6 +91,7 @@ async def completions(request: Request) -> Response:
     else:
         ids, texts = [tok.encode(prompt, bos=True)], [prompt]
     params = choices_params(body, TEXT_MAX_TOKENS, logprobs, served.max_n, echo)
+    await asyncio.to_thread(check_structure, body, params[0], tok)
     if len(ids) * len(params) > served.engine.max_queue:
         msg = f"{len(ids)} prompts of {len(params)} choices: at most {served.engine.max_queue}"
         raise APIError(400, msg, "prompt")

@@ -19,7 +19,8 @@ MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI allows
 _SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream"}
 _SAMPLING_FIELDS |= {"stream_options", "stop", "seed", "user"}
 _SAMPLING_FIELDS |= {"presence_penalty", "frequency_penalty", "logit_bias"}
-_UNSUPPORTED_CHAT = ("tools", "functions", "tool_choice", "function_call", "response_format")
+_SAMPLING_FIELDS |= {"response_format", "grammar"}  # structured output (see `structure`)
+_UNSUPPORTED_CHAT = ("tools", "functions", "tool_choice", "function_call")
 KNOWN_FIELDS = {
     "/v1/chat/completions": _SAMPLING_FIELDS
     | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", *_UNSUPPORTED_CHAT},
@@ -133,7 +134,73 @@ def _sampling(body: dict, max_default: int, logprobs: int | None, echo: bool) ->
         stop=tuple(stop or ()),
         logprobs=logprobs,
         echo=echo,
+        **structure(body),
     )
+
+
+# the keys of each response_format type, and of its json_schema (OpenAI's request schema)
+FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
+
+
+def _keys(value: dict, known: set[str], where: str) -> None:
+    for name in value:
+        if name not in known:
+            msg = f"unrecognized field of '{where}': '{name}' (it takes {', '.join(sorted(known))})"
+            raise APIError(400, msg, where, "unknown_field")
+
+
+def structure(body: dict) -> dict:
+    """Structured output: OpenAI's `response_format` ({"type": "text"}, {"type":
+    "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict",
+    "description"}}) or llama.cpp's `grammar` (GBNF), as SamplingParams' fields. Whether the
+    schema or grammar compiles is `check_structure`'s."""
+    fmt = field(body, "response_format", dict, None)
+    grammar = field(body, "grammar", str, None, lambda v: bool(v.strip()), "must not be empty")
+    if fmt is None or fmt.get("type") == "text" and len(fmt) == 1:
+        return {} if grammar is None else {"grammar": grammar}
+    if grammar is not None:
+        raise APIError(400, "give 'response_format' or 'grammar', not both", "grammar")
+    kind = fmt.get("type")
+    if kind not in FORMAT_KEYS:
+        msg = "'response_format.type' must be text, json_object or json_schema"
+        raise APIError(400, msg, "response_format")
+    _keys(fmt, FORMAT_KEYS[kind], "response_format")
+    if kind == "json_object":
+        return {"json_object": True}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError(400, "'response_format.json_schema' must be an object", "response_format")
+    _keys(spec, JSON_SCHEMA_KEYS, "response_format.json_schema")
+    where = "response_format.json_schema"
+    try:
+        field(spec, "name", str, None, lambda v: 0 < len(v) <= 64, "must be 1-64 characters")
+        field(spec, "description", str, None)
+        field(spec, "strict", bool, None)  # (answers follow the schema either way)
+    except APIError as e:
+        raise APIError(400, f"{where}: {e.message}", f"{where}.{e.param}") from None
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
+        raise APIError(400, f"'{where}' needs a 'name' and a 'schema' (an object)", where)
+    return {"json_schema": spec["schema"]}
+
+
+def check_structure(body: dict, params: SamplingParams, tokenizer) -> None:
+    """400 when the request's schema or grammar cannot be compiled, naming it and why."""
+    from ..structured import compile_grammar, wanted
+
+    if not wanted(params):
+        return
+    where = "grammar" if params.grammar is not None else "response_format"
+    try:
+        compile_grammar(tokenizer, params)
+    except ImportError as e:
+        raise APIError(400, f"structured output is not available here: {e}", where) from None
+    except ValueError as e:
+        what = "the grammar"
+        if params.json_schema is not None:
+            what = f"the JSON schema '{body['response_format']['json_schema']['name']}'"
+        reason = str(e).split(": ", 1)[-1]
+        raise APIError(400, f"{what} cannot be used: {reason}", where) from None
 
 
 def choice_seed(seed: int | None, i: int) -> int | None:
