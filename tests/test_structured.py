@@ -3,6 +3,7 @@ against a server on a random micro model with Llama 2's 32,000-token vocabulary,
 the library. A random model writes valid JSON only because of the mask: every answer here is
 parsed and validated against its schema."""
 
+import copy
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -80,10 +81,10 @@ def _llm(tokenizer: Tokenizer, closing_bias: float = 0.0) -> Llama:
     return Llama(model, tokenizer, cfg)
 
 
-def _server(llm: Llama):
+def _server(llm: Llama, **options):
     from llama2.serve.api import create_app
 
-    app = create_app(llm, "micro", api_key=KEY, max_batch=4, max_queue=32)
+    app = create_app(llm, "micro", api_key=KEY, max_batch=4, max_queue=32, **options)
     srv, thread, base = _start(app)
     return srv, thread, base, app
 
@@ -311,3 +312,29 @@ def test_without_xgrammar_the_error_says_how_to_install_it(llama2_tokenizer, mon
     with pytest.raises(APIError, match="structured output is not available here") as e:
         check_structure(body, SamplingParams(json_object=True), llama2_tokenizer)
     assert e.value.status == 400 and e.value.param == "response_format"
+
+
+def test_a_server_with_a_draft_keeps_the_schema(served, llama2_tokenizer):
+    """Under `serve --draft`, a constrained request takes no proposals (they would skip the
+    mask): its greedy answer validates and equals the server's without a draft, while free
+    requests beside it are drafted."""
+    llm = _llm(llama2_tokenizer)
+    srv, thread, base, _ = _server(llm, draft=copy.deepcopy(llm.model), draft_tokens=3)
+    try:
+        fmt = _format("person", PERSON)
+        msgs = [{"role": "user", "content": "Give me a person as JSON."}]
+        kw = dict(model="micro", max_tokens=600, temperature=0.0)
+        got = [
+            _client(b).chat.completions.create(messages=msgs, response_format=fmt, **kw)
+            for b in (base, served[0])
+        ]
+        drafted, alone = (r.choices[0].message.content for r in got)
+        jsonschema.validate(json.loads(drafted), PERSON)
+        assert drafted == alone
+        free = _client(base).completions.create(prompt="A person:", **{**kw, "max_tokens": 8})
+        assert free.choices[0].text
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert "llama2_draft_accepted_tokens_total" in metrics
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

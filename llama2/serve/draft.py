@@ -129,8 +129,10 @@ class Speculator:
 
     def _proposals_for(self, s) -> int:
         """How many tokens the draft proposes for this row: none for echo (see echo.py: its
-        steps are ServedDecoder's), and never past the row's budget."""
-        if s.req.params.echo:
+        steps are ServedDecoder's) or structured output (accepted proposals would skip the
+        grammar's mask: the row takes plain steps on the target's logits), and never past the
+        row's budget."""
+        if s.req.params.echo or s.decoder.constraint is not None:
             return 0
         return max(0, min(self.k, s.decoder.budget - len(s.decoder.stream.ids) - 1))
 
