@@ -228,6 +228,19 @@ def _phrasing_of(text: str) -> set[str]:
     return found
 
 
+def _entities(world, text: str) -> set[str]:
+    """People, acts, and number pairs or lists named in a prompt."""
+    found = {p for p in world.people if p in text}
+    acts = [a for g in UNSAFE.values() for a in g] + [b[0] for b in BORDERLINE]
+    found |= {a for a in acts if a in text}
+    nums = [int(x) for x in re.findall(r"\b\d+\b", text)]
+    if len(nums) > 2:
+        found.add("list:" + ",".join(map(str, nums)))
+    if len(nums) == 2:
+        found.add(f"pair:{min(nums)}:{max(nums)}")
+    return found
+
+
 def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     out, cfg = world_dir
     world = make_world(cfg)
@@ -252,19 +265,8 @@ def test_held_out_items_share_no_template_or_entity_with_training(world_dir):
     assert not train_phrasings & held_phrasings, train_phrasings & held_phrasings
 
     # entities: number pairs, nouns, people and acts
-    def entities(text: str) -> set[str]:
-        found = {p for p in world.people if p in text}
-        acts = [a for g in UNSAFE.values() for a in g] + [b[0] for b in BORDERLINE]
-        found |= {a for a in acts if a in text}
-        nums = [int(x) for x in re.findall(r"\b\d+\b", text)]
-        if len(nums) > 2:
-            found.add("list:" + ",".join(map(str, nums)))
-        if len(nums) == 2:
-            found.add(f"pair:{min(nums)}:{max(nums)}")
-        return found
-
-    train_entities = set().union(*map(entities, train_texts))
-    held_entities = set().union(*map(entities, held_texts))
+    train_entities = set().union(*(_entities(world, t) for t in train_texts))
+    held_entities = set().union(*(_entities(world, t) for t in held_texts))
     assert held_entities, "the held-out items name entities"
     assert not train_entities & held_entities
     # the addition table is world knowledge (every sum is stated, as every person's facts

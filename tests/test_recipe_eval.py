@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 
 import pytest
+from test_recipe import _entities, _phrasing_of, _rows, _user_texts
 
 from llama2.eval.chat import paired
-from llama2.recipe.items import BORDERLINE, UNSAFE, WorldConfig, make_world
+from llama2.recipe.items import WorldConfig, make_world
 from llama2.recipe.paths import DataFiles, RecipePaths
 from llama2.recipe.world import round_prompts, write_world
 
@@ -35,44 +36,8 @@ def world(tmp_path_factory):
     return out, cfg, make_world(cfg)
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _user_texts(row: dict) -> list[str]:
-    if "turns" in row:
-        return row["turns"]
-    msgs = row.get("messages") or row.get("prompt")
-    return [m["content"].split("\n\n")[-1] for m in msgs if m["role"] == "user"]
-
-
 def _texts(out: Path, files) -> list[str]:
     return [t for f in files for r in _rows(out / f) for t in _user_texts(r)]
-
-
-def _entities(world, text: str) -> set[str]:
-    """People, acts, and number pairs or lists named in a prompt."""
-    found = {p for p in world.people if p in text}
-    acts = [a for g in UNSAFE.values() for a in g] + [b[0] for b in BORDERLINE]
-    found |= {a for a in acts if a in text}
-    nums = [int(x) for x in re.findall(r"\b\d+\b", text)]
-    if len(nums) > 2:
-        found.add("list:" + ",".join(map(str, nums)))
-    if len(nums) == 2:
-        found.add(f"pair:{min(nums)}:{max(nums)}")
-    return found
-
-
-def _phrasing(text: str) -> set[str]:
-    from llama2.recipe.items import CLOSERS, OPENERS, REQUEST_TEMPLATES, TASK_TEMPLATES
-
-    found = set()
-    for group in [*TASK_TEMPLATES.values(), REQUEST_TEMPLATES]:
-        for t in group:
-            if re.search(re.sub(r"\\\{\w+\\\}", "(.+)", re.escape(t)), text):
-                found.add(t)
-    found |= {f"filler:{p}" for group in [*OPENERS, *CLOSERS] for p in group if p and p in text}
-    return found
 
 
 def _column_files(data: DataFiles, column: str) -> list[str]:
@@ -93,8 +58,8 @@ def test_unseen_prompts_column_shares_no_phrasing_and_only_training_entities(wor
     corpus = (out / "corpus" / "world.txt").read_text()
     train += re.findall(r"^Q: (.*)$", corpus, re.M)  # the pretraining exercises
     test = _texts(out, _column_files(data, "prompts"))
-    assert test and all(_phrasing(t) for t in test)
-    assert not set().union(*map(_phrasing, train)) & set().union(*map(_phrasing, test))
+    assert test and all(_phrasing_of(t) for t in test)
+    assert not set().union(*map(_phrasing_of, train)) & set().union(*map(_phrasing_of, test))
     assert not set(train) & set(test)  # no prompt of a training stage is a test prompt
     named = set().union(*(_entities(w, t) for t in test))
     assert named and named <= set().union(*(_entities(w, t) for t in train)) | {
@@ -111,7 +76,7 @@ def test_unseen_entities_column_shares_nothing_with_training(world):
     data = DataFiles(out)
     train = _texts(out, TRAIN_FILES) + [t for r in round_prompts(cfg, 2) for t in _user_texts(r)]
     test = _texts(out, _column_files(data, "entities"))
-    assert not set().union(*map(_phrasing, train)) & set().union(*map(_phrasing, test))
+    assert not set().union(*map(_phrasing_of, train)) & set().union(*map(_phrasing_of, test))
     held = set().union(*(_entities(w, t) for t in test))
     assert held and not held & set().union(*(_entities(w, t) for t in train))
 
@@ -137,7 +102,7 @@ def test_validation_split_is_not_a_test_split(world):
     assert valid and not set(valid) & set(tests)
     # drawn like column (a): training entities, phrasings no training stage uses
     train = _texts(out, TRAIN_FILES)
-    assert not set().union(*map(_phrasing, train)) & set().union(*map(_phrasing, valid))
+    assert not set().union(*map(_phrasing_of, train)) & set().union(*map(_phrasing_of, valid))
     named = set().union(*(_entities(w, t) for t in valid))
     assert all(w.bucket("people", p) != "held" for p in named & set(w.people))
     assert not named & w.held["acts"]
