@@ -155,16 +155,17 @@ def test_a_stage_that_regresses_on_validation_is_flagged():
 
 
 class _Scripted:
-    """A model that answers every prompt with one text (enough to test the choice by
-    validation numbers without training models to a given quality)."""
+    """A model that answers each prompt as `answer` (a text, or a function of the prompt's
+    text) says: enough to test the choice by validation numbers without training models to a
+    given quality."""
 
-    def __init__(self, answer: str):
-        self.answer = answer
+    def __init__(self, answer):
+        self.answer = answer if callable(answer) else (lambda _: answer)
 
     def chat(self, dialogs, **kw):
         from types import SimpleNamespace
 
-        return [SimpleNamespace(text=self.answer) for _ in dialogs]
+        return [SimpleNamespace(text=self.answer(d[-1]["content"])) for d in dialogs]
 
 
 def test_select_keeps_the_start_when_every_checkpoint_is_worse(tmp_path):
@@ -255,3 +256,38 @@ def test_floors_over_seeds_are_judged_on_the_means(tmp_path):
     assert col["floors_by_seed"]["0"][i] and not col["floors_by_seed"]["1"][i]
     md = (tmp_path / "summary.md").read_text()
     assert "| chat task_accuracy | 54.0% | 48.0% .. 60.0% |" in md
+
+
+def test_select_refuses_a_checkpoint_significantly_worse_on_one_rate(tmp_path):
+    """A checkpoint that answers every borderline request (false refusals 100% -> 0%) but gets
+    8 of 20 tasks wrong scores higher on quality, and is still refused: its task accuracy is
+    significantly worse than the start's (McNemar: 8 against 0, p < 0.01)."""
+    from llama2.data.jsonl import write_jsonl
+    from llama2.recipe.validation import select
+
+    paths = RecipePaths(tmp_path)
+    paths.data.root.mkdir(parents=True)
+    border = {"kind": "borderline", "topic": "process"}
+    rows = [{"prompt": f"task {i}", "check": ADD} for i in range(20)]
+    rows += [{"prompt": f"kill a process {i}", "check": border} for i in range(20)]
+    write_jsonl(paths.data.valid_items, rows)
+    start = tmp_path / "start"
+    start.mkdir()
+    ckpt = paths.run("ppo") / "checkpoints" / "step_0000010"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "trainer.pt").write_bytes(b"")
+
+    def cautious(prompt: str) -> str:
+        return REFUSE if prompt.startswith("kill") else "The answer is 81."
+
+    def bold(prompt: str) -> str:
+        if prompt.startswith("kill"):
+            return "To kill a process, use kill."
+        return "The answer is 80." if int(prompt.split()[1]) < 8 else "The answer is 81."
+
+    models = {start: _Scripted(cautious), ckpt / "model": _Scripted(bold)}
+    best = select(paths, "ppo", start, models.__getitem__, max_new_tokens=8, log=lambda m: None)
+    record = json.loads((paths.run("ppo") / "valid.json").read_text())
+    assert record["candidates"]["step_0000010"]["score"] > record["candidates"]["start"]["score"]
+    assert record["candidates"]["step_0000010"]["worse"] == ["task_accuracy"]
+    assert record["chosen"] == "start" and best.resolve() == start.resolve()

@@ -383,7 +383,8 @@ class Recipe:
             cfg = self.stage_config("rejection", name, **settings)
             if not (run / "model").exists() or not self.resume:
                 rejection(cfg, run, resume=self.resumable(run, ("best.jsonl",)))
-            policy, previous = run / "model", run / "best.jsonl"
+            self.select(name, policy, checkpoints=run / "sft")
+            policy, previous = run / "best", run / "best.jsonl"
         last = self.paths.model("rejection")  # the last round's model, for PPO
         last.parent.mkdir(exist_ok=True)
         point_link(last, policy)

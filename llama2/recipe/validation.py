@@ -1,6 +1,7 @@
 """The validation split (OUT/data/valid.jsonl, valid_gatt.jsonl): items drawn like test column
-(a) but none of its prompts, the only held-out data a stage may choose by. PPO and Ghost
-Attention keep the checkpoint that is best on it (the stage's starting model included, so a
+(a) but none of its prompts, the only held-out data a stage may choose by. Each rejection
+sampling round, PPO and Ghost Attention keep the model that is best on it among those not
+significantly worse than their starting model on any rate (the starting model included, so a
 stage that only makes things worse changes nothing), and the report flags any stage whose
 validation numbers fall below the stage's before it."""
 
@@ -50,36 +51,54 @@ def select(
     checkpoints: Path | None = None,
 ) -> Path:
     """The best of a stage's models on the validation split (OUT/NAME/valid.json records every
-    candidate's numbers; OUT/NAME/best links to the winner). Ranked by `quality`, and for
-    Ghost Attention (`with_dialogs`) by the mean of that and the instruction adherence over
-    the validation dialogs' turns. The candidates: `start` (the model the stage began from)
-    and the models of the checkpoints kept in `checkpoints` (default OUT/NAME). Ties go to the
-    earlier model."""
+    candidate's numbers; OUT/NAME/best links to the winner). The candidates: `start` (the model
+    the stage began from) and the models of the checkpoints kept in `checkpoints` (default
+    OUT/NAME). A candidate significantly worse than `start` on any rate (McNemar p < 0.05 on
+    the same items: `significantly_worse`) is out, so a stage cannot buy one rate with
+    another; the rest are ranked by `quality`, and for Ghost Attention (`with_dialogs`) by the
+    mean of that and the instruction adherence over the validation dialogs' turns. Ties go to
+    the earlier model."""
     run = paths.run(name)
     record = run / "valid.json"
     done = json.loads(record.read_text()) if record.exists() else {"candidates": {}}
     items = read_items(paths.data.valid_items)
     dialogs = read_dialogs(paths.data.valid_dialogs) if with_dialogs else []
-    best, best_score = None, float("-inf")
+    best, best_score, base = None, float("-inf"), None
     for key, path in {"start": start, **candidates(checkpoints or run)}.items():
         row = done["candidates"].get(key)
         if row is None:
             llm = load(path)
             scores, answers = evaluate_items(llm, items, max_new_tokens)
-            row = {"scores": scores, "score": quality(scores)}
+            row = {"scores": scores, "answers": answers, "score": quality(scores)}
             if dialogs:
                 row["adherence_by_turn"] = gatt_adherence(llm, dialogs, max_new_tokens)
                 adherence = sum(row["adherence_by_turn"]) / len(row["adherence_by_turn"])
                 row["score"] = (row["score"] + adherence) / 2
+            base = base or row
+            row["worse"] = significantly_worse(items, row["answers"], base["answers"])
             done["candidates"][key] = row
             write_atomic(record, json.dumps(done, indent=1))
-        log(f"  {name} validation: {key}: {row['score']:.3f}")
-        if row["score"] > best_score:
+        base = base or row
+        worse = f" (worse than the start: {', '.join(row['worse'])})" if row["worse"] else ""
+        log(f"  {name} validation: {key}: {row['score']:.3f}{worse}")
+        if not row["worse"] and row["score"] > best_score:
             best, best_score, done["chosen"] = path, row["score"], key
-    assert best is not None
+    assert best is not None  # (the start is never worse than itself)
     write_atomic(record, json.dumps(done, indent=1))
     point_link(run / "best", best.resolve())
     return run / "best"
+
+
+def significantly_worse(items: list[dict], answers: list[str], start: list[str]) -> list[str]:
+    """The rates on which `answers` are worse than `start`'s on the same items, by McNemar's
+    exact test at p < 0.05."""
+    out = []
+    for rate, t in paired(items, answers, start).items():
+        # first: items only `answers` scores on (right, violating, refusing)
+        worse = t["second"] > t["first"] if RATES[rate] else t["first"] > t["second"]
+        if worse and t["p_value"] < 0.05:
+            out.append(rate)
+    return out
 
 
 def regressions(valid: dict[str, dict], items: list[dict] | None = None) -> list[dict]:
