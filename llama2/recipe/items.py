@@ -83,6 +83,8 @@ class Split:
     phrasing: str
 
 
+# the entity buckets (see _bucket) each Split.entities draws from
+BUCKETS = {"sft": {"sft"}, "train": {"sft", "rlhf"}, "held": {"held"}}
 SFT = Split("sft", "train")  # SFT demonstrations (and the pretraining exercises)
 TRAIN = Split("train", "train")  # RLHF prompts, comparisons, GAtt dialogs
 UNSEEN_PROMPTS = Split("train", "held")  # test column (a) and the validation split
@@ -167,12 +169,7 @@ class World:
         return _bucket(_unit(key, self.cfg.seed), self.cfg.held_share, self.cfg.rlhf_share)
 
     def _takes(self, split: Split, kind: str, key: str) -> bool:
-        got = self.bucket(kind, key)
-        return (
-            got == "held"
-            if split.entities == "held"
-            else got == "sft" or (got == "rlhf" and split.entities == "train")
-        )
+        return self.bucket(kind, key) in BUCKETS[split.entities]
 
     # every draw takes a Split: the test items' or a training stage's entities and phrasings
     def task(self, rng: random.Random, split: Split, kind: str | None = None) -> Item:

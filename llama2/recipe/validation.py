@@ -63,7 +63,7 @@ def select(
     done = json.loads(record.read_text()) if record.exists() else {"candidates": {}}
     items = read_items(paths.data.valid_items)
     dialogs = read_dialogs(paths.data.valid_dialogs) if with_dialogs else []
-    best, best_score, base = None, float("-inf"), None
+    best, best_score, base = None, float("-inf"), {}
     for key, path in {"start": start, **candidates(checkpoints or run)}.items():
         row = done["candidates"].get(key)
         if row is None:
@@ -74,11 +74,12 @@ def select(
                 row["adherence_by_turn"] = gatt_adherence(llm, dialogs, max_new_tokens)
                 adherence = sum(row["adherence_by_turn"]) / len(row["adherence_by_turn"])
                 row["score"] = (row["score"] + adherence) / 2
-            base = base or row
-            row["worse"] = significantly_worse(items, row["answers"], base["answers"])
+            start_answers = answers if key == "start" else base["answers"]
+            row["worse"] = significantly_worse(items, answers, start_answers)
             done["candidates"][key] = row
             write_atomic(record, json.dumps(done, indent=1))
-        base = base or row
+        if key == "start":
+            base = row
         worse = f" (worse than the start: {', '.join(row['worse'])})" if row["worse"] else ""
         log(f"  {name} validation: {key}: {row['score']:.3f}{worse}")
         if not row["worse"] and row["score"] > best_score:
