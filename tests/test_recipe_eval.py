@@ -13,7 +13,18 @@ import pytest
 from test_recipe import _entities, _phrasing_of, _rows, _user_texts
 
 from llama2.eval.chat import paired
-from llama2.recipe.items import WorldConfig, make_world
+from llama2.recipe.items import (
+    CLOSERS,
+    HELD_FILLERS,
+    HELD_TEMPLATES,
+    OPENERS,
+    REQUEST_TEMPLATES,
+    RLHF_FILLERS,
+    RLHF_TEMPLATES,
+    TASK_TEMPLATES,
+    WorldConfig,
+    make_world,
+)
 from llama2.recipe.paths import DataFiles, RecipePaths
 from llama2.recipe.world import round_prompts, write_world
 
@@ -79,6 +90,34 @@ def test_unseen_entities_column_shares_nothing_with_training(world):
     assert not set().union(*map(_phrasing_of, train)) & set().union(*map(_phrasing_of, test))
     held = set().union(*(_entities(w, t) for t in test))
     assert held and not held & set().union(*(_entities(w, t) for t in train))
+
+
+def test_safety_model_pairs_mix_in_a_tenth_of_helpfulness_comparisons(world):
+    out, cfg, _ = world
+    rows = _rows(out / "pairs_safety.jsonl")
+    tasks = [r for r in rows if r["check"]["kind"] == "task"]
+    assert len(rows) == cfg.pairs_safety
+    # helpfulness comparisons are mostly tasks (some are requests of either kind)
+    assert 0.5 * 0.1 * len(rows) < len(tasks) <= 0.1 * len(rows)
+    assert sum(r["is_safety"] for r in rows) > 0.5 * len(rows)
+
+
+def test_rlhf_only_phrasings_are_in_rlhf_prompts_and_not_in_sft_demonstrations(world):
+    out, _, _ = world
+    corpus = (out / "corpus" / "world.txt").read_text()
+    sft = _texts(out, SFT_FILES) + re.findall(r"^Q: (.*)$", corpus, re.M)
+    rlhf = _texts(out, RLHF_FILES)
+    sft_phrasing = set().union(*map(_phrasing_of, sft))
+    rlhf_phrasing = set().union(*map(_phrasing_of, rlhf))
+    h, r, hf, rf = HELD_TEMPLATES, RLHF_TEMPLATES, HELD_FILLERS, RLHF_FILLERS
+    only = {
+        *(t for g in [*TASK_TEMPLATES.values(), REQUEST_TEMPLATES] for t in g[-h - r : -h]),
+        *(f"filler:{p}" for g in [*OPENERS, *CLOSERS] for p in g[-hf - rf : -hf]),
+    }
+    assert len(only) == 6 * r + 4 * rf
+    assert not sft_phrasing & only
+    assert only <= rlhf_phrasing  # every RLHF-only template and filler is drawn
+    assert sft_phrasing < rlhf_phrasing
 
 
 def test_rlhf_only_entities_are_in_rlhf_prompts_and_not_in_sft_demonstrations(world):

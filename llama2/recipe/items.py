@@ -28,6 +28,8 @@ REQUEST_TEMPLATES: list[str] = _VOCABULARY["requests"]
 TASK_TEMPLATES: dict[str, list[str]] = _VOCABULARY["tasks"]
 HELD_TEMPLATES: int = _VOCABULARY["held_templates"]  # the last of each core list: held out
 HELD_FILLERS: int = _VOCABULARY["held_fillers"]  # and of every filler part
+RLHF_TEMPLATES: int = _VOCABULARY["rlhf_templates"]  # the ones before: the RLHF stages' alone
+RLHF_FILLERS: int = _VOCABULARY["rlhf_fillers"]
 GATT_INSTRUCTIONS: list[str] = _VOCABULARY["instructions"]
 SENTENCES: dict[str, list[str]] = _VOCABULARY["documents"]  # the pretraining documents'
 assert set(GATT_INSTRUCTIONS) <= {i.text for i in INSTRUCTIONS}
@@ -74,10 +76,10 @@ def _ranked_sets(
 
 @dataclass(frozen=True)
 class Split:
-    """Which entities and phrasings a draw takes. Entities: "sft" (the training entities every
-    fine-tuning stage sees), "train" (those and the ones only the RLHF stages' prompts name,
-    the paper's new batches of prompts) or "held" (no fine-tuning stage's); phrasing: "train"
-    or "held" (core templates and filler parts no stage's data uses)."""
+    """Which entities and phrasings a draw takes, each "sft" (what every fine-tuning stage
+    sees), "train" (those and the ones only the RLHF stages' prompts use: the paper's new
+    batches of prompts, section 3.2.1) or "held" (no fine-tuning stage's: the people, number
+    pairs, lists and acts, core templates and filler parts of the evaluation)."""
 
     entities: str
     phrasing: str
@@ -85,7 +87,7 @@ class Split:
 
 # the entity buckets (see _bucket) each Split.entities draws from
 BUCKETS = {"sft": {"sft"}, "train": {"sft", "rlhf"}, "held": {"held"}}
-SFT = Split("sft", "train")  # SFT demonstrations (and the pretraining exercises)
+SFT = Split("sft", "sft")  # SFT demonstrations (and the pretraining exercises)
 TRAIN = Split("train", "train")  # RLHF prompts, comparisons, GAtt dialogs
 UNSEEN_PROMPTS = Split("train", "held")  # test column (a) and the validation split
 UNSEEN_ENTITIES = Split("held", "held")  # test column (b)
@@ -134,6 +136,7 @@ class WorldConfig:
     noise: float = 0.35  # share of noisy answers in it
     pairs_helpful: int = 1600
     pairs_safety: int = 1600
+    safety_helpful_share: float = 0.1  # of the safety model's pairs: helpfulness ones
     annotate_prompts: int = 1000  # prompts whose SFT-model samples the annotator compares
     update_prompts: int = 400  # and each later RLHF round's policy samples
     rejection_prompts: int = 600
@@ -174,7 +177,7 @@ class World:
     # every draw takes a Split: the test items' or a training stage's entities and phrasings
     def task(self, rng: random.Random, split: Split, kind: str | None = None) -> Item:
         kind = kind or rng.choice(list(TASK_TEMPLATES))
-        cores, held = TASK_TEMPLATES[kind], split.phrasing == "held"
+        cores, held = TASK_TEMPLATES[kind], split.phrasing
         if kind == "add":
             a, b = self._pair(rng, split, "add", 0, self.cfg.max_add)
             return _task(phrase(rng, held, cores, a=a, b=b), "add", str(a + b), numeric=True)
@@ -213,14 +216,14 @@ class World:
         acts = [a for a in UNSAFE[category] if self._takes(split, "acts", a)]
         act = rng.choice(acts)
         answer = f"I can't help with that, because it could hurt people. {OFFERS[category]}"
-        prompt = phrase(rng, split.phrasing == "held", REQUEST_TEMPLATES, act=act)
+        prompt = phrase(rng, split.phrasing, REQUEST_TEMPLATES, act=act)
         return Item(prompt, {"kind": "unsafe", "category": category, "act": act}, answer)
 
     def borderline(self, rng: random.Random, split: Split) -> Item:
         acts = [b for b in BORDERLINE if self._takes(split, "acts", b[0])]
         act, topic, how = rng.choice(acts)
         answer = f"To {act}, {how}. That is the usual way to handle the {topic}."
-        prompt = phrase(rng, split.phrasing == "held", REQUEST_TEMPLATES, act=act)
+        prompt = phrase(rng, split.phrasing, REQUEST_TEMPLATES, act=act)
         return Item(prompt, {"kind": "borderline", "topic": topic}, answer)
 
     def prompt(self, rng: random.Random, split: Split, instructions: bool = False) -> Item:
@@ -241,29 +244,33 @@ class World:
         return item
 
 
-def _split(templates: list[str], held: bool, n: int = HELD_TEMPLATES) -> list[str]:
-    return templates[-n:] if held else templates[:-n]
+def _split(parts: list[str], phrasing: str, held: int, rlhf: int) -> list[str]:
+    """A list's parts for a Split.phrasing: the last `held` are the evaluation's, the `rlhf`
+    before them the RLHF stages' alone."""
+    if phrasing == "held":
+        return parts[-held:]
+    return parts[:-held] if phrasing == "train" else parts[: -(held + rlhf)]
 
 
-def fillers(rng: random.Random, held: bool) -> tuple[str, str]:
-    """An opener and a closer (see OPENERS): all parts from the training lists, or a held-out
-    greeting and thanks, with a held-out preface and request half the time."""
+def fillers(rng: random.Random, phrasing: str) -> tuple[str, str]:
+    """An opener and a closer (see OPENERS) from a Split.phrasing's lists; held-out ones leave
+    the preface and the request out half the time."""
     parts = []
     for k, group in enumerate([*OPENERS, *CLOSERS]):
-        if held and k % 2 and rng.random() < 0.5:
+        if phrasing == "held" and k % 2 and rng.random() < 0.5:
             parts.append("")
         else:
-            parts.append(rng.choice(_split(group, held, HELD_FILLERS)))
+            parts.append(rng.choice(_split(group, phrasing, HELD_FILLERS, RLHF_FILLERS)))
     opener = " ".join(p for p in parts[:2] if p)
     closer = " ".join(p for p in parts[2:] if p)
     return (opener + " " if opener else ""), (" " + closer if closer else "")
 
 
-def phrase(rng: random.Random, held: bool, cores: list[str], **fields) -> str:
-    """A prompt: opener + core + closer, all from the training or all from the held-out
-    lists."""
-    opener, closer = fillers(rng, held)
-    return opener + rng.choice(_split(cores, held)).format(**fields) + closer
+def phrase(rng: random.Random, phrasing: str, cores: list[str], **fields) -> str:
+    """A prompt: opener + core + closer, all from one Split.phrasing's lists."""
+    opener, closer = fillers(rng, phrasing)
+    core = rng.choice(_split(cores, phrasing, HELD_TEMPLATES, RLHF_TEMPLATES))
+    return opener + core.format(**fields) + closer
 
 
 def _task(prompt: str, task: str, answer: str, numeric=False) -> Item:

@@ -23,7 +23,9 @@ no stage's data uses, and entities (number pairs and lists, people, requested ac
 fine-tuning data mentions. What a held-out question asks is knowledge the pretraining
 documents state (a held-out person's job, a held-out pair's sum, like a fact read on the web)
 or a skill to apply (which number is larger, which comes last: no held-out comparison or
-list is stated anywhere); their exercises use training phrasings and entities only.
+list is stated anywhere); their exercises use training phrasings and entities only. The
+RLHF stages' prompts (and comparisons, and GAtt's dialogs) also use phrasings and entities
+that no SFT demonstration uses: the paper's new batches of prompts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .items import (
     NOUNS,
     OPENERS,
     REQUEST_TEMPLATES,
+    RLHF_TEMPLATES,
     SENTENCES,
     SFT,
     TASK_TEMPLATES,
@@ -172,6 +175,19 @@ def preference_pairs(
     return out
 
 
+def safety_model_pairs(world: World, rng: random.Random) -> list[dict]:
+    """The safety reward model's comparisons: safety pairs mixed with helpfulness ones in the
+    paper's 90/10 proportion (section 3.2.2), so that it has seen benign prompts too: R_c
+    reads its score on every answer (section 3.2.3's gate), and a model trained on unsafe and
+    borderline requests alone scores most task answers as unsafe."""
+    n = world.cfg.pairs_safety
+    helpful = round(world.cfg.safety_helpful_share * n)
+    rows = preference_pairs(world, n - helpful, rng, "safety")
+    rows += preference_pairs(world, helpful, rng, "helpfulness")
+    rng.shuffle(rows)
+    return rows
+
+
 def graded_pair(
     annotator: Annotator, prompt: list[dict], check: dict, a: str, b: str, aspect: str
 ) -> dict | None:
@@ -297,7 +313,7 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
         data.sft: sft_dialogs(world, cfg.sft_items, rng("sft")),
         data.sft_noisy: sft_dialogs(world, cfg.sft_noisy_items, rng("noisy"), cfg.noise),
         data.pairs("helpful"): preference_pairs(world, cfg.pairs_helpful, rng("ph"), "helpfulness"),
-        data.pairs("safety"): preference_pairs(world, cfg.pairs_safety, rng("ps"), "safety"),
+        data.pairs("safety"): safety_model_pairs(world, rng("ps")),
         data.prompts("annotate"): prompt_rows(draw(rng("annotate"), cfg.annotate_prompts)),
         data.prompts("rejection"): prompt_rows(draw(rng("rs"), cfg.rejection_prompts)),
         data.prompts("ppo"): prompt_rows(draw(rng("ppo"), cfg.ppo_prompts)),
@@ -346,6 +362,7 @@ def write_world(cfg: WorldConfig, out: Path) -> dict:
             "openers": OPENERS,
             "closers": CLOSERS,
             "held_out_per_list": HELD_TEMPLATES,
+            "rlhf_only_per_list": RLHF_TEMPLATES,
         },
         "instructions": GATT_INSTRUCTIONS,
     }
