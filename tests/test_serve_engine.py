@@ -272,3 +272,21 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer)
         assert set(widths) == {1}
     finally:
         model.clear_cache()
+
+
+def test_a_steps_pieces_go_out_after_every_rows_sampling(model, small_tokenizer):
+    """Requests decoding together: when one's piece is emitted, every running request has its
+    token of that step already (the step's pieces go out back to back, so that a client's
+    event loop takes them in one wake-up)."""
+    eng = engine(model, small_tokenizer)
+    seen = []  # at each emit: how many tokens each running request has sampled
+
+    def note(_):
+        seen.append([len(s.decoder.stream.ids) for s in eng.running])
+
+    g = torch.Generator().manual_seed(1)
+    ps = [[1] + torch.randint(3, 512, (19,), generator=g).tolist() for _ in range(3)]
+    reqs = [request(p, seed=i, max_tokens=6, on_token=note) for i, p in enumerate(ps)]
+    done = run_all(eng, reqs)
+    assert all(len(c.token_ids) == 6 for c in done)
+    assert len(seen) >= 3 * 5 and all(len(set(counts)) == 1 for counts in seen), seen

@@ -6,6 +6,7 @@ frees its slots at once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -18,6 +19,7 @@ from ..llm import Llama
 from .engine import Engine, QueueFull, Unavailable
 from .engine import Request as EngineRequest
 from .errors import APIError, error_response
+from .mailbox import Mailbox
 from .responses import CHAT, TEXT, Reply, Shape, error_event
 from .validation import (
     chat_logprobs,
@@ -45,6 +47,8 @@ class Served:
     request_timeout: float | None  # seconds; past it a request is ended (504)
     max_n: int  # choices per request: never more than the queue can hold
     created: int  # when the model was loaded (Unix time, for /v1/models)
+    # the engine thread's events to the event loop
+    mailbox: Mailbox = dataclasses.field(default_factory=Mailbox)
 
 
 async def read_body(request: Request, path: str) -> dict:
@@ -142,7 +146,7 @@ def submit(
 
         def emit(kind: str, value: object, i: int = i) -> None:
             if stream or kind != "token":
-                loop.call_soon_threadsafe(queue.put_nowait, (i, kind, value))
+                served.mailbox.put(loop, queue, (i, kind, value))
 
         timeout = served.request_timeout
         reqs.append(EngineRequest(prompt, p, stop_ids, emit, shape.continuation, timeout))

@@ -370,13 +370,20 @@ class Engine:
             self._release(s)
 
     def _decode_step(self) -> None:
-        now = time.perf_counter()
+        now, outputs = time.perf_counter(), []
         for s in list(self.running):
             if not self.live(s, now):
                 continue
             try:
-                self.deliver(s, s.decoder.step(s.logits), now)
-            except Exception as e:  # this request's sampling or its client's queue
+                outputs.append((s, s.decoder.step(s.logits)))
+            except Exception as e:  # this request's sampling
+                self._record(e)
+                self._fail(s, e)
+        # the pieces back to back after all the sampling: one wake-up of the loop (mailbox.py)
+        for s, out in outputs:
+            try:
+                self.deliver(s, out, now)
+            except Exception as e:  # its client's queue
                 self._record(e)
                 self._fail(s, e)
         if not self.running:
