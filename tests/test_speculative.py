@@ -283,3 +283,50 @@ def test_compiled_draft_steps_give_the_same_greedy_tokens(target):
     alone = generate(model, tok, prompts, params)
     spec = generate(model, tok, prompts, params, draft=draft, compile=True)
     assert [c.token_ids for c in spec] == [c.token_ids for c in alone]
+
+
+def test_compiled_extend_is_the_eager_forward_over_the_tokens(target):
+    """CachedModel.extend, the target's verification under `compile`: T tokens a row in one
+    compiled graph give the logits of the eager forward after each, and leave the cache as the
+    eager forward does (the decode step after it agrees too)."""
+    from llama2.generation import CachedModel
+
+    model = target.model
+    prompt, block = [1, 5, 9, 2, 7], [3, 8, 4, 6]
+    results = []
+    for compile in (False, True):
+        cached = CachedModel(model, 1, 32, compile)
+        with torch.inference_mode():
+            cached.prefill([prompt])
+            first = cached.extend([block], [len(prompt)])[0]
+            again = cached.extend([block[::-1]], [len(prompt) + 1])[0]  # the same graph
+            after = cached.decode([2], [len(prompt) + 5])[0]
+        cached.close()
+        results.append((first, again, after))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert results[0][0].shape == (len(block), model.config.vocab_size)
+
+
+def test_compiled_generation_verifies_through_the_compiled_graph(target, monkeypatch):
+    """With `compile`, every verification of k proposals runs CachedModel.extend over a
+    compiled cache; only the budget's last, shorter ones are eager prefills."""
+    from llama2.generation import CachedModel
+
+    tok, model = target.tokenizer, target.model
+    draft = perturbed(model, 0.03, 7)
+    calls = []
+    extend = CachedModel.extend
+
+    def counted(self, rows, positions):
+        calls.append((self.model is model, self.compile, len(rows[0])))
+        return extend(self, rows, positions)
+
+    monkeypatch.setattr(CachedModel, "extend", counted)
+    prompt = tok.encode(TEXTS[1], bos=True)
+    params = SamplingParams(max_new_tokens=25, temperature=0)
+    spec = generate(model, tok, [prompt], params, draft=draft, draft_tokens=3, compile=True)
+    assert spec[0].token_ids == generate(model, tok, [prompt], params)[0].token_ids
+    assert calls and all(c == (True, True, 4) for c in calls), calls
+    # each verification yields 1..4 tokens: at least 25 / 4 of them, all but the tail's compiled
+    assert len(calls) >= 25 // 4 - 1
