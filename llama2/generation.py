@@ -146,9 +146,7 @@ def compiled_decode(model: Transformer) -> Callable:
     """The model's one-token decode step under torch.compile, made once per model, over a
     static cache (see `setup_static_cache`): `step(tokens [B], positions [B], kv_len,
     same_graph=False) -> logits [B, V]` for the cache's rows 0..B-1, one fused graph instead of
-    hundreds of eager ops per token. `tokens` [B, T] (T a static size: a graph per T) feeds T
-    tokens a row from its position, with the logits after each [B, T, V] (a draft's
-    proposals verified in one forward).
+    hundreds of eager ops per token.
 
     Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
     the weights become constants of the graph, so a call does not gather every parameter.
@@ -170,8 +168,6 @@ def compiled_decode(model: Transformer) -> Callable:
                     m.compiled = kernels.choose_compiled(m.weight, weights, scales)
 
         def decode_one(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
-            if tokens.dim() == 2:  # T tokens a row -> the logits after each [B, T, V]
-                return model(tokens, positions, Context(kv_len=kv_len))
             return model(tokens[:, None], positions, Context(kv_len=kv_len))[:, 0]
 
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
@@ -255,7 +251,7 @@ class CachedModel:
         else:
             model.setup_cache(slots, length)
         self.caches = model.kv_caches
-        self._shape: tuple[int, ...] | None = None  # tokens' shape in the last compiled step
+        self._rows: int | None = None  # rows of the last compiled step
 
     def prefill(
         self,
@@ -289,24 +285,10 @@ class CachedModel:
             return self.model(feed[:, None], start, Context(slots=slots))[:, 0]
         if slots is not None:
             raise ValueError("compiled decode steps run the cache's rows 0..B-1, not slots")
-        return self._step(feed, start, max(positions) + 1)
-
-    def extend(self, rows: Sequence[Sequence[int]], positions: Sequence[int]) -> torch.Tensor:
-        """Rows of T tokens each (rows 0..B-1), each row's first at its position -> the logits
-        after each token [B, T, V]: `prefill` with `every_position`, compiled (a graph per T)
-        with `compile`."""
-        if not self.compile:
-            return self.prefill(rows, positions, every_position=True)
-        feed = torch.tensor(rows, device=self.device)
-        torch._dynamo.mark_static(feed, 1)  # (T stays a static size: few values, small graphs)
-        start = torch.tensor(positions, device=self.device)
-        return self._step(feed, start, max(positions) + feed.shape[1])
-
-    def _step(self, feed: torch.Tensor, start: torch.Tensor, kv_len: int) -> torch.Tensor:
-        # the graph is picked (and guarded) when the tokens' shape changes; the steps after
+        # the graph is picked (and guarded) when the batch's shape changes; the steps after
         # it only change values
-        logits = self._compiled(feed, start, kv_len, same_graph=self._shape == feed.shape)
-        self._shape = feed.shape
+        logits = self._compiled(feed, start, max(positions) + 1, same_graph=self._rows == len(feed))
+        self._rows = len(feed)
         return logits
 
     def copy(self, source: int, slot: int, n: int) -> None:

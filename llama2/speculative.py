@@ -1,6 +1,6 @@
 """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model with the
 target's tokenizer proposes k tokens, one at a time; the target scores all of them in one
-forward over the k+1 positions (`CachedModel.extend` from the row's position, every position's
+forward over the k+1 positions (`CachedModel.prefill` from the row's position, every position's
 logits), and keeps the longest prefix it agrees with plus one token of its own, so each target
 forward yields 1..k+1 tokens.
 
@@ -64,13 +64,6 @@ class _Seat:
     def prefill(self, tokens: Sequence[int], start: int, every: bool = False) -> torch.Tensor:
         slots = None if self.slot == 0 else [self.slot]
         return self.cached.prefill([tokens], [start], slots, every_position=every)[0]
-
-    def extend(self, tokens: Sequence[int], start: int) -> torch.Tensor:
-        """The logits after each of `tokens`, written from `start` [T, V] (compiled with the
-        cache's `compile`: the verification of k proposals is a graph of its own)."""
-        if self.slot == 0:
-            return self.cached.extend([tokens], [start])[0]
-        return self.prefill(tokens, start, every=True)
 
     def decode(self, token: int, position: int) -> torch.Tensor:
         slots = None if self.slot == 0 else [self.slot]
@@ -137,8 +130,7 @@ def draft_steps(
     """`generation.generate_steps` with a draft model proposing k tokens a target forward
     (the prompts one after another): the same outputs, one token a yield, and the same
     Completions, each with its `draft_acceptance`. `compile` compiles the draft's decode
-    steps and the target's verification of k proposals (a graph for k+1 tokens); prefills,
-    and the shorter verifications at the end of a budget, run eagerly."""
+    steps (and the target's, where one runs alone); verifications run eagerly."""
     if k < 1:
         raise ValueError(f"draft_tokens must be >= 1, got {k}")
     done = []
@@ -193,11 +185,7 @@ def _one_row(
                     q_logits = drafter.decode(proposals[-1], fed)
                     fed += 1
             # the target: its logits after the last token taken and after each proposal
-            block, start = [tokens[-1], *proposals], len(tokens) - 1
-            if k == k_max:
-                logits = target.extend(block, start)
-            else:  # (the budget's last few tokens: no compiled graph of their own)
-                logits = target.prefill(block, start, every=True)
+            logits = target.prefill([tokens[-1], *proposals], len(tokens) - 1, every=True)
             draft_probs = torch.stack(q_probs) if q_probs else None
             kept = verify(proposals, draft_probs, logits, params, row.generator)
             proposed_n += k
