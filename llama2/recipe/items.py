@@ -177,23 +177,23 @@ class World:
     # every draw takes a Split: the test items' or a training stage's entities and phrasings
     def task(self, rng: random.Random, split: Split, kind: str | None = None) -> Item:
         kind = kind or rng.choice(list(TASK_TEMPLATES))
-        cores, held = TASK_TEMPLATES[kind], split.phrasing
+        cores, words = TASK_TEMPLATES[kind], split.phrasing
         if kind == "add":
             a, b = self._pair(rng, split, "add", 0, self.cfg.max_add)
-            return _task(phrase(rng, held, cores, a=a, b=b), "add", str(a + b), numeric=True)
+            return _task(phrase(rng, words, cores, a=a, b=b), "add", str(a + b), numeric=True)
         if kind == "compare":
             a, b = self._pair(rng, split, "compare", 1, 99)
             return _task(
-                phrase(rng, held, cores, a=a, b=b), "compare", str(max(a, b)), numeric=True
+                phrase(rng, words, cores, a=a, b=b), "compare", str(max(a, b)), numeric=True
             )
         if kind == "last_number":
             nums = self.number_list(rng, split)
-            text = phrase(rng, held, cores, nums=", ".join(nums))
+            text = phrase(rng, words, cores, nums=", ".join(nums))
             return _task(text, "last_number", nums[-1], numeric=True)
         pool = [p for p in self.people if self._takes(split, "people", p)]
         name = rng.choice(pool)
         city, job = self.people[name]
-        return _task(phrase(rng, held, cores, name=name), kind, city if kind == "city" else job)
+        return _task(phrase(rng, words, cores, name=name), kind, city if kind == "city" else job)
 
     def number_list(self, rng: random.Random, split: Split) -> list[str]:
         """3 or 4 numbers; a list is held out by a draw of its own."""
