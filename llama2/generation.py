@@ -143,36 +143,44 @@ _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_decode(model: Transformer) -> Callable:
-    """The model's one-token decode step under torch.compile, made once per model, over a
-    static cache (see `setup_static_cache`): `step(tokens [B], positions [B], kv_len,
-    same_graph=False) -> logits [B, V]` for the cache's rows 0..B-1, one fused graph instead of
-    hundreds of eager ops per token.
+    """The model's decode step under torch.compile, made once per model, over a static cache
+    (see `setup_static_cache`): `step(tokens [B, T], positions [B], kv_len, same_graph=False)
+    -> logits [B, T, V]` for the cache's rows 0..B-1, each row's T tokens from its position
+    (one token a row when decoding; a draft's proposals to verify), one fused graph instead of
+    hundreds of eager ops per token, a graph per shape.
 
     Models whose linear weights are fp32 or quantized are compiled with inductor's `freezing`:
     the weights become constants of the graph, so a call does not gather every parameter.
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
-    their conversion into fp32 copies). A frozen fp32 weight's single-row product is a fused
-    reduction or a library GEMV on a prepacked copy (which doubles those weights' memory), an
-    int8 weight's a fused reduction or PyTorch's int8 kernel, whichever measures faster on
-    this CPU (`kernels.choose_compiled`)."""
+    their conversion into fp32 copies). A frozen fp32 weight's product of a few rows is a
+    fused reduction or a library GEMV/GEMM on a prepacked copy (which doubles those weights'
+    memory), an int8 weight's a fused reduction or PyTorch's int8 kernel, whichever measures
+    faster on this CPU for that many rows (`kernels.choose_compiled`), chosen before the first
+    graph of each row count is traced."""
     if model not in _COMPILED:
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)
-        if freeze:
-            int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
-            weights = sum(m.weight.numel() * m.weight.element_size() for m in linears + int8)
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        weights = sum(m.weight.numel() * m.weight.element_size() for m in linears + int8)
+        chosen: set[int] = set()
+
+        def choose_forms(rows: int) -> None:
+            chosen.add(rows)
+            if not freeze:
+                return
             for m in linears + int8:
                 if isinstance(m, kernels.Linear | Int8Linear) and m.weight.device.type == "cpu":
                     scales = m.scales if isinstance(m, Int8Linear) else None
-                    m.compiled = kernels.choose_compiled(m.weight, weights, scales)
+                    form = kernels.choose_compiled(m.weight, weights, scales, rows)
+                    kernels.set_compiled_form(m, rows, form)
 
-        def decode_one(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
-            return model(tokens[:, None], positions, Context(kv_len=kv_len))[:, 0]
+        def forward(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+            return model(tokens, positions, Context(kv_len=kv_len))
 
         # (with frozen weights, a C++ wrapper also spares the Python calls of the quantized
         # kernels)
-        compiled = torch.compile(decode_one, options={"cpp_wrapper": freeze})
+        compiled = torch.compile(forward, options={"cpp_wrapper": freeze})
 
         def step(
             tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, same_graph: bool = False
@@ -184,6 +192,8 @@ def compiled_decode(model: Transformer) -> Callable:
                 # left alone (patching them costs more than a tiny model's step can spare)
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return compiled(tokens, positions, kv_len)
+            if tokens.numel() not in chosen:
+                choose_forms(tokens.numel())
             # these settings are read when dynamo traces (any call may recompile): `freezing`
             # there, not only in inductor's options, is what keeps the parameters out of the
             # graph's inputs and guards; kv_len is a dynamic size from the first compile on.
@@ -251,7 +261,7 @@ class CachedModel:
         else:
             model.setup_cache(slots, length)
         self.caches = model.kv_caches
-        self._rows: int | None = None  # rows of the last compiled step
+        self._shape: torch.Size | None = None  # tokens of the last compiled step
 
     def prefill(
         self,
@@ -279,16 +289,32 @@ class CachedModel:
     ) -> torch.Tensor:
         """One token per row, each at its position (of its slot; default 0..B-1) -> next-token
         logits [B, V]."""
-        feed = torch.tensor(tokens, device=self.device)
-        start = torch.tensor(positions, device=self.device)
         if not self.compile:
+            feed = torch.tensor(tokens, device=self.device)
+            start = torch.tensor(positions, device=self.device)
             return self.model(feed[:, None], start, Context(slots=slots))[:, 0]
+        return self.extend([[t] for t in tokens], positions, slots)[:, 0]
+
+    def extend(
+        self,
+        rows: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        slots: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """T tokens per row (the same T for all), from each row's position -> the logits after
+        each of them [B, T, V]: a decode step of T tokens, such as a draft's proposals to
+        verify. Compiled (a graph per B and T) with `compile`, as `decode` is."""
+        if not self.compile:
+            return self.prefill(rows, positions, slots, every_position=True)
         if slots is not None:
             raise ValueError("compiled decode steps run the cache's rows 0..B-1, not slots")
+        feed = torch.tensor(rows, device=self.device)
+        start = torch.tensor(positions, device=self.device)
+        kv_len = max(positions) + feed.shape[1]
         # the graph is picked (and guarded) when the batch's shape changes; the steps after
         # it only change values
-        logits = self._compiled(feed, start, max(positions) + 1, same_graph=self._rows == len(feed))
-        self._rows = len(feed)
+        logits = self._compiled(feed, start, kv_len, same_graph=self._shape == feed.shape)
+        self._shape = feed.shape
         return logits
 
     def copy(self, source: int, slot: int, n: int) -> None:

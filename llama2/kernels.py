@@ -311,15 +311,20 @@ def choose(x: torch.Tensor, w: torch.Tensor) -> str:
 
 
 def reduction(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """A single row's product written as a multiply-and-sum: under torch.compile inductor
-    fuses it into one pass over the weight on all threads, converting half-precision or int8
-    weights on the fly (int8 with one scale per output row). The weight enters the multiply
-    as it is and type promotion converts it inside the fused loop: a conversion of its own
-    would be constant-folded, for a frozen weight, into an fp32 copy of it."""
-    out = (x.float().unsqueeze(-2) * w).sum(-1)
+    """A few rows' product written as a multiply-and-sum per row: under torch.compile inductor
+    fuses the rows' sums into one pass over the weight on all threads (each weight element read
+    once, for every row), converting half-precision or int8 weights on the fly (int8 with one
+    scale per output row). The weight enters the multiply as it is and type promotion converts
+    it inside the fused loop: a conversion of its own would be constant-folded, for a frozen
+    weight, into an fp32 copy of it."""
+    if x.numel() == x.shape[-1]:
+        out = (x.float().unsqueeze(-2) * w).sum(-1)
+    else:
+        rows = x.reshape(-1, x.shape[-1]).float().unbind()
+        out = torch.stack([(row * w).sum(-1) for row in rows], -2)
     if scales is not None:
         out = out * scales
-    return out.to(x.dtype)
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -331,29 +336,33 @@ def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Te
 
 
 _compiled_reduction = None
+FEW_ROWS = 8  # up to here a compiled product may be a reduction (the rows share each weight read)
 
 
-def _packed_gemv(w: torch.Tensor) -> Product:
-    """What inductor makes of F.linear on a frozen fp32 weight: MKL's GEMV on a prepacked
-    copy of the weight (a second copy, held by the compiled graph)."""
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
-    return lambda x, w: torch.ops.mkl._mkl_linear(x, packed, w, None, 1)
+def _packed_gemm(w: torch.Tensor, rows: int) -> Product:
+    """What inductor makes of F.linear on a frozen fp32 weight: MKL's GEMM (GEMV for one row)
+    on a copy of the weight prepacked for that many rows (a second copy, held by the graph)."""
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    return lambda x, w: torch.ops.mkl._mkl_linear(x, packed, w, None, rows)
 
 
 def measure_compiled(
-    w: torch.Tensor, working_set: int | None = None, scales: torch.Tensor | None = None
+    w: torch.Tensor,
+    working_set: int | None = None,
+    scales: torch.Tensor | None = None,
+    rows: int = 1,
 ) -> dict[str, float]:
-    """Seconds per single-row product of `w` in each form `choose_compiled` picks from, the
-    weight streamed as in `_streamed`: "reduction" compiled on its own, over all the copies in
-    one call (inside a model's graph a product costs no call of its own, and a compiled call per
-    copy would add Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8 weight); for an
-    fp32 weight "linear" as inductor runs it with frozen weights; for an int8 one (with its
-    `scales`) "int8pack", the fused kernel the graph would call."""
+    """Seconds per product of `rows` rows and `w` in each form `choose_compiled` picks from,
+    the weight streamed as in `_streamed`: "reduction" compiled on its own, over all the copies
+    in one call (inside a model's graph a product costs no call of its own, and a compiled call
+    per copy would add Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8
+    weight); for an fp32 weight "linear" as inductor runs it with frozen weights; for an int8
+    one (with its `scales`) "int8pack", the fused kernel the graph would call."""
     global _compiled_reduction
     if _compiled_reduction is None:
-        # (broadcasting over a leading dimension: every copy in one call)
+        # (broadcasting over a leading dimension: every copy in one call; a graph per rows)
         _compiled_reduction = torch.compile(reduction, dynamic=False)
-    x = torch.randn(1, w.shape[1], dtype=torch.float32 if scales is not None else w.dtype)
+    x = torch.randn(rows, w.shape[1], dtype=torch.float32 if scales is not None else w.dtype)
     copies = _stacked_copies(w.detach(), working_set)
     weights = list(copies.unbind())
     forms = {"reduction": [functools.partial(_compiled_reduction, x, copies, scales)]}
@@ -361,42 +370,65 @@ def measure_compiled(
         forms["int8pack"] = [functools.partial(int8pack, x, wi, scales) for wi in weights]
     else:
         mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-        gemv = [_packed_gemv(wi) if mkl else F.linear for wi in weights]
-        forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemv, weights, strict=True)]
+        gemm = [_packed_gemm(wi, rows) if mkl else F.linear for wi in weights]
+        forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemm, weights, strict=True)]
 
     def runner(calls: list) -> Callable[[], None]:
         return lambda: [call() for call in calls]
 
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(cache_size_limit=4 * FEW_ROWS):
         return _in_turns({name: runner(calls) for name, calls in forms.items()}, len(weights))
 
 
 def choose_compiled(
-    w: torch.Tensor, working_set: int | None = None, scales: torch.Tensor | None = None
+    w: torch.Tensor,
+    working_set: int | None = None,
+    scales: torch.Tensor | None = None,
+    rows: int = 1,
 ) -> str:
-    """How a single row's product of the frozen weight `w` is written for torch.compile
+    """How a product of `rows` rows and the frozen weight `w` is written for torch.compile
     (generation.compiled_decode): "reduction" (`reduction`) or, for an fp32 weight, "linear"
-    (F.linear, which inductor runs as MKL's GEMV on a prepacked copy), for an int8 weight
-    with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered like
-    the eager products, since the winner depends on the CPU (on an AMD EPYC Zen 4 the int8
-    reduction streams 1.3-2.1x the fused int8 kernel's bandwidth). Weights under 256 KiB,
-    whose products cost less than their calls, stay reductions, unmeasured. `working_set`:
-    the bytes of all the weights a step reads (the model's), if known."""
+    (F.linear, which inductor runs as MKL's GEMV or GEMM on a prepacked copy), for an int8
+    weight with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered
+    like the eager products, since the winner depends on the CPU and the rows (on an AMD EPYC
+    Zen 4 the int8 reduction streams 1.3-2.1x the fused int8 kernel's bandwidth, and MKL's GEMM
+    is slow at two rows and fast at three). Weights under 256 KiB, whose products cost less
+    than their calls, and products of more than FEW_ROWS rows are not measured: a single row
+    is a reduction, more are the library's. `working_set`: the bytes of all the weights a step
+    reads (the model's), if known."""
     int8 = w.dtype == torch.int8 and scales is not None
-    if not (int8 or w.dtype == torch.float32) or w.numel() * w.element_size() < 1 << 18:
-        return "reduction"
+    default = "reduction" if rows == 1 else "int8pack" if int8 else "linear"
+    small = w.numel() * w.element_size() < 1 << 18
+    if not (int8 or w.dtype == torch.float32) or small or rows > FEW_ROWS:
+        return default
     valid = ("reduction", "int8pack") if int8 else ("reduction", "linear")
-    key = f"compiled|{w.dtype}|{'x'.join(map(str, w.shape))}|rows1|t{torch.get_num_threads()}"
-    return _remembered(key, valid, lambda: measure_compiled(w, working_set, scales))
+    shape = "x".join(map(str, w.shape))
+    key = f"compiled|{w.dtype}|{shape}|rows{rows}|t{torch.get_num_threads()}"
+    return _remembered(key, valid, lambda: measure_compiled(w, working_set, scales, rows))
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "reduction") -> torch.Tensor:
-    """x @ w.T by the product chosen for these operands; under torch.compile, a single row in
-    the form `compiled` ("reduction" or "linear", see `choose_compiled`)."""
+def compiled_form(
+    module: nn.Module, x: torch.Tensor, one: str = "reduction", few: str = "linear"
+) -> str:
+    """The form of x's product with the module's weight under torch.compile: what
+    `set_compiled_form` set for x's rows, else `one` for a single row, `few` for more."""
+    rows = x.numel() // x.shape[-1]
+    return getattr(module, f"compiled_rows{rows}", one if rows == 1 else few)
+
+
+def set_compiled_form(module: nn.Module, rows: int, form: str) -> None:
+    """An attribute per number of rows, not one dict: a graph traced for one number guards only
+    on its own attribute, so choosing the form for another does not retrace it."""
+    setattr(module, f"compiled_rows{rows}", form)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "linear") -> torch.Tensor:
+    """x @ w.T by the product chosen for these operands; under torch.compile, in the form
+    `compiled` ("reduction" or "linear", see `choose_compiled`)."""
     if x.device.type != "cpu":
         return F.linear(x, w)
     if torch.compiler.is_compiling():
-        if x.numel() == x.shape[-1] and compiled == "reduction":
+        if compiled == "reduction":
             return reduction(x, w)
         return F.linear(x, w.to(x.dtype))  # (no graph break for the measurement below)
     if torch.is_autocast_enabled("cpu"):
@@ -407,7 +439,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "reduction") -> tor
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) with the products above."""
 
-    compiled = "reduction"  # a single row's form under torch.compile (`choose_compiled`)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.compiled)
+        compiled = compiled_form(self, x) if torch.compiler.is_compiling() else "linear"
+        return linear(x, self.weight, compiled)

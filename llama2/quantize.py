@@ -52,9 +52,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    # a single row's form under torch.compile: "int8pack" or "reduction" (kernels.choose_compiled)
-    compiled = "int8pack"
-
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -71,7 +68,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS:
-            if rows == 1 and self.compiled == "reduction" and torch.compiler.is_compiling():
+            # (under torch.compile: "int8pack" or "reduction", `kernels.choose_compiled`)
+            if torch.compiler.is_compiling() and (
+                kernels.compiled_form(self, x, "int8pack", "int8pack") == "reduction"
+            ):
                 return kernels.reduction(x, self.weight, self.scales)
             return kernels.int8pack(x, self.weight, self.scales)
         w_dtype = torch.bfloat16 if x.device.type == "cpu" else x.dtype

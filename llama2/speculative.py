@@ -1,8 +1,8 @@
 """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model with the
 target's tokenizer proposes k tokens, one at a time; the target scores all of them in one
-forward over the k+1 positions (`CachedModel.prefill` from the row's position, every position's
-logits), and keeps the longest prefix it agrees with plus one token of its own, so each target
-forward yields 1..k+1 tokens.
+forward over the k+1 positions (`CachedModel.extend` from the row's position, every position's
+logits, compiled like a decode step), and keeps the longest prefix it agrees with plus one
+token of its own, so each target forward yields 1..k+1 tokens.
 
 Sampling: proposal i (drawn from the draft's distribution q_i) is accepted with probability
 min(1, p_i / q_i), p_i being the target's; at the first rejection the token is drawn from
@@ -61,9 +61,13 @@ class _Seat:
     cached: CachedModel
     slot: int = 0
 
-    def prefill(self, tokens: Sequence[int], start: int, every: bool = False) -> torch.Tensor:
+    def prefill(self, tokens: Sequence[int], start: int) -> torch.Tensor:
         slots = None if self.slot == 0 else [self.slot]
-        return self.cached.prefill([tokens], [start], slots, every_position=every)[0]
+        return self.cached.prefill([tokens], [start], slots)[0]
+
+    def extend(self, tokens: Sequence[int], start: int) -> torch.Tensor:
+        slots = None if self.slot == 0 else [self.slot]
+        return self.cached.extend([tokens], [start], slots)[0]
 
     def decode(self, token: int, position: int) -> torch.Tensor:
         slots = None if self.slot == 0 else [self.slot]
@@ -130,7 +134,8 @@ def draft_steps(
     """`generation.generate_steps` with a draft model proposing k tokens a target forward
     (the prompts one after another): the same outputs, one token a yield, and the same
     Completions, each with its `draft_acceptance`. `compile` compiles the draft's decode
-    steps (and the target's, where one runs alone); verifications run eagerly."""
+    steps and the target's verifications (a graph per k; eager where the target drafts for
+    itself, in a second slot of its cache)."""
     if k < 1:
         raise ValueError(f"draft_tokens must be >= 1, got {k}")
     done = []
@@ -185,7 +190,7 @@ def _one_row(
                     q_logits = drafter.decode(proposals[-1], fed)
                     fed += 1
             # the target: its logits after the last token taken and after each proposal
-            logits = target.prefill([tokens[-1], *proposals], len(tokens) - 1, every=True)
+            logits = target.extend([tokens[-1], *proposals], len(tokens) - 1)
             draft_probs = torch.stack(q_probs) if q_probs else None
             kept = verify(proposals, draft_probs, logits, params, row.generator)
             proposed_n += k

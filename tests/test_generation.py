@@ -215,7 +215,7 @@ def test_static_caches_of_two_shapes_are_kept_for_the_compiled_graphs(llm):
 @pytest.mark.parametrize("form", ["reduction", "linear"])
 def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     """torch.compile over the static cache gives the eager tokens (batched, mixed lengths),
-    with single rows in either form kernels.choose_compiled may pick."""
+    with products of one and two rows in either form kernels.choose_compiled may pick."""
     from llama2 import kernels
 
     monkeypatch.setattr(kernels, "choose_compiled", lambda *a: form)
@@ -224,10 +224,12 @@ def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager = generate(model, tok, prompts, params)
     compiled = generate(model, tok, prompts, params, compile=True)
-    assert {m.compiled for m in model.modules() if isinstance(m, kernels.Linear)} == {form}
+    linears = [m for m in model.modules() if isinstance(m, kernels.Linear)]
+    assert {m.compiled_rows2 for m in linears} == {form}
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     again = generate(model, tok, prompts[:1], params, compile=True)  # B=1: a new graph
     assert again[0].token_ids == eager[0].token_ids
+    assert {m.compiled_rows1 for m in linears} == {form}
     with torch.no_grad():  # the model is back to plain forward passes afterwards
         assert model(torch.tensor([prompts[0]])).shape[1] == len(prompts[0])
 

@@ -190,6 +190,36 @@ def test_the_compiled_form_of_a_single_row_is_measured_and_remembered(fresh_choi
     assert kernels.choose_compiled(w.half()) == "reduction"
 
 
+def test_a_few_rows_compiled_form_is_measured_for_their_number(fresh_choices, monkeypatch):
+    """A few rows (a batch decoding, a draft's proposals verified) are one reduction a row
+    that inductor fuses into one pass over the weight, or the library's GEMM, measured for
+    that number of rows; more than FEW_ROWS rows are the library's, unmeasured."""
+    from llama2.quantize import quantize_int8
+
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 2 << 20)
+    w = torch.randn(512, 256)
+    q, scales = quantize_int8(w)
+    x = torch.randn(2, 3, 256)
+    fused = torch.compile(kernels.reduction, dynamic=False)
+    for out in (kernels.reduction(x, w), fused(x, w)):
+        assert out.shape == (2, 3, 512)
+        torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    dequantized = F.linear(x, q.float() * scales.float()[:, None])
+    torch.testing.assert_close(fused(x, q, scales), dequantized, rtol=1e-5, atol=1e-5)
+    times = kernels.measure_compiled(w, rows=3)  # (real: compiles the three rows' reduction)
+    assert set(times) == {"reduction", "linear"} and all(0 < t < 1 for t in times.values())
+    monkeypatch.setattr(kernels, "measure_compiled", lambda *a: {"reduction": 1.0, "linear": 2.0})
+    assert kernels.choose_compiled(w, rows=3) == "reduction"
+    monkeypatch.setattr(kernels, "measure_compiled", lambda *a: {"reduction": 2.0, "linear": 1.0})
+    assert kernels.choose_compiled(w, rows=2) == "linear"
+    assert kernels.choose_compiled(w, rows=3) == "reduction"  # (remembered by its rows)
+    stored = json.loads(fresh_choices.read_text())
+    assert {k.split("|")[3] for k in stored if k.startswith("compiled|")} == {"rows2", "rows3"}
+    monkeypatch.setattr(kernels, "measure_compiled", lambda *a: pytest.fail("measured"))
+    assert kernels.choose_compiled(w, rows=kernels.FEW_ROWS + 1) == "linear"
+    assert kernels.choose_compiled(q, None, scales, rows=kernels.FEW_ROWS + 1) == "int8pack"
+
+
 def test_an_int8_weights_compiled_form_is_measured_and_both_forms_agree(fresh_choices, monkeypatch):
     """An int8 weight's single row under torch.compile is the fused reduction (fp32
     activations) or PyTorch's int8 kernel (bf16 activations), whichever measures faster: both
