@@ -376,7 +376,8 @@ def measure_compiled(
     def runner(calls: list) -> Callable[[], None]:
         return lambda: [call() for call in calls]
 
-    with torch.no_grad(), torch._dynamo.config.patch(cache_size_limit=4 * FEW_ROWS):
+    # (a graph per weight shape, number of rows and of copies: many, and all wanted)
+    with torch.no_grad(), torch._dynamo.config.patch(cache_size_limit=1024):
         return _in_turns({name: runner(calls) for name, calls in forms.items()}, len(weights))
 
 
