@@ -728,6 +728,30 @@ def test_sigterm_finishes_running_requests_and_exits_0(small_tokenizer, tmp_path
             proc.wait()
 
 
+@pytest.mark.slow
+def test_a_server_that_cannot_listen_exits_1_instead_of_hanging(small_tokenizer, tmp_path):
+    """The engine's loop runs in the main thread and HTTP in another: when the port is taken,
+    uvicorn gives up in its thread, the loop ends with it and the process exits 1."""
+    import os
+    import subprocess
+    import sys
+
+    small_tokenizer.save(tmp_path / "tokenizer.model")
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path / "tokenizer.model"), str(port)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1
+    assert "address already in use" in proc.stderr.decode().lower()
+
+
 def test_n_beyond_the_queue_is_400_and_a_stopped_engine_is_503(small_tokenizer):
     """n larger than the queue can ever hold is the request's fault (400, not "busy"); n that
     fits is served on an idle server; once the engine has stopped, /health and requests say

@@ -84,10 +84,13 @@ class Engine:
         prefix_pool_blocks: int | None = None,
         draft: Transformer | None = None,
         draft_tokens: int = DRAFT_TOKENS,
+        thread: bool = True,
     ):
         """`prefix_pool_blocks`: the prefix pool's size in blocks of PREFIX_BLOCK tokens
         (default: two contexts' worth; 0: no pool, prefixes are reused from slots only).
-        `draft`: a model with this vocabulary proposing `draft_tokens` tokens (draft.py)."""
+        `draft`: a model with this vocabulary proposing `draft_tokens` tokens (draft.py).
+        `thread`: run the loop in a thread of its own, started here; else the caller runs it
+        (`run`), and requests are taken from now on."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if prefix_pool_blocks is not None and prefix_pool_blocks < 0:
@@ -113,8 +116,11 @@ class Engine:
         self.speculator = None if draft is None else Speculator(self, draft, draft_tokens)
         self.cond = threading.Condition()
         self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="llama2-engine", daemon=True)
-        self.thread.start()
+        self.ended = False  # the loop has returned (or died)
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self._loop, name="llama2-engine", daemon=True)
+            self.thread.start()
 
     # --- public ----------------------------------------------------------------------------
 
@@ -128,7 +134,7 @@ class Engine:
                     f"the prompt has {len(req.prompt)} tokens; the context is {self.context}"
                 )
         with self.cond:
-            if self.stopping or not self.thread.is_alive():
+            if self.stopping or not self.alive:
                 raise Unavailable("the server is shutting down" if self.stopping else "no engine")
             self._drop_abandoned()
             if len(self.waiting) + len(reqs) > self.max_queue:
@@ -149,15 +155,22 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive()
+        return not self.ended and (self.thread is None or self.thread.is_alive())
+
+    def run(self) -> None:
+        """The loop, in the calling thread (an engine made with thread=False), until
+        `shutdown`."""
+        self._loop()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: waiting requests fail at once (503), running ones are failed too (the HTTP
-        server drains them before it calls this), then the thread ends."""
+        server drains them before it calls this), then the loop ends (its thread, if it has one,
+        within `timeout` seconds)."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        self.thread.join(timeout=timeout)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=timeout)
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -167,6 +180,7 @@ class Engine:
         finally:  # stopping, or (a BaseException) dying: nobody is left waiting forever
             unavailable = Failure(503, "the server is shutting down", "shutting_down")
             with self.cond:
+                self.ended = True
                 waiting, self.waiting = list(self.waiting), deque()
             for req in waiting:
                 self._emit_failure(req, unavailable)
