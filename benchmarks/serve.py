@@ -47,6 +47,7 @@ import httpx
 import torch
 
 from llama2 import Llama, Tokenizer, Transformer, get_preset
+from llama2.generation import CachedModel
 
 VOCAB = Path(__file__).parent.parent / "tests" / "fixtures" / "ggml-vocab-llama-spm.gguf"
 
@@ -188,9 +189,10 @@ def main() -> None:
     nice = f", clients at nice {args.clients_nice}" if args.clients_nice else ""
     print(f"{args.preset}, {args.threads} threads, compile={args.compile}, server in {where}{nice}")
     one_client(0)  # warm-up (and the compile, with --compile)
-    if args.compile:  # the compiled steps of 2, 4 and 8 rows too, before anything is timed
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(one_client, range(8)))
+    if args.compile:  # the compiled steps of every width the levels use, before any is timed
+        for clients in (4, 8, 16):
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one_client, range(clients)))
 
     if "throughput" in args.only:
         rows = []
@@ -274,26 +276,30 @@ def main() -> None:
 def model_alone(model: Transformer, args, rows: int = 8, prompt: int = 9) -> None:
     """The ceiling of batched decoding on this model and CPU: a decode step's forward for one
     row and for `rows` rows (the positions the engine's streams pass through; no sampling,
-    engine or HTTP), alternating, best of five. No engine scales past this ratio."""
-    model = copy.deepcopy(model)
-    model.setup_cache(rows, prompt + args.max_tokens)
-    step = {1: [], rows: []}
-    with torch.inference_mode():
-        model(torch.zeros(rows, prompt, dtype=torch.long), start_pos=0)
-        for _ in range(5):
-            for b in step:
-                token = torch.zeros(b, 1, dtype=torch.long)
-                t0 = time.perf_counter()
-                for pos in range(prompt, prompt + args.max_tokens):
-                    model(token, start_pos=pos)
-                step[b].append((time.perf_counter() - t0) / args.max_tokens)
-    one, many = min(step[1]), min(step[rows])
-    print(
-        f"the model alone (decode steps' forwards, eager): 1 row {one * 1e3:.1f} ms, {rows} rows "
-        f"{many * 1e3:.1f} ms a step: {rows} rows give {rows * one / many:.2f}x one, the most "
-        f"batching can give here",
-        flush=True,
-    )
+    engine or HTTP), alternating, best of five; with --compile, through the compiled step over
+    a static cache of `rows` slots too, as the engine runs it. No engine scales past this
+    ratio."""
+    for compiled in (False, True) if args.compile else (False,):
+        cached = CachedModel(copy.deepcopy(model), rows, prompt + args.max_tokens, compiled)
+        step = {1: [], rows: []}
+        with torch.inference_mode():
+            cached.prefill([[0] * prompt] * rows)
+            for b in [*step, *step]:  # (the first round compiles or warms up)
+                cached.decode([0] * b, [prompt] * b)
+            for _ in range(5):
+                for b in step:
+                    t0 = time.perf_counter()
+                    for pos in range(prompt, prompt + args.max_tokens):
+                        cached.decode([0] * b, [pos] * b)
+                    step[b].append((time.perf_counter() - t0) / args.max_tokens)
+        cached.close()
+        one, many = min(step[1]), min(step[rows])
+        print(
+            f"the model alone (decode steps' forwards, {'compiled' if compiled else 'eager'}): "
+            f"1 row {one * 1e3:.1f} ms, {rows} rows {many * 1e3:.1f} ms a step: {rows} rows "
+            f"give {rows * one / many:.2f}x one, the most batching can give here",
+            flush=True,
+        )
 
 
 def engine_vs_library(llm: Llama, args) -> None:

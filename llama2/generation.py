@@ -154,10 +154,10 @@ def compiled_decode(model: Transformer) -> Callable:
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
     their conversion into fp32 copies). A frozen fp32 weight's product of a few rows is a
-    fused reduction or a library GEMV/GEMM on a prepacked copy (which doubles those weights'
-    memory), an int8 weight's a fused reduction or PyTorch's int8 kernel, whichever measures
-    faster on this CPU for that many rows (`kernels.choose_compiled`), chosen before the first
-    graph of each row count is traced."""
+    fused reduction, MKL's GEMV/GEMM on a prepacked copy (which doubles those weights' memory)
+    or oneDNN's inner product, an int8 weight's a fused reduction or PyTorch's int8 kernel,
+    whichever measures faster on this CPU for that many rows (`kernels.choose_compiled`),
+    chosen before the first graph of each row count is traced."""
     if model not in _COMPILED:
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         freeze = all(m.weight.dtype == torch.float32 for m in linears)

@@ -21,10 +21,10 @@ Candidates:
   rounded to fp16, PyTorch's fp16 GEMV or GEMM, which accumulate in fp32; the GEMM is no
   faster than fp32's on a Xeon without AMX-FP16, but may be where fp16 arithmetic is fast)
   and "gemm32" (the weight converted, an fp32 product).
-Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a single
-row is a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype, or
-where measurement says so, for fp32 weights frozen into the graph F.linear and for int8 ones
-the fused int8 kernel (`choose_compiled`).
+Under CPU autocast the product is F.linear, the op autocast knows. Under torch.compile a few
+rows are a multiply-and-sum that inductor fuses into one pass over the weight, in any dtype, or
+where measurement says so, for fp32 weights frozen into the graph F.linear or oneDNN's inner
+product and for int8 ones the fused int8 kernel (`choose_compiled`).
 """
 
 from __future__ import annotations
@@ -336,7 +336,10 @@ def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Te
 
 
 _compiled_reduction = None
-FEW_ROWS = 8  # up to here a compiled product may be a reduction (the rows share each weight read)
+# the forms a frozen weight's product may take in a compiled graph
+COMPILED_FP32 = ("reduction", "linear", "onednn") if ONEDNN else ("reduction", "linear")
+COMPILED_INT8 = ("reduction", "int8pack")
+FEW_ROWS = 16  # up to here a compiled product's form is measured (the engine's widths: 1-16)
 
 
 def _packed_gemm(w: torch.Tensor, rows: int) -> Product:
@@ -372,6 +375,8 @@ def measure_compiled(
         mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
         gemm = [_packed_gemm(wi, rows) if mkl else F.linear for wi in weights]
         forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemm, weights, strict=True)]
+        if ONEDNN:  # (the graph calls the same op on the frozen weight)
+            forms["onednn"] = [functools.partial(_onednn, x, wi) for wi in weights]
 
     def runner(calls: list) -> Callable[[], None]:
         return lambda: [call() for call in calls]
@@ -389,22 +394,25 @@ def choose_compiled(
 ) -> str:
     """How a product of `rows` rows and the frozen weight `w` is written for torch.compile
     (generation.compiled_decode): "reduction" (`reduction`) or, for an fp32 weight, "linear"
-    (F.linear, which inductor runs as MKL's GEMV or GEMM on a prepacked copy), for an int8
-    weight with its `scales`, "int8pack" (`int8pack`). Measured on first use and remembered
-    like the eager products, since the winner depends on the CPU and the rows (on an AMD EPYC
-    Zen 4 the int8 reduction streams 1.3-2.1x the fused int8 kernel's bandwidth, and in
-    tiny-110m's graph of three rows the reduction took 15.3 ms, MKL's GEMM 44.5). Weights
-    under 256 KiB, whose products cost less than their calls, and products of more than
-    FEW_ROWS rows are not measured: a single row is a reduction, more are the library's.
+    (F.linear, which inductor runs as MKL's GEMV or GEMM on a prepacked copy) or "onednn"
+    (oneDNN's inner product, called by the graph), for an int8 weight with its `scales`,
+    "int8pack" (`int8pack`). Measured on first use and remembered like the eager products,
+    since the winner depends on the CPU and the rows (on an AMD EPYC Zen 4 the int8 reduction
+    streams 1.3-2.1x the fused int8 kernel's bandwidth; tiny-110m's compiled step of three rows
+    took 15.3 ms with reductions and 44.5 with MKL's GEMM, of eight rows 61 ms with reductions,
+    which are compute bound there, and 35 with oneDNN's). Weights under 256 KiB, whose
+    products cost less than their calls, and products of more than FEW_ROWS rows are not
+    measured: a single row is a reduction, more are the library's.
     `working_set`: the bytes of all the weights a step reads (the model's), if known."""
     int8 = w.dtype == torch.int8 and scales is not None
     default = "reduction" if rows == 1 else "int8pack" if int8 else "linear"
     small = w.numel() * w.element_size() < 1 << 18
     if not (int8 or w.dtype == torch.float32) or small or rows > FEW_ROWS:
         return default
-    valid = ("reduction", "int8pack") if int8 else ("reduction", "linear")
+    valid = COMPILED_INT8 if int8 else COMPILED_FP32
     shape = "x".join(map(str, w.shape))
-    key = f"compiled|{w.dtype}|{shape}|rows{rows}|t{torch.get_num_threads()}"
+    # (the forms in the key: a choice made among fewer is measured again)
+    key = f"compiled|{w.dtype}|{shape}|rows{rows}|t{torch.get_num_threads()}|{'+'.join(valid)}"
     return _remembered(key, valid, lambda: measure_compiled(w, working_set, scales, rows))
 
 
@@ -431,6 +439,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "linear") -> torch.
     if torch.compiler.is_compiling():
         if compiled == "reduction":
             return reduction(x, w)
+        if compiled == "onednn":
+            return _onednn(x, w)
         return F.linear(x, w.to(x.dtype))  # (no graph break for the measurement below)
     if torch.is_autocast_enabled("cpu"):
         return F.linear(x, w)

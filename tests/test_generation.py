@@ -212,7 +212,7 @@ def test_static_caches_of_two_shapes_are_kept_for_the_compiled_graphs(llm):
     assert cache(64) is long and cache(32) is not short
 
 
-@pytest.mark.parametrize("form", ["reduction", "linear"])
+@pytest.mark.parametrize("form", ["reduction", "linear", "onednn"])
 def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     """torch.compile over the static cache gives the eager tokens (batched, mixed lengths),
     with products of one and two rows in either form kernels.choose_compiled may pick."""
