@@ -245,6 +245,16 @@ def test_histogram_buckets_are_cumulative_and_bounded():
     assert h.quantile(0.5) == 0.1 and h.quantile(0.75) == 1.0 and h.quantile(1.0) == float("inf")
 
 
+def test_the_compiled_steps_widths_are_powers_of_two_up_to_max_batch(model, small_tokenizer):
+    widths = {
+        n: Engine(model, small_tokenizer, max_batch=n, thread=False).widths() for n in (1, 6, 8)
+    }
+    assert widths == {1: [1], 6: [1, 2, 4, 6], 8: [1, 2, 4, 8]}
+    eager = Engine(model, small_tokenizer, max_batch=2, thread=False)
+    eager.step.decode = lambda *a: pytest.fail("an eager engine compiles nothing")
+    eager.warm_up()
+
+
 @pytest.mark.slow
 def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer):
     """--compile: the engine decodes through torch.compile over the slots up to the highest one
@@ -261,7 +271,12 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(model, small_tokenizer)
 
     try:
         eng = counted(engine(model, small_tokenizer, compile=True))
+        eng.warm_up()  # every width's graph before the first request (as `serve` does)
+        assert widths == eng.widths() == [1, 2, 4]
+        widths.clear()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = run_all(eng, [request(p, seed=i) for i, p in enumerate(ps)], timeout=900)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # none new
         assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
         assert set(widths) <= {1, 2, 4} and 4 in widths  # three together: slots 0-2
         widths.clear()  # one at a time: each takes slot 0, and its steps run one row

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,8 @@ def serve(
 
     app = create_app(llm, model_name, thread=False, **options)
     engine: Engine = app.state.engine
+    # every width's compiled graph before the first request, in the thread that steps
+    engine.warm_up(lambda line: print(line, file=sys.stderr, flush=True))
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout
     )

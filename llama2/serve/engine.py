@@ -162,6 +162,30 @@ class Engine:
         `shutdown`."""
         self._loop()
 
+    def widths(self) -> list[int]:
+        """The batch widths the compiled step runs (`_forward_decode`): powers of two, and
+        max_batch."""
+        out = [1]
+        while out[-1] < self.max_batch:
+            out.append(min(2 * out[-1], self.max_batch))
+        return out
+
+    def warm_up(self, log: Callable[[str], None] | None = None) -> None:
+        """Compile the decode step's graph of every width now (with `compile`; before the loop
+        runs, in its thread), so that the first requests to run that many streams together do
+        not wait for it. The steps write one position of the empty slots, which a prefill
+        overwrites: not position 0, whose length-1 cache torch.compile would take for a
+        constant rather than the dynamic length the steps need."""
+        if not self.compile or self.running or self.prefilling:
+            return
+        position = min(15, self.context - 1)
+        for width in self.widths():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                self.step.decode([0] * width, [position] * width)
+            if log:
+                log(f"decode step of {width} rows ready ({time.perf_counter() - t0:.1f} s)")
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: waiting requests fail at once (503), running ones are failed too (the HTTP
         server drains them before it calls this), then the loop ends (its thread, if it has one,
