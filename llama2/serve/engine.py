@@ -184,7 +184,8 @@ class Engine:
             with torch.inference_mode():
                 self.step.decode([0] * width, [position] * width)
             if log:
-                log(f"decode step of {width} rows ready ({time.perf_counter() - t0:.1f} s)")
+                rows = f"{width} row{'s' if width > 1 else ''}"
+                log(f"decode step of {rows} ready ({time.perf_counter() - t0:.1f} s)")
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop: waiting requests fail at once (503), running ones are failed too (the HTTP
