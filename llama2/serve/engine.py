@@ -162,13 +162,14 @@ class Engine:
         `shutdown`."""
         self._loop()
 
+    def width(self, highest_slot: int) -> int:
+        """The rows of a compiled step whose highest running slot is this one: the slots up to
+        it, rounded up to a power of two (few graphs), at most max_batch."""
+        return min(1 << highest_slot.bit_length(), self.max_batch)
+
     def widths(self) -> list[int]:
-        """The batch widths the compiled step runs (`_forward_decode`): powers of two, and
-        max_batch."""
-        out = [1]
-        while out[-1] < self.max_batch:
-            out.append(min(2 * out[-1], self.max_batch))
-        return out
+        """Every width the compiled step runs."""
+        return sorted({self.width(slot) for slot in range(self.max_batch)})
 
     def warm_up(self, log: Callable[[str], None] | None = None) -> None:
         """Compile the decode step's graph of every width now (with `compile`; before the loop
@@ -449,7 +450,7 @@ class Engine:
         # covers every running slot (slots are taken lowest first): one stream runs one row,
         # not max_batch. An idle slot among them feeds a token at the first position past
         # what it holds, which nothing reads.
-        width = min(1 << max(s.slot for s in rows).bit_length(), self.max_batch)
+        width = self.width(max(s.slot for s in rows))
         tokens, start = [0] * width, []
         for held in self.slot_tokens[:width]:
             if len(held) >= self.context:  # no position past it: give up its last one
