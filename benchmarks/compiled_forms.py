@@ -5,7 +5,7 @@ their steps of one row and of `--rows` rows timed in turns, best of five rounds.
 step without torch.compile.
 
     python benchmarks/compiled_forms.py [--preset tiny-110m] [--rows 8] [--threads 2]
-                                        [--forms reduction linear onednn eager]
+                                        [--forms reduction linear onednn template eager]
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--forms", nargs="+", default=["reduction", "linear", "onednn", "eager"])
+    p.add_argument(
+        "--forms", nargs="+", default=["reduction", "linear", "onednn", "template", "eager"]
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -36,7 +38,7 @@ def main() -> None:
     with torch.inference_mode():
         for form in args.forms:
 
-            def forced(w, working_set=None, scales=None, rows=1, form=form):
+            def forced(w, working_set=None, scales=None, rows=1, forms=None, form=form):
                 return "reduction" if rows == 1 else form
 
             kernels.choose_compiled = forced  # (read when each row count's graph is traced)

@@ -154,8 +154,9 @@ def compiled_decode(model: Transformer) -> Callable:
     The weights are read when the step is compiled: this is for inference, not for a model
     that is still being trained. Half-precision weights are not frozen (freezing would fold
     their conversion into fp32 copies). A frozen fp32 weight's product of a few rows is a
-    fused reduction, MKL's GEMV/GEMM on a prepacked copy (which doubles those weights' memory)
-    or oneDNN's inner product, an int8 weight's a fused reduction or PyTorch's int8 kernel,
+    fused reduction, MKL's GEMV/GEMM on a prepacked copy (which doubles those weights' memory),
+    oneDNN's inner product or inductor's C++ GEMM template (`kernels.TEMPLATE`; its packed copy
+    doubles them too), an int8 weight's a fused reduction or PyTorch's int8 kernel,
     whichever measures faster on this CPU for that many rows (`kernels.choose_compiled`),
     chosen before the first graph of each row count is traced."""
     if model not in _COMPILED:
@@ -164,16 +165,31 @@ def compiled_decode(model: Transformer) -> Callable:
         int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
         weights = sum(m.weight.numel() * m.weight.element_size() for m in linears + int8)
         chosen: set[int] = set()
+        templates: set[int] = set()  # the row counts whose graph has template products
 
         def choose_forms(rows: int) -> None:
             chosen.add(rows)
             if not freeze:
                 return
-            for m in linears + int8:
-                if isinstance(m, kernels.Linear | Int8Linear) and m.weight.device.type == "cpu":
-                    scales = m.scales if isinstance(m, Int8Linear) else None
-                    form = kernels.choose_compiled(m.weight, weights, scales, rows)
-                    kernels.set_compiled_form(m, rows, form)
+            modules = [
+                m
+                for m in linears + int8
+                if isinstance(m, kernels.Linear | Int8Linear) and m.weight.device.type == "cpu"
+            ]
+            forms = {}
+            for m in modules:
+                scales = m.scales if isinstance(m, Int8Linear) else None
+                forms[m] = kernels.choose_compiled(m.weight, weights, scales, rows)
+            if "template" in forms.values():
+                # the template is a setting of the whole graph, under which the library's
+                # products are templates too: those weights choose between the two forms left
+                templates.add(rows)
+                for m, form in forms.items():
+                    if form in ("linear", "onednn"):
+                        pair = ("reduction", "template")
+                        forms[m] = kernels.choose_compiled(m.weight, weights, None, rows, pair)
+            for m, form in forms.items():
+                kernels.set_compiled_form(m, rows, form)
 
         def forward(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
             return model(tokens, positions, Context(kv_len=kv_len))
@@ -198,8 +214,9 @@ def compiled_decode(model: Transformer) -> Callable:
             # there, not only in inductor's options, is what keeps the parameters out of the
             # graph's inputs and guards; kv_len is a dynamic size from the first compile on.
             # Passing kv_len also spares the model's host-side checks of the positions.
+            template = kernels.TEMPLATE if tokens.numel() in templates else {}
             with (
-                torch._inductor.config.patch(freezing=freeze),
+                torch._inductor.config.patch(freezing=freeze, **template),
                 torch.compiler.config.patch(dynamic_sources="L['kv_len']"),
                 # each model (and batch size, cache) is a graph of its own: allow many. Set
                 # here, in the thread that steps (dynamo's settings are per thread: a server

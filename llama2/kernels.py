@@ -337,7 +337,7 @@ def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Te
 
 _compiled_reduction = None
 # the forms a frozen weight's product may take in a compiled graph
-COMPILED_FP32 = ("reduction", "linear", "onednn") if ONEDNN else ("reduction", "linear")
+COMPILED_FP32 = ("reduction", "linear") + (("onednn",) if ONEDNN else ()) + ("template",)
 COMPILED_INT8 = ("reduction", "int8pack")
 FEW_ROWS = 16  # up to here a compiled product's form is measured (the engine's widths: 1-16)
 
@@ -349,22 +349,56 @@ def _packed_gemm(w: torch.Tensor, rows: int) -> Product:
     return lambda x, w: torch.ops.mkl._mkl_linear(x, packed, w, None, rows)
 
 
+TEMPLATE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+"""Inductor's settings for a graph whose frozen fp32 products are its C++ GEMM template:
+register-blocked loops generated for the shape, over a weight packed when the graph is
+compiled (on an AMD EPYC Zen 4, 2-5 rows cost about what one row costs; the reduction's 3
+rows cost 1.6x its one). Settings of the whole graph: in a graph that has them, every
+F.linear and oneDNN product on a frozen weight is a template (where the template does not
+apply, the library's kernel)."""
+
+
+class _Products(nn.Module):
+    """F.linear of one input with each of `weights`: a module, so that `freezing` makes them
+    constants of the graph, as a model's weights are."""
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [F.linear(x, w) for w in self.weights]
+
+
+def _template_products(weights: Sequence[torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    """The products of x with each weight as inductor's C++ GEMM template makes them,
+    compiled here (a few seconds)."""
+    compiled = torch.compile(_Products(weights), dynamic=False)
+    # (the settings are read by this first call, which compiles; frozen only without autograd)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True, **TEMPLATE):
+        compiled(x)
+    return lambda: compiled(x)
+
+
 def measure_compiled(
     w: torch.Tensor,
     working_set: int | None = None,
     scales: torch.Tensor | None = None,
     rows: int = 1,
+    valid: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Seconds per product of `rows` rows and `w` in each form `choose_compiled` picks from,
     the weight streamed as in `_streamed`: "reduction" compiled on its own, over all the copies
     in one call (inside a model's graph a product costs no call of its own, and a compiled call
     per copy would add Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8
-    weight); for an fp32 weight "linear" as inductor runs it with frozen weights; for an int8
-    one (with its `scales`) "int8pack", the fused kernel the graph would call."""
+    weight); for an fp32 weight "linear" as inductor runs it with frozen weights, "onednn" and
+    "template" (`TEMPLATE`); for an int8 one (with its `scales`) "int8pack", the fused kernel
+    the graph would call. Only the forms in `valid`."""
     global _compiled_reduction
     if _compiled_reduction is None:
         # (broadcasting over a leading dimension: every copy in one call; a graph per rows)
         _compiled_reduction = torch.compile(reduction, dynamic=False)
+    valid = valid or (COMPILED_INT8 if scales is not None else COMPILED_FP32)
     x = torch.randn(rows, w.shape[1], dtype=torch.float32 if scales is not None else w.dtype)
     copies = _stacked_copies(w.detach(), working_set)
     weights = list(copies.unbind())
@@ -377,6 +411,10 @@ def measure_compiled(
         forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemm, weights, strict=True)]
         if ONEDNN:  # (the graph calls the same op on the frozen weight)
             forms["onednn"] = [functools.partial(_onednn, x, wi) for wi in weights]
+        if "template" in valid:
+            with torch._dynamo.config.patch(cache_size_limit=1024):
+                forms["template"] = [_template_products(weights, x)]
+    forms = {name: calls for name, calls in forms.items() if name in valid}
 
     def runner(calls: list) -> Callable[[], None]:
         return lambda: [call() for call in calls]
@@ -391,11 +429,13 @@ def choose_compiled(
     working_set: int | None = None,
     scales: torch.Tensor | None = None,
     rows: int = 1,
+    forms: Sequence[str] | None = None,
 ) -> str:
     """How a product of `rows` rows and the frozen weight `w` is written for torch.compile
     (generation.compiled_decode): "reduction" (`reduction`) or, for an fp32 weight, "linear"
-    (F.linear, which inductor runs as MKL's GEMV or GEMM on a prepacked copy) or "onednn"
-    (oneDNN's inner product, called by the graph), for an int8 weight with its `scales`,
+    (F.linear, which inductor runs as MKL's GEMV or GEMM on a prepacked copy), "onednn"
+    (oneDNN's inner product, called by the graph) or "template" (F.linear in a graph compiled
+    with `TEMPLATE`); the fastest of `forms` if given. For an int8 weight with its `scales`,
     "int8pack" (`int8pack`). Measured on first use and remembered like the eager products,
     since the winner depends on the CPU and the rows (on an AMD EPYC Zen 4 the int8 reduction
     streams 1.3-2.1x the fused int8 kernel's bandwidth; tiny-110m's compiled step of three rows
@@ -409,11 +449,11 @@ def choose_compiled(
     small = w.numel() * w.element_size() < 1 << 18
     if not (int8 or w.dtype == torch.float32) or small or rows > FEW_ROWS:
         return default
-    valid = COMPILED_INT8 if int8 else COMPILED_FP32
+    valid = tuple(forms or (COMPILED_INT8 if int8 else COMPILED_FP32))
     shape = "x".join(map(str, w.shape))
     # (the forms in the key: a choice made among fewer is measured again)
     key = f"compiled|{w.dtype}|{shape}|rows{rows}|t{torch.get_num_threads()}|{'+'.join(valid)}"
-    return _remembered(key, valid, lambda: measure_compiled(w, working_set, scales, rows))
+    return _remembered(key, valid, lambda: measure_compiled(w, working_set, scales, rows, valid))
 
 
 def compiled_form(
@@ -433,7 +473,7 @@ def set_compiled_form(module: nn.Module, rows: int, form: str) -> None:
 
 def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "linear") -> torch.Tensor:
     """x @ w.T by the product chosen for these operands; under torch.compile, in the form
-    `compiled` ("reduction" or "linear", see `choose_compiled`)."""
+    `compiled` (see `choose_compiled`)."""
     if x.device.type != "cpu":
         return F.linear(x, w)
     if torch.compiler.is_compiling():
@@ -441,6 +481,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, compiled: str = "linear") -> torch.
             return reduction(x, w)
         if compiled == "onednn":
             return _onednn(x, w)
+        # "linear" and "template" (the graph's settings make it one)
         return F.linear(x, w.to(x.dtype))  # (no graph break for the measurement below)
     if torch.is_autocast_enabled("cpu"):
         return F.linear(x, w)

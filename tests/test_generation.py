@@ -212,10 +212,12 @@ def test_static_caches_of_two_shapes_are_kept_for_the_compiled_graphs(llm):
     assert cache(64) is long and cache(32) is not short
 
 
-@pytest.mark.parametrize("form", ["reduction", "linear", "onednn"])
+@pytest.mark.parametrize("form", ["reduction", "linear", "onednn", "template"])
 def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     """torch.compile over the static cache gives the eager tokens (batched, mixed lengths),
     with products of one and two rows in either form kernels.choose_compiled may pick."""
+    from torch._dynamo.utils import counters
+
     from llama2 import kernels
 
     monkeypatch.setattr(kernels, "choose_compiled", lambda *a: form)
@@ -223,7 +225,11 @@ def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     prompts = [tok.encode("import os", bos=True), tok.encode("def f(x):\n    return", bos=True)]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager = generate(model, tok, prompts, params)
+    templates = counters["inductor"]["cpp_templated_kernel_counter"]
     compiled = generate(model, tok, prompts, params, compile=True)
+    # inductor's C++ GEMM template wrote the products in that form's graphs, and only there
+    made = counters["inductor"]["cpp_templated_kernel_counter"] - templates
+    assert made > 0 if form == "template" else made == 0
     linears = [m for m in model.modules() if isinstance(m, kernels.Linear)]
     assert {m.compiled_rows2 for m in linears} == {form}
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
@@ -232,6 +238,35 @@ def test_compiled_decoding_matches_eager(llm, form, monkeypatch):
     assert {m.compiled_rows1 for m in linears} == {form}
     with torch.no_grad():  # the model is back to plain forward passes afterwards
         assert model(torch.tensor([prompts[0]])).shape[1] == len(prompts[0])
+
+
+def test_a_graph_with_templates_has_no_other_library_products(llm, monkeypatch):
+    """Inductor's template is a setting of the whole graph, under which the library's
+    products on frozen weights are templates too: once one weight's product chooses the
+    template, those that chose a library product choose again, between the two forms left."""
+    from llama2 import kernels
+
+    asked = []
+
+    def choose(w, working_set, scales, rows, forms=None):
+        asked.append((tuple(w.shape), forms))
+        if forms is not None:
+            return "reduction"
+        return "template" if w.shape[0] == w.shape[1] else "onednn"
+
+    monkeypatch.setattr(kernels, "choose_compiled", choose)
+    model, tok = copy.deepcopy(llm.model), llm.tokenizer
+    prompt = [tok.encode("import os", bos=True)]
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    eager = generate(model, tok, prompt, params)
+    assert generate(model, tok, prompt, params, compile=True)[0].token_ids == eager[0].token_ids
+    linears = [m for m in model.modules() if isinstance(m, kernels.Linear)]
+    square = [m for m in linears if m.weight.shape[0] == m.weight.shape[1]]
+    assert square and len(square) < len(linears)
+    for m in linears:
+        assert m.compiled_rows1 == ("template" if m in square else "reduction")
+    again = [shape for shape, forms in asked if forms == ("reduction", "template")]
+    assert sorted(again) == sorted(tuple(m.weight.shape) for m in linears if m not in square)
 
 
 def test_batched_steps_name_their_rows_after_some_finish(llm):

@@ -216,6 +216,15 @@ def test_a_few_rows_compiled_form_is_measured_for_their_number(fresh_choices, mo
     assert kernels.choose_compiled(w, rows=3) == "reduction"  # (remembered by its rows)
     stored = json.loads(fresh_choices.read_text())
     assert {k.split("|")[3] for k in stored if k.startswith("compiled|")} == {"rows2", "rows3"}
+    measured = []  # a choice among fewer forms (a graph with templates) is stored apart
+    monkeypatch.setattr(
+        kernels,
+        "measure_compiled",
+        lambda *a: measured.append(a[-1]) or {"reduction": 2.0, "template": 1.0},
+    )
+    assert kernels.choose_compiled(w, rows=3, forms=("reduction", "template")) == "template"
+    assert measured == [("reduction", "template")]
+    assert kernels.choose_compiled(w, rows=3) == "reduction"
     monkeypatch.setattr(kernels, "measure_compiled", lambda *a: pytest.fail("measured"))
     assert kernels.choose_compiled(w, rows=kernels.FEW_ROWS + 1) == "linear"
     assert kernels.choose_compiled(q, None, scales, rows=kernels.FEW_ROWS + 1) == "int8pack"
