@@ -1,13 +1,15 @@
 """Speculative decoding's speed-up: greedy tokens/s of a target alone and with a draft model,
 side by side in one run, and the share of the draft's tokens accepted.
 
-    python benchmarks/speculative.py TARGET DRAFT [--new 128] [--draft-tokens 3 4 6]
+    python benchmarks/speculative.py TARGET DRAFT [DRAFT ...] [--new 128] [--draft-tokens 3 4 6]
 
-TARGET and DRAFT: checkpoints with the same tokenizer, e.g. `llama2 pretrain` runs' `model`
-directories (tiny-110m and tiny-15m on the embedded corpus). Each prompt (the starts of
-standard library code) is decoded for --new tokens, greedy, EOS ignored, once alone and once
-with the draft for each --draft-tokens, in turns, --repeats rounds (best of the rounds is kept
-for each): a shared machine's drift falls on all of them alike. The outputs with and without
+TARGET and each DRAFT: checkpoints with the same tokenizer, e.g. `llama2 pretrain` runs'
+`model` directories (tiny-110m and tiny-15m on the embedded corpus); a draft may be quantized
+(`llama2 quantize`), which makes its proposals cheaper and leaves the output the target's.
+Each prompt (the starts of standard library code) is decoded for --new tokens, greedy, EOS
+ignored, once alone and once with each draft for each --draft-tokens, in turns, --repeats
+rounds (best of the rounds is kept for each): a shared machine's drift falls on all of them
+alike. The outputs with and without
 the draft are checked to be the same tokens.
 """
 
@@ -34,7 +36,7 @@ PROMPTS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target")
-    ap.add_argument("draft")
+    ap.add_argument("drafts", nargs="+", metavar="draft")
     ap.add_argument("--new", type=int, default=128, help="tokens generated a prompt")
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[4])
     ap.add_argument("--repeats", type=int, default=2)
@@ -43,35 +45,41 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(describe(args.threads), flush=True)
-    target, draft = load(args.target, dtype="float32"), load(args.draft, dtype="float32")
-    check_draft(target.tokenizer, draft.tokenizer)
+    target = load(args.target, dtype="float32")
     tok = target.tokenizer
     n_target = sum(p.numel() for p in target.model.parameters())
-    n_draft = sum(p.numel() for p in draft.model.parameters())
     print(f"target {args.target}: {n_target / 1e6:.1f}M parameters")
-    print(f"draft  {args.draft}: {n_draft / 1e6:.1f}M parameters")
+    drafts = {}
+    for i, path in enumerate(args.drafts):
+        drafts[i] = load(path, dtype="float32")
+        check_draft(tok, drafts[i].tokenizer)
+        n_draft = sum(p.numel() for p in drafts[i].model.parameters())
+        print(f"draft {i} {path}: {n_draft / 1e6:.1f}M parameters")
     prompts = [tok.encode(p, bos=True) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=args.new, temperature=0)
 
-    runs = {"target alone": None} | {f"draft, k={k}": k for k in args.draft_tokens}
+    runs = {"target alone": None} | {
+        f"draft {i}, k={k}": (i, k) for i in drafts for k in args.draft_tokens
+    }
 
-    def run(k):
-        if k is None:
+    def run(which):
+        if which is None:
             return [generate(target.model, tok, [p], params, (), compile=args.compile)[0]
                     for p in prompts]  # fmt: skip
+        i, k = which
         return generate(
-            target.model, tok, prompts, params, (), compile=args.compile, draft=draft.model,
-            draft_tokens=k,
+            target.model, tok, prompts, params, (), compile=args.compile,
+            draft=drafts[i].model, draft_tokens=k,
         )  # fmt: skip
 
-    for k in runs.values():  # warm-up (and compilation)
-        run(k)
+    for which in runs.values():  # warm-up (and compilation)
+        run(which)
     best: dict[str, float] = {}
     outputs: dict[str, list] = {}
     for r in range(args.repeats):
-        for name, k in runs.items():
+        for name, which in runs.items():
             t = time.perf_counter()
-            outputs[name] = run(k)
+            outputs[name] = run(which)
             dt = time.perf_counter() - t
             best[name] = min(best.get(name, float("inf")), dt)
         print(f"  round {r + 1}/{args.repeats} done", flush=True)

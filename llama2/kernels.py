@@ -335,7 +335,6 @@ def int8pack(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Te
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-_compiled_reduction = None
 # the forms a frozen weight's product may take in a compiled graph
 COMPILED_FP32 = ("reduction", "linear") + (("onednn",) if ONEDNN else ()) + ("template",)
 COMPILED_INT8 = ("reduction", "int8pack")
@@ -359,23 +358,35 @@ apply, the library's kernel)."""
 
 
 class _Products(nn.Module):
-    """F.linear of one input with each of `weights`: a module, so that `freezing` makes them
-    constants of the graph, as a model's weights are."""
+    """x's products with each of `weights` (int8 ones with their `scales`) in one `form`, a
+    kernel each, as in a model's graph: a module, so that `freezing` makes the weights
+    constants of the graph, as a model's are."""
 
-    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor], scales: torch.Tensor | None, form: str):
         super().__init__()
         self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weights)
+        self.register_buffer("scales", scales)
+        self.form = form
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.form == "reduction":
+            return [reduction(x, w, self.scales) for w in self.weights]
         return [F.linear(x, w) for w in self.weights]
 
 
-def _template_products(weights: Sequence[torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
-    """The products of x with each weight as inductor's C++ GEMM template makes them,
-    compiled here (a few seconds)."""
-    compiled = torch.compile(_Products(weights), dynamic=False)
+def _compiled_products(
+    weights: Sequence[torch.Tensor], scales: torch.Tensor | None, x: torch.Tensor, form: str
+) -> Callable[[], None]:
+    """`_Products` in `form` ("reduction", or "template": F.linear under `TEMPLATE`),
+    compiled here (a few seconds; a graph per weight shape, rows and number of copies)."""
+    compiled = torch.compile(_Products(weights, scales, form), dynamic=False)
+    settings = TEMPLATE if form == "template" else {}
     # (the settings are read by this first call, which compiles; frozen only without autograd)
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True, **TEMPLATE):
+    with (
+        torch.no_grad(),
+        torch._inductor.config.patch(freezing=True, **settings),
+        torch._dynamo.config.patch(cache_size_limit=1024),
+    ):
         compiled(x)
     return lambda: compiled(x)
 
@@ -388,21 +399,20 @@ def measure_compiled(
     valid: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Seconds per product of `rows` rows and `w` in each form `choose_compiled` picks from,
-    the weight streamed as in `_streamed`: "reduction" compiled on its own, over all the copies
-    in one call (inside a model's graph a product costs no call of its own, and a compiled call
-    per copy would add Dynamo's ~20-30 us to each, twice the product of a 768 x 768 int8
-    weight); for an fp32 weight "linear" as inductor runs it with frozen weights, "onednn" and
-    "template" (`TEMPLATE`); for an int8 one (with its `scales`) "int8pack", the fused kernel
-    the graph would call. Only the forms in `valid`."""
-    global _compiled_reduction
-    if _compiled_reduction is None:
-        # (broadcasting over a leading dimension: every copy in one call; a graph per rows)
-        _compiled_reduction = torch.compile(reduction, dynamic=False)
+    the weight streamed as in `_streamed`: "reduction" and "template" (`TEMPLATE`) compiled
+    over all the copies, frozen, in one graph and one call (inside a model's graph a product
+    costs no call of its own, and a compiled call per copy would add Dynamo's ~20-30 us to
+    each, twice the product of a 768 x 768 int8 weight), a kernel per copy as in the model's;
+    for an fp32 weight "linear" as inductor runs it with frozen weights and "onednn"; for an
+    int8 one (with its `scales`) "int8pack", the fused kernel the graph would call. Only the
+    forms in `valid`."""
     valid = valid or (COMPILED_INT8 if scales is not None else COMPILED_FP32)
     x = torch.randn(rows, w.shape[1], dtype=torch.float32 if scales is not None else w.dtype)
-    copies = _stacked_copies(w.detach(), working_set)
-    weights = list(copies.unbind())
-    forms = {"reduction": [functools.partial(_compiled_reduction, x, copies, scales)]}
+    weights = _streamed(w.detach(), working_set)
+    forms = {}
+    for form in ("reduction", "template"):
+        if form in valid:
+            forms[form] = [_compiled_products(weights, scales, x, form)]
     if scales is not None:
         forms["int8pack"] = [functools.partial(int8pack, x, wi, scales) for wi in weights]
     else:
@@ -411,16 +421,12 @@ def measure_compiled(
         forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemm, weights, strict=True)]
         if ONEDNN:  # (the graph calls the same op on the frozen weight)
             forms["onednn"] = [functools.partial(_onednn, x, wi) for wi in weights]
-        if "template" in valid:
-            with torch._dynamo.config.patch(cache_size_limit=1024):
-                forms["template"] = [_template_products(weights, x)]
     forms = {name: calls for name, calls in forms.items() if name in valid}
 
     def runner(calls: list) -> Callable[[], None]:
         return lambda: [call() for call in calls]
 
-    # (a graph per weight shape, number of rows and of copies: many, and all wanted)
-    with torch.no_grad(), torch._dynamo.config.patch(cache_size_limit=1024):
+    with torch.no_grad():
         return _in_turns({name: runner(calls) for name, calls in forms.items()}, len(weights))
 
 

@@ -247,16 +247,16 @@ def test_an_int8_weights_compiled_form_is_measured_and_both_forms_agree(fresh_ch
         assert ((out.double() - exact).norm() / exact.norm()) < tol
     times = kernels.measure_compiled(q, scales=scales)  # (real: both forms, streamed)
     assert set(times) == {"reduction", "int8pack"} and all(0 < t < 1 for t in times.values())
-    calls = []  # the reduction is timed in one call over all the copies, as in a graph
+    made = []  # the reduction is compiled once over all the copies, frozen, as in a model
+    real = kernels._compiled_products
 
-    def spy(x, copies, s):
-        calls.append(copies.shape)
-        return kernels.reduction(x, copies, s)
+    def spy(weights, s, x, form):
+        made.append((len(weights), form))
+        return real(weights, s, x, form)
 
-    monkeypatch.setattr(kernels, "_compiled_reduction", spy)
+    monkeypatch.setattr(kernels, "_compiled_products", spy)
     kernels.measure_compiled(q, scales=scales)
-    assert calls == [(len(kernels._streamed(q)), 1024, 512)] * (kernels.REPEATS + 1)
-    assert calls[0][0] > 1
+    assert made == [(len(kernels._streamed(q)), "reduction")] and made[0][0] > 1
     monkeypatch.setattr(kernels, "measure_compiled", lambda *a: {"reduction": 2.0, "int8pack": 1.0})
     assert kernels.choose_compiled(q, None, scales) == "int8pack"
     assert "compiled|torch.int8|1024x512|" in " ".join(json.loads(fresh_choices.read_text()))
