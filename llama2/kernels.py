@@ -413,15 +413,14 @@ def measure_compiled(
     for form in ("reduction", "template"):
         if form in valid:
             forms[form] = [_compiled_products(weights, scales, x, form)]
-    if scales is not None:
+    if "int8pack" in valid:
         forms["int8pack"] = [functools.partial(int8pack, x, wi, scales) for wi in weights]
-    else:
+    if "linear" in valid:  # (prepacked copies: made only where measured)
         mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
         gemm = [_packed_gemm(wi, rows) if mkl else F.linear for wi in weights]
         forms["linear"] = [functools.partial(g, x, wi) for g, wi in zip(gemm, weights, strict=True)]
-        if ONEDNN:  # (the graph calls the same op on the frozen weight)
-            forms["onednn"] = [functools.partial(_onednn, x, wi) for wi in weights]
-    forms = {name: calls for name, calls in forms.items() if name in valid}
+    if ONEDNN and "onednn" in valid:  # (the graph calls the same op on the frozen weight)
+        forms["onednn"] = [functools.partial(_onednn, x, wi) for wi in weights]
 
     def runner(calls: list) -> Callable[[], None]:
         return lambda: [call() for call in calls]
