@@ -110,6 +110,35 @@ def test_prefix_cache_gives_the_tokens_of_a_full_prefill(model, small_tokenizer)
         eng.shutdown()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_where_a_request_goes_when_a_higher_free_slot_holds_its_prefix(
+    model, small_tokenizer, compiled
+):
+    """Eager, a request takes the free slot that holds the longest prefix of its prompt. Under
+    --compile it takes the lowest free slot and the prefix is copied into it: in slot 3 one
+    stream would run the 4-row compiled step for every token (the width covers the highest
+    slot running)."""
+    (prompt,) = prompts(1)
+    eng = engine(model, small_tokenizer, compile=compiled)
+    eng.shutdown()  # (no loop: the admission alone, as the loop would do it)
+    eng.slot_tokens[3] = prompt[:40]
+    eng.slot_tokens[0] = prompt[:10]
+    copies = []
+    copy = eng.step.copy
+    eng.step.copy = lambda source, slot, n: (
+        copies.append((source, slot, n)) or copy(source, slot, n)
+    )
+    eng._admit(request(prompt, seed=0))
+    (seq,) = eng.prefilling
+    assert seq.pos == 40 and seq.slot not in eng.free
+    if compiled:
+        assert seq.slot == 0 and copies == [(3, 0, 40)]
+        assert eng.width(max(s.slot for s in eng.prefilling)) == 1
+    else:
+        assert seq.slot == 3 and copies == []
+    assert eng.slot_tokens[seq.slot] == prompt[:40]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_the_prefix_pool_serves_alternating_system_prompts_across_slots(
     model, small_tokenizer, temperature

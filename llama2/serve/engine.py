@@ -267,32 +267,38 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         prompt, reuse = req.prompt, 0
-        # ties between free slots: the least recently used (eager), or the lowest (compiled:
-        # its step runs the slots below the highest one running, see _forward_decode)
-        order = (lambda s: s) if self.compile else (lambda s: 0)
         if not self.prefix_cache or req.params.echo:  # (echo: every position's logits)
-            slot = min(self.free, key=order)
-            self.free.remove(slot)
+            # the lowest free slot (compiled: its step runs every slot below the highest one
+            # running, see _forward_decode), else the least recently used
+            slot = min(self.free) if self.compile else self.free[0]
         else:
-            # where the longest computed prefix is: a free slot (taken as it is), a busy slot
-            # or the pool (copied into the free slot that holds the least)
-            slot = max(self.free, key=lambda s: (self._common(s, prompt), -order(s)))
+            if self.compile:
+                # the lowest free slot, whatever it holds: one stream in a high slot would run
+                # a step as wide as that slot for every token; a longer prefix held in another
+                # slot, free or busy, is copied into it
+                slot = min(self.free)
+                others = [s for s in range(self.max_batch) if s != slot]
+            else:
+                # where the longest computed prefix is: a free slot (taken as it is), a busy
+                # slot or the pool (copied into the free slot that holds the least)
+                slot = max(self.free, key=lambda s: self._common(s, prompt))
+                others = [s.slot for s in self.prefilling + self.running]
             reuse = self._common(slot, prompt)
-            busy = [s.slot for s in self.prefilling + self.running]
-            source = max(busy, key=lambda s: self._common(s, prompt), default=None)
-            from_busy = 0 if source is None else self._common(source, prompt)
+            source = max(others, key=lambda s: self._common(s, prompt), default=None)
+            from_slot = 0 if source is None else self._common(source, prompt)
             blocks = [] if self.pool is None else self.pool.lookup(prompt, len(prompt) - 1)
             from_pool = len(blocks) * PREFIX_BLOCK
-            if max(from_busy, from_pool) > reuse:
-                slot = min(self.free, key=lambda s: (self._common(s, prompt), order(s)))
+            if max(from_slot, from_pool) > reuse:
+                if not self.compile:
+                    slot = min(self.free, key=lambda s: self._common(s, prompt))
                 self.slot_tokens[slot] = []  # (until the copy is complete)
-                if from_pool >= from_busy:
+                if from_pool >= from_slot:
                     self.pool.load(self.caches, slot, blocks)
                     reuse = from_pool
                 else:
-                    reuse = from_busy
+                    reuse = from_slot
                     self.step.copy(source, slot, reuse)
-            self.free.remove(slot)
+        self.free.remove(slot)
         self.slot_tokens[slot] = prompt[:reuse]
         with self.stats.lock:
             self.stats.cached_prompt_tokens += reuse
