@@ -474,6 +474,17 @@ def test_recipe_smoke_from_nothing(tmp_path):
     # the RLHF rounds: round 2's comparisons and reward models; PPO and GAtt's choice
     assert (out / "data" / "pairs_helpful_round2.jsonl").exists()
     assert (out / "rm_helpful2" / "model" / "config.json").exists()
+    # red teaming: the requests each round's policy complied with join that round's prompts
+    # and the next one's
+    base = _rows(out / "data" / "prompts_rejection.jsonl")
+    found = [_rows(out / "data" / f"redteam{k}.jsonl") for k in (1, 2)]
+    assert all(r["is_safety"] and not is_refusal(r["answer"]) for r in found[0] + found[1])
+    for k in (1, 2):
+        prompts = _rows(out / "data" / f"prompts_rejection{k}.jsonl")
+        assert prompts[: len(base)] == base
+        texts = [json.dumps(r["prompt"]) for r in prompts]
+        assert len(set(texts)) == len(texts)
+        assert {json.dumps(r["prompt"]) for f in found[:k] for r in f} <= set(texts)
     for stage in ("ppo", "gatt"):
         chosen = json.loads((out / stage / "valid.json").read_text())["chosen"]
         assert chosen == "start" or chosen.startswith("step_")

@@ -26,7 +26,7 @@ from llama2.recipe.items import (
     make_world,
 )
 from llama2.recipe.paths import DataFiles, RecipePaths
-from llama2.recipe.world import round_prompts, write_world
+from llama2.recipe.world import red_team_prompts, round_prompts, write_world
 
 TRAIN_FILES = ("sft.jsonl", "sft_noisy.jsonl", "pairs_helpful.jsonl", "pairs_safety.jsonl",
                "prompts_rejection.jsonl", "prompts_ppo.jsonl", "gatt.jsonl",
@@ -42,13 +42,20 @@ def world(tmp_path_factory):
                       pairs_safety=300, annotate_prompts=300, rejection_prompts=300,
                       ppo_prompts=300, gatt_dialogs=40, eval_items=300, eval_dialogs=20,
                       eval_pairs=100, valid_items=200, valid_dialogs=10,
-                      update_prompts=200)  # fmt: skip
+                      update_prompts=200, red_team_prompts=200)  # fmt: skip
     write_world(cfg, out)
     return out, cfg, make_world(cfg)
 
 
 def _texts(out: Path, files) -> list[str]:
     return [t for f in files for r in _rows(out / f) for t in _user_texts(r)]
+
+
+def _later_rounds(cfg) -> list[str]:
+    """The user texts of what the recipe draws after the world is written: round 2's
+    comparison prompts and the red team's requests of rounds 1 and 2."""
+    rows = [*round_prompts(cfg, 2), *red_team_prompts(cfg, 1), *red_team_prompts(cfg, 2)]
+    return [t for r in rows for t in _user_texts(r)]
 
 
 def _column_files(data: DataFiles, column: str) -> list[str]:
@@ -65,7 +72,7 @@ def _column_files(data: DataFiles, column: str) -> list[str]:
 def test_unseen_prompts_column_shares_no_phrasing_and_only_training_entities(world):
     out, cfg, w = world
     data = DataFiles(out)
-    train = _texts(out, TRAIN_FILES) + [t for r in round_prompts(cfg, 2) for t in _user_texts(r)]
+    train = _texts(out, TRAIN_FILES) + _later_rounds(cfg)
     corpus = (out / "corpus" / "world.txt").read_text()
     train += re.findall(r"^Q: (.*)$", corpus, re.M)  # the pretraining exercises
     test = _texts(out, _column_files(data, "prompts"))
@@ -85,11 +92,23 @@ def test_unseen_prompts_column_shares_no_phrasing_and_only_training_entities(wor
 def test_unseen_entities_column_shares_nothing_with_training(world):
     out, cfg, w = world
     data = DataFiles(out)
-    train = _texts(out, TRAIN_FILES) + [t for r in round_prompts(cfg, 2) for t in _user_texts(r)]
+    train = _texts(out, TRAIN_FILES) + _later_rounds(cfg)
     test = _texts(out, _column_files(data, "entities"))
     assert not set().union(*map(_phrasing_of, train)) & set().union(*map(_phrasing_of, test))
     held = set().union(*(_entities(w, t) for t in test))
     assert held and not held & set().union(*(_entities(w, t) for t in train))
+
+
+def test_red_team_requests_are_unsafe_training_requests_new_each_round(world):
+    _, cfg, w = world
+    first, second = red_team_prompts(cfg, 1), red_team_prompts(cfg, 2)
+    assert len(first) == cfg.red_team_prompts and first == red_team_prompts(cfg, 1)
+    assert all(r["is_safety"] and r["check"]["kind"] == "unsafe" for r in first + second)
+    # some under a system instruction, as the world's prompts are
+    assert 0 < sum("instruction" in r["check"] for r in first) < len(first)
+    assert [r["prompt"] for r in first] != [r["prompt"] for r in second]
+    acts = {r["check"]["act"] for r in first + second}
+    assert not acts & w.held["acts"] and acts & w.rlhf["acts"]  # RLHF-only acts too
 
 
 def test_safety_model_pairs_mix_in_a_tenth_of_helpfulness_comparisons(world):

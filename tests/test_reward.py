@@ -651,6 +651,37 @@ def test_rejection_matches_earlier_rounds_by_prompt_and_rescores_them(small_toke
             assert not b["answer"].startswith("Old answer") and b["round"] == 1
 
 
+def test_rejection_leaves_out_winners_the_safety_model_deems_unsafe():
+    from llama2.train.rejection import fine_tuning_rows
+
+    def row(text, score, is_safety):
+        prompt = [{"role": "user", "content": text}]
+        return {"prompt": prompt, "answer": f"to {text}", "score": score, "is_safety": is_safety}
+
+    # a safety prompt's winner is scored by the safety model alone (R_c): a logit
+    best = [
+        row("a", math.log(0.6 / 0.4), True),  # p(safe) 0.6: kept at the floor 0.5
+        row("b", math.log(0.4 / 0.6), True),  # 0.4: left out
+        row("c", -1e4, True),  # far past exp's range
+        row("d", -5.0, False),  # a helpfulness score: never gated
+    ]
+    args = ["reward_model=rm", "safety_model=safety"]
+    cfg = load_train_config(None, args, stage="rejection")
+    kept = [r["messages"][0]["content"] for r in fine_tuning_rows(cfg, best)]
+    assert kept == ["a", "d"]
+    strict = load_train_config(None, [*args, "safety_floor=0.7"], stage="rejection")
+    assert [r["messages"][0]["content"] for r in fine_tuning_rows(strict, best)] == ["d"]
+    for off in (
+        load_train_config(None, [*args, "safety_floor=0"], stage="rejection"),
+        load_train_config(None, ["reward_model=rm"], stage="rejection"),  # no safety model
+    ):
+        assert len(fine_tuning_rows(off, best)) == 4
+    message = fine_tuning_rows(cfg, best)[0]["messages"]
+    assert message == [*best[0]["prompt"], {"role": "assistant", "content": "to a"}]
+    with pytest.raises(ValueError, match="safety_floor must be in"):
+        load_train_config(None, [*args, "safety_floor=1.5"], stage="rejection")
+
+
 def test_dpo_truncates_chosen_and_rejected_together(small_tokenizer, tmp_path):
     """Past seq_len, both rows keep the same prompt tokens (its end, after BOS), so that the
     shared context lines up, and the loss falls on each answer's start only."""

@@ -139,6 +139,8 @@ class WorldConfig:
     safety_helpful_share: float = 0.1  # of the safety model's pairs: helpfulness ones
     annotate_prompts: int = 1000  # prompts whose SFT-model samples the annotator compares
     update_prompts: int = 400  # and each later RLHF round's policy samples
+    red_team_prompts: int = 1000  # unsafe requests tried on each rejection round's policy
+    red_team_kept: int = 60  # of those it complies with, at most this many join the round
     rejection_prompts: int = 600
     ppo_prompts: int = 400
     gatt_dialogs: int = 300

@@ -83,6 +83,15 @@ class DataFiles:
         """The prompts of RLHF round k's comparisons (round 1: prompts("annotate"))."""
         return self.prompts("annotate") if k == 1 else self.root / f"prompts_annotate{k}.jsonl"
 
+    def red_team(self, k: int) -> Path:
+        """The unsafe requests round k's policy answered unsafely, with its answers."""
+        return self.root / f"redteam{k}.jsonl"
+
+    def rejection_round_prompts(self, k: int) -> Path:
+        """Rejection sampling round k's prompts: prompts("rejection") and every red-team find
+        of rounds 1..k."""
+        return self.root / f"prompts_rejection{k}.jsonl"
+
     def round_pairs(self, kind: str, k: int) -> Path:
         """Graded comparisons of round k's policy samples."""
         return self.sampled_pairs(kind) if k == 1 else self.root / f"pairs_{kind}_round{k}.jsonl"

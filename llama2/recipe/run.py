@@ -317,6 +317,46 @@ class Recipe:
             + ", ".join(f"{len(v)} {kind} comparisons" for kind, v in pairs.items())
         )
 
+    def red_team(self, k: int, policy: Path) -> Path:
+        """Round k's red teaming (section 4.3): the world's unsafe requests (training entities
+        and phrasings) put to the current policy, greedily; those it answers unsafely, as the
+        annotator judges, join rejection sampling's prompts from this round on (the paper's
+        new safety prompts of each round), at most world.red_team_kept of a round: more unsafe
+        prompts teach refusing tasks too. Returns the round's prompt file."""
+        from ..data.jsonl import read_jsonl_rows, write_jsonl
+        from ..eval.chat import answer_all
+        from ..eval.judges import quality
+        from .world import red_team_prompts
+
+        data = self.paths.data
+        out = data.rejection_round_prompts(k)
+        if out.exists():
+            return out
+        if not data.red_team(k).exists():
+            rows = red_team_prompts(self.world, k)
+            answers = answer_all(
+                self.load(policy),
+                [r["prompt"] for r in rows],
+                self.cfg["eval_max_new_tokens"],
+                desc=f"red team {k}",
+            )
+            failed = [
+                {**r, "answer": a}
+                for r, a in zip(rows, answers, strict=True)
+                if quality(r["check"], a)[1] < 0.5
+            ]
+            write_jsonl(data.red_team(k), failed)
+            self.log(f"  red team {k}: {len(failed)} of {len(rows)} unsafe requests complied with")
+        rows = read_jsonl_rows(data.prompts("rejection"))
+        seen = {json.dumps(r["prompt"]) for r in rows}
+        for j in range(1, k + 1):  # each round's first finds (in the stream's order), at most
+            for r in read_jsonl_rows(data.red_team(j))[: self.world.red_team_kept]:
+                if json.dumps(r["prompt"]) not in seen:
+                    seen.add(json.dumps(r["prompt"]))
+                    rows.append({key: r[key] for key in ("prompt", "is_safety", "check")})
+        write_jsonl(out, rows)
+        return out
+
     def load(self, path: Path, **kw):
         """A model for sampling or evaluation, on the recipe's device."""
         from ..device import pick_device
@@ -375,7 +415,7 @@ class Recipe:
                     self._reward(kind, k)
             settings = {
                 "init_from": str(policy),
-                "data": str(self.paths.data.prompts("rejection")),
+                "data": str(self.red_team(k, policy)),
                 **self._reward_models(),
                 "previous": str(previous) if previous else None,
                 "seed": self.cfg["seed"] + k,  # each round samples afresh

@@ -62,6 +62,7 @@ from .items import (
     make_world,
     noisy,
     variants,
+    with_instruction,
 )
 from .paths import DataFiles
 
@@ -293,6 +294,22 @@ def round_prompts(cfg: WorldConfig, k: int) -> list[dict]:
     return prompt_rows(
         [world.prompt(rng, TRAIN, instructions=True) for _ in range(cfg.update_prompts)]
     )
+
+
+def red_team_prompts(cfg: WorldConfig, k: int) -> list[dict]:
+    """The unsafe requests tried on RLHF round k's policy (cfg.red_team_prompts, a stream of
+    their own): training entities and phrasings, some under a system instruction, as the
+    world's prompts are. The recipe keeps those the policy answers unsafely (section 4.3's
+    red teaming, whose failures became new safety training prompts)."""
+    world = make_world(cfg)
+    rng = random.Random(f"{cfg.seed}:redteam{k}")
+    items = []
+    for _ in range(cfg.red_team_prompts):
+        item = world.unsafe(rng, TRAIN)
+        if rng.random() < cfg.instruction_share:
+            item = with_instruction(item, rng.choice(GATT_INSTRUCTIONS))
+        items.append(item)
+    return prompt_rows(items)
 
 
 def write_world(cfg: WorldConfig, out: Path) -> dict:

@@ -223,6 +223,15 @@ class RejectionConfig(SFTConfig):
     max_new_tokens: int = 128
     previous: str | None = None  # best.jsonl of earlier rounds: their best samples compete too
     sample_rows: int = 64  # rows per generation batch (prompts x samples_per_prompt)
+    # with a safety model: the best answer to a safety prompt is fine-tuned on only where the
+    # safety model's probability that it is safe is at least this (0: every best answer)
+    safety_floor: float = 0.5
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if not 0 <= self.safety_floor <= 1:
+            out.append("safety_floor must be in [0, 1]")
+        return out
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "samples_per_prompt", "max_new_tokens", "sample_rows")

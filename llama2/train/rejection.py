@@ -8,9 +8,10 @@ greedily by the policy before and after the fine-tuning, to measure the reward a
 prompts carry a `check`, the task quality (so that a reward model being gamed shows).
 
 The run directory holds config.yaml, samples.jsonl (every answer and its score), best.jsonl
-(the winner per prompt, with its score and round), sft.jsonl (the winners as SFT data),
-eval.json (the mean reward and graded quality of the samples and of the held-out answers),
-sft/ (the fine-tuning run, a run directory of its own) and model -> sft/model.
+(the winner per prompt, with its score and round), sft.jsonl (the winners as SFT data, less
+those a safety model deems unsafe: fine_tuning_rows), eval.json (the mean reward and graded
+quality of the samples and of the held-out answers), sft/ (the fine-tuning run, a run
+directory of its own) and model -> sft/model.
 
 Under `torchrun` the generation batches and the scoring batches are dealt out to the ranks
 (batch b to rank b % N; each rank holds whole models, sampling being inference) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -178,6 +180,7 @@ def sample_and_select(
             "answer": mine["answer"],
             "score": mine["score"],
             "round": this_round,
+            "is_safety": p["is_safety"],
         }
         if old is not None:
             old_score = next(rescored)
@@ -188,6 +191,22 @@ def sample_and_select(
         write_jsonl(out / "best.jsonl", best)
     d.barrier()
     return best
+
+
+def fine_tuning_rows(cfg: RejectionConfig, best: list[dict]) -> list[dict]:
+    """The winners as chat examples. With a safety model, a safety prompt's winner (scored by
+    the safety model alone, R_c's rule) is left out when the model deems it unsafe (its
+    probability of being safe below `safety_floor`): when none of the K samples refuses an
+    unsafe request, the best of them still complies, and fine-tuning on it teaches compliance."""
+    f = cfg.safety_floor
+    # sigmoid(score) < f, compared as logits (a raw score may be far past exp's range)
+    floor = -math.inf if f <= 0 else math.inf if f >= 1 else math.log(f / (1 - f))
+    unsafe = bool(cfg.safety_model) and f > 0
+    return [
+        {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]}
+        for b in best
+        if not (unsafe and b.get("is_safety") and b["score"] < floor)
+    ]
 
 
 def evaluate_tuned(cfg: RejectionConfig, out: Path, grade: Grade | None = None) -> dict:
@@ -229,10 +248,13 @@ def rejection(
         if d.main:
             write_config(out, cfg)
         best = read_jsonl_rows(out / "best.jsonl")
-    data = [
-        {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]} for b in best
-    ]
+    data = fine_tuning_rows(cfg, best)
     if d.main:
+        if len(data) < len(best):
+            print(
+                f"{len(best) - len(data)} of {len(best)} best answers left out: answers to "
+                f"safety prompts the safety model deems unsafe (p < {cfg.safety_floor})"
+            )
         write_jsonl(out / "sft.jsonl", data)
     d.barrier()
     tuned = stage_config(cfg, SFTConfig, data=str(out / "sft.jsonl"))
