@@ -332,8 +332,8 @@ class Recipe:
         out = data.rejection_round_prompts(k)
         if out.exists():
             return out
-        if not data.red_team(k).exists():
-            rows = red_team_prompts(self.world, k)
+        rows = red_team_prompts(self.world, k) if not data.red_team(k).exists() else []
+        if rows:
             answers = answer_all(
                 self.load(policy),
                 [r["prompt"] for r in rows],
