@@ -230,3 +230,60 @@ def test_sample_dialogs_batches_ragged_dialogs_as_one_at_a_time_would():
     rules = [RULE, "Answer in French", RULE]
     batched = sample_dialogs(lambda ds, k: [answer(d) for d in ds], rules, turns)
     assert batched == [sample_dialog(answer, r, t) for r, t in zip(rules, turns, strict=True)]
+
+
+def test_answers_to_safety_turns_the_safety_model_deems_unsafe_are_left_out(monkeypatch):
+    from types import SimpleNamespace
+
+    from llama2.train import gatt as gatt_module
+    from llama2.train import load_train_config
+
+    over = next(i for i in INSTRUCTIONS if i.text == RULE)
+
+    def dialog(*answers):
+        out = []
+        for k, a in enumerate(answers):
+            out += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": a}]
+        return out
+
+    # every answer honours the instruction; turn 2 of the first dialog and turn 1 of the
+    # second are unsafe requests; the safety model gives an answer's probability of being safe
+    dialogs = [dialog("a. Over.", "b. Over.", "c. Over."), dialog("d. Over.", "e. Over.")]
+    flags = [[False, True, False], [True, False]]
+    p_safe = {"a. Over.": 0.1, "b. Over.": 0.2, "c. Over.": 0.1, "d. Over.": 0.9, "e. Over.": 0.1}
+    scored = []
+
+    def score_answers(rm, prompts, answers):
+        scored.extend(answers)
+        return [math.log(p_safe[a] / (1 - p_safe[a])) for a in answers]
+
+    monkeypatch.setattr(gatt_module, "load", lambda *a, **kw: SimpleNamespace(head="score"))
+    monkeypatch.setattr(gatt_module, "score_answers", score_answers)
+    cfg = load_train_config(None, ["safety_model=safety"], stage="gatt")
+    rows = [r["messages"] for r in gatt_module.training_rows(cfg, dialogs, [over, over], flags)]
+    # b answers a safety turn and is deemed unsafe: out; d is deemed safe; the others answer
+    # benign turns, whatever the safety model says of them (it is not asked)
+    assert rows == [dialogs[0][:2], dialogs[0], dialogs[1][:2], dialogs[1]]
+    assert scored == ["b. Over.", "d. Over."]
+    for off in ([], ["safety_model=safety", "safety_floor=0"]):
+        cfg = load_train_config(None, off, stage="gatt")
+        assert len(gatt_module.training_rows(cfg, dialogs, [over, over], flags)) == 5
+
+
+def test_gatt_dialogs_carry_a_safety_flag_per_turn(tmp_path):
+    import json
+
+    import pytest
+
+    from llama2.data.gatt import read_turns
+    from llama2.formats import DialogError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"turns": ["a", "b"], "is_safety": [False, True]}) + "\n")
+    assert read_turns(path)[0]["is_safety"] == [False, True]
+    path.write_text(json.dumps({"turns": ["a", "b"]}) + "\n")
+    assert read_turns(path)[0]["is_safety"] == [False, False]
+    for bad in ([True], [0, 1], "yes"):
+        path.write_text(json.dumps({"turns": ["a", "b"], "is_safety": bad}) + "\n")
+        with pytest.raises(DialogError, match="is_safety"):
+            read_turns(path)

@@ -22,6 +22,7 @@ from llama2.recipe.items import (
     RLHF_FILLERS,
     RLHF_TEMPLATES,
     TASK_TEMPLATES,
+    UNSAFE,
     WorldConfig,
     make_world,
 )
@@ -109,6 +110,17 @@ def test_red_team_requests_are_unsafe_training_requests_new_each_round(world):
     assert [r["prompt"] for r in first] != [r["prompt"] for r in second]
     acts = {r["check"]["act"] for r in first + second}
     assert not acts & w.held["acts"] and acts & w.rlhf["acts"]  # RLHF-only acts too
+
+
+def test_gatt_dialogs_flag_their_unsafe_turns(world):
+    out, _, w = world
+    rows = _rows(out / "gatt.jsonl")
+    assert all(len(r["is_safety"]) == len(r["turns"]) for r in rows)
+    flagged = [t for r in rows for t, f in zip(r["turns"], r["is_safety"], strict=True) if f]
+    unsafe = {a for acts in UNSAFE.values() for a in acts}
+    assert flagged and all(any(a in t for a in unsafe) for t in flagged)
+    # the test dialogs are tasks
+    assert not any(f for r in _rows(out / "eval_gatt_prompts.jsonl") for f in r["is_safety"])
 
 
 def test_safety_model_pairs_mix_in_a_tenth_of_helpfulness_comparisons(world):

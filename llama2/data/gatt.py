@@ -147,7 +147,8 @@ def adherence_by_turn(
 
 def read_turns(path: str | Path) -> list[dict]:
     """GAtt dialogs (JSONL): {"turns": [user texts], "instruction": optional, one of
-    INSTRUCTIONS' texts}."""
+    INSTRUCTIONS' texts, "is_safety": optional, a true/false per turn (a safety prompt, as in
+    prompt files; default all false)}."""
     out = []
     for where, r in read_jsonl(path):
         turns = r.get("turns") if isinstance(r, dict) else None
@@ -156,7 +157,14 @@ def read_turns(path: str | Path) -> list[dict]:
         text = r.get("instruction")
         if text is not None and text not in {i.text for i in INSTRUCTIONS}:
             raise DialogError(f"{where}: unknown instruction {text!r}")
-        out.append({"turns": turns, "instruction": text})
+        flags = r.get("is_safety", [False] * len(turns))
+        if not (
+            isinstance(flags, list)
+            and len(flags) == len(turns)
+            and all(isinstance(f, bool) for f in flags)
+        ):
+            raise DialogError(f"{where}: field 'is_safety' must be a true/false per turn")
+        out.append({"turns": turns, "instruction": text, "is_safety": flags})
     if not out:
         raise DialogError(f"{path}: no dialogs")
     return out

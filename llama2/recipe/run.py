@@ -465,6 +465,7 @@ class Recipe:
             "gatt",
             init_from=str(self.paths.model("ppo")),
             data=str(self.paths.data.gatt),
+            safety_model=str(self.paths.reward_model("safety")),
             **replay,
         )
         if not (self.resume and (run / "valid.json").exists()):

@@ -246,11 +246,14 @@ def gatt_rows(
     draw = world.task if split.phrasing == "held" else world.prompt
     for _ in range(n):
         turns: list[str] = []
+        unsafe: list[bool] = []
         while len(turns) < world.cfg.gatt_turns:
-            text = draw(rng, split).prompt
-            if text not in exclude:
-                turns.append(text)
-        rows.append({"turns": turns, "instruction": rng.choice(GATT_INSTRUCTIONS)})
+            item = draw(rng, split)
+            if item.prompt not in exclude:
+                turns.append(item.prompt)
+                unsafe.append(item.check["kind"] == "unsafe")
+        instruction = rng.choice(GATT_INSTRUCTIONS)
+        rows.append({"turns": turns, "instruction": instruction, "is_safety": unsafe})
     return rows
 
 

@@ -69,6 +69,10 @@ class TrainConfig:
         return ("weight_decay", "threads")
 
 
+def _unit_interval(cfg, *names: str) -> list[str]:
+    return [f"{n} must be in [0, 1]" for n in names if not 0 <= getattr(cfg, n) <= 1]
+
+
 def _is_device(name: str) -> bool:
     """auto or a device torch names (cpu, cuda, cuda:1, mps...); whether it is there is
     checked when the run starts (device.pick_device)."""
@@ -228,10 +232,7 @@ class RejectionConfig(SFTConfig):
     safety_floor: float = 0.5
 
     def problems(self) -> list[str]:
-        out = super().problems()
-        if not 0 <= self.safety_floor <= 1:
-            out.append("safety_floor must be in [0, 1]")
-        return out
+        return super().problems() + _unit_interval(self, "safety_floor")
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "samples_per_prompt", "max_new_tokens", "sample_rows")
@@ -256,6 +257,13 @@ class GattConfig(SFTConfig):
     # that what they taught (refusals) is not unlearned; replay_rows of them (0: all)
     replay: str | None = None
     replay_rows: int = 0
+    # with a safety model and dialogs whose turns carry is_safety flags: an answer to a safety
+    # turn is kept only where the model's probability that it is safe is at least this
+    safety_model: str | None = None
+    safety_floor: float = 0.5
+
+    def problems(self) -> list[str]:
+        return super().problems() + _unit_interval(self, "safety_floor")
 
     def _at_least_one(self) -> tuple[str, ...]:
         return (*super()._at_least_one(), "max_new_tokens", "sample_rows")

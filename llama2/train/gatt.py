@@ -11,7 +11,8 @@ with derive_seed(seed, "answers", k, b), its row j drawing from that seed + j.
 
 `data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
 `keep_adherent` makes an example of each sampled answer that honours the instruction (its
-dialog up to it);
+dialog up to it), and with a `safety_model` leaves out answers to turns flagged is_safety
+that the model deems unsafe;
 `replay` adds chat examples (the SFT data) to the fine-tuning, so that the model does not
 unlearn what they taught. The run directory holds config.yaml, gatt.jsonl (the sampled
 dialogs), train.jsonl (what is fine-tuned on), sft/ (the fine-tuning run), model -> sft/model
@@ -30,6 +31,7 @@ import random
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..data.gatt import (
@@ -49,6 +51,7 @@ from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
 from .loop import Dist, map_shards, setup_distributed
 from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
+from .scoring import deemed_unsafe, score_answers
 from .sft import sft
 
 
@@ -86,20 +89,56 @@ def adherent_prefixes(dialog: list[dict], instruction: Instruction) -> list[list
     ]
 
 
+def unsafe_answers(
+    cfg: GattConfig, prefixes: list[list[dict]], flags: list[list[bool]]
+) -> list[bool]:
+    """For each prefix (a dialog up to an answer): whether it answers a safety turn (its
+    dialog's is_safety flag for that turn) and the safety model deems the answer unsafe.
+    Honouring the instruction is not being safe: a sampled answer that complies with an unsafe
+    request may honour it too, and fine-tuned on, it teaches the compliance."""
+    out = [False] * len(prefixes)
+    asked = [k for k, (p, f) in enumerate(zip(prefixes, flags, strict=True)) if f[len(p) // 2 - 1]]
+    if not (cfg.safety_model and cfg.safety_floor > 0 and asked):
+        return out
+    safety = load(cfg.safety_model, dtype=torch.float32, device=pick_device(cfg.device))
+    if safety.head != "score":
+        raise ValueError(f"safety_model {cfg.safety_model} is not a reward model")
+    scores = score_answers(
+        safety, [prefixes[k][:-1] for k in asked], [prefixes[k][-1]["content"] for k in asked]
+    )
+    for k, s in zip(asked, scores, strict=True):
+        out[k] = deemed_unsafe(s, cfg.safety_floor)
+    return out
+
+
 def training_rows(
-    cfg: GattConfig, dialogs: list[list[dict]], instructions: list[Instruction]
+    cfg: GattConfig,
+    dialogs: list[list[dict]],
+    instructions: list[Instruction],
+    flags: list[list[bool]] | None = None,
 ) -> list[dict]:
     """The fine-tuning's examples: the sampled dialogs (with keep_adherent, one example per
-    answer that honours the instruction) and the replayed chat examples."""
+    answer that honours the instruction, less those to safety turns that the safety model
+    deems unsafe) and the replayed chat examples. `flags`: each dialog's is_safety per turn."""
     if cfg.keep_adherent:
-        kept = [
-            p for d, i in zip(dialogs, instructions, strict=True) for p in adherent_prefixes(d, i)
-        ]
+        flags = flags or [[False] * (len(d) // 2) for d in dialogs]
+        kept, kept_flags = [], []
+        for d, i, f in zip(dialogs, instructions, flags, strict=True):
+            prefixes = adherent_prefixes(d, i)
+            kept += prefixes
+            kept_flags += [f] * len(prefixes)
         answers = sum(len(d) // 2 for d in dialogs)
         print(
             f"{len(kept)} of the {answers} sampled answers of {len(dialogs)} dialogs honour "
             "their instruction; each is an example, its dialog up to it"
         )
+        unsafe = unsafe_answers(cfg, kept, kept_flags)
+        if any(unsafe):
+            print(
+                f"{sum(unsafe)} of them left out: answers to safety turns the safety model "
+                f"deems unsafe (p < {cfg.safety_floor})"
+            )
+            kept = [p for p, bad in zip(kept, unsafe, strict=True) if not bad]
         if not kept:
             raise ValueError("no sampled answer honours its instruction: nothing to train on")
         dialogs = kept
@@ -156,7 +195,8 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
         write_config(out, cfg)
     train_data = out / "train.jsonl"
     if d.main and not (resume and train_data.exists()):
-        write_jsonl(train_data, training_rows(cfg, read_sft_jsonl(data), chosen))
+        flags = [r["is_safety"] for r in records]
+        write_jsonl(train_data, training_rows(cfg, read_sft_jsonl(data), chosen, flags))
     d.barrier()
     tuned_cfg = stage_config(cfg, SFTConfig, data=str(train_data))
     resume_sft = resume and latest_checkpoint(out / "sft") is not None

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from ..llm import Llama, load
 from .config import RejectionConfig, SFTConfig, stage_config
 from .loop import Dist, map_shards, setup_distributed
 from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
-from .scoring import load_reward_models, score
+from .scoring import deemed_unsafe, load_reward_models, score
 from .sft import sft
 
 
@@ -198,14 +197,12 @@ def fine_tuning_rows(cfg: RejectionConfig, best: list[dict]) -> list[dict]:
     the safety model alone, R_c's rule) is left out when the model deems it unsafe (its
     probability of being safe below `safety_floor`): when none of the K samples refuses an
     unsafe request, the best of them still complies, and fine-tuning on it teaches compliance."""
-    f = cfg.safety_floor
-    # sigmoid(score) < f, compared as logits (a raw score may be far past exp's range)
-    floor = -math.inf if f <= 0 else math.inf if f >= 1 else math.log(f / (1 - f))
-    unsafe = bool(cfg.safety_model) and f > 0
     return [
         {"messages": [*b["prompt"], {"role": "assistant", "content": b["answer"]}]}
         for b in best
-        if not (unsafe and b.get("is_safety") and b["score"] < floor)
+        if not (
+            cfg.safety_model and b.get("is_safety") and deemed_unsafe(b["score"], cfg.safety_floor)
+        )
     ]
 
 

@@ -3,6 +3,8 @@ answer, and R_c of the helpfulness and safety models together."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..data.sft import encode_for_training
@@ -55,3 +57,11 @@ def load_reward_models(
         if rm is not None and rm.head != "score":
             raise ValueError(f"{name} {rm.path} is not a reward model")
     return helpful, safety
+
+
+def deemed_unsafe(score: float, floor: float) -> bool:
+    """Whether a safety model's raw score gives the answer a probability of being safe below
+    `floor` (0: never), compared as logits: a raw score may lie far past exp's range."""
+    if floor <= 0:
+        return False
+    return floor >= 1 or score < math.log(floor / (1 - floor))
