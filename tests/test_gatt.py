@@ -257,7 +257,7 @@ def test_answers_to_safety_turns_the_safety_model_deems_unsafe_are_left_out(monk
         scored.extend(answers)
         return [math.log(p_safe[a] / (1 - p_safe[a])) for a in answers]
 
-    monkeypatch.setattr(gatt_module, "load", lambda *a, **kw: SimpleNamespace(head="score"))
+    monkeypatch.setattr(gatt_module, "load_reward_model", lambda *a: SimpleNamespace(head="score"))
     monkeypatch.setattr(gatt_module, "score_answers", score_answers)
     cfg = load_train_config(None, ["safety_model=safety"], stage="gatt")
     rows = [r["messages"] for r in gatt_module.training_rows(cfg, dialogs, [over, over], flags)]

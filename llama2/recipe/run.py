@@ -326,6 +326,7 @@ class Recipe:
         from ..data.jsonl import read_jsonl_rows, write_jsonl
         from ..eval.chat import answer_all
         from ..eval.judges import quality
+        from ..train.rejection import prompt_key
         from .world import red_team_prompts
 
         data = self.paths.data
@@ -348,11 +349,11 @@ class Recipe:
             write_jsonl(data.red_team(k), failed)
             self.log(f"  red team {k}: {len(failed)} of {len(rows)} unsafe requests complied with")
         rows = read_jsonl_rows(data.prompts("rejection"))
-        seen = {json.dumps(r["prompt"]) for r in rows}
+        seen = {prompt_key(r["prompt"]) for r in rows}
         for j in range(1, k + 1):  # each round's first finds (in the stream's order), at most
             for r in read_jsonl_rows(data.red_team(j))[: self.world.red_team_kept]:
-                if json.dumps(r["prompt"]) not in seen:
-                    seen.add(json.dumps(r["prompt"]))
+                if prompt_key(r["prompt"]) not in seen:
+                    seen.add(prompt_key(r["prompt"]))
                     rows.append({key: r[key] for key in ("prompt", "is_safety", "check")})
         write_jsonl(out, rows)
         return out

@@ -31,7 +31,6 @@ import random
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..data.gatt import (
@@ -51,7 +50,7 @@ from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
 from .loop import Dist, map_shards, setup_distributed
 from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
-from .scoring import deemed_unsafe, score_answers
+from .scoring import deemed_unsafe, load_reward_model, score_answers
 from .sft import sft
 
 
@@ -100,9 +99,7 @@ def unsafe_answers(
     asked = [k for k, (p, f) in enumerate(zip(prefixes, flags, strict=True)) if f[len(p) // 2 - 1]]
     if not (cfg.safety_model and cfg.safety_floor > 0 and asked):
         return out
-    safety = load(cfg.safety_model, dtype=torch.float32, device=pick_device(cfg.device))
-    if safety.head != "score":
-        raise ValueError(f"safety_model {cfg.safety_model} is not a reward model")
+    safety = load_reward_model(cfg.safety_model, "safety_model", pick_device(cfg.device))
     scores = score_answers(
         safety, [prefixes[k][:-1] for k in asked], [prefixes[k][-1]["content"] for k in asked]
     )

@@ -46,16 +46,22 @@ def score(
     return combined_reward(r_help, r_safe, torch.tensor([p["is_safety"] for p in prompts]))
 
 
+def load_reward_model(path: str, name: str, device: torch.device | str = "cpu") -> Llama:
+    """A reward model in float32, checked to have a scalar head (`name`: the setting that
+    named it, for the error)."""
+    rm = load(path, dtype=torch.float32, device=device)
+    if rm.head != "score":
+        raise ValueError(f"{name} {rm.path} is not a reward model")
+    return rm
+
+
 def load_reward_models(
     reward_model: str, safety_model: str | None, device: torch.device | str = "cpu"
 ) -> tuple[Llama, Llama | None]:
     """The helpfulness reward model and the safety one (None without it), in float32, each
     checked to have a scalar head."""
-    helpful = load(reward_model, dtype=torch.float32, device=device)
-    safety = load(safety_model, dtype=torch.float32, device=device) if safety_model else None
-    for rm, name in ((helpful, "reward_model"), (safety, "safety_model")):
-        if rm is not None and rm.head != "score":
-            raise ValueError(f"{name} {rm.path} is not a reward model")
+    helpful = load_reward_model(reward_model, "reward_model", device)
+    safety = load_reward_model(safety_model, "safety_model", device) if safety_model else None
     return helpful, safety
 
 
