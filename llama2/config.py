@@ -36,13 +36,13 @@ class ModelConfig:
         _check_types(self)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.hidden_dim is None:
+        if self.hidden_dim is None and self.multiple_of > 0:  # (else reported below)
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         problems = []
         positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
         positive += ("multiple_of", "hidden_dim", "norm_eps", "rope_theta")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not problems:
             if self.dim % self.n_heads:
