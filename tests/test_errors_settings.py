@@ -101,6 +101,8 @@ def test_bad_settings_are_refused_naming_the_setting(
         ("ppo", "reward_model={model}", "is not a reward model"),
         ("rejection", "safety_model={dir}/nowhere", "no such checkpoint directory"),
         ("gatt", "replay={dir}/nowhere.jsonl", "nowhere.jsonl: cannot read"),
+        ("gatt", "safety_model={dir}/nowhere", "no such checkpoint directory"),
+        ("gatt", "safety_model={model}", "is not a reward model"),
     ],
 )
 def test_bad_model_and_data_paths_are_refused(

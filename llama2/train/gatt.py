@@ -157,8 +157,11 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     check_run(out, resume, products=("gatt.jsonl",))
     d = setup_distributed(device)
     records = read_turns(cfg.data)
-    if cfg.replay:  # checked now, not after the sampling (training_rows reads it then)
+    # checked now, not after the sampling (training_rows reads them then)
+    if cfg.replay:
         read_sft_jsonl(cfg.replay)
+    if cfg.safety_model and cfg.safety_floor > 0:
+        load_reward_model(cfg.safety_model, "safety_model")
     rng = random.Random(derive_seed(cfg.seed, "instructions"))
     by_text = {i.text: i for i in INSTRUCTIONS}
     chosen = [
