@@ -77,6 +77,8 @@ CASES = [
     ("gatt", ["temperature=-0.5"], "temperature must be >= 0"),
     ("gatt", ["max_new_tokens=0"], "max_new_tokens must be >= 1"),
     ("gatt", ["replay_rows=-1"], "replay_rows must be >= 0"),
+    ("gatt", ["samples_per_turn=0"], "samples_per_turn must be >= 1"),
+    ("gatt", ["samples_per_turn=2"], "samples_per_turn > 1 needs reward_model"),
     ("ppo", ["temperature=0"], "temperature must be > 0"),
     ("ppo", ["gae_lambda=2"], "gae_lambda must be in [0, 1]"),
     ("ppo", ["kl_beta=-1"], "kl_beta must be >= 0"),

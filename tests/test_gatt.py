@@ -287,3 +287,61 @@ def test_gatt_dialogs_carry_a_safety_flag_per_turn(tmp_path):
         path.write_text(json.dumps({"turns": ["a", "b"], "is_safety": bad}) + "\n")
         with pytest.raises(DialogError, match="is_safety"):
             read_turns(path)
+
+
+def test_choose_takes_an_honouring_draw_first_then_the_highest_reward():
+    from llama2.train.gatt import choose
+
+    draws = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"], ["j", "k"]]
+    honours = [[False, True, True], [False, False, False], [True, False, True], [True, True]]
+    rewards = [[9.0, 1.0, 2.0], [0.5, 3.0, -1.0], [-2.0, 5.0, -2.0], [1.0, 1.0]]
+    # the best reward among honouring draws; none honouring: the best reward; a tie: the first
+    assert choose(draws, honours, rewards) == ["c", "e", "g", "j"]
+
+
+def test_best_of_chat_answers_each_dialog_with_its_best_draw(monkeypatch):
+    """Each turn draws samples_per_turn answers per dialog from streams of their own (the
+    first the stream of a single draw) and keeps the best by R_c, reading each dialog's
+    is_safety flag of that turn; dialogs without a turn k are not asked at turn k."""
+    from types import SimpleNamespace
+
+    from llama2.train import gatt as gatt_module
+    from llama2.train import load_train_config
+
+    over = next(i for i in INSTRUCTIONS if i.text == RULE)
+
+    class Chat:  # answers with its seed and the dialog's last user turn
+        def chat(self, dialogs, temperature, max_new_tokens, seed):
+            return [
+                SimpleNamespace(text=f"{d[-1]['content']}:{seed + j}")
+                for j, d in enumerate(dialogs)
+            ]
+
+    rewards = {}
+    scored = []
+
+    def score(helpful, safety, prompts, answers):
+        scored.append([(p["prompt"][-1]["content"], p["is_safety"]) for p in prompts])
+        return torch.tensor([rewards.setdefault(a, float(len(rewards) % 5)) for a in answers])
+
+    monkeypatch.setattr(gatt_module, "score", score)
+    cfg = load_train_config(None, ["samples_per_turn=3", "reward_model=rm"], stage="gatt")
+    flags = [[False, True], [True]]
+    answer = gatt_module.best_of_chat(Chat(), cfg, gatt_module.Dist(), [over, over], flags, 0, 0)
+    single = gatt_module.batched_chat(Chat(), cfg, cfg.temperature, seeded=True)
+    dialogs = [[{"role": "user", "content": "u0"}], [{"role": "user", "content": "v0"}]]
+    got = answer(dialogs, 0)
+    draws = [single(dialogs, 0)] + [
+        gatt_module.batched_chat(Chat(), cfg, cfg.temperature, True, draw=j)(dialogs, 0)
+        for j in (1, 2)
+    ]
+    assert len({a for row in draws for a in row}) == 6  # three streams, no draw repeated
+    for i in range(2):  # nothing honours "Over.": the highest reward, ties to the first draw
+        best = max(range(3), key=lambda j: rewards[draws[j][i]])
+        assert got[i] == draws[best][i]
+    assert scored[-1] == [("u0", False)] * 3 + [("v0", True)] * 3
+    # turn 1: only the first dialog has one, with its flag for that turn
+    answer(
+        [dialogs[0] + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "u1"}]], 1
+    )
+    assert scored[-1] == [("u1", True)] * 3

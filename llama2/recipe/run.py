@@ -466,7 +466,7 @@ class Recipe:
             "gatt",
             init_from=str(self.paths.model("ppo")),
             data=str(self.paths.data.gatt),
-            safety_model=str(self.paths.reward_model("safety")),
+            **self._reward_models(),
             **replay,
         )
         if not (self.resume and (run / "valid.json").exists()):

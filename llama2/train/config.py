@@ -261,12 +261,20 @@ class GattConfig(SFTConfig):
     # turn is kept only where the model's probability that it is safe is at least this
     safety_model: str | None = None
     safety_floor: float = 0.5
+    # each answer the best of this many draws (section 3.3: "analogous to Rejection
+    # Sampling"): one that honours the instruction first, then by reward_model's score (R_c
+    # with the safety_model and the turns' is_safety flags)
+    samples_per_turn: int = 1
+    reward_model: str | None = None
 
     def problems(self) -> list[str]:
-        return super().problems() + _unit_interval(self, "safety_floor")
+        out = super().problems() + _unit_interval(self, "safety_floor")
+        if self.samples_per_turn > 1 and not self.reward_model:
+            out.append("samples_per_turn > 1 needs reward_model to choose among the draws")
+        return out
 
     def _at_least_one(self) -> tuple[str, ...]:
-        return (*super()._at_least_one(), "max_new_tokens", "sample_rows")
+        return (*super()._at_least_one(), "max_new_tokens", "sample_rows", "samples_per_turn")
 
     def _at_least_zero(self) -> tuple[str, ...]:
         return (*super()._at_least_zero(), "temperature", "replay_rows")

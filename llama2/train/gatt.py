@@ -50,21 +50,28 @@ from ..llm import Llama, load
 from .config import GattConfig, SFTConfig, stage_config
 from .loop import Dist, map_shards, setup_distributed
 from .rundir import check_run, latest_checkpoint, link_model, new_run, write_config
-from .scoring import deemed_unsafe, load_reward_model, score_answers
+from .scoring import deemed_unsafe, load_reward_model, load_reward_models, score, score_answers
 from .sft import sft
 
 
 def batched_chat(
-    chat: Llama, cfg: GattConfig, temperature: float, seeded: bool, d: Dist | None = None
+    chat: Llama,
+    cfg: GattConfig,
+    temperature: float,
+    seeded: bool,
+    d: Dist | None = None,
+    draw: int = 0,
 ):
     """An `answer(dialogs, k)` for data/gatt.py: the dialogs' next answers, `sample_rows`
-    dialogs per chat call; seeded per turn k and batch (see the module's docstring); the
-    batches shared by the processes `d` (every one gets all the answers)."""
+    dialogs per chat call; seeded per turn k and batch (see the module's docstring; a later
+    `draw` of the same turn from a stream of its own); the batches shared by the processes `d`
+    (every one gets all the answers)."""
     d = d or Dist()
 
     def answer(dialogs: list[list[dict]], k: int) -> list[str]:
         def run(b: int, chunk: list[list[dict]]) -> list[str]:
-            seed = derive_seed(cfg.seed, "answers", k, b) if seeded else None
+            index = (k, b, draw) if draw else (k, b)
+            seed = derive_seed(cfg.seed, "answers", *index) if seeded else None
             outs = chat.chat(
                 chunk, temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=seed
             )
@@ -73,6 +80,57 @@ def batched_chat(
         return map_shards(run, dialogs, cfg.sample_rows, d)
 
     return answer
+
+
+def best_of_chat(
+    chat: Llama,
+    cfg: GattConfig,
+    d: Dist,
+    instructions: list[Instruction],
+    flags: list[list[bool]],
+    helpful: Llama,
+    safety: Llama | None,
+):
+    """An `answer(dialogs, k)` whose answer to each dialog is the best of
+    `cfg.samples_per_turn` draws (`choose`), scored as rejection sampling scores (R_c, with
+    turn k's is_safety flag). `instructions`, `flags`: every dialog's, in the order
+    sample_dialogs numbers them; turn k's call holds those with a turn k, in that order."""
+    draws = [
+        batched_chat(chat, cfg, cfg.temperature, seeded=True, d=d, draw=j)
+        for j in range(cfg.samples_per_turn)
+    ]
+
+    def answer(dialogs: list[list[dict]], k: int) -> list[str]:
+        live = [i for i, f in enumerate(flags) if k < len(f)]
+        rows = list(zip(*(sample(dialogs, k) for sample in draws), strict=True))
+        n = cfg.samples_per_turn
+        prompts = [
+            {"prompt": dialog, "is_safety": flags[i][k]}
+            for i, dialog in zip(live, dialogs, strict=True)
+            for _ in range(n)
+        ]
+        rewards = score(helpful, safety, prompts, [a for row in rows for a in row]).tolist()
+        honours = [
+            [instructions[i].check(a) for a in row] for i, row in zip(live, rows, strict=True)
+        ]
+        return choose(
+            [list(row) for row in rows],
+            honours,
+            [rewards[j * n : (j + 1) * n] for j in range(len(rows))],
+        )
+
+    return answer
+
+
+def choose(
+    draws: list[list[str]], honours: list[list[bool]], rewards: list[list[float]]
+) -> list[str]:
+    """Per dialog, the draw that honours its instruction with the highest reward; with none
+    honouring it, the highest reward; ties to the earlier draw."""
+    return [
+        row[max(range(len(row)), key=lambda j: (h[j], r[j]))]
+        for row, h, r in zip(draws, honours, rewards, strict=True)
+    ]
 
 
 def adherent_prefixes(dialog: list[dict], instruction: Instruction) -> list[list[dict]]:
@@ -162,12 +220,15 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
         read_sft_jsonl(cfg.replay)
     if cfg.safety_model and cfg.safety_floor > 0:
         load_reward_model(cfg.safety_model, "safety_model")
+    if cfg.samples_per_turn > 1:
+        helpful, safety = load_reward_models(cfg.reward_model, cfg.safety_model, device)
     rng = random.Random(derive_seed(cfg.seed, "instructions"))
     by_text = {i.text: i for i in INSTRUCTIONS}
     chosen = [
         by_text[r["instruction"]] if r["instruction"] else rng.choice(INSTRUCTIONS) for r in records
     ]
     turns = [r["turns"] for r in records]
+    flags = [r["is_safety"] for r in records]
     data = out / "gatt.jsonl"
     if not (resume and data.exists()):
         # a failure before the dialogs are written (the model, the sampling) leaves no run
@@ -179,7 +240,10 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
             bar = tqdm(
                 total=max(map(len, turns)), desc="sampling turns", unit="turn", disable=not d.main
             )
-            sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True, d=d)
+            if cfg.samples_per_turn > 1:
+                sampler = best_of_chat(chat, cfg, d, chosen, flags, helpful, safety)
+            else:
+                sampler = batched_chat(chat, cfg, cfg.temperature, seeded=True, d=d)
 
             def answer(dialogs, k):
                 replies = sampler(dialogs, k)
@@ -195,7 +259,6 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
         write_config(out, cfg)
     train_data = out / "train.jsonl"
     if d.main and not (resume and train_data.exists()):
-        flags = [r["is_safety"] for r in records]
         write_jsonl(train_data, training_rows(cfg, read_sft_jsonl(data), chosen, flags))
     d.barrier()
     tuned_cfg = stage_config(cfg, SFTConfig, data=str(train_data))
