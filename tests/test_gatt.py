@@ -345,3 +345,32 @@ def test_best_of_chat_answers_each_dialog_with_its_best_draw(monkeypatch):
         [dialogs[0] + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "u1"}]], 1
     )
     assert scored[-1] == [("u1", True)] * 3
+
+
+def test_gatt_stage_with_best_of_draws_runs_and_refuses_a_model_that_is_no_reward_model(
+    stage_inputs, tmp_path
+):
+    import json
+
+    import pytest
+
+    from llama2.train import load_train_config
+    from llama2.train.gatt import gatt
+
+    settings = [
+        f"init_from={stage_inputs.model}",
+        f"data={stage_inputs.gatt}",
+        *stage_inputs.quick,
+        "max_new_tokens=4",
+        "keep_adherent=false",
+        "samples_per_turn=2",
+        "seq_len=128",
+    ]
+    bad = load_train_config(None, [*settings, f"reward_model={stage_inputs.model}"], "gatt")
+    with pytest.raises(ValueError, match="is not a reward model"):
+        gatt(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    cfg = load_train_config(None, [*settings, f"reward_model={stage_inputs.rm}"], "gatt")
+    gatt(cfg, tmp_path / "run")
+    dialogs = [json.loads(x)["messages"] for x in (tmp_path / "run" / "gatt.jsonl").open()]
+    assert [len(d) for d in dialogs] == [4] * 6
