@@ -10,6 +10,8 @@ call (`sample_rows` dialogs a batch), then turn 2, and so on. Batch b of turn k 
 with derive_seed(seed, "answers", k, b), its row j drawing from that seed + j.
 
 `data`: JSONL of {"turns": ["...", "...", ...]} (optional "instruction": one of the texts).
+`samples_per_turn` > 1 makes each answer the best of that many draws by the reward models
+(best_of_chat), as rejection sampling chooses.
 `keep_adherent` makes an example of each sampled answer that honours the instruction (its
 dialog up to it), and with a `safety_model` leaves out answers to turns flagged is_safety
 that the model deems unsafe;
