@@ -104,7 +104,7 @@ def best_of_chat(
 
     def answer(dialogs: list[list[dict]], k: int) -> list[str]:
         live = [i for i, f in enumerate(flags) if k < len(f)]
-        rows = list(zip(*(sample(dialogs, k) for sample in draws), strict=True))
+        rows = [list(r) for r in zip(*(sample(dialogs, k) for sample in draws), strict=True)]
         n = cfg.samples_per_turn
         prompts = [
             {"prompt": dialog, "is_safety": flags[i][k]}
@@ -115,11 +115,7 @@ def best_of_chat(
         honours = [
             [instructions[i].check(a) for a in row] for i, row in zip(live, rows, strict=True)
         ]
-        return choose(
-            [list(row) for row in rows],
-            honours,
-            [rewards[j * n : (j + 1) * n] for j in range(len(rows))],
-        )
+        return choose(rows, honours, [rewards[j * n : (j + 1) * n] for j in range(len(rows))])
 
     return answer
 
@@ -220,10 +216,10 @@ def gatt(cfg: GattConfig, out: str | Path, resume: bool = False) -> dict:
     # checked now, not after the sampling (training_rows reads them then)
     if cfg.replay:
         read_sft_jsonl(cfg.replay)
-    if cfg.safety_model and cfg.safety_floor > 0:
-        load_reward_model(cfg.safety_model, "safety_model")
-    if cfg.samples_per_turn > 1:
+    if cfg.samples_per_turn > 1:  # (checks the safety model too)
         helpful, safety = load_reward_models(cfg.reward_model, cfg.safety_model, device)
+    elif cfg.safety_model and cfg.safety_floor > 0:
+        load_reward_model(cfg.safety_model, "safety_model")
     rng = random.Random(derive_seed(cfg.seed, "instructions"))
     by_text = {i.text: i for i in INSTRUCTIONS}
     chosen = [
